@@ -1,0 +1,266 @@
+"""The configuration model: one YAML file, validated once at start-up and passed down.
+
+Secrets are never written in the file, only referenced (``{env: NAME}``); they are
+resolved by ``load_config`` into ``SecretStr`` values that print as ``**********``.
+Every problem is reported with its field path (``providers[1].limits.rpm: must be > 0``).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from enum import StrEnum
+from pathlib import Path
+from typing import Annotated, Any
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    SecretStr,
+    ValidationError,
+)
+
+from router.errors import ConfigError
+
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$"
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class SecretRef(_Model):
+    """A reference to a secret held in an environment variable."""
+
+    env: Annotated[str, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")]
+
+    _value: SecretStr | None = PrivateAttr(default=None)
+
+    @property
+    def value(self) -> SecretStr:
+        """The resolved secret; ``load_config`` guarantees it is set."""
+        if self._value is None:
+            raise RuntimeError(f"secret {self.env} was not resolved")
+        return self._value
+
+
+class ProviderKind(StrEnum):
+    OPENAI = "openai"
+    ANTHROPIC = "anthropic"
+
+
+class TpmAccounting(StrEnum):
+    RESERVED = "reserved"
+    ACTUAL = "actual"
+
+
+class Strategy(StrEnum):
+    ROUND_ROBIN = "round_robin"
+    WEIGHTED = "weighted"
+    LEAST_CONNECTIONS = "least_connections"
+    LEAST_LATENCY = "least_latency"
+    HEADROOM = "headroom"
+
+
+class Limits(_Model):
+    """A provider's own limits; ``None`` means unlimited."""
+
+    rpm: Annotated[int, Field(gt=0)] | None = None
+    tpm: Annotated[int, Field(gt=0)] | None = None
+    max_in_flight: Annotated[int, Field(gt=0)] | None = None
+    tpm_accounting: TpmAccounting = TpmAccounting.RESERVED
+
+
+class Timeouts(_Model):
+    connect_s: Annotated[float, Field(gt=0)] = 5.0
+    read_s: Annotated[float, Field(gt=0)] = 120.0
+
+
+class Provider(_Model):
+    name: Annotated[str, Field(pattern=NAME_PATTERN)]
+    kind: ProviderKind
+    base_url: Annotated[str, Field(pattern=r"^https?://[^\s]+$")]
+    api_key: SecretRef | None = None
+    weight: Annotated[int, Field(ge=1, le=1000)] = 1
+    limits: Limits = Limits()
+    timeouts: Timeouts = Timeouts()
+    anthropic_version: str = "2023-06-01"
+
+
+class Target(_Model):
+    provider: str
+    model: Annotated[str, Field(min_length=1)]
+    weight: Annotated[int, Field(ge=1, le=1000)] | None = None
+
+
+class Route(_Model):
+    model: Annotated[str, Field(min_length=1, max_length=200)]
+    strategy: Strategy = Strategy.ROUND_ROBIN
+    max_attempts: Annotated[int, Field(ge=1, le=10)] = 3
+    queue_timeout_s: Annotated[float, Field(ge=0, le=600)] = 0.0
+    timeout_s: Annotated[float, Field(gt=0)] = 300.0
+    default_max_tokens: Annotated[int, Field(gt=0)] = 1024
+    targets: Annotated[list[Target], Field(min_length=1, max_length=64)]
+
+
+class RedisSettings(_Model):
+    timeout_ms: Annotated[int, Field(gt=0)] = 100
+    pool_size: Annotated[int, Field(ge=1, le=1024)] = 32
+
+
+class LogSettings(_Model):
+    level: Annotated[str, Field(pattern=r"^(DEBUG|INFO|WARNING|ERROR)$")] = "INFO"
+    decisions: Annotated[str, Field(pattern=r"^(DEBUG|INFO|WARNING|ERROR|OFF)$")] = "INFO"
+
+
+class Config(_Model):
+    """The whole configuration of a replica (and of healthd, which reads the same file)."""
+
+    redis_url: str | None = None
+    key_prefix: Annotated[str, Field(pattern=r"^[A-Za-z0-9_-]{1,32}$")] = "rc"
+    pool: Annotated[str, Field(pattern=r"^[A-Za-z0-9_-]{1,32}$")] = "default"
+    client_keys: Annotated[list[SecretRef], Field(min_length=1)]
+    admin_token: SecretRef | None = None
+    max_body_bytes: Annotated[int, Field(gt=0)] = 4 * 1024 * 1024
+    lease_ttl_s: Annotated[float, Field(ge=1, le=3600)] = 30.0
+    redis: RedisSettings = RedisSettings()
+    log: LogSettings = LogSettings()
+    providers: Annotated[list[Provider], Field(min_length=1)]
+    routes: Annotated[list[Route], Field(min_length=1)]
+
+    def provider(self, name: str) -> Provider:
+        """The provider called ``name`` (validated to exist for every target)."""
+        for p in self.providers:
+            if p.name == name:
+                return p
+        raise KeyError(name)
+
+    def route(self, model: str) -> Route | None:
+        """The route serving ``model``, if any."""
+        for r in self.routes:
+            if r.model == model:
+                return r
+        return None
+
+
+_MESSAGES: dict[str, str] = {
+    "greater_than": "must be > {gt}",
+    "greater_than_equal": "must be >= {ge}",
+    "less_than_equal": "must be <= {le}",
+    "extra_forbidden": "unknown field",
+    "missing": "required field missing",
+    "string_pattern_mismatch": "does not match {pattern}",
+    "too_short": "must have at least {min_length} item(s)",
+    "too_long": "must have at most {max_length} item(s)",
+}
+
+
+def _path(loc: tuple[int | str, ...]) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += f".{part}" if out else str(part)
+    return out
+
+
+def _problems(exc: ValidationError) -> list[tuple[str, str]]:
+    problems = []
+    for e in exc.errors():
+        template = _MESSAGES.get(e["type"])
+        ctx = e.get("ctx", {})
+        msg = template.format(**ctx) if template else e["msg"]
+        if e["type"] == "enum" and ctx:
+            msg = f"must be one of {ctx.get('expected')}"
+        # pydantic puts the failing union arm in loc ("int", "function-after"); drop it
+        loc = tuple(p for p in e["loc"] if not (isinstance(p, str) and p in {"int", "float"}))
+        problems.append((_path(loc), msg))
+    return problems
+
+
+def _cross_check(cfg: Config) -> list[tuple[str, str]]:
+    """Checks that span fields: names unique, targets name known providers."""
+    problems: list[tuple[str, str]] = []
+    names = [p.name for p in cfg.providers]
+    for i, name in enumerate(names):
+        if name in names[:i]:
+            problems.append((f"providers[{i}].name", f"duplicate provider name {name!r}"))
+    models = [r.model for r in cfg.routes]
+    for i, r in enumerate(cfg.routes):
+        if r.model in models[:i]:
+            problems.append((f"routes[{i}].model", f"duplicate route model {r.model!r}"))
+        for j, t in enumerate(r.targets):
+            if t.provider not in names:
+                problems.append(
+                    (f"routes[{i}].targets[{j}].provider", f"unknown provider {t.provider!r}")
+                )
+    return problems
+
+
+def _secret_refs(cfg: Config) -> list[tuple[str, SecretRef]]:
+    refs = [(f"client_keys[{i}]", ref) for i, ref in enumerate(cfg.client_keys)]
+    if cfg.admin_token is not None:
+        refs.append(("admin_token", cfg.admin_token))
+    refs += [
+        (f"providers[{i}].api_key", p.api_key)
+        for i, p in enumerate(cfg.providers)
+        if p.api_key is not None
+    ]
+    return refs
+
+
+def _resolve_secrets(cfg: Config, environ: dict[str, str]) -> list[tuple[str, str]]:
+    problems = []
+    for path, ref in _secret_refs(cfg):
+        raw = environ.get(ref.env)
+        if not raw:
+            problems.append((path, f"environment variable {ref.env} is not set"))
+            continue
+        ref._value = SecretStr(raw)
+    return problems
+
+
+def parse_config(
+    data: Any, environ: dict[str, str] | None = None, *, resolve: bool = True
+) -> Config:
+    """Validate ``data`` (parsed YAML) and resolve its secrets; raise ``ConfigError``."""
+    env = dict(os.environ) if environ is None else environ
+    if not isinstance(data, dict):
+        raise ConfigError([("", "the config file must be a YAML mapping")])
+    try:
+        cfg = Config.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_problems(exc)) from None
+    problems = _cross_check(cfg)
+    if resolve:
+        problems += _resolve_secrets(cfg, env)
+    if problems:
+        raise ConfigError(problems)
+    if env.get("REDIS_URL"):
+        cfg = cfg.model_copy(update={"redis_url": env["REDIS_URL"]})
+    return cfg
+
+
+def load_config(
+    path: str | Path, environ: dict[str, str] | None = None, *, resolve: bool = True
+) -> Config:
+    """Read, validate and resolve the YAML file at ``path``."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError([("", f"cannot read {path}: {exc.strerror}")]) from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError([("", f"{path} is not valid YAML: {_yaml_reason(exc)}")]) from None
+    return parse_config(data, environ, resolve=resolve)
+
+
+def _yaml_reason(exc: yaml.YAMLError) -> str:
+    mark = getattr(exc, "problem_mark", None)
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+    return re.sub(r"\s+", " ", str(getattr(exc, "problem", exc)))[:200] + where

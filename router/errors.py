@@ -1,0 +1,196 @@
+"""The router's error tree, and the one place that knows each error's HTTP face.
+
+    RouterError                      every error we raise on purpose
+    ├── ConfigError                  a bad config file; carries (path, message) pairs
+    ├── StoreError                   Redis failed or timed out (translated in store.py)
+    ├── ClientError                  the client's fault: answered with a 4xx
+    │   ├── BadRequest               400 malformed or invalid body
+    │   ├── Unauthorized             401 missing or wrong bearer key
+    │   ├── Forbidden                403 a valid key without the right to do this
+    │   ├── ModelNotFound            404 no route serves this model
+    │   ├── PayloadTooLarge          413 body over the configured limit
+    │   └── ProviderClientError      4xx answered by a provider, passed through
+    ├── Saturated                    429 no target has room; carries retry_after_s
+    ├── UpstreamError                one provider attempt failed (translated in upstream.py)
+    │   ├── UpstreamConnectError     could not connect
+    │   ├── UpstreamTimeout          connect or read timed out
+    │   ├── UpstreamStatusError      5xx (or 429, see UpstreamRateLimited)
+    │   │   └── UpstreamRateLimited  429, with the cooldown it asked for
+    │   └── UpstreamProtocolError    the answer could not be understood
+    └── AllAttemptsFailed            502/503/504 after failover gave up; names each attempt
+
+Every error that reaches a client is rendered by ``to_openai_error`` as
+``{"error": {"message", "type", "code"}}``. Messages never contain a secret: upstream
+bodies are cut short and provider keys never enter an exception.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+
+class RouterError(Exception):
+    """Base of every error the router raises on purpose."""
+
+    status: int = 500
+    type: str = "server_error"
+    code: str = "internal_error"
+
+    def headers(self) -> dict[str, str]:
+        """Extra HTTP headers the error's response carries."""
+        return {}
+
+
+class ConfigError(RouterError):
+    """The configuration file is invalid; ``problems`` holds ``(field_path, message)``."""
+
+    def __init__(self, problems: list[tuple[str, str]]) -> None:
+        self.problems = problems
+        super().__init__("\n".join(f"{path}: {msg}" if path else msg for path, msg in problems))
+
+
+class StoreError(RouterError):
+    """The shared store (Redis) failed or did not answer in time."""
+
+    status = 503
+    code = "shared_state_unavailable"
+
+
+class ClientError(RouterError):
+    """The request is wrong; answered with a 4xx and never retried."""
+
+    status = 400
+    type = "invalid_request_error"
+    code = "invalid_request"
+
+
+class BadRequest(ClientError):
+    """The body is malformed or fails validation."""
+
+    def __init__(self, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
+
+
+class Unauthorized(ClientError):
+    status = 401
+    type = "authentication_error"
+    code = "invalid_api_key"
+
+
+class Forbidden(ClientError):
+    status = 403
+    type = "permission_error"
+    code = "forbidden"
+
+
+class ModelNotFound(ClientError):
+    status = 404
+    code = "model_not_found"
+
+
+class PayloadTooLarge(ClientError):
+    status = 413
+    code = "request_too_large"
+
+
+class ProviderClientError(ClientError):
+    """A provider rejected the request as the client's fault (4xx other than 429)."""
+
+    def __init__(self, status: int, message: str, provider: str) -> None:
+        super().__init__(f"provider {provider} rejected the request: {message}")
+        self.status = status
+        self.provider = provider
+
+
+class Saturated(RouterError):
+    """No target of the route has room now; the client should retry later."""
+
+    status = 429
+    type = "rate_limit_error"
+    code = "saturated"
+
+    def __init__(self, message: str, retry_after_s: float) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": str(max(1, int(self.retry_after_s + 0.999)))}
+
+
+class UpstreamError(RouterError):
+    """One attempt at one provider failed; the dispatcher may fail over."""
+
+    status = 502
+    code = "upstream_error"
+    outcome = "error"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+
+
+class UpstreamConnectError(UpstreamError):
+    outcome = "connect_error"
+
+
+class UpstreamTimeout(UpstreamError):
+    status = 504
+    code = "upstream_timeout"
+    outcome = "timeout"
+
+
+class UpstreamStatusError(UpstreamError):
+    outcome = "http_5xx"
+
+    def __init__(self, message: str, status: int) -> None:
+        super().__init__(message)
+        self.upstream_status = status
+
+
+class UpstreamRateLimited(UpstreamStatusError):
+    outcome = "http_429"
+
+    def __init__(self, message: str, cooldown_s: float) -> None:
+        super().__init__(message, 429)
+        self.cooldown_s = cooldown_s
+
+
+class UpstreamProtocolError(UpstreamError):
+    outcome = "bad_response"
+
+
+@dataclass(frozen=True, slots=True)
+class Attempt:
+    """What one failed attempt was: which provider, and why (no secrets)."""
+
+    provider: str
+    outcome: str
+    message: str
+
+
+class AllAttemptsFailed(RouterError):
+    """Failover gave up; the status says why (502 bad answers, 503 none usable, 504 timeouts)."""
+
+    code = "all_attempts_failed"
+
+    def __init__(self, attempts: list[Attempt], status: int, retry_after_s: float = 0) -> None:
+        tried = "; ".join(f"{a.provider}: {a.outcome} ({a.message})" for a in attempts)
+        super().__init__(f"every attempt failed: {tried}" if attempts else "no provider usable")
+        self.attempts = attempts
+        self.status = status
+        self.retry_after_s = retry_after_s
+        if status == 429:
+            self.type = "rate_limit_error"
+
+    def headers(self) -> dict[str, str]:
+        if self.retry_after_s > 0:
+            return {"Retry-After": str(max(1, int(self.retry_after_s + 0.999)))}
+        return {}
+
+
+def to_openai_error(err: RouterError) -> dict[str, Any]:
+    """The OpenAI-shaped body for ``err``."""
+    body: dict[str, Any] = {"message": str(err), "type": err.type, "code": err.code}
+    body["param"] = getattr(err, "param", None)
+    return {"error": body}

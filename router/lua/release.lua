@@ -1,0 +1,82 @@
+-- release.lua: end one lease and record how the request went, in one atomic round trip.
+-- Idempotent per lease: a release retried after a timeout finds its lease gone and changes
+-- no count; only the cooldown and the provider's own figures, both idempotent, still apply.
+--
+-- KEYS[1]   provider hash       Keys.provider
+-- KEYS[2]   provider lease zset Keys.leases
+-- ARGV[1]   lease id
+-- ARGV[2]   outcome (ok, http_5xx, http_429, timeout, connect_error, bad_response, ...)
+-- ARGV[3]   bucket (unix second) the lease reserved its tokens in
+-- ARGV[4]   token correction: actual minus reserved (0 keeps the reservation)
+-- ARGV[5]   time to first token, ms (-1 = not measured)
+-- ARGV[6]   time per output token, ms (-1 = not measured)
+-- ARGV[7]   EWMA time constant, ms
+-- ARGV[8]   cooldown, ms (0 = none)
+-- ARGV[9]   requests the provider says it counted in its window (-1 = unknown)
+-- ARGV[10]  tokens the provider says it counted in its window (-1 = unknown)
+-- Returns 1 when the lease was released by this call, 0 when it was already gone.
+
+local pk, lk = KEYS[1], KEYS[2]
+local clock = redis.call('TIME')
+local sec = tonumber(clock[1])
+local now = sec * 1000 + math.floor(tonumber(clock[2]) / 1000)
+
+local cooldown = tonumber(ARGV[8])
+if cooldown > 0 then
+  local until_ms = now + cooldown
+  if until_ms > (tonumber(redis.call('HGET', pk, 'cool')) or 0) then
+    redis.call('HSET', pk, 'cool', until_ms)
+  end
+end
+
+-- The provider's own count only ever raises ours (our remaining goes down, never up).
+local f = redis.call('HMGET', pk, 'rpm', 'tpm', 'wh')
+local theirs = {tonumber(ARGV[9]), tonumber(ARGV[10])}
+local ours = {tonumber(f[1]) or 0, tonumber(f[2]) or 0}
+local names = {'r', 't'}
+local totals = {'rpm', 'tpm'}
+for k = 1, 2 do
+  if theirs[k] > ours[k] then
+    redis.call('HINCRBY', pk, names[k] .. ':' .. sec, theirs[k] - ours[k])
+    redis.call('HINCRBY', pk, totals[k], theirs[k] - ours[k])
+    redis.call('HSETNX', pk, 'wh', sec)
+  end
+end
+
+if redis.call('ZREM', lk, ARGV[1]) == 0 then return 0 end
+redis.call('ZREMRANGEBYSCORE', lk, '-inf', now)
+
+local bucket, correction = tonumber(ARGV[3]), tonumber(ARGV[4])
+if correction ~= 0 and bucket >= (tonumber(f[3]) or bucket) then
+  local held = tonumber(redis.call('HGET', pk, 't:' .. bucket))
+  if held then
+    correction = math.max(correction, -held)
+    redis.call('HINCRBY', pk, 't:' .. bucket, correction)
+    redis.call('HINCRBY', pk, 'tpm', correction)
+  end
+end
+
+-- Peak EWMA: a slower sample counts at once, a faster one decays in with time.
+local tau = tonumber(ARGV[7])
+local e = redis.call('HMGET', pk, 'ttft', 'tpot', 'lt')
+local dt = now - (tonumber(e[3]) or now)
+local function peak(old, sample)
+  if sample < 0 then return old end
+  if old == nil or sample > old then return sample end
+  local w = math.exp(-dt / tau)
+  return old * w + sample * (1 - w)
+end
+local ttft, tpot = peak(tonumber(e[1]), tonumber(ARGV[5])), peak(tonumber(e[2]), tonumber(ARGV[6]))
+if ttft then redis.call('HSET', pk, 'ttft', tostring(ttft)) end
+if tpot then redis.call('HSET', pk, 'tpot', tostring(tpot)) end
+redis.call('HSET', pk, 'lt', now)
+
+local outcome = ARGV[2]
+redis.call('HINCRBY', pk, 'o:' .. outcome, 1)
+if outcome == 'ok' then
+  redis.call('HSET', pk, 'fails', 0)
+elseif outcome == 'connect_error' or outcome == 'timeout' or outcome == 'http_5xx'
+    or outcome == 'bad_response' then
+  redis.call('HINCRBY', pk, 'fails', 1)
+end
+return 1

@@ -1,0 +1,110 @@
+"""The one small interface every provider kind implements (one module per kind).
+
+An adapter is pure translation: it builds the upstream request from the client's
+OpenAI-shaped body, and turns the provider's answer (whole or streamed) back into
+OpenAI's shape. It never does I/O: ``router.upstream`` sends, ``router.dispatch`` decides.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, ClassVar, Protocol
+
+from router.config import Provider
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamRequest:
+    """An HTTP request ready to send to a provider."""
+
+    url: str
+    headers: dict[str, str]
+    body: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Usage:
+    """Token usage reported by the provider."""
+
+    prompt_tokens: int
+    completion_tokens: int
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+
+@dataclass(frozen=True, slots=True)
+class RateLimitInfo:
+    """What the provider's headers say about its own limits; ``None`` where absent."""
+
+    retry_after_s: float | None = None
+    remaining_requests: int | None = None
+    remaining_tokens: int | None = None
+    reset_requests_s: float | None = None
+    reset_tokens_s: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Translated:
+    """A whole (non-streamed) answer in OpenAI's shape, with the usage it reported."""
+
+    body: bytes
+    usage: Usage | None
+
+
+class StreamTranslator(Protocol):
+    """Turns the provider's streamed bytes into OpenAI SSE frames, incrementally."""
+
+    usage: Usage | None
+    """The usage the stream reported, once it has (``None`` until then)."""
+    content_chunks: int
+    """How many frames carried generated content (a fallback token count)."""
+    finished: bool
+    """True once the provider signalled the end of the stream."""
+
+    def feed(self, data: bytes) -> bytes:
+        """Consume raw upstream bytes; return the OpenAI SSE bytes to send now (maybe b"")."""
+        ...
+
+    def close(self) -> bytes:
+        """The stream ended; return any final frames (e.g. ``data: [DONE]``)."""
+        ...
+
+
+class Adapter(Protocol):
+    """A provider kind: how to talk to it and how to read its answers."""
+
+    kind: ClassVar[str]
+    supports_embeddings: ClassVar[bool]
+
+    def chat_request(self, provider: Provider, model: str, body: dict[str, Any]) -> UpstreamRequest:
+        """The upstream request for an OpenAI chat-completions body (``model`` replaced)."""
+        ...
+
+    def embeddings_request(
+        self, provider: Provider, model: str, body: dict[str, Any]
+    ) -> UpstreamRequest:
+        """The upstream request for an OpenAI embeddings body."""
+        ...
+
+    def chat_response(self, payload: bytes) -> Translated:
+        """A 200 chat answer in OpenAI's shape; raises ``UpstreamProtocolError`` if unreadable."""
+        ...
+
+    def embeddings_response(self, payload: bytes) -> Translated:
+        """A 200 embeddings answer in OpenAI's shape."""
+        ...
+
+    def stream(self, include_usage: bool) -> StreamTranslator:
+        """A fresh translator for one streamed answer."""
+        ...
+
+    def rate_limits(self, headers: Mapping[str, str]) -> RateLimitInfo:
+        """Read the provider's rate-limit headers (lower-case names)."""
+        ...
+
+    def error_message(self, payload: bytes) -> str:
+        """A short, secret-free message from an error body (at most 300 characters)."""
+        ...

@@ -1,0 +1,254 @@
+"""The one module that talks to Redis: scripts registered once, results decoded in one place.
+
+Every Redis failure becomes a ``StoreError`` here, so callers never see redis-py's errors.
+With no Redis URL the store runs on an in-process fakeredis with the same Lua scripts: one
+replica only, said loudly at start-up.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from importlib import resources
+from typing import Any
+
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError
+
+from router.config import Config, Route
+from router.errors import StoreError
+from router.keys import WINDOW_BUCKETS, Keys
+from router.strategies import Code
+
+log = logging.getLogger("router.store")
+
+EWMA_TAU_MS = 10_000
+"""Time constant of the latency EWMAs: a sample's weight halves in about 7 s."""
+
+
+def _script(name: str) -> str:
+    return resources.files("router").joinpath("lua", f"{name}.lua").read_text(encoding="utf-8")
+
+
+@dataclass(frozen=True, slots=True)
+class Candidate:
+    """One target as the acquire script saw it (figures after the decision)."""
+
+    provider: str
+    code: Code
+    in_flight: int
+    rpm_used: int
+    tpm_used: int
+    score: str
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """The outcome of one acquire: the chosen target (or none) and what was seen."""
+
+    index: int | None
+    now_ms: int
+    bucket: int
+    wait_ms: int
+    """When none was chosen: ms until one may have room; -1 unknown, -2 never."""
+    candidates: tuple[Candidate, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Lease:
+    """A target's capacity held by one in-flight request."""
+
+    id: str
+    provider: str
+    bucket: int
+    tokens: int
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """How an attempt ended, as the release script records it."""
+
+    outcome: str
+    token_correction: int = 0
+    ttft_ms: float = -1
+    tpot_ms: float = -1
+    cooldown_ms: int = 0
+    provider_requests: int = -1
+    provider_tokens: int = -1
+
+
+@dataclass(frozen=True, slots=True)
+class RoutePlan:
+    """A route's keys and per-target script arguments, computed once at start-up."""
+
+    route: Route
+    providers: tuple[str, ...]
+    keys: tuple[str, ...]
+    static: tuple[tuple[int, int, int, int], ...]
+    """Per target: rpm, tpm, max_in_flight (0 = unlimited), weight."""
+
+    @classmethod
+    def build(cls, cfg: Config, route: Route, keys: Keys) -> RoutePlan:
+        """Lay out the script's KEYS and the static part of its ARGV for ``route``."""
+        names, ks, static = [], [keys.rotation(route.model), keys.swrr(route.model)], []
+        for t in route.targets:
+            p = cfg.provider(t.provider)
+            lim = p.limits
+            names.append(p.name)
+            ks += [keys.provider(p.name), keys.leases(p.name)]
+            static.append(
+                (lim.rpm or 0, lim.tpm or 0, lim.max_in_flight or 0, t.weight or p.weight)
+            )
+        return cls(route, tuple(names), tuple(ks), tuple(static))
+
+
+class Store:
+    """Shared state: acquire, release and renew leases through the Lua scripts."""
+
+    def __init__(self, client: Any, keys: Keys, lease_ttl_ms: int, *, embedded: bool) -> None:
+        self.client = client
+        self.keys = keys
+        self.lease_ttl_ms = lease_ttl_ms
+        self.embedded = embedded
+        self._acquire = client.register_script(_script("acquire"))
+        self._release = client.register_script(_script("release"))
+        self._renew = client.register_script(_script("renew"))
+
+    @classmethod
+    def from_config(cls, cfg: Config) -> Store:
+        """A store for ``cfg``: a blocking pool on Redis, or the embedded fakeredis."""
+        keys = Keys(cfg.key_prefix, cfg.pool)
+        ttl = int(cfg.lease_ttl_s * 1000)
+        if not cfg.redis_url:
+            import fakeredis  # only the embedded mode needs it
+
+            return cls(fakeredis.FakeAsyncRedis(), keys, ttl, embedded=True)
+        timeout = cfg.redis.timeout_ms / 1000
+        pool = aioredis.BlockingConnectionPool.from_url(
+            cfg.redis_url,
+            max_connections=cfg.redis.pool_size,
+            timeout=timeout,
+            socket_timeout=timeout,
+            socket_connect_timeout=timeout,
+        )
+        return cls(aioredis.Redis(connection_pool=pool), keys, ttl, embedded=False)
+
+    async def start(self, warm: int = 8) -> None:
+        """Open ``warm`` connections and load the scripts, so the first requests wait on neither."""
+        try:
+            await asyncio.gather(*(self.client.ping() for _ in range(warm)))
+            for script in (self._acquire, self._release, self._renew):
+                script.sha = await self.client.script_load(script.script)
+        except RedisError as exc:
+            raise StoreError(f"shared store unavailable: {exc}") from exc
+
+    async def close(self) -> None:
+        """Close the connections."""
+        await self.client.aclose()
+
+    async def ping(self) -> None:
+        """Raise ``StoreError`` unless Redis answers."""
+        try:
+            await self.client.ping()
+        except RedisError as exc:
+            raise StoreError(f"shared store unavailable: {exc}") from exc
+
+    async def acquire(
+        self,
+        plan: RoutePlan,
+        lease_id: str,
+        tokens: Sequence[int],
+        excluded: Sequence[bool],
+        *,
+        rand: int,
+        expected_output: int,
+    ) -> Decision:
+        """Choose a target of ``plan`` for one request and lease it (one round trip)."""
+        args: list[Any] = [
+            plan.route.strategy.value,
+            lease_id,
+            self.lease_ttl_ms,
+            rand,
+            expected_output,
+            len(plan.providers),
+            WINDOW_BUCKETS,
+        ]
+        for i, (rpm, tpm, maxf, weight) in enumerate(plan.static):
+            args += (rpm, tpm, maxf, weight, tokens[i], 1 if excluded[i] else 0)
+        try:
+            raw = await self._acquire(keys=plan.keys, args=args)
+        except RedisError as exc:
+            raise StoreError(f"acquire failed: {exc}") from exc
+        return _decode_decision(raw, plan.providers)
+
+    async def release(self, lease: Lease, outcome: Outcome) -> bool:
+        """End ``lease`` and record ``outcome``; ``False`` if it was already released."""
+        args = (
+            lease.id,
+            outcome.outcome,
+            lease.bucket,
+            outcome.token_correction,
+            outcome.ttft_ms,
+            outcome.tpot_ms,
+            EWMA_TAU_MS,
+            outcome.cooldown_ms,
+            outcome.provider_requests,
+            outcome.provider_tokens,
+        )
+        keys = (self.keys.provider(lease.provider), self.keys.leases(lease.provider))
+        try:
+            return bool(await self._release(keys=keys, args=args))
+        except RedisError as exc:
+            raise StoreError(f"release failed: {exc}") from exc
+
+    async def renew(self, leases: Mapping[str, Sequence[str]]) -> int:
+        """Push back the expiry of the given leases (provider -> lease ids); how many renewed."""
+        keys, args = [], [self.lease_ttl_ms]
+        for provider, ids in leases.items():
+            if ids:
+                keys.append(self.keys.leases(provider))
+                args += [len(ids), *ids]
+        if not keys:
+            return 0
+        try:
+            return int(await self._renew(keys=keys, args=args))
+        except RedisError as exc:
+            raise StoreError(f"renew failed: {exc}") from exc
+
+    async def in_flight(self, provider: str) -> int:
+        """Requests the cluster has in flight on ``provider`` now (unexpired leases)."""
+        try:
+            t, _ = await self.client.time()
+            return int(await self.client.zcount(self.keys.leases(provider), f"({t * 1000}", "+inf"))
+        except RedisError as exc:
+            raise StoreError(f"read failed: {exc}") from exc
+
+    async def provider_fields(self, provider: str) -> dict[str, str]:
+        """The provider's raw shared fields (for inspection and tests)."""
+        try:
+            raw = await self.client.hgetall(self.keys.provider(provider))
+        except RedisError as exc:
+            raise StoreError(f"read failed: {exc}") from exc
+        return {k.decode(): v.decode() for k, v in raw.items()}
+
+
+def _decode_decision(raw: Sequence[Any], providers: Sequence[str]) -> Decision:
+    chosen, now_ms, bucket, wait_ms = (int(x) for x in raw[:4])
+    candidates = tuple(
+        Candidate(
+            provider=name,
+            code=Code(int(raw[4 + 5 * i])),
+            in_flight=int(raw[5 + 5 * i]),
+            rpm_used=int(raw[6 + 5 * i]),
+            tpm_used=int(raw[7 + 5 * i]),
+            score=_text(raw[8 + 5 * i]),
+        )
+        for i, name in enumerate(providers)
+    )
+    return Decision(chosen - 1 if chosen else None, now_ms, bucket, wait_ms, candidates)
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)

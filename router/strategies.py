@@ -1,0 +1,158 @@
+"""The five balancing strategies as pure functions: the readable specification.
+
+The shared, atomic decision is made by ``lua/acquire.lua``; these functions say the same
+thing in Python, serve tests (a property test feeds both the same state and asserts the same
+choice) and explain the rules. Nothing here imports redis; time and randomness come in as
+arguments.
+
+- ``round_robin``: one rotation shared by every replica; the first eligible target from the
+  counter's position.
+- ``weighted``: smooth weighted round robin as nginx does it: each eligible target gains its
+  weight, the largest current weight wins and pays back the total of the eligible weights.
+- ``least_connections``: fewest requests in flight (cluster-wide) relative to weight.
+- ``least_latency``: lowest expected cost ``(ttft + tpot * expected_output) * (in_flight + 1)``,
+  from peak EWMAs of time to first token and time per output token (Peak EWMA, as in
+  Finagle and Linkerd: a slow sample counts at once, faster ones decay in over time), with
+  the in-flight count as the load penalty. Targets with no samples cost 0 and are tried first.
+- ``headroom``: most remaining capacity, the smallest of the RPM, TPM and in-flight
+  fractions left after this request.
+
+Ties in the last three are broken by scanning from a random start, so equal targets share
+the load.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from enum import IntEnum
+
+from router.config import Strategy
+
+
+class Code(IntEnum):
+    """Why a target can or cannot take a request now (the numbers are the Lua script's)."""
+
+    OK = 0
+    EXCLUDED = 1
+    UNHEALTHY = 2
+    COOLING = 3
+    FULL = 4
+    RPM = 5
+    TPM = 6
+
+
+@dataclass(frozen=True, slots=True)
+class TargetView:
+    """What a decision sees of one target: its limits, shared figures and this request."""
+
+    weight: int = 1
+    rpm: int = 0
+    """Limits; 0 means unlimited."""
+    tpm: int = 0
+    max_in_flight: int = 0
+    tokens: int = 0
+    """Tokens this request would reserve on this target."""
+    in_flight: int = 0
+    rpm_used: int = 0
+    tpm_used: int = 0
+    ttft: float = 0.0
+    tpot: float = 0.0
+    cooling_until_ms: int = 0
+    healthy: bool = True
+    excluded: bool = False
+
+
+def eligibility(t: TargetView, now_ms: int) -> Code:
+    """Whether ``t`` can take the request now, and if not, the first reason why."""
+    checks = (
+        (t.excluded, Code.EXCLUDED),
+        (not t.healthy, Code.UNHEALTHY),
+        (t.cooling_until_ms > now_ms, Code.COOLING),
+        (0 < t.max_in_flight <= t.in_flight, Code.FULL),
+        (t.rpm > 0 and t.rpm_used + 1 > t.rpm, Code.RPM),
+        (t.tpm > 0 and t.tpm_used + t.tokens > t.tpm, Code.TPM),
+    )
+    return next((code for failed, code in checks if failed), Code.OK)
+
+
+def latency_cost(t: TargetView, expected_output: int) -> float:
+    """Expected cost of sending the request to ``t`` (lower is better)."""
+    return (t.ttft + t.tpot * expected_output) * (t.in_flight + 1)
+
+
+def headroom(t: TargetView) -> float:
+    """Smallest fraction of any limit left after this request (higher is better)."""
+    h = 1.0
+    if t.rpm > 0:
+        h = min(h, (t.rpm - t.rpm_used - 1) / t.rpm)
+    if t.tpm > 0:
+        h = min(h, (t.tpm - t.tpm_used - t.tokens) / t.tpm)
+    if t.max_in_flight > 0:
+        h = min(h, (t.max_in_flight - t.in_flight - 1) / t.max_in_flight)
+    return h
+
+
+def _better(strategy: Strategy, a: TargetView, b: TargetView, expected_output: int) -> bool:
+    if strategy is Strategy.LEAST_CONNECTIONS:
+        return a.in_flight * b.weight < b.in_flight * a.weight
+    if strategy is Strategy.LEAST_LATENCY:
+        return latency_cost(a, expected_output) < latency_cost(b, expected_output)
+    return headroom(a) > headroom(b)
+
+
+@dataclass(frozen=True, slots=True)
+class Choice:
+    """The chosen target index (``None`` when none is eligible) and the new SWRR state."""
+
+    index: int | None
+    swrr: tuple[int, ...] = ()
+
+
+def smooth_weighted(
+    weights: Sequence[int], current: Sequence[int], eligible: Sequence[bool]
+) -> Choice:
+    """nginx's smooth weighted round robin over the eligible targets."""
+    cw = list(current)
+    total, best = 0, None
+    for i, w in enumerate(weights):
+        if eligible[i]:
+            cw[i] += w
+            total += w
+            if best is None or cw[i] > cw[best]:
+                best = i
+    if best is not None:
+        cw[best] -= total
+    return Choice(best, tuple(cw))
+
+
+def choose(
+    strategy: Strategy,
+    targets: Sequence[TargetView],
+    now_ms: int,
+    *,
+    rotation: int,
+    rand: int,
+    swrr: Sequence[int],
+    expected_output: int,
+) -> Choice:
+    """Pick a target; ``rotation`` is the shared counter after its increment."""
+    eligible = [eligibility(t, now_ms) is Code.OK for t in targets]
+    if not any(eligible):
+        return Choice(None, tuple(swrr))
+    if strategy is Strategy.WEIGHTED:
+        return smooth_weighted([t.weight for t in targets], swrr, eligible)
+    n = len(targets)
+    start = rotation if strategy is Strategy.ROUND_ROBIN else rand
+    best: int | None = None
+    for k in range(n):
+        i = (start + k) % n
+        if not eligible[i]:
+            continue
+        if best is None:
+            best = i
+            if strategy is Strategy.ROUND_ROBIN:
+                break
+        elif _better(strategy, targets[i], targets[best], expected_output):
+            best = i
+    return Choice(best, tuple(swrr))

@@ -1,0 +1,35 @@
+"""Fixtures: a private redis-server for the session, flushed before each test."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+import redis.asyncio as aioredis
+
+from tests.helpers import Cluster, redis_server
+
+
+@pytest.fixture(scope="session")
+def redis_port(tmp_path_factory: pytest.TempPathFactory) -> Iterator[int]:
+    """Port of a redis-server this test session started and will throw away."""
+    with redis_server(tmp_path_factory.mktemp("redis")) as (port, _proc):
+        yield port
+
+
+@pytest.fixture
+async def redis_url(redis_port: int) -> AsyncIterator[str]:
+    """URL of the private server, emptied for this test."""
+    client = aioredis.Redis(port=redis_port)
+    await client.flushall()
+    await client.aclose()
+    yield f"redis://127.0.0.1:{redis_port}/0"
+
+
+@pytest.fixture
+def cluster(tmp_path: Path) -> Iterator[Cluster]:
+    """Real processes for one test, all stopped at its end."""
+    c = Cluster(tmp_path)
+    yield c
+    c.stop_all()

@@ -1,0 +1,171 @@
+"""Test helpers: free ports, waiting on conditions with a deadline, real processes."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Awaitable, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_until(cond: Callable[[], Any], timeout: float = 10.0, what: str = "condition") -> Any:
+    """Poll ``cond`` until it returns a truthy value; fail after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    delay = 0.01
+    while True:
+        value = cond()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(delay)
+        delay = min(delay * 1.5, 0.2)
+
+
+async def async_wait_until(
+    cond: Callable[[], Awaitable[Any]], timeout: float = 10.0, what: str = "condition"
+) -> Any:
+    """Async twin of ``wait_until`` for conditions that need the event loop."""
+    deadline = time.monotonic() + timeout
+    delay = 0.01
+    while True:
+        value = await cond()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out after {timeout}s waiting for {what}")
+        await asyncio.sleep(delay)
+        delay = min(delay * 1.5, 0.2)
+
+
+def port_open(port: int) -> bool:
+    """True when something accepts TCP connections on 127.0.0.1:port."""
+    with socket.socket() as s:
+        s.settimeout(0.2)
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+class Proc:
+    """A child process we started, with its output kept in a log file."""
+
+    def __init__(self, name: str, argv: list[str], env: dict[str, str], log_dir: Path) -> None:
+        self.name = name
+        self.log_path = log_dir / f"{name}.log"
+        self._log = self.log_path.open("wb")
+        self.popen = subprocess.Popen(
+            argv, env=env, stdout=self._log, stderr=subprocess.STDOUT, cwd=ROOT
+        )
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+    def output(self) -> str:
+        """Everything the process printed so far."""
+        return self.log_path.read_text(errors="replace")
+
+    def kill(self, sig: int = signal.SIGKILL) -> None:
+        """Send ``sig`` to the process (by PID, ours only)."""
+        if self.popen.poll() is None:
+            os.kill(self.popen.pid, sig)
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """SIGTERM, then SIGKILL if it does not exit in time."""
+        if self.popen.poll() is None:
+            self.popen.terminate()
+            try:
+                self.popen.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.popen.kill()
+                self.popen.wait(timeout)
+        self._log.close()
+
+
+class Cluster:
+    """Starts mock providers and router replicas as real processes, stops them all."""
+
+    def __init__(self, log_dir: Path) -> None:
+        self.log_dir = log_dir
+        self.procs: list[Proc] = []
+
+    def start(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> Proc:
+        full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+        proc = Proc(name, argv, full_env, self.log_dir)
+        self.procs.append(proc)
+        return proc
+
+    def mock(self, name: str, port: int, *args: str) -> Proc:
+        """Start a mock provider and wait until it serves."""
+        argv = [sys.executable, "-m", "loadtest.mock_provider", "--port", str(port)]
+        proc = self.start(f"mock-{name}", [*argv, "--name", name, *args])
+        self._wait_http(proc, f"http://127.0.0.1:{port}/stats")
+        return proc
+
+    def router(self, name: str, config: Path, port: int, env: dict[str, str]) -> Proc:
+        """Start a router replica and wait until it is ready."""
+        argv = [sys.executable, "-m", "router.cli", "--config", str(config)]
+        proc = self.start(name, [*argv, "--host", "127.0.0.1", "--port", str(port)], env)
+        self._wait_http(proc, f"http://127.0.0.1:{port}/readyz")
+        return proc
+
+    def _wait_http(self, proc: Proc, url: str, timeout: float = 20.0) -> None:
+        def ready() -> bool:
+            if proc.popen.poll() is not None:
+                raise RuntimeError(f"{proc.name} exited:\n{proc.output()}")
+            with contextlib.suppress(httpx.HTTPError):
+                return httpx.get(url, timeout=1.0).status_code == 200
+            return False
+
+        wait_until(ready, timeout, f"{proc.name} at {url}")
+
+    def stop_all(self) -> None:
+        for proc in reversed(self.procs):
+            proc.stop()
+
+
+def redis_server_binary() -> str:
+    """Path of redis-server, or a clear failure saying how to install it."""
+    for candidate in (os.environ.get("REDIS_SERVER"), "/usr/bin/redis-server"):
+        if candidate and Path(candidate).exists():
+            return candidate
+    from shutil import which
+
+    found = which("redis-server")
+    if not found:
+        raise RuntimeError("redis-server not found: apt-get install -y redis-server")
+    return found
+
+
+@contextlib.contextmanager
+def redis_server(log_dir: Path) -> Iterator[tuple[int, Proc]]:
+    """A private, throw-away redis-server on a free port (never the machine's own)."""
+    port = free_port()
+    argv = [
+        redis_server_binary(),
+        "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+        "--dir", str(log_dir), "--protected-mode", "yes",
+    ]  # fmt: skip
+    proc = Proc(f"redis-{port}", argv, dict(os.environ), log_dir)
+    try:
+        wait_until(lambda: port_open(port), 10, "redis-server to listen")
+        yield port, proc
+    finally:
+        proc.stop()

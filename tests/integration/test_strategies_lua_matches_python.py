@@ -1,0 +1,123 @@
+"""The Lua acquire script and the pure Python strategies make the same choice."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+import redis
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from router.config import Strategy
+from router.keys import WINDOW_BUCKETS, Keys
+from router.store import _decode_decision, _script
+from router.strategies import Code, TargetView, choose, eligibility
+
+KEYS = Keys("t", "pool")
+
+
+@pytest.fixture(scope="module")
+def client(redis_port: int) -> Iterator[redis.Redis]:
+    c = redis.Redis(port=redis_port)
+    yield c
+    c.close()
+
+
+limit = st.sampled_from([0, 0, 1, 5, 50])
+floats = st.sampled_from([0.0, 0.5, 1.0, 12.25, 100.0, 1e-3, 3.3333333333333335])
+target_views = st.builds(
+    TargetView,
+    weight=st.integers(1, 5),
+    rpm=limit,
+    tpm=st.sampled_from([0, 0, 10, 100, 1000]),
+    max_in_flight=limit,
+    tokens=st.integers(0, 60),
+    in_flight=st.integers(0, 6),
+    rpm_used=st.integers(0, 6),
+    tpm_used=st.integers(0, 200),
+    ttft=floats,
+    tpot=floats,
+    cooling_until_ms=st.sampled_from([0, 0, 0, 1]),
+    healthy=st.sampled_from([True, True, True, False]),
+    excluded=st.sampled_from([False, False, False, True]),
+)
+
+
+def _seed(client: redis.Redis, views: list[TargetView], now_s: int) -> list[str]:
+    names = [f"p{i}" for i in range(len(views))]
+    client.flushall()
+    for name, v in zip(names, views, strict=True):
+        fields: dict[str, str | int] = {
+            "wh": now_s, "rpm": v.rpm_used, "tpm": v.tpm_used,
+            f"r:{now_s}": v.rpm_used, f"t:{now_s}": v.tpm_used,
+            "ttft": repr(v.ttft), "tpot": repr(v.tpot),
+            "cool": (now_s + 30) * 1000 if v.cooling_until_ms else 0,
+        }  # fmt: skip
+        if not v.healthy:
+            fields["health"] = "down"
+        client.hset(KEYS.provider(name), mapping=fields)
+        for j in range(v.in_flight):
+            client.zadd(KEYS.leases(name), {f"old-{j}": (now_s + 60) * 1000})
+    return names
+
+
+@settings(
+    max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    strategy=st.sampled_from(list(Strategy)),
+    views=st.lists(target_views, min_size=1, max_size=6),
+    rotation=st.integers(0, 1000),
+    rand=st.integers(0, 2**31),
+    swrr=st.lists(st.integers(-10, 10), min_size=6, max_size=6),
+    expected=st.sampled_from([1, 16, 256]),
+)
+def test_same_choice(
+    client: redis.Redis,
+    strategy: Strategy,
+    views: list[TargetView],
+    rotation: int,
+    rand: int,
+    swrr: list[int],
+    expected: int,
+) -> None:
+    now_s = int(client.time()[0])
+    names = _seed(client, views, now_s)
+    route = "r"
+    client.set(KEYS.rotation(route), rotation)
+    client.hset(KEYS.swrr(route), mapping={str(i + 1): swrr[i] for i in range(len(views))})
+    keys = [KEYS.rotation(route), KEYS.swrr(route)]
+    args: list[object] = [strategy.value, "lease-1", 30000, rand, expected, len(views)]
+    args.append(WINDOW_BUCKETS)
+    for name, v in zip(names, views, strict=True):
+        keys += [KEYS.provider(name), KEYS.leases(name)]
+        args += [v.rpm, v.tpm, v.max_in_flight, v.weight, v.tokens, int(v.excluded)]
+    raw = client.register_script(_script("acquire"))(keys=keys, args=args)
+    decision = _decode_decision(raw, names)
+
+    now_ms = now_s * 1000 + 500  # cooling fixtures sit 30 s away from now, either side
+    views_now = [_with_cooling(v, now_ms) for v in views]
+    spec = choose(
+        strategy,
+        views_now,
+        now_ms,
+        rotation=rotation + 1,
+        rand=rand,
+        swrr=swrr[: len(views)],
+        expected_output=expected,
+    )
+    assert decision.index == spec.index
+    assert [c.code for c in decision.candidates] == [eligibility(v, now_ms) for v in views_now]
+    if strategy is Strategy.WEIGHTED and spec.index is not None:
+        stored = client.hmget(KEYS.swrr(route), [str(i + 1) for i in range(len(views))])
+        eligible = [eligibility(v, now_ms) is Code.OK for v in views_now]
+        got = [int(float(s)) for s, ok in zip(stored, eligible, strict=True) if ok]
+        want = [c for c, ok in zip(spec.swrr, eligible, strict=True) if ok]
+        assert got == want
+
+
+def _with_cooling(v: TargetView, now_ms: int) -> TargetView:
+    from dataclasses import replace
+
+    return replace(v, cooling_until_ms=now_ms + 30_000 if v.cooling_until_ms else 0)

@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# The whole test suite: install, lint, format, types, tests. CI runs exactly this.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+if ! command -v redis-server >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    echo "redis-server is missing: installing it with apt-get" >&2
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null
+  else
+    echo "redis-server is missing: install it (Debian: sudo apt-get install -y redis-server)" >&2
+    exit 1
+  fi
+fi
+
+PY=${PYTHON:-python3}
+[ -x .venv/bin/python ] || "$PY" -m venv .venv
+.venv/bin/python -m pip install -q --disable-pip-version-check -e '.[test]'
+
+.venv/bin/ruff check router healthd loadtest tests
+.venv/bin/ruff format --check router healthd loadtest tests
+.venv/bin/mypy
+exec .venv/bin/pytest "$@"
