@@ -158,7 +158,8 @@ _MESSAGES: dict[str, str] = {
 }
 
 
-def _path(loc: tuple[int | str, ...]) -> str:
+def field_path(loc: tuple[int | str, ...]) -> str:
+    """``("providers", 1, "limits", "rpm")`` as ``providers[1].limits.rpm``."""
     out = ""
     for part in loc:
         if isinstance(part, int):
@@ -178,7 +179,7 @@ def _problems(exc: ValidationError) -> list[tuple[str, str]]:
             msg = f"must be one of {ctx.get('expected')}"
         # pydantic puts the failing union arm in loc ("int", "function-after"); drop it
         loc = tuple(p for p in e["loc"] if not (isinstance(p, str) and p in {"int", "float"}))
-        problems.append((_path(loc), msg))
+        problems.append((field_path(loc), msg))
     return problems
 
 

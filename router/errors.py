@@ -174,9 +174,15 @@ class AllAttemptsFailed(RouterError):
 
     code = "all_attempts_failed"
 
-    def __init__(self, attempts: list[Attempt], status: int, retry_after_s: float = 0) -> None:
+    def __init__(
+        self,
+        attempts: list[Attempt],
+        status: int,
+        retry_after_s: float = 0,
+        message: str | None = None,
+    ) -> None:
         tried = "; ".join(f"{a.provider}: {a.outcome} ({a.message})" for a in attempts)
-        super().__init__(f"every attempt failed: {tried}" if attempts else "no provider usable")
+        super().__init__(message or f"every attempt failed: {tried}")
         self.attempts = attempts
         self.status = status
         self.retry_after_s = retry_after_s

@@ -205,7 +205,8 @@ class Store:
 
     async def renew(self, leases: Mapping[str, Sequence[str]]) -> int:
         """Push back the expiry of the given leases (provider -> lease ids); how many renewed."""
-        keys, args = [], [self.lease_ttl_ms]
+        keys: list[str] = []
+        args: list[Any] = [self.lease_ttl_ms]
         for provider, ids in leases.items():
             if ids:
                 keys.append(self.keys.leases(provider))

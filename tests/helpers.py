@@ -169,3 +169,108 @@ def redis_server(log_dir: Path) -> Iterator[tuple[int, Proc]]:
         yield port, proc
     finally:
         proc.stop()
+
+
+CLIENT_KEY = "test-client-key-0123456789"
+ADMIN_TOKEN = "test-admin-token-9876543210"
+PROVIDER_KEY = "test-provider-key-abcdef"
+SECRETS = (CLIENT_KEY, ADMIN_TOKEN, PROVIDER_KEY)
+ENV = {"ROUTER_CLIENT_KEY": CLIENT_KEY, "ROUTER_ADMIN_TOKEN": ADMIN_TOKEN, "P_KEY": PROVIDER_KEY}
+
+
+class Mock:
+    """A mock provider process to start: its name, API and command-line options."""
+
+    def __init__(self, name: str, *args: str, api: str = "openai", **provider: Any) -> None:
+        self.name = name
+        self.api = api
+        self.args = list(args)
+        self.provider = provider
+        self.port = free_port()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def stats(self) -> dict[str, Any]:
+        """The mock's own counts (GET /stats)."""
+        return dict(httpx.get(f"{self.url}/stats", timeout=5).json())
+
+    def fault(self, mode: str, **kw: Any) -> None:
+        """Inject a fault (POST /admin/fault)."""
+        httpx.post(f"{self.url}/admin/fault", json={"mode": mode, **kw}, timeout=5)
+
+    def config(self) -> dict[str, Any]:
+        base = f"{self.url}/v1" if self.api == "openai" else self.url
+        out: dict[str, Any] = {"name": self.name, "kind": self.api, "base_url": base}
+        out["api_key"] = {"env": "P_KEY"}
+        return {**out, **self.provider}
+
+
+class Gateway:
+    """Mock providers and router replicas sharing one Redis, all real processes."""
+
+    def __init__(self, cluster: Cluster, config: Path, mocks: list[Mock]) -> None:
+        self.cluster = cluster
+        self.config = config
+        self.mocks = {m.name: m for m in mocks}
+        self.replicas: list[tuple[Proc, str]] = []
+
+    def add_replica(self, env: dict[str, str] | None = None) -> str:
+        """Start one more replica; return its base URL."""
+        port = free_port()
+        n = len(self.replicas)
+        proc = self.cluster.router(f"router-{n}", self.config, port, {**ENV, **(env or {})})
+        url = f"http://127.0.0.1:{port}"
+        self.replicas.append((proc, url))
+        return url
+
+    @property
+    def urls(self) -> list[str]:
+        return [url for _, url in self.replicas]
+
+    def counts(self) -> dict[str, int]:
+        """Requests each provider answered with 200, by its own count."""
+        return {name: int(m.stats()["ok"]) for name, m in self.mocks.items()}
+
+
+def write_config(
+    path: Path, redis_url: str | None, mocks: list[Mock], routes: list[dict[str, Any]],
+    **extra: Any,
+) -> Path:  # fmt: skip
+    """Write a router config for ``mocks`` and ``routes``."""
+    import yaml
+
+    cfg: dict[str, Any] = {
+        "key_prefix": "rc",
+        "client_keys": [{"env": "ROUTER_CLIENT_KEY"}],
+        "admin_token": {"env": "ROUTER_ADMIN_TOKEN"},
+        "log": {"level": "INFO", "decisions": "INFO"},
+        "providers": [m.config() for m in mocks],
+        "routes": routes,
+        **extra,
+    }
+    if redis_url:
+        cfg["redis_url"] = redis_url
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def start_gateway(
+    cluster: Cluster, tmp: Path, redis_url: str | None, mocks: list[Mock],
+    routes: list[dict[str, Any]], replicas: int = 1, **extra: Any,
+) -> Gateway:  # fmt: skip
+    """Start the mocks, write the config, start ``replicas`` routers."""
+    for m in mocks:
+        args = ["--api", m.api, "--api-key", PROVIDER_KEY, *m.args]
+        cluster.mock(m.name, m.port, *args)
+    config = write_config(tmp / "router.yaml", redis_url, mocks, routes, **extra)
+    gw = Gateway(cluster, config, mocks)
+    for _ in range(replicas):
+        gw.add_replica()
+    return gw
+
+
+def auth() -> dict[str, str]:
+    """Headers of an authorized client."""
+    return {"Authorization": f"Bearer {CLIENT_KEY}"}

@@ -1,0 +1,228 @@
+"""The HTTP API of one replica: OpenAI's endpoints, health and readiness.
+
+Handlers read the body themselves (orjson) instead of through FastAPI's models: the body
+is forwarded as it came, and this path runs for every request. Errors of every kind reach
+one exception handler that answers in OpenAI's shape.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import os
+import socket
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from typing import Any
+
+import orjson
+from fastapi import FastAPI, Request
+from fastapi.responses import Response, StreamingResponse
+from starlette.exceptions import HTTPException
+from starlette.types import Receive, Scope, Send
+
+from router import __version__
+from router.config import Config
+from router.dispatch import Dispatcher, Operation
+from router.errors import (
+    ModelNotFound,
+    PayloadTooLarge,
+    RouterError,
+    StoreError,
+    Unauthorized,
+    to_openai_error,
+)
+from router.leases import LeaseKeeper
+from router.schemas import ChatBody, EmbeddingsBody, check, parse_json
+from router.store import Store
+from router.upstream import Upstream
+
+log = logging.getLogger("router.app")
+JSON = "application/json"
+
+
+class _Stream(StreamingResponse):
+    """A relayed stream whose lease is released however the response ends."""
+
+    def __init__(
+        self,
+        stream: AsyncIterator[bytes],
+        close: Callable[[], Awaitable[None]] | None,
+        headers: dict[str, str],
+    ) -> None:
+        super().__init__(stream, media_type="text/event-stream", headers=headers)
+        self._close = close
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            if self._close is not None:
+                await self._close()
+
+
+class Gateway:
+    """The parts of a replica, built from its config and started with the app."""
+
+    def __init__(self, cfg: Config, store: Store | None = None) -> None:
+        self.cfg = cfg
+        self.replica = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+        self.store = store or Store.from_config(cfg)
+        self.upstream = Upstream()
+        self.leases = LeaseKeeper(self.store)
+        self.dispatcher = Dispatcher(cfg, self.store, self.upstream, self.leases, self.replica)
+        self._keys = [ref.value.get_secret_value().encode() for ref in cfg.client_keys]
+
+    async def start(self) -> None:
+        """Connect to the store and open the upstream session."""
+        if self.store.embedded:
+            log.warning(
+                "no redis_url or REDIS_URL: running on the embedded in-process store, "
+                "which serves this one replica only; run Redis for more than one"
+            )
+        await self.store.start()
+        await self.upstream.start()
+        self.leases.start()
+        log.info("replica started", extra={"fields": {"replica": self.replica}})
+
+    async def stop(self) -> None:
+        """Finish pending releases, then close everything."""
+        await self.leases.stop()
+        await self.upstream.close()
+        await self.store.close()
+
+    def authorize(self, request: Request) -> None:
+        """Accept only a known client key, compared in constant time against every key."""
+        header = request.headers.get("authorization", "")
+        scheme, _, token = header.partition(" ")
+        ok = False
+        candidate = token.strip().encode()
+        for key in self._keys:
+            ok |= hmac.compare_digest(candidate, key)
+        if scheme.lower() != "bearer" or not ok:
+            raise Unauthorized("missing or invalid API key (send Authorization: Bearer <key>)")
+
+
+def request_id(request: Request) -> str:
+    """The client's ``x-request-id`` when sane, or a new one."""
+    rid = request.headers.get("x-request-id", "")
+    if 0 < len(rid) <= 128 and rid.isprintable() and " " not in rid:
+        return rid
+    return uuid.uuid4().hex
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The body, refusing more than ``limit`` bytes before reading them all."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise PayloadTooLarge(f"the body is over the limit of {limit} bytes")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise PayloadTooLarge(f"the body is over the limit of {limit} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def create_app(cfg: Config, store: Store | None = None) -> FastAPI:
+    """The FastAPI application of one replica."""
+    gw = Gateway(cfg, store)
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        await gw.start()
+        try:
+            yield
+        finally:
+            await gw.stop()
+
+    app = FastAPI(title="router-cluster", version=__version__, lifespan=lifespan)
+    app.state.gateway = gw
+
+    @app.exception_handler(RouterError)
+    async def on_error(request: Request, exc: RouterError) -> Response:
+        headers = {"x-request-id": getattr(request.state, "rid", None) or request_id(request)}
+        headers.update(exc.headers())
+        attempts = getattr(exc, "attempts", None)
+        if attempts is not None:
+            headers["x-router-attempts"] = str(len(attempts))
+        return Response(orjson.dumps(to_openai_error(exc)), exc.status, headers, JSON)
+
+    @app.exception_handler(HTTPException)
+    async def on_http_error(request: Request, exc: HTTPException) -> Response:
+        body = {"error": {"message": str(exc.detail), "type": "invalid_request_error",
+                          "code": f"http_{exc.status_code}", "param": None}}  # fmt: skip
+        return Response(orjson.dumps(body), exc.status_code, exc.headers, JSON)
+
+    @app.exception_handler(Exception)
+    async def on_bug(request: Request, exc: Exception) -> Response:
+        # The one catch-all: a bug must still answer in OpenAI's shape, and be logged.
+        log.exception("unhandled error", extra={"fields": {"rid": request_id(request)}})
+        body = {"error": {"message": "internal error", "type": "server_error",
+                          "code": "internal_error", "param": None}}  # fmt: skip
+        return Response(orjson.dumps(body), 500, media_type=JSON)
+
+    _add_openai_routes(app, gw)
+    _add_health_routes(app, gw)
+    return app
+
+
+async def _served(request: Request, gw: Gateway, op: Operation) -> Response:
+    request.state.rid = rid = request_id(request)
+    gw.authorize(request)
+    data = parse_json(await read_body(request, gw.cfg.max_body_bytes))
+    if op is Operation.CHAT:
+        model = check(ChatBody, data).model
+    else:
+        model = check(EmbeddingsBody, data).model
+    route = gw.cfg.route(model)
+    if route is None:
+        raise ModelNotFound(f"the model '{model}' does not exist (see GET /v1/models)")
+    reply = await gw.dispatcher.serve(op, route, data, rid)
+    headers = {
+        "x-request-id": rid,
+        "x-router-provider": reply.provider,
+        "x-router-attempts": str(reply.attempts),
+    }
+    if reply.stream is not None:
+        headers["cache-control"] = "no-cache"
+        return _Stream(reply.stream, reply.close, headers)
+    return Response(reply.body, 200, headers, JSON)
+
+
+def _add_openai_routes(app: FastAPI, gw: Gateway) -> None:
+    @app.post("/v1/chat/completions")
+    async def chat(request: Request) -> Response:
+        return await _served(request, gw, Operation.CHAT)
+
+    @app.post("/v1/embeddings")
+    async def embeddings(request: Request) -> Response:
+        return await _served(request, gw, Operation.EMBEDDINGS)
+
+    @app.get("/v1/models")
+    async def models(request: Request) -> Response:
+        gw.authorize(request)
+        data = [
+            {"id": r.model, "object": "model", "created": 0, "owned_by": "router-cluster"}
+            for r in gw.cfg.routes
+        ]
+        body = orjson.dumps({"object": "list", "data": data})
+        return Response(body, 200, {"x-request-id": request_id(request)}, JSON)
+
+
+def _add_health_routes(app: FastAPI, gw: Gateway) -> None:
+    @app.get("/healthz")
+    async def healthz() -> dict[str, Any]:
+        return {"status": "ok", "replica": gw.replica, "version": __version__}
+
+    @app.get("/readyz")
+    async def readyz() -> Response:
+        try:
+            await gw.store.ping()
+        except StoreError as exc:
+            body = {"status": "unavailable", "reason": str(exc)}
+            return Response(orjson.dumps(body), 503, media_type=JSON)
+        body = {"status": "ready", "store": "embedded" if gw.store.embedded else "redis"}
+        return Response(orjson.dumps(body), 200, media_type=JSON)

@@ -1,0 +1,37 @@
+"""``routerctl``: operate a cluster from the command line."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from router.config import load_config
+from router.errors import ConfigError
+
+
+def check_config(path: str) -> int:
+    """Validate ``path``; print every problem with its field path. Exit status 0 or 1."""
+    try:
+        cfg = load_config(path)
+    except ConfigError as exc:
+        for field, message in exc.problems:
+            print(f"{field}: {message}" if field else message)
+        return 1
+    store = cfg.redis_url or "embedded in-process store"
+    print(f"{path}: ok ({len(cfg.providers)} providers, {len(cfg.routes)} routes, {store})")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point of the ``routerctl`` command."""
+    parser = argparse.ArgumentParser(prog="routerctl", description="Operate a router cluster.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    check = sub.add_parser("check-config", help="validate a config file")
+    check.add_argument("file")
+    args = parser.parse_args(argv)
+    if args.command == "check-config":
+        sys.exit(check_config(args.file))
+
+
+if __name__ == "__main__":
+    main()

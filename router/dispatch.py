@@ -1,0 +1,353 @@
+"""One client request from acquire to release: choose, send, fail over, account.
+
+    acquire (Lua, one round trip) --> send to the chosen provider --> release (Lua)
+        ^                                   | connect error, timeout, 5xx, 429
+        +---------- next untried target <---+  (up to max_attempts, within timeout_s)
+
+A stream fails over only until its first byte has gone to the client; after that a failure
+ends it with an OpenAI-shaped error event. Every lease is released exactly once, on every
+path, including a client that goes away mid-stream.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from enum import Enum
+from typing import Any
+
+import orjson
+
+from router.config import Config, Provider, Route, TpmAccounting
+from router.errors import (
+    AllAttemptsFailed,
+    Attempt,
+    ProviderClientError,
+    Saturated,
+    UpstreamError,
+    UpstreamProtocolError,
+    UpstreamRateLimited,
+    UpstreamStatusError,
+)
+from router.leases import LeaseKeeper
+from router.logs import log_decision
+from router.providers import adapter_for
+from router.providers.base import Adapter, RateLimitInfo, StreamTranslator, Translated, Usage
+from router.store import Decision, Lease, Outcome, RoutePlan, Store
+from router.tokens import embedding_tokens, max_output, prompt_tokens, reservation
+from router.upstream import Upstream, UpstreamResponse
+
+log = logging.getLogger("router.dispatch")
+
+DEFAULT_COOLDOWN_S = 1.0
+"""Cooldown after a 429 that named no Retry-After or reset time."""
+POLL_S = 0.05
+"""How often a queued request looks again when no release time is known."""
+CLIENT_ERRORS = frozenset({400, 413, 422})
+"""Provider statuses that are the client's fault: passed through, never failed over."""
+
+
+class Operation(Enum):
+    CHAT = "chat"
+    EMBEDDINGS = "embeddings"
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    """A served request: a whole JSON body or a stream, and who served it."""
+
+    provider: str
+    attempts: int
+    body: bytes | None = None
+    stream: AsyncIterator[bytes] | None = None
+    close: Callable[[], Awaitable[None]] | None = None
+    """For a stream: must be awaited once the response is over, however it ended."""
+
+
+@dataclass(slots=True)
+class _Job:
+    """One request's state across attempts."""
+
+    op: Operation
+    body: dict[str, Any]
+    request_id: str
+    plan: RoutePlan
+    tokens: list[int]
+    excluded: list[bool]
+    expected_output: int
+    deadline: float
+    attempts: list[Attempt]
+
+
+class Dispatcher:
+    """Routes requests over the providers of each route, through the shared store."""
+
+    def __init__(
+        self, cfg: Config, store: Store, upstream: Upstream, leases: LeaseKeeper, replica: str
+    ) -> None:
+        self.cfg = cfg
+        self.store = store
+        self.upstream = upstream
+        self.leases = leases
+        self.replica = replica
+        self.plans = {r.model: RoutePlan.build(cfg, r, store.keys) for r in cfg.routes}
+        self.providers = {p.name: p for p in cfg.providers}
+        self._rand = random.Random()
+
+    async def serve(self, op: Operation, route: Route, body: dict[str, Any], rid: str) -> Reply:
+        """Serve one request on ``route``; raise a ``RouterError`` when it cannot be."""
+        job = self._job(op, route, body, rid)
+        while len(job.attempts) < route.max_attempts:
+            lease, index = await self._acquire(job)
+            provider = self.providers[lease.provider]
+            try:
+                return await self._attempt(job, provider, index, lease)
+            except asyncio.CancelledError:
+                self.leases.release_soon(lease, Outcome("client_cancelled"))
+                raise
+            except UpstreamError as exc:
+                self.leases.release_soon(lease, _failed(exc))
+                job.attempts.append(Attempt(provider.name, exc.outcome, str(exc)))
+                job.excluded[index] = True
+                log.info(
+                    "attempt failed, failing over",
+                    extra={"fields": {"request_id": rid, "provider": provider.name,
+                                      "outcome": exc.outcome, "error": str(exc)}},
+                )  # fmt: skip
+        raise _gave_up(job.attempts)
+
+    def _job(self, op: Operation, route: Route, body: dict[str, Any], rid: str) -> _Job:
+        plan = self.plans[route.model]
+        max_out = max_output(body, route.default_max_tokens) if op is Operation.CHAT else 0
+        prompt = prompt_tokens(body) if op is Operation.CHAT else embedding_tokens(body)
+        tokens, excluded = [], []
+        for name in plan.providers:
+            p = self.providers[name]
+            tokens.append(reservation(prompt, max_out, p.limits.tpm_accounting))
+            embeds = adapter_for(p.kind).supports_embeddings
+            excluded.append(op is Operation.EMBEDDINGS and not embeds)
+        deadline = asyncio.get_running_loop().time() + route.timeout_s
+        return _Job(op, body, rid, plan, tokens, excluded, min(max_out, 512), deadline, [])
+
+    async def _acquire(self, job: _Job) -> tuple[Lease, int]:
+        """Lease a target, waiting up to the route's queue timeout for room."""
+        loop = asyncio.get_running_loop()
+        route = job.plan.route
+        wait_until = min(loop.time() + route.queue_timeout_s, job.deadline)
+        lease_id = f"{self.replica}:{job.request_id}:{len(job.attempts) + 1}"
+        while True:
+            started = time.perf_counter_ns()
+            d = await self.store.acquire(
+                job.plan, lease_id, job.tokens, job.excluded,
+                rand=self._rand.getrandbits(31), expected_output=job.expected_output,
+            )  # fmt: skip
+            log_decision(job.request_id, route, d, len(job.attempts) + 1, started)
+            if d.index is not None:
+                lease = Lease(lease_id, job.plan.providers[d.index], d.bucket, job.tokens[d.index])
+                self.leases.hold(lease)
+                return lease, d.index
+            left = wait_until - loop.time()
+            if d.wait_ms == -2 or left <= 0:
+                raise self._no_room(job, d)
+            hint = d.wait_ms / 1000 if d.wait_ms > 0 else POLL_S
+            await self.leases.changed(within=min(left, hint, 1.0) * self._rand.uniform(0.8, 1.0))
+
+    def _no_room(self, job: _Job, d: Decision) -> Exception:
+        if job.attempts:
+            return _gave_up(job.attempts)
+        if d.wait_ms == -2:
+            states = ", ".join(f"{c.provider}: {c.code.name.lower()}" for c in d.candidates)
+            return AllAttemptsFailed([], 503, message=f"no provider is usable now ({states})")
+        retry = d.wait_ms / 1000 if d.wait_ms > 0 else 1.0
+        return Saturated(f"every provider of route {job.plan.route.model} is at its limit", retry)
+
+    async def _attempt(self, job: _Job, provider: Provider, index: int, lease: Lease) -> Reply:
+        adapter = adapter_for(provider.kind)
+        model = job.plan.route.targets[index].model
+        if job.op is Operation.EMBEDDINGS:
+            req = adapter.embeddings_request(provider, model, job.body)
+        else:
+            req = adapter.chat_request(provider, model, job.body)
+        started = asyncio.get_running_loop().time()
+        resp = await self.upstream.send(req, provider.timeouts, job.deadline)
+        streaming = job.op is Operation.CHAT and bool(job.body.get("stream"))
+        handed_over = False
+        try:
+            if resp.status != 200:
+                await self._refuse(resp, adapter, provider, lease, job.deadline)
+            if streaming:
+                reply = await self._stream(job, provider, adapter, lease, resp, started)
+                handed_over = True
+                return reply
+            payload = await resp.read(job.deadline)
+        finally:
+            if not handed_over:
+                resp.close()
+        if job.op is Operation.EMBEDDINGS:
+            answer = adapter.embeddings_response(payload)
+        else:
+            answer = adapter.chat_response(payload)
+        self._finish(lease, provider, adapter.rate_limits(resp.headers), answer, started)
+        return Reply(provider.name, len(job.attempts) + 1, body=answer.body)
+
+    async def _refuse(
+        self, resp: UpstreamResponse, adapter: Adapter, provider: Provider, lease: Lease,
+        deadline: float,
+    ) -> None:  # fmt: skip
+        """Turn a non-200 answer into the error that decides failover."""
+        try:
+            message = adapter.error_message(await resp.read(deadline))
+        except UpstreamError:
+            message = "(no readable body)"
+        if resp.status == 429:
+            info = adapter.rate_limits(resp.headers)
+            cooldown = info.retry_after_s or info.reset_requests_s or info.reset_tokens_s
+            raise UpstreamRateLimited(f"429 {message}", cooldown or DEFAULT_COOLDOWN_S)
+        if resp.status in CLIENT_ERRORS:
+            self.leases.release_soon(lease, Outcome("client_error"))
+            raise ProviderClientError(resp.status, message, provider.name)
+        raise UpstreamStatusError(f"{resp.status} {message}", resp.status)
+
+    def _finish(
+        self, lease: Lease, provider: Provider, info: RateLimitInfo, answer: Translated,
+        started: float,
+    ) -> None:  # fmt: skip
+        duration_ms = (asyncio.get_running_loop().time() - started) * 1000
+        out = answer.usage.completion_tokens if answer.usage else 0
+        tpot = duration_ms / out if out > 0 else -1
+        self.leases.release_soon(
+            lease, _outcome(lease, provider, info, answer.usage, ttft_ms=-1, tpot_ms=tpot)
+        )
+
+    async def _stream(
+        self, job: _Job, provider: Provider, adapter: Adapter, lease: Lease,
+        resp: UpstreamResponse, started: float,
+    ) -> Reply:  # fmt: skip
+        """Wait for the first frame (failover is still possible until then), then relay."""
+        include_usage = bool((job.body.get("stream_options") or {}).get("include_usage"))
+        translator = adapter.stream(include_usage)
+        chunks = resp.chunks()
+        first = b""
+        async for data in chunks:
+            first = translator.feed(data)
+            if first:
+                break
+        if not first:
+            raise UpstreamProtocolError("the stream ended before any data")
+        relay = _Relay(self, job, provider, adapter, lease, resp, started)
+        stream = relay.run(first, chunks, translator)
+        return Reply(provider.name, len(job.attempts) + 1, stream=stream, close=relay.close)
+
+
+class _Relay:
+    """Relays one stream to the client and releases its lease however the stream ends."""
+
+    def __init__(
+        self, d: Dispatcher, job: _Job, provider: Provider, adapter: Adapter, lease: Lease,
+        resp: UpstreamResponse, started: float,
+    ) -> None:  # fmt: skip
+        self.d, self.job, self.provider, self.adapter = d, job, provider, adapter
+        self.lease, self.resp, self.started = lease, resp, started
+        self.ttft_ms = -1.0
+        self.released = False
+
+    async def close(self) -> None:
+        """Release the lease if the relay never ran to its end (the client went away early)."""
+        if not self.released:
+            self.resp.close()
+            self.released = True
+            self.d.leases.release_soon(self.lease, Outcome("client_cancelled"))
+
+    async def run(
+        self, first: bytes, chunks: AsyncIterator[bytes], tr: StreamTranslator
+    ) -> AsyncIterator[bytes]:
+        """Yield the stream to the client; release the lease however it ends."""
+        loop = asyncio.get_running_loop()
+        outcome = "client_cancelled"
+        try:
+            self._mark(tr, loop.time())
+            yield first
+            async for data in chunks:
+                out = tr.feed(data)
+                self._mark(tr, loop.time())
+                if out:
+                    yield out
+            tail = tr.close()
+            if not tr.finished:
+                raise UpstreamProtocolError("the stream ended without its final event")
+            outcome = "ok"
+            if tail:
+                yield tail
+        except UpstreamError as exc:
+            outcome = exc.outcome
+            log.warning("stream failed after its first byte", extra={"fields": {
+                "request_id": self.job.request_id, "provider": self.provider.name,
+                "error": str(exc)}})  # fmt: skip
+            yield _error_event(exc)
+        finally:
+            self.resp.close()
+            if not self.released:
+                self.released = True
+                self._release(outcome, tr.usage, loop.time())
+
+    def _mark(self, tr: StreamTranslator, now: float) -> None:
+        if self.ttft_ms < 0 and tr.content_chunks > 0:
+            self.ttft_ms = (now - self.started) * 1000
+
+    def _release(self, outcome: str, usage: Usage | None, now: float) -> None:
+        duration_ms = (now - self.started) * 1000
+        out = usage.completion_tokens if usage else 0
+        tpot = (duration_ms - max(self.ttft_ms, 0)) / (out - 1) if out > 1 else -1
+        info = self.adapter.rate_limits(self.resp.headers)
+        result = _outcome(self.lease, self.provider, info, usage, self.ttft_ms, tpot)
+        if outcome != "ok":
+            result = Outcome(outcome, result.token_correction, -1, -1)
+        self.d.leases.release_soon(self.lease, result)
+
+
+def _outcome(
+    lease: Lease, provider: Provider, info: RateLimitInfo, usage: Usage | None,
+    ttft_ms: float, tpot_ms: float,
+) -> Outcome:  # fmt: skip
+    """A successful attempt's outcome: token correction, latencies, the provider's own view."""
+    correction = 0
+    if usage is not None and provider.limits.tpm_accounting is TpmAccounting.ACTUAL:
+        correction = usage.total_tokens - lease.tokens
+    lim = provider.limits
+    return Outcome(
+        "ok",
+        token_correction=correction,
+        ttft_ms=ttft_ms,
+        tpot_ms=tpot_ms,
+        provider_requests=_used(lim.rpm, info.remaining_requests),
+        provider_tokens=_used(lim.tpm, info.remaining_tokens),
+    )
+
+
+def _used(limit: int | None, remaining: int | None) -> int:
+    return limit - remaining if limit and remaining is not None else -1
+
+
+def _failed(exc: UpstreamError) -> Outcome:
+    cooldown = int(exc.cooldown_s * 1000) if isinstance(exc, UpstreamRateLimited) else 0
+    return Outcome(exc.outcome, cooldown_ms=cooldown)
+
+
+def _gave_up(attempts: list[Attempt]) -> AllAttemptsFailed:
+    outcomes = {a.outcome for a in attempts}
+    if outcomes == {"http_429"}:
+        return AllAttemptsFailed(attempts, 429, DEFAULT_COOLDOWN_S)
+    if outcomes == {"timeout"}:
+        return AllAttemptsFailed(attempts, 504)
+    return AllAttemptsFailed(attempts, 502)
+
+
+def _error_event(exc: Exception) -> bytes:
+    code = exc.outcome if isinstance(exc, UpstreamError) else "stream_error"
+    body = {"error": {"message": f"the provider failed mid-stream: {exc}",
+                      "type": "server_error", "code": code}}  # fmt: skip
+    return b"data: " + orjson.dumps(body) + b"\n\n"

@@ -1,0 +1,73 @@
+"""Validation of client bodies: what we need to route, checked; the rest passes through.
+
+Providers accept parameters we do not know (vLLM, Ollama and others add their own), so
+unknown fields are forwarded untouched; the fields we read or that would break a provider
+are checked here and a mistake is a 400 naming the field.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal, TypeVar
+
+import orjson
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, ValidationError
+
+from router.config import field_path
+from router.errors import BadRequest
+
+MAX_OUTPUT_TOKENS = 1_000_000
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+
+class Message(_Body):
+    role: Literal["system", "developer", "user", "assistant", "tool", "function"]
+    content: str | list[dict[str, Any]] | None = None
+
+
+class StreamOptions(_Body):
+    include_usage: StrictBool = False
+
+
+class ChatBody(_Body):
+    model: Annotated[str, Field(min_length=1)]
+    messages: Annotated[list[Message], Field(min_length=1)]
+    stream: StrictBool = False
+    stream_options: StreamOptions | None = None
+    max_tokens: Annotated[StrictInt, Field(ge=1, le=MAX_OUTPUT_TOKENS)] | None = None
+    max_completion_tokens: Annotated[StrictInt, Field(ge=1, le=MAX_OUTPUT_TOKENS)] | None = None
+    n: Annotated[StrictInt, Field(ge=1, le=128)] | None = None
+    temperature: Annotated[float, Field(ge=0, le=2)] | None = None
+    top_p: Annotated[float, Field(ge=0, le=1)] | None = None
+
+
+class EmbeddingsBody(_Body):
+    model: Annotated[str, Field(min_length=1)]
+    input: str | list[str] | list[int] | list[list[int]]
+
+
+def parse_json(raw: bytes) -> dict[str, Any]:
+    """The body as a JSON object, or a 400."""
+    try:
+        data = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise BadRequest(f"the body is not valid JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise BadRequest("the body must be a JSON object")
+    return data
+
+
+B = TypeVar("B", bound=_Body)
+
+
+def check(model: type[B], data: dict[str, Any]) -> B:
+    """Validate ``data`` as ``model`` (``ChatBody``, ``EmbeddingsBody``), or a 400."""
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        loc = tuple(p for p in err["loc"] if isinstance(p, int | str))
+        param = field_path(loc[:4])
+        raise BadRequest(f"invalid value for '{param}': {err['msg']}", param=param) from None
