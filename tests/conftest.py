@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -19,12 +19,12 @@ def redis_port(tmp_path_factory: pytest.TempPathFactory) -> Iterator[int]:
 
 
 @pytest.fixture
-async def redis_url(redis_port: int) -> AsyncIterator[str]:
+async def redis_url(redis_port: int) -> str:
     """URL of the private server, emptied for this test."""
     client = aioredis.Redis(port=redis_port)
     await client.flushall()
     await client.aclose()
-    yield f"redis://127.0.0.1:{redis_port}/0"
+    return f"redis://127.0.0.1:{redis_port}/0"
 
 
 @pytest.fixture

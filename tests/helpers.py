@@ -41,9 +41,10 @@ def wait_until(cond: Callable[[], Any], timeout: float = 10.0, what: str = "cond
 
 
 async def async_wait_until(
-    cond: Callable[[], Awaitable[Any]], timeout: float = 10.0, what: str = "condition"
+    cond: Callable[[], Awaitable[Any]], within: float = 10.0, what: str = "condition"
 ) -> Any:
     """Async twin of ``wait_until`` for conditions that need the event loop."""
+    timeout = within
     deadline = time.monotonic() + timeout
     delay = 0.01
     while True:

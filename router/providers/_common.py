@@ -211,7 +211,8 @@ _TEXT_BYTES = 4 * MAX_MESSAGE
 
 def clean_message(text: str) -> str:
     """``text`` on one line, without control characters, cut to ``MAX_MESSAGE`` characters."""
-    return _CONTROL.sub(" ", text[: 4 * MAX_MESSAGE]).strip()[:MAX_MESSAGE]
+    # split/join also folds the runs of spaces that removed line breaks leave behind.
+    return " ".join(_CONTROL.sub(" ", text[: 4 * MAX_MESSAGE]).split())[:MAX_MESSAGE].rstrip()
 
 
 def error_message(payload: bytes) -> str:

@@ -39,7 +39,10 @@ class OpenAIAdapter:
         out = {**body, "model": model}
         if out.get("stream") is True:
             opts = out.get("stream_options")
-            out["stream_options"] = {**(opts if isinstance(opts, dict) else {}), "include_usage": True}
+            out["stream_options"] = {
+                **(opts if isinstance(opts, dict) else {}),
+                "include_usage": True,
+            }
         return _request(provider, "/chat/completions", out)
 
     def embeddings_request(
@@ -149,7 +152,7 @@ class OpenAIStream:
         return self._read_usage(buf[start:end])
 
     def _read_usage(self, event: bytes) -> bool:
-        """Record the usage of an event that carries one; False if it is the unwanted usage chunk."""
+        """Record an event's usage; False if it is the usage chunk the client did not ask for."""
         _, data = _common.sse_fields(event)
         try:
             obj = _common.load_json(data or b"")

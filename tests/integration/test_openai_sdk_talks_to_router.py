@@ -40,7 +40,8 @@ def test_chat_whole(gw: Gateway, route: str) -> None:
     assert answer.choices[0].message.role == "assistant"
     assert answer.choices[0].message.content
     assert answer.choices[0].finish_reason == "stop"
-    assert answer.usage is not None and answer.usage.completion_tokens == 5
+    assert answer.usage is not None
+    assert answer.usage.completion_tokens == 5
     assert raw.headers["x-router-provider"] in {"oai", "claude"}
     assert raw.headers["x-router-attempts"] == "1"
     assert raw.headers["x-request-id"]
@@ -63,7 +64,8 @@ def test_chat_streamed(gw: Gateway, route: str, include_usage: bool) -> None:
     assert finishes[-1] == "stop"
     usage = [ch.usage for ch in chunks if ch.usage is not None]
     if include_usage:
-        assert len(usage) == 1 and usage[0].completion_tokens == 5
+        assert len(usage) == 1
+        assert usage[0].completion_tokens == 5
     else:
         assert usage == []
 
