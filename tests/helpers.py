@@ -182,12 +182,17 @@ ENV = {"ROUTER_CLIENT_KEY": CLIENT_KEY, "ROUTER_ADMIN_TOKEN": ADMIN_TOKEN, "P_KE
 class Mock:
     """A mock provider process to start: its name, API and command-line options."""
 
-    def __init__(self, name: str, *args: str, api: str = "openai", **provider: Any) -> None:
+    def __init__(
+        self, name: str, *args: str, api: str = "openai", alias_of: Mock | None = None,
+        **provider: Any,
+    ) -> None:  # fmt: skip
         self.name = name
         self.api = api
         self.args = list(args)
         self.provider = provider
-        self.port = free_port()
+        self.alias_of = alias_of
+        """Another provider name for an already started mock (separate shared state)."""
+        self.port = alias_of.port if alias_of else free_port()
 
     @property
     def url(self) -> str:
@@ -214,7 +219,7 @@ class Gateway:
     def __init__(self, cluster: Cluster, config: Path, mocks: list[Mock]) -> None:
         self.cluster = cluster
         self.config = config
-        self.mocks = {m.name: m for m in mocks}
+        self.mocks = {m.name: m for m in mocks if m.alias_of is None}
         self.replicas: list[tuple[Proc, str]] = []
 
     def add_replica(self, env: dict[str, str] | None = None) -> str:
@@ -263,6 +268,8 @@ def start_gateway(
 ) -> Gateway:  # fmt: skip
     """Start the mocks, write the config, start ``replicas`` routers."""
     for m in mocks:
+        if m.alias_of is not None:
+            continue
         args = ["--api", m.api, "--api-key", PROVIDER_KEY, *m.args]
         cluster.mock(m.name, m.port, *args)
     config = write_config(tmp / "router.yaml", redis_url, mocks, routes, **extra)
