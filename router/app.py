@@ -20,7 +20,7 @@ import orjson
 from fastapi import FastAPI, Request
 from fastapi.responses import Response, StreamingResponse
 from starlette.exceptions import HTTPException
-from starlette.types import Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from router import __version__
 from router.config import Config
@@ -104,12 +104,42 @@ class Gateway:
             raise Unauthorized("missing or invalid API key (send Authorization: Bearer <key>)")
 
 
-def request_id(request: Request) -> str:
+def _request_id(raw: bytes) -> str:
     """The client's ``x-request-id`` when sane, or a new one."""
-    rid = request.headers.get("x-request-id", "")
-    if 0 < len(rid) <= 128 and rid.isprintable() and " " not in rid:
-        return rid
+    if 0 < len(raw) <= 128 and all(0x21 <= b <= 0x7E for b in raw):
+        return raw.decode()
     return uuid.uuid4().hex
+
+
+class RequestIdMiddleware:
+    """Gives every request an id (the client's, or a new one) and every response the header.
+
+    A plain ASGI middleware: Starlette's ``BaseHTTPMiddleware`` costs far more per request.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        raw = next((v for k, v in scope["headers"] if k == b"x-request-id"), b"")
+        rid = _request_id(raw)
+        scope.setdefault("state", {})["rid"] = rid
+        header = (b"x-request-id", rid.encode())
+
+        async def send_with_id(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                message["headers"] = [*message.get("headers", []), header]
+            await send(message)
+
+        await self.app(scope, receive, send_with_id)
+
+
+def request_id(request: Request) -> str:
+    """The id ``RequestIdMiddleware`` gave this request."""
+    return str(request.state.rid)
 
 
 async def read_body(request: Request, limit: int) -> bytes:
@@ -140,11 +170,11 @@ def create_app(cfg: Config, store: Store | None = None) -> FastAPI:
 
     app = FastAPI(title="router-cluster", version=__version__, lifespan=lifespan)
     app.state.gateway = gw
+    app.add_middleware(RequestIdMiddleware)
 
     @app.exception_handler(RouterError)
     async def on_error(request: Request, exc: RouterError) -> Response:
-        headers = {"x-request-id": getattr(request.state, "rid", None) or request_id(request)}
-        headers.update(exc.headers())
+        headers = exc.headers()
         attempts = getattr(exc, "attempts", None)
         if attempts is not None:
             headers["x-router-attempts"] = str(len(attempts))
@@ -170,7 +200,7 @@ def create_app(cfg: Config, store: Store | None = None) -> FastAPI:
 
 
 async def _served(request: Request, gw: Gateway, op: Operation) -> Response:
-    request.state.rid = rid = request_id(request)
+    rid = request_id(request)
     gw.authorize(request)
     data = parse_json(await read_body(request, gw.cfg.max_body_bytes))
     if op is Operation.CHAT:
@@ -182,7 +212,6 @@ async def _served(request: Request, gw: Gateway, op: Operation) -> Response:
         raise ModelNotFound(f"the model '{model}' does not exist (see GET /v1/models)")
     reply = await gw.dispatcher.serve(op, route, data, rid)
     headers = {
-        "x-request-id": rid,
         "x-router-provider": reply.provider,
         "x-router-attempts": str(reply.attempts),
     }
@@ -209,7 +238,7 @@ def _add_openai_routes(app: FastAPI, gw: Gateway) -> None:
             for r in gw.cfg.routes
         ]
         body = orjson.dumps({"object": "list", "data": data})
-        return Response(body, 200, {"x-request-id": request_id(request)}, JSON)
+        return Response(body, 200, media_type=JSON)
 
 
 def _add_health_routes(app: FastAPI, gw: Gateway) -> None:
