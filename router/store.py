@@ -145,8 +145,9 @@ class Store:
             raise StoreError(f"shared store unavailable: {exc}") from exc
 
     async def close(self) -> None:
-        """Close the connections."""
+        """Close the connections (the pool too: a client given a pool does not own it)."""
         await self.client.aclose()
+        await self.client.connection_pool.disconnect()
 
     async def ping(self) -> None:
         """Raise ``StoreError`` unless Redis answers."""

@@ -1,6 +1,6 @@
 -- renew.lua: push back the expiry of leases still in flight (long streams, slow answers).
--- Only leases still present are renewed (ZADD XX): a lease that expired and was purged
--- is not brought back, so a late renewal can never resurrect a dead replica's count.
+-- Only leases still present are renewed: a lease that expired and was purged is not
+-- brought back, so a late renewal can never resurrect a dead replica's count.
 --
 -- KEYS[i]   provider lease zsets     Keys.leases
 -- ARGV[1]   lease TTL (ms)
@@ -13,7 +13,10 @@ local a, renewed = 2, 0
 for i = 1, #KEYS do
   local count = tonumber(ARGV[a])
   for j = 1, count do
-    renewed = renewed + redis.call('ZADD', KEYS[i], 'XX', 'CH', expiry, ARGV[a + j])
+    if redis.call('ZSCORE', KEYS[i], ARGV[a + j]) then
+      redis.call('ZADD', KEYS[i], 'XX', expiry, ARGV[a + j])
+      renewed = renewed + 1
+    end
   end
   a = a + count + 1
 end

@@ -1,0 +1,132 @@
+"""The store's scripts against a real Redis (and the same scripts on the embedded store)."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+import redis.asyncio as aioredis
+
+from router.config import Config, parse_config
+from router.keys import WINDOW_BUCKETS
+from router.store import Lease, Outcome, RoutePlan, Store
+from router.strategies import Code
+
+ENV = {"K": "client-key"}
+
+
+def config(redis_url: str | None, **limits: Any) -> Config:
+    data = {
+        "client_keys": [{"env": "K"}],
+        "providers": [{"name": "p", "kind": "openai", "base_url": "http://x/v1",
+                       "limits": limits}],
+        "routes": [{"model": "m", "targets": [{"provider": "p", "model": "x"}]}],
+    }  # fmt: skip
+    if redis_url:
+        data["redis_url"] = redis_url
+    return parse_config(data, ENV)
+
+
+@pytest.fixture
+async def store(redis_url: str) -> AsyncIterator[Store]:
+    s = Store.from_config(config(redis_url, rpm=3, tpm=1000))
+    await s.start()
+    yield s
+    await s.close()
+
+
+def plan_of(s: Store, cfg: Config) -> RoutePlan:
+    return RoutePlan.build(cfg, cfg.routes[0], s.keys)
+
+
+async def take(s: Store, plan: RoutePlan, lease_id: str, tokens: int = 100) -> Any:
+    return await s.acquire(plan, lease_id, [tokens], [False], rand=0, expected_output=16)
+
+
+async def test_release_is_idempotent(store: Store, redis_url: str) -> None:
+    plan = plan_of(store, config(redis_url, rpm=3, tpm=1000))
+    d = await take(store, plan, "l1")
+    assert d.index == 0
+    lease = Lease("l1", "p", d.bucket, 100)
+    assert await store.in_flight("p") == 1
+    actual = Outcome("ok", token_correction=-60)
+    assert await store.release(lease, actual) is True
+    assert await store.release(lease, actual) is False  # a retried release changes nothing
+    fields = await store.provider_fields("p")
+    assert (fields["tpm"], fields["rpm"], fields["o:ok"]) == ("40", "1", "1")
+    assert await store.in_flight("p") == 0
+
+
+async def test_rpm_full_gives_the_time_its_oldest_bucket_leaves(
+    store: Store, redis_url: str
+) -> None:
+    plan = plan_of(store, config(redis_url, rpm=3, tpm=1000))
+    for i in range(3):
+        assert (await take(store, plan, f"l{i}", tokens=1)).index == 0
+    d = await take(store, plan, "l3", tokens=1)
+    assert d.index is None
+    assert d.candidates[0].code is Code.RPM
+    # the window holds WINDOW_BUCKETS seconds: room comes back when this second leaves it
+    assert (WINDOW_BUCKETS - 1) * 1000 <= d.wait_ms <= WINDOW_BUCKETS * 1000
+
+
+async def test_the_window_slides(store: Store, redis_url: str) -> None:
+    cfg = config(redis_url, rpm=3, tpm=1000)
+    plan = plan_of(store, cfg)
+    await take(store, plan, "first", tokens=1)
+    key = store.keys.provider("p")
+    r = aioredis.Redis.from_url(redis_url, decode_responses=True)
+    now_s = int((await r.time())[0])
+    old = now_s - WINDOW_BUCKETS  # pretend two requests were admitted just over a window ago
+    await r.hset(key, mapping={"wh": old, f"r:{old}": 2, f"t:{old}": 2, "rpm": 3, "tpm": 3})
+    d = await take(store, plan, "second", tokens=1)
+    assert d.index == 0  # the old bucket slid out, so there is room again
+    fields = await r.hgetall(key)
+    assert fields["rpm"] == "2"
+    assert f"r:{old}" not in fields
+    await r.aclose()
+
+
+async def test_tpm_counts_the_reservation(store: Store, redis_url: str) -> None:
+    plan = plan_of(store, config(redis_url, rpm=100, tpm=1000))
+    assert (await take(store, plan, "a", tokens=900)).index == 0
+    d = await take(store, plan, "b", tokens=101)
+    assert d.index is None
+    assert d.candidates[0].code is Code.TPM
+    assert (await take(store, plan, "c", tokens=100)).index == 0
+
+
+async def test_a_request_over_the_tpm_limit_never_fits(store: Store, redis_url: str) -> None:
+    plan = plan_of(store, config(redis_url, tpm=1000))
+    assert (await take(store, plan, "a", tokens=1001)).wait_ms == -2
+
+
+async def test_scripts_reload_after_script_flush(store: Store, redis_url: str) -> None:
+    plan = plan_of(store, config(redis_url, rpm=3, tpm=1000))
+    await store.client.script_flush()
+    assert (await take(store, plan, "after-flush")).index == 0
+
+
+async def test_renew_extends_live_leases_but_never_resurrects(store: Store, redis_url: str) -> None:
+    plan = plan_of(store, config(redis_url, rpm=3, tpm=1000))
+    await take(store, plan, "live")
+    key = store.keys.leases("p")
+    before = await store.client.zscore(key, "live")
+    assert await store.renew({"p": ["live", "gone"]}) == 1
+    assert await store.client.zscore(key, "live") >= before
+    assert await store.client.zscore(key, "gone") is None
+
+
+async def test_a_429_cooldown_is_shared() -> None:
+    s = Store.from_config(config(None))  # the embedded store runs the same scripts
+    await s.start()
+    cfg = config(None)
+    plan = plan_of(s, cfg)
+    d = await take(s, plan, "x")
+    await s.release(Lease("x", "p", d.bucket, 100), Outcome("http_429", cooldown_ms=5000))
+    d = await take(s, plan, "y")
+    assert d.index is None
+    assert d.candidates[0].code is Code.COOLING
+    assert 4000 <= d.wait_ms <= 5000
+    await s.close()
