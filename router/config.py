@@ -254,6 +254,8 @@ def load_config(
         text = Path(path).read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError([("", f"cannot read {path}: {exc.strerror}")]) from None
+    except UnicodeDecodeError:
+        raise ConfigError([("", f"{path} is not UTF-8 text")]) from None
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:

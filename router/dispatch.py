@@ -26,6 +26,7 @@ from router.config import Config, Provider, Route, TpmAccounting
 from router.errors import (
     AllAttemptsFailed,
     Attempt,
+    ClientError,
     ProviderClientError,
     Saturated,
     UpstreamError,
@@ -106,9 +107,6 @@ class Dispatcher:
             provider = self.providers[lease.provider]
             try:
                 return await self._attempt(job, provider, index, lease)
-            except asyncio.CancelledError:
-                self.leases.release_soon(lease, Outcome("client_cancelled"))
-                raise
             except UpstreamError as exc:
                 self.leases.release_soon(lease, _failed(exc))
                 job.attempts.append(Attempt(provider.name, exc.outcome, str(exc)))
@@ -118,6 +116,11 @@ class Dispatcher:
                     extra={"fields": {"request_id": rid, "provider": provider.name,
                                       "outcome": exc.outcome, "error": str(exc)}},
                 )  # fmt: skip
+            except BaseException as exc:
+                # the client's fault, a cancelled request or a bug: the lease must not outlive it
+                outcome = "client_error" if isinstance(exc, ClientError) else "aborted"
+                self.leases.release_soon(lease, Outcome(outcome))
+                raise
         raise _gave_up(job.attempts)
 
     def _job(self, op: Operation, route: Route, body: dict[str, Any], rid: str) -> _Job:
@@ -178,7 +181,7 @@ class Dispatcher:
         handed_over = False
         try:
             if resp.status != 200:
-                await self._refuse(resp, adapter, provider, lease, job.deadline)
+                await self._refuse(resp, adapter, provider, job.deadline)
             if streaming:
                 reply = await self._stream(job, provider, adapter, lease, resp, started)
                 handed_over = True
@@ -195,9 +198,8 @@ class Dispatcher:
         return Reply(provider.name, len(job.attempts) + 1, body=answer.body)
 
     async def _refuse(
-        self, resp: UpstreamResponse, adapter: Adapter, provider: Provider, lease: Lease,
-        deadline: float,
-    ) -> None:  # fmt: skip
+        self, resp: UpstreamResponse, adapter: Adapter, provider: Provider, deadline: float
+    ) -> None:
         """Turn a non-200 answer into the error that decides failover."""
         try:
             message = adapter.error_message(await resp.read(deadline))
@@ -208,7 +210,6 @@ class Dispatcher:
             cooldown = info.retry_after_s or info.reset_requests_s or info.reset_tokens_s
             raise UpstreamRateLimited(f"429 {message}", cooldown or DEFAULT_COOLDOWN_S)
         if resp.status in CLIENT_ERRORS:
-            self.leases.release_soon(lease, Outcome("client_error"))
             raise ProviderClientError(resp.status, message, provider.name)
         raise UpstreamStatusError(f"{resp.status} {message}", resp.status)
 
