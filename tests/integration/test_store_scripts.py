@@ -130,3 +130,17 @@ async def test_a_429_cooldown_is_shared() -> None:
     assert d.candidates[0].code is Code.COOLING
     assert 4000 <= d.wait_ms <= 5000
     await s.close()
+
+
+async def test_provider_figures_only_ever_raise_our_count(store: Store, redis_url: str) -> None:
+    plan = plan_of(store, config(redis_url, rpm=100, tpm=1000))
+    d = await take(store, plan, "a", tokens=100)
+    lease = Lease("a", "p", d.bucket, 100)
+    # the provider says it has counted 700 tokens and 5 requests: more than our 100 and 1
+    await store.release(lease, Outcome("ok", provider_requests=5, provider_tokens=700))
+    fields = await store.provider_fields("p")
+    assert (fields["rpm"], fields["tpm"]) == ("5", "700")
+    d = await take(store, plan, "b", tokens=100)
+    # a lower figure never lowers ours
+    await store.release(Lease("b", "p", d.bucket, 100), Outcome("ok", provider_tokens=10))
+    assert (await store.provider_fields("p"))["tpm"] == "800"
