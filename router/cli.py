@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import os
+import socket
 import sys
+from typing import Any
 
 import uvicorn
 
@@ -26,12 +28,55 @@ def config_from_args(path: str | None) -> Config:
         sys.exit(2)
 
 
+def reuse_port_socket(host: str, port: int) -> socket.socket:
+    """A socket bound to ``host:port`` that other replicas may bind too (``SO_REUSEPORT``)."""
+    family, kind, proto, _, addr = socket.getaddrinfo(
+        host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+    )[0]
+    sock = socket.socket(family, kind, proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    try:
+        sock.bind(addr)
+    except OSError as exc:
+        sock.close()
+        sys.exit(f"router: cannot bind {host}:{port}: {exc.strerror}")
+    # No listen() here: uvicorn calls it once the app has started, so until then the kernel
+    # sends every new connection to the replicas that are already serving.
+    return sock
+
+
+# As they were before --reuse-port existed: the JSON logs come from router.logs, not uvicorn.
+UVICORN_SETTINGS: dict[str, Any] = {
+    "loop": "uvloop",
+    "http": "httptools",
+    "access_log": False,
+    "log_config": None,
+    "timeout_graceful_shutdown": 30,
+}
+
+
+def serve(app: Any, host: str, port: int, *, reuse_port: bool = False) -> None:
+    """Serve ``app`` on ``host:port`` until SIGINT/SIGTERM, alone or sharing the port."""
+    if not reuse_port:
+        uvicorn.run(app, host=host, port=port, **UVICORN_SETTINGS)
+        return
+    sock = reuse_port_socket(host, port)
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, **UVICORN_SETTINGS))
+    server.run(sockets=[sock])
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the ``router`` command."""
     parser = argparse.ArgumentParser(prog="router", description="Run one router replica.")
     parser.add_argument("--config", help="YAML config file (default: $ROUTER_CONFIG)")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8080)
+    parser.add_argument(
+        "--reuse-port",
+        action="store_true",
+        help="share --port with other replicas on this machine (SO_REUSEPORT)",
+    )
     args = parser.parse_args(argv)
     cfg = config_from_args(args.config)
 
@@ -39,16 +84,7 @@ def main(argv: list[str] | None = None) -> None:
     from router.logs import setup_logging
 
     setup_logging(cfg.log)
-    uvicorn.run(
-        create_app(cfg),
-        host=args.host,
-        port=args.port,
-        loop="uvloop",
-        http="httptools",
-        access_log=False,
-        log_config=None,
-        timeout_graceful_shutdown=30,
-    )
+    serve(create_app(cfg), args.host, args.port, reuse_port=args.reuse_port)
 
 
 if __name__ == "__main__":

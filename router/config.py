@@ -11,7 +11,7 @@ import os
 import re
 from enum import StrEnum
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import (
@@ -79,6 +79,35 @@ class Timeouts(_Model):
     read_s: Annotated[float, Field(gt=0)] = 120.0
 
 
+class Probe(_Model):
+    """The request healthd sends; by default ``GET {base_url}/models`` (anthropic:
+    ``GET {base_url}/v1/models``). A cheap completion can be named instead."""
+
+    method: Literal["GET", "POST"] = "GET"
+    path: Annotated[str, Field(pattern=r"^/")] | None = None
+    body: dict[str, Any] | None = None
+
+
+class HealthCheck(_Model):
+    """Active health checking by healthd: healthy after ``rise`` good probes in a row,
+    unhealthy after ``fall`` bad ones."""
+
+    interval_s: Annotated[float, Field(gt=0)] = 5.0
+    timeout_s: Annotated[float, Field(gt=0)] = 2.0
+    rise: Annotated[int, Field(ge=1)] = 2
+    fall: Annotated[int, Field(ge=1)] = 3
+    probe: Probe = Probe()
+
+
+class Circuit(_Model):
+    """Passive health: ``failures`` failed requests in a row open the circuit for
+    ``cooldown_s``, doubled on each reopening up to ``max_cooldown_s``."""
+
+    failures: Annotated[int, Field(ge=1)] = 5
+    cooldown_s: Annotated[float, Field(gt=0)] = 10.0
+    max_cooldown_s: Annotated[float, Field(gt=0)] = 300.0
+
+
 class Provider(_Model):
     name: Annotated[str, Field(pattern=NAME_PATTERN)]
     kind: ProviderKind
@@ -87,6 +116,8 @@ class Provider(_Model):
     weight: Annotated[int, Field(ge=1, le=1000)] = 1
     limits: Limits = Limits()
     timeouts: Timeouts = Timeouts()
+    health: HealthCheck = HealthCheck()
+    circuit: Circuit = Circuit()
     anthropic_version: str = "2023-06-01"
 
 
@@ -111,6 +142,15 @@ class RedisSettings(_Model):
     pool_size: Annotated[int, Field(ge=1, le=1024)] = 32
 
 
+class HealthdSettings(_Model):
+    lease_s: Annotated[float, Field(ge=1, le=300)] = 10.0
+
+
+class ReplicaSettings(_Model):
+    heartbeat_s: Annotated[float, Field(gt=0, le=300)] = 5.0
+    resync_s: Annotated[float, Field(gt=0, le=3600)] = 30.0
+
+
 class LogSettings(_Model):
     level: Annotated[str, Field(pattern=r"^(DEBUG|INFO|WARNING|ERROR)$")] = "INFO"
     decisions: Annotated[str, Field(pattern=r"^(DEBUG|INFO|WARNING|ERROR|OFF)$")] = "INFO"
@@ -127,6 +167,8 @@ class Config(_Model):
     max_body_bytes: Annotated[int, Field(gt=0)] = 4 * 1024 * 1024
     lease_ttl_s: Annotated[float, Field(ge=1, le=3600)] = 30.0
     redis: RedisSettings = RedisSettings()
+    healthd: HealthdSettings = HealthdSettings()
+    replica: ReplicaSettings = ReplicaSettings()
     log: LogSettings = LogSettings()
     providers: Annotated[list[Provider], Field(min_length=1)]
     routes: Annotated[list[Route], Field(min_length=1)]

@@ -7,6 +7,8 @@ import sys
 
 from router.config import load_config
 from router.errors import ConfigError
+from router.launcher import add_arguments as add_up_arguments
+from router.launcher import up as run_up
 
 
 def check_config(path: str) -> int:
@@ -28,9 +30,15 @@ def main(argv: list[str] | None = None) -> None:
     sub = parser.add_subparsers(dest="command", required=True)
     check = sub.add_parser("check-config", help="validate a config file")
     check.add_argument("file")
+    up = sub.add_parser(
+        "up", help="run a local cluster: mock providers, Redis and replicas, until Ctrl-C"
+    )
+    add_up_arguments(up)
     args = parser.parse_args(argv)
     if args.command == "check-config":
         sys.exit(check_config(args.file))
+    if args.command == "up":
+        sys.exit(run_up(args))
 
 
 if __name__ == "__main__":

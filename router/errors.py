@@ -26,6 +26,7 @@ bodies are cut short and provider keys never enter an exception.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -116,7 +117,7 @@ class Saturated(RouterError):
         self.retry_after_s = retry_after_s
 
     def headers(self) -> dict[str, str]:
-        return {"Retry-After": str(max(1, int(self.retry_after_s + 0.999)))}
+        return {"Retry-After": str(max(1, math.ceil(self.retry_after_s)))}
 
 
 class UpstreamError(RouterError):
@@ -191,7 +192,7 @@ class AllAttemptsFailed(RouterError):
 
     def headers(self) -> dict[str, str]:
         if self.retry_after_s > 0:
-            return {"Retry-After": str(max(1, int(self.retry_after_s + 0.999)))}
+            return {"Retry-After": str(max(1, math.ceil(self.retry_after_s)))}
         return {}
 
 

@@ -8,6 +8,12 @@ shared by every route that uses it, so provider keys are named by the pool, not 
     <prefix>:{<pool>}:provider:<name>:leases   zset lease id -> expiry (ms), purged on use
     <prefix>:{<pool>}:route:<model>:rr         string, the shared rotation counter
     <prefix>:{<pool>}:route:<model>:swrr       hash target index -> current weight (nginx SWRR)
+    <prefix>:{<pool>}:health:version           string, bumped on every health transition
+    <prefix>:{<pool>}:healthd:leader           string with expiry: the leading healthd's id
+    <prefix>:{<pool>}:healthd:epoch            string, the fencing token, bumped per new leader
+    <prefix>:{<pool>}:replicas                 zset replica id -> last heartbeat (ms)
+    <prefix>:{<pool>}:replica:<id>             hash with expiry: one replica's heartbeat record
+    <prefix>:health                            pub/sub channel of health transitions (JSON)
 """
 
 from __future__ import annotations
@@ -25,6 +31,16 @@ PROVIDER_FIELDS = {
     "t:<second>": "tokens reserved in that second (at most WINDOW_BUCKETS fields)",
     "cool": "cooldown until (unix ms), set from a 429's Retry-After or reset header",
     "health": "up | down, written by healthd (absent = unknown = usable)",
+    "h_since": "when the health state last changed (unix ms)",
+    "h_ok": "consecutive good probes",
+    "h_bad": "consecutive bad probes",
+    "h_error": "the last probe error (no secrets)",
+    "h_latency": "the last probe's latency (ms)",
+    "h_at": "when the last probe ran (unix ms)",
+    "circ": "circuit: absent/closed, open, half (a trial request in flight)",
+    "circ_until": "open circuit: when a trial may go (unix ms); half: when the trial expires",
+    "circ_opens": "times the circuit opened in a row (the backoff exponent)",
+    "drain": "1 when an operator drained the provider (routerctl drain)",
     "ttft": "peak EWMA of time to first token (ms)",
     "tpot": "peak EWMA of time per output token (ms)",
     "lt": "when the EWMAs were last updated (unix ms)",
@@ -59,6 +75,30 @@ class Keys:
     def swrr(self, route: str) -> str:
         """The route's smooth weighted round-robin state."""
         return f"{self._base}:route:{route}:swrr"
+
+    def health_version(self) -> str:
+        """Counter bumped on every health transition: the snapshot's version."""
+        return f"{self._base}:health:version"
+
+    def leader(self) -> str:
+        """The healthd leader lease (its holder's id, with an expiry)."""
+        return f"{self._base}:healthd:leader"
+
+    def epoch(self) -> str:
+        """The healthd fencing token, bumped each time a new leader takes the lease."""
+        return f"{self._base}:healthd:epoch"
+
+    def replicas(self) -> str:
+        """Sorted set of replica ids by last heartbeat (ms)."""
+        return f"{self._base}:replicas"
+
+    def replica(self, replica_id: str) -> str:
+        """One replica's heartbeat record."""
+        return f"{self._base}:replica:{replica_id}"
+
+    def health_channel(self) -> str:
+        """The pub/sub channel of health transitions."""
+        return f"{self.prefix}:health"
 
     def pattern(self) -> str:
         """A SCAN pattern matching every key of this deployment and pool."""

@@ -45,7 +45,12 @@ class ChatBody(_Body):
 
 class EmbeddingsBody(_Body):
     model: Annotated[str, Field(min_length=1)]
-    input: str | list[str] | list[int] | list[list[int]]
+    input: (
+        Annotated[str, Field(min_length=1)]
+        | Annotated[list[str], Field(min_length=1)]
+        | Annotated[list[StrictInt], Field(min_length=1)]
+        | Annotated[list[list[StrictInt]], Field(min_length=1)]
+    )
 
 
 def parse_json(raw: bytes) -> dict[str, Any]:
@@ -60,6 +65,11 @@ def parse_json(raw: bytes) -> dict[str, Any]:
 
 
 B = TypeVar("B", bound=_Body)
+_ARMS = frozenset({"str", "int", "float", "bool", "none", "StreamOptions"})
+
+
+def _is_arm(part: str) -> bool:
+    return part in _ARMS or "[" in part or part.startswith("constrained-")
 
 
 def check(model: type[B], data: dict[str, Any]) -> B:
@@ -68,6 +78,8 @@ def check(model: type[B], data: dict[str, Any]) -> B:
         return model.model_validate(data)
     except ValidationError as exc:
         err = exc.errors()[0]
-        loc = tuple(p for p in err["loc"] if isinstance(p, int | str))
+        # pydantic names the union arm that failed ("str", "list[str]"): not a field
+        loc = tuple(p for p in err["loc"] if isinstance(p, int) or not _is_arm(p))
         param = field_path(loc[:4])
-        raise BadRequest(f"invalid value for '{param}': {err['msg']}", param=param) from None
+        msg = "has the wrong type" if len(loc) < len(err["loc"]) else err["msg"]
+        raise BadRequest(f"invalid value for '{param}': {msg}", param=param) from None

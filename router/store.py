@@ -17,7 +17,7 @@ from typing import Any
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
-from router.config import Config, Route
+from router.config import Circuit, Config, Route
 from router.errors import StoreError
 from router.keys import WINDOW_BUCKETS, Keys
 from router.strategies import Code
@@ -26,6 +26,9 @@ log = logging.getLogger("router.store")
 
 EWMA_TAU_MS = 10_000
 """Time constant of the latency EWMAs: a sample's weight halves in about 7 s."""
+
+
+DEFAULT_CIRCUIT = Circuit()
 
 
 def _script(name: str) -> str:
@@ -107,11 +110,20 @@ class RoutePlan:
 class Store:
     """Shared state: acquire, release and renew leases through the Lua scripts."""
 
-    def __init__(self, client: Any, keys: Keys, lease_ttl_ms: int, *, embedded: bool) -> None:
+    def __init__(
+        self,
+        client: Any,
+        keys: Keys,
+        lease_ttl_ms: int,
+        *,
+        embedded: bool,
+        circuits: Mapping[str, Circuit] | None = None,
+    ) -> None:
         self.client = client
         self.keys = keys
         self.lease_ttl_ms = lease_ttl_ms
         self.embedded = embedded
+        self.circuits = dict(circuits or {})
         self._acquire = client.register_script(_script("acquire"))
         self._release = client.register_script(_script("release"))
         self._renew = client.register_script(_script("renew"))
@@ -121,10 +133,11 @@ class Store:
         """A store for ``cfg``: a blocking pool on Redis, or the embedded fakeredis."""
         keys = Keys(cfg.key_prefix, cfg.pool)
         ttl = int(cfg.lease_ttl_s * 1000)
+        circuits = {p.name: p.circuit for p in cfg.providers}
         if not cfg.redis_url:
             import fakeredis  # only the embedded mode needs it
 
-            return cls(fakeredis.FakeAsyncRedis(), keys, ttl, embedded=True)
+            return cls(fakeredis.FakeAsyncRedis(), keys, ttl, embedded=True, circuits=circuits)
         timeout = cfg.redis.timeout_ms / 1000
         pool = aioredis.BlockingConnectionPool.from_url(
             cfg.redis_url,
@@ -133,7 +146,8 @@ class Store:
             socket_timeout=timeout,
             socket_connect_timeout=timeout,
         )
-        return cls(aioredis.Redis(connection_pool=pool), keys, ttl, embedded=False)
+        client = aioredis.Redis(connection_pool=pool)
+        return cls(client, keys, ttl, embedded=False, circuits=circuits)
 
     async def start(self, warm: int = 8) -> None:
         """Open ``warm`` connections and load the scripts, so the first requests wait on neither."""
@@ -186,6 +200,7 @@ class Store:
 
     async def release(self, lease: Lease, outcome: Outcome) -> bool:
         """End ``lease`` and record ``outcome``; ``False`` if it was already released."""
+        circuit = self.circuits.get(lease.provider, DEFAULT_CIRCUIT)
         args = (
             lease.id,
             outcome.outcome,
@@ -197,8 +212,18 @@ class Store:
             outcome.cooldown_ms,
             outcome.provider_requests,
             outcome.provider_tokens,
+            circuit.failures,
+            int(circuit.cooldown_s * 1000),
+            int(circuit.max_cooldown_s * 1000),
+            self.keys.health_channel(),
+            lease.provider,
+            self.keys.pool,
         )
-        keys = (self.keys.provider(lease.provider), self.keys.leases(lease.provider))
+        keys = (
+            self.keys.provider(lease.provider),
+            self.keys.leases(lease.provider),
+            self.keys.health_version(),
+        )
         try:
             return bool(await self._release(keys=keys, args=args))
         except RedisError as exc:

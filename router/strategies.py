@@ -40,6 +40,8 @@ class Code(IntEnum):
     FULL = 4
     RPM = 5
     TPM = 6
+    DRAINED = 7
+    CIRCUIT = 8
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,13 +63,18 @@ class TargetView:
     cooling_until_ms: int = 0
     healthy: bool = True
     excluded: bool = False
+    drained: bool = False
+    circuit_until_ms: int = 0
+    """An open circuit (or its half-open trial) blocks the target until then."""
 
 
 def eligibility(t: TargetView, now_ms: int) -> Code:
     """Whether ``t`` can take the request now, and if not, the first reason why."""
     checks = (
         (t.excluded, Code.EXCLUDED),
+        (t.drained, Code.DRAINED),
         (not t.healthy, Code.UNHEALTHY),
+        (t.circuit_until_ms > now_ms, Code.CIRCUIT),
         (t.cooling_until_ms > now_ms, Code.COOLING),
         (0 < t.max_in_flight <= t.in_flight, Code.FULL),
         (t.rpm > 0 and t.rpm_used + 1 > t.rpm, Code.RPM),

@@ -17,7 +17,10 @@
 --               tokens to reserve, excluded (1 = skip)
 -- Returns {chosen (1-based, 0 = none), now ms, bucket s, wait ms (-1 unknown, -2 never),
 --          then per target: code, in flight, rpm used, tpm used, score (string)}
--- Codes: 0 ok, 1 excluded, 2 unhealthy, 3 cooling down, 4 in flight full, 5 rpm, 6 tpm.
+-- Codes: 0 ok, 1 excluded, 2 unhealthy, 3 cooling down, 4 in flight full, 5 rpm, 6 tpm,
+--        7 drained by an operator, 8 circuit open (or its one half-open trial in flight).
+-- A target whose open circuit has cooled down is eligible once: choosing it makes this
+-- request the half-open trial (circ = half until the trial's lease would expire).
 
 local strategy, lease, ttl = ARGV[1], ARGV[2], tonumber(ARGV[3])
 local rand, expected, n, W = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6]), tonumber(ARGV[7])
@@ -46,12 +49,16 @@ for i = 1, n do
   local a, pk, lk = 8 + 6 * (i - 1), KEYS[1 + 2 * i], KEYS[2 + 2 * i]
   local t = {rpmL = tonumber(ARGV[a]), tpmL = tonumber(ARGV[a + 1]), maxf = tonumber(ARGV[a + 2]),
     w = tonumber(ARGV[a + 3]), tokens = tonumber(ARGV[a + 4]), excluded = ARGV[a + 5] == '1'}
-  local f = redis.call('HMGET', pk, 'wh', 'rpm', 'tpm', 'cool', 'health', 'ttft', 'tpot')
+  local f = redis.call('HMGET', pk, 'wh', 'rpm', 'tpm', 'cool', 'health', 'ttft', 'tpot',
+    'drain', 'circ', 'circ_until')
   t.rpm, t.tpm = slide(pk, tonumber(f[1]), tonumber(f[2]) or 0, tonumber(f[3]) or 0)
   t.cool, t.ttft, t.tpot = tonumber(f[4]) or 0, tonumber(f[6]) or 0, tonumber(f[7]) or 0
   t.inflight = redis.call('ZCOUNT', lk, '(' .. now, '+inf')
+  t.circ, t.circ_until = f[9], tonumber(f[10]) or 0
   if t.excluded then t.code = 1
+  elseif f[8] == '1' then t.code = 7
   elseif f[5] == 'down' then t.code = 2
+  elseif t.circ and t.circ_until > now then t.code = 8
   elseif t.cool > now then t.code = 3
   elseif t.maxf > 0 and t.inflight >= t.maxf then t.code = 4
   elseif t.rpmL > 0 and t.rpm + 1 > t.rpmL then t.code = 5
@@ -122,14 +129,15 @@ if best then
   redis.call('HINCRBY', pk, 't:' .. sec, t.tokens)
   redis.call('HINCRBY', pk, 'rpm', 1)
   redis.call('HINCRBY', pk, 'tpm', t.tokens)
+  if t.circ then redis.call('HSET', pk, 'circ', 'half', 'circ_until', now + ttl, 'circ_trial', lease) end
   T[best].inflight, T[best].rpm, T[best].tpm = t.inflight + 1, t.rpm + 1, t.tpm + t.tokens
   wait = 0
 else
   -- When will one target have room? The window part frees as its oldest buckets leave.
   for i = 1, n do
     local t, w = T[i], nil
-    if t.code >= 3 and not (t.tpmL > 0 and t.tokens > t.tpmL) then
-      w = math.max(0, t.cool - now)
+    if t.code >= 3 and t.code ~= 7 and not (t.tpmL > 0 and t.tokens > t.tpmL) then
+      w = math.max(0, t.cool - now, t.circ_until - now)
       local needR = (t.rpmL > 0) and (t.rpm + 1 - t.rpmL) or 0
       local needT = (t.tpmL > 0) and (t.tpm + t.tokens - t.tpmL) or 0
       if needR > 0 or needT > 0 then

@@ -4,6 +4,7 @@
 --
 -- KEYS[1]   provider hash       Keys.provider
 -- KEYS[2]   provider lease zset Keys.leases
+-- KEYS[3]   health version      Keys.health_version
 -- ARGV[1]   lease id
 -- ARGV[2]   outcome (ok, http_5xx, http_429, timeout, connect_error, bad_response, ...)
 -- ARGV[3]   bucket (unix second) the lease reserved its tokens in
@@ -14,7 +15,13 @@
 -- ARGV[8]   cooldown, ms (0 = none)
 -- ARGV[9]   requests the provider says it counted in its window (-1 = unknown)
 -- ARGV[10]  tokens the provider says it counted in its window (-1 = unknown)
+-- ARGV[11]  circuit: failures in a row that open it
+-- ARGV[12]  circuit: first cooldown (ms), doubled on each reopening
+-- ARGV[13]  circuit: longest cooldown (ms)
+-- ARGV[14]  health channel, ARGV[15] provider name, ARGV[16] pool (for the published event)
 -- Returns 1 when the lease was released by this call, 0 when it was already gone.
+-- Circuit: connect errors, timeouts, 5xx and bad answers in a row open it; the half-open
+-- trial's success closes it, its failure reopens it with a doubled cooldown.
 
 local pk, lk = KEYS[1], KEYS[2]
 local clock = redis.call('TIME')
@@ -73,10 +80,31 @@ redis.call('HSET', pk, 'lt', now)
 
 local outcome = ARGV[2]
 redis.call('HINCRBY', pk, 'o:' .. outcome, 1)
+local c = redis.call('HMGET', pk, 'circ', 'circ_trial', 'circ_opens')
+local trial = c[1] == 'half' and c[2] == ARGV[1]
+local function publish(state)
+  local v = redis.call('INCR', KEYS[3])
+  redis.call('PUBLISH', ARGV[14], cjson.encode({pool = ARGV[16], provider = ARGV[15],
+    circuit = state, version = v, at = now}))
+end
+local failure = {connect_error = true, timeout = true, http_5xx = true, bad_response = true}
 if outcome == 'ok' then
   redis.call('HSET', pk, 'fails', 0)
-elseif outcome == 'connect_error' or outcome == 'timeout' or outcome == 'http_5xx'
-    or outcome == 'bad_response' then
-  redis.call('HINCRBY', pk, 'fails', 1)
+  if trial then
+    redis.call('HDEL', pk, 'circ', 'circ_until', 'circ_trial')
+    redis.call('HSET', pk, 'circ_opens', 0)
+    publish('closed')
+  end
+elseif failure[outcome] then
+  local fails = redis.call('HINCRBY', pk, 'fails', 1)
+  if trial or (not c[1] and fails >= tonumber(ARGV[11])) then
+    local opens = (tonumber(c[3]) or 0) + 1
+    local wait = math.min(tonumber(ARGV[12]) * 2 ^ (opens - 1), tonumber(ARGV[13]))
+    redis.call('HSET', pk, 'circ', 'open', 'circ_until', now + wait, 'circ_opens', opens)
+    redis.call('HDEL', pk, 'circ_trial')
+    publish('open')
+  end
+elseif trial then
+  redis.call('HSET', pk, 'circ', 'open', 'circ_until', now)  -- no verdict: let another try
 end
 return 1

@@ -51,7 +51,8 @@ def _healthy(gw: Gateway, redis_port: int) -> None:
     r = redis.Redis(port=redis_port)
     for key in r.scan_iter("rc:*provider:*"):
         if not key.endswith(b":leases"):
-            r.hdel(key, "cool")  # forget cooldowns from earlier tests
+            # forget cooldowns and circuits from earlier tests
+            r.hdel(key, "cool", "circ", "circ_until", "circ_trial", "circ_opens", "fails")
 
 
 def post(url: str, body: dict[str, Any] = CHAT, **kw: Any) -> httpx.Response:

@@ -41,6 +41,8 @@ target_views = st.builds(
     cooling_until_ms=st.sampled_from([0, 0, 0, 1]),
     healthy=st.sampled_from([True, True, True, False]),
     excluded=st.sampled_from([False, False, False, True]),
+    drained=st.sampled_from([False, False, False, False, True]),
+    circuit_until_ms=st.sampled_from([0, 0, 0, 0, 1]),
 )
 
 
@@ -56,6 +58,11 @@ def _seed(client: redis.Redis, views: list[TargetView], now_s: int) -> list[str]
         }  # fmt: skip
         if not v.healthy:
             fields["health"] = "down"
+        if v.drained:
+            fields["drain"] = "1"
+        if v.circuit_until_ms:
+            fields["circ"] = "open"
+            fields["circ_until"] = (now_s + 30) * 1000
         client.hset(KEYS.provider(name), mapping=fields)
         for j in range(v.in_flight):
             client.zadd(KEYS.leases(name), {f"old-{j}": (now_s + 60) * 1000})
@@ -120,4 +127,8 @@ def test_same_choice(
 def _with_cooling(v: TargetView, now_ms: int) -> TargetView:
     from dataclasses import replace
 
-    return replace(v, cooling_until_ms=now_ms + 30_000 if v.cooling_until_ms else 0)
+    return replace(
+        v,
+        cooling_until_ms=now_ms + 30_000 if v.cooling_until_ms else 0,
+        circuit_until_ms=now_ms + 30_000 if v.circuit_until_ms else 0,
+    )
