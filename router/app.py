@@ -7,10 +7,7 @@ one exception handler that answers in OpenAI's shape.
 
 from __future__ import annotations
 
-import hmac
 import logging
-import os
-import socket
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -24,19 +21,17 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from router import __version__
 from router.config import Config
-from router.dispatch import Dispatcher, Operation
+from router.dispatch import Operation
 from router.errors import (
     ModelNotFound,
     PayloadTooLarge,
     RouterError,
     StoreError,
-    Unauthorized,
     to_openai_error,
 )
-from router.leases import LeaseKeeper
+from router.gateway import Gateway
 from router.schemas import ChatBody, EmbeddingsBody, check, parse_json
 from router.store import Store
-from router.upstream import Upstream
 
 log = logging.getLogger("router.app")
 JSON = "application/json"
@@ -60,48 +55,6 @@ class _Stream(StreamingResponse):
         finally:
             if self._close is not None:
                 await self._close()
-
-
-class Gateway:
-    """The parts of a replica, built from its config and started with the app."""
-
-    def __init__(self, cfg: Config, store: Store | None = None) -> None:
-        self.cfg = cfg
-        self.replica = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
-        self.store = store or Store.from_config(cfg)
-        self.upstream = Upstream()
-        self.leases = LeaseKeeper(self.store)
-        self.dispatcher = Dispatcher(cfg, self.store, self.upstream, self.leases, self.replica)
-        self._keys = [ref.value.get_secret_value().encode() for ref in cfg.client_keys]
-
-    async def start(self) -> None:
-        """Connect to the store and open the upstream session."""
-        if self.store.embedded:
-            log.warning(
-                "no redis_url or REDIS_URL: running on the embedded in-process store, "
-                "which serves this one replica only; run Redis for more than one"
-            )
-        await self.store.start()
-        await self.upstream.start()
-        self.leases.start()
-        log.info("replica started", extra={"fields": {"replica": self.replica}})
-
-    async def stop(self) -> None:
-        """Finish pending releases, then close everything."""
-        await self.leases.stop()
-        await self.upstream.close()
-        await self.store.close()
-
-    def authorize(self, request: Request) -> None:
-        """Accept only a known client key, compared in constant time against every key."""
-        header = request.headers.get("authorization", "")
-        scheme, _, token = header.partition(" ")
-        ok = False
-        candidate = token.strip().encode()
-        for key in self._keys:
-            ok |= hmac.compare_digest(candidate, key)
-        if scheme.lower() != "bearer" or not ok:
-            raise Unauthorized("missing or invalid API key (send Authorization: Bearer <key>)")
 
 
 def _request_id(raw: bytes) -> str:
@@ -248,10 +201,22 @@ def _add_health_routes(app: FastAPI, gw: Gateway) -> None:
 
     @app.get("/readyz")
     async def readyz() -> Response:
-        try:
-            await gw.store.ping()
-        except StoreError as exc:
-            body = {"status": "unavailable", "reason": str(exc)}
-            return Response(orjson.dumps(body), 503, media_type=JSON)
-        body = {"status": "ready", "store": "embedded" if gw.store.embedded else "redis"}
+        # degraded is still ready (200): the replica serves from local state, so a front
+        # load balancer must keep it in rotation
+        if not gw.mode.degraded:
+            try:
+                await gw.store.ping()
+            except StoreError as exc:
+                gw.mode.enter(exc)
+        body: dict[str, Any] = {
+            "status": "degraded" if gw.mode.degraded else "ready",
+            "store": "embedded" if gw.store.embedded else "redis",
+            "replica": gw.replica,
+            "replicas_seen": gw.local.replicas,
+            "health_version": gw.view.version,
+            "degraded_episodes": gw.mode.episodes,
+            "degraded_s": round(gw.mode.seconds(), 3),
+        }
+        if gw.mode.degraded:
+            body["reason"] = gw.mode.reason
         return Response(orjson.dumps(body), 200, media_type=JSON)

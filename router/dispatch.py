@@ -29,11 +29,13 @@ from router.errors import (
     ClientError,
     ProviderClientError,
     Saturated,
+    StoreError,
     UpstreamError,
     UpstreamProtocolError,
     UpstreamRateLimited,
     UpstreamStatusError,
 )
+from router.health import HealthView
 from router.leases import LeaseKeeper
 from router.logs import log_decision
 from router.providers import adapter_for
@@ -88,13 +90,15 @@ class Dispatcher:
     """Routes requests over the providers of each route, through the shared store."""
 
     def __init__(
-        self, cfg: Config, store: Store, upstream: Upstream, leases: LeaseKeeper, replica: str
-    ) -> None:
+        self, cfg: Config, store: Store, upstream: Upstream, leases: LeaseKeeper, replica: str,
+        view: HealthView,
+    ) -> None:  # fmt: skip
         self.cfg = cfg
         self.store = store
         self.upstream = upstream
         self.leases = leases
         self.replica = replica
+        self.view = view
         self.plans = {r.model: RoutePlan.build(cfg, r, store.keys) for r in cfg.routes}
         self.providers = {p.name: p for p in cfg.providers}
         self._rand = random.Random()
@@ -144,13 +148,11 @@ class Dispatcher:
         lease_id = f"{self.replica}:{job.request_id}:{len(job.attempts) + 1}"
         while True:
             started = time.perf_counter_ns()
-            d = await self.store.acquire(
-                job.plan, lease_id, job.tokens, job.excluded,
-                rand=self._rand.getrandbits(31), expected_output=job.expected_output,
-            )  # fmt: skip
+            d, local = await self._decide(job, lease_id)
             log_decision(job.request_id, route, d, len(job.attempts) + 1, started)
             if d.index is not None:
-                lease = Lease(lease_id, job.plan.providers[d.index], d.bucket, job.tokens[d.index])
+                provider, tokens = job.plan.providers[d.index], job.tokens[d.index]
+                lease = Lease(lease_id, provider, d.bucket, tokens, local)
                 self.leases.hold(lease)
                 return lease, d.index
             left = wait_until - loop.time()
@@ -158,6 +160,28 @@ class Dispatcher:
                 raise self._no_room(job, d)
             hint = d.wait_ms / 1000 if d.wait_ms > 0 else POLL_S
             await self.leases.changed(within=min(left, hint, 1.0) * self._rand.uniform(0.8, 1.0))
+
+    async def _decide(self, job: _Job, lease_id: str) -> tuple[Decision, bool]:
+        """One decision: in Redis, or locally while the shared state is away."""
+        rand = self._rand.getrandbits(31)
+        mode, local = self.leases.mode, self.leases.local
+        if not mode.degraded:
+            try:
+                d = await self.store.acquire(
+                    job.plan, lease_id, job.tokens, job.excluded, rand=rand,
+                    expected_output=job.expected_output,
+                )  # fmt: skip
+            except StoreError as exc:
+                mode.enter(exc)
+            else:
+                if d.index is not None:
+                    local.admitted(job.plan.providers[d.index], job.tokens[d.index])
+                return d, False
+        d = local.acquire(
+            job.plan, job.tokens, job.excluded, in_flight=self.leases.in_flight(),
+            health=self.view.snapshot.providers, rand=rand, expected_output=job.expected_output,
+        )  # fmt: skip
+        return d, True
 
     def _no_room(self, job: _Job, d: Decision) -> Exception:
         if job.attempts:

@@ -235,6 +235,7 @@ class Launcher:
             self._banner()
             return self._supervise()
         except Stopped:
+            self.say(f"{self.signal_name} received while starting: stopping all")
             return 0
         except LaunchError as exc:
             self.say(f"error: {exc}")

@@ -5,6 +5,9 @@ within the TTL. Live leases are renewed in one batched script call every third o
 which is how a long stream or a slow answer keeps its slot. Releases run as tracked tasks
 (the client's answer never waits on them) and are retried on a store error; the release
 script is idempotent, so a retry after a timeout cannot count twice.
+
+In degraded mode, leases taken locally are released locally; releases of shared leases are
+deferred and flushed when Redis is back, so nothing is double-counted or left behind.
 """
 
 from __future__ import annotations
@@ -14,7 +17,9 @@ import contextlib
 import logging
 from collections import defaultdict
 
+from router.degraded import SharedMode
 from router.errors import StoreError
+from router.fallback import LocalState
 from router.store import Lease, Outcome, Store
 
 log = logging.getLogger("router.leases")
@@ -25,8 +30,11 @@ RELEASE_TRIES = 3
 class LeaseKeeper:
     """Tracks the replica's live leases; renews and releases them."""
 
-    def __init__(self, store: Store) -> None:
+    def __init__(self, store: Store, mode: SharedMode, local: LocalState) -> None:
         self.store = store
+        self.mode = mode
+        self.local = local
+        self._deferred: list[tuple[Lease, Outcome]] = []
         self._live: dict[str, dict[str, Lease]] = defaultdict(dict)
         self._tasks: set[asyncio.Task[None]] = set()
         self._renewer: asyncio.Task[None] | None = None
@@ -53,23 +61,42 @@ class LeaseKeeper:
         """Leases this replica holds now."""
         return sum(len(v) for v in self._live.values())
 
+    def in_flight(self) -> dict[str, int]:
+        """This replica's in-flight requests per provider."""
+        return {p: len(leases) for p, leases in self._live.items()}
+
     async def release(self, lease: Lease, outcome: Outcome) -> None:
         """Release ``lease`` now, retrying a failed store call; never raises."""
         self._live[lease.provider].pop(lease.id, None)
+        if outcome.cooldown_ms:
+            self.local.cool(lease.provider, outcome.cooldown_ms)
+        if not lease.local:
+            await self._release_shared(lease, outcome)
+        self._wake()
+
+    async def _release_shared(self, lease: Lease, outcome: Outcome) -> None:
         for attempt in range(1, RELEASE_TRIES + 1):
+            if self.mode.degraded:
+                self._deferred.append((lease, outcome))
+                return
             try:
                 await self.store.release(lease, outcome)
-                break
+                return
             except StoreError as exc:
                 if attempt == RELEASE_TRIES:
-                    log.warning(
-                        "release of %s failed, its lease will expire after the TTL: %s",
-                        lease.id,
-                        exc,
-                    )
+                    self.mode.enter(exc)
                 else:
-                    await asyncio.sleep(0.05 * attempt)
-        self._wake()
+                    await asyncio.sleep(0.02 * attempt)
+
+    async def flush_deferred(self) -> None:
+        """Release, now that Redis is back, what could not be released while it was away."""
+        pending, self._deferred = self._deferred, []
+        for i, (lease, outcome) in enumerate(pending):
+            try:
+                await self.store.release(lease, outcome)
+            except StoreError:
+                self._deferred = pending[i:] + self._deferred
+                raise
 
     def release_soon(self, lease: Lease, outcome: Outcome) -> None:
         """Release ``lease`` in a tracked background task."""
@@ -90,8 +117,13 @@ class LeaseKeeper:
         interval = self.store.lease_ttl_ms / 3000
         while True:
             await asyncio.sleep(interval)
-            ids = {p: list(leases) for p, leases in self._live.items() if leases}
+            if self.mode.degraded:
+                continue
+            ids = {
+                p: [lid for lid, lease in leases.items() if not lease.local]
+                for p, leases in self._live.items()
+            }
             try:
                 await self.store.renew(ids)
             except StoreError as exc:
-                log.warning("lease renewal failed, retrying in %.1fs: %s", interval, exc)
+                self.mode.enter(exc)

@@ -29,6 +29,10 @@ EWMA_TAU_MS = 10_000
 
 
 DEFAULT_CIRCUIT = Circuit()
+SCRIPTS = (
+    "acquire", "release", "renew", "report_probe", "take_lead", "resign", "heartbeat",
+    "read_health", "set_drain",
+)  # fmt: skip
 
 
 def _script(name: str) -> str:
@@ -67,6 +71,8 @@ class Lease:
     provider: str
     bucket: int
     tokens: int
+    local: bool = False
+    """Taken in degraded mode: it exists only in this replica's local state."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -124,9 +130,10 @@ class Store:
         self.lease_ttl_ms = lease_ttl_ms
         self.embedded = embedded
         self.circuits = dict(circuits or {})
-        self._acquire = client.register_script(_script("acquire"))
-        self._release = client.register_script(_script("release"))
-        self._renew = client.register_script(_script("renew"))
+        self._scripts = {name: client.register_script(_script(name)) for name in SCRIPTS}
+        self._acquire = self._scripts["acquire"]
+        self._release = self._scripts["release"]
+        self._renew = self._scripts["renew"]
 
     @classmethod
     def from_config(cls, cfg: Config) -> Store:
@@ -153,10 +160,39 @@ class Store:
         """Open ``warm`` connections and load the scripts, so the first requests wait on neither."""
         try:
             await asyncio.gather(*(self.client.ping() for _ in range(warm)))
-            for script in (self._acquire, self._release, self._renew):
-                script.sha = await self.client.script_load(script.script)
+            await self.load_scripts()
         except RedisError as exc:
             raise StoreError(f"shared store unavailable: {exc}") from exc
+
+    async def load_scripts(self) -> None:
+        """(Re)load every script, e.g. after Redis restarted empty."""
+        for script in self._scripts.values():
+            script.sha = await self.client.script_load(script.script)
+
+    async def _call(self, name: str, keys: Sequence[str], args: Sequence[Any]) -> Any:
+        try:
+            return await self._scripts[name](keys=keys, args=args)
+        except RedisError as exc:
+            raise StoreError(f"{name} failed: {exc}") from exc
+
+    async def subscribe(self, channel: str) -> Subscription:
+        """Subscribe to ``channel`` on a connection of its own (no read timeout)."""
+        if self.embedded:
+            client = self.client
+        else:
+            kwargs = self.client.connection_pool.connection_kwargs
+            client = aioredis.Redis(
+                host=kwargs.get("host", "127.0.0.1"), port=kwargs.get("port", 6379),
+                db=kwargs.get("db", 0), username=kwargs.get("username"),
+                password=kwargs.get("password"), socket_connect_timeout=1.0,
+            )  # fmt: skip
+        pubsub = client.pubsub(ignore_subscribe_messages=True)
+        try:
+            await pubsub.subscribe(channel)
+        except RedisError as exc:
+            await pubsub.aclose()
+            raise StoreError(f"subscribe failed: {exc}") from exc
+        return Subscription(pubsub, None if self.embedded else client)
 
     async def close(self) -> None:
         """Close the connections (the pool too: a client given a pool does not own it)."""
@@ -261,6 +297,34 @@ class Store:
         return {k.decode(): v.decode() for k, v in raw.items()}
 
 
+class Subscription:
+    """A pub/sub subscription; Redis errors surface as ``StoreError``."""
+
+    def __init__(self, pubsub: Any, client: Any) -> None:
+        self._pubsub = pubsub
+        self._client = client
+
+    async def next(self, within: float) -> bytes | None:
+        """The next message's data, or ``None`` when none came ``within`` seconds."""
+        try:
+            msg = await self._pubsub.get_message(timeout=within)
+        except (RedisError, OSError) as exc:
+            raise StoreError(f"subscription lost: {exc}") from exc
+        if msg is None or msg.get("type") != "message":
+            return None
+        data = msg["data"]
+        return data if isinstance(data, bytes) else str(data).encode()
+
+    async def close(self) -> None:
+        """Unsubscribe and close the connection."""
+        try:
+            await self._pubsub.aclose()
+            if self._client is not None:
+                await self._client.aclose()
+        except (RedisError, OSError):
+            pass  # closing a connection that is already gone
+
+
 def _decode_decision(raw: Sequence[Any], providers: Sequence[str]) -> Decision:
     chosen, now_ms, bucket, wait_ms = (int(x) for x in raw[:4])
     candidates = tuple(
@@ -279,3 +343,122 @@ def _decode_decision(raw: Sequence[Any], providers: Sequence[str]) -> Decision:
 
 def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
+
+
+@dataclass(frozen=True, slots=True)
+class ProviderHealth:
+    """What the shared state says of a provider's health (the replicas' snapshot)."""
+
+    health: str = ""
+    """up, down, or "" while unknown (usable)."""
+    since_ms: int = 0
+    drained: bool = False
+    circuit: str = ""
+    """"", open or half (its trial in flight)."""
+    circuit_until_ms: int = 0
+    error: str = ""
+
+    def usable(self, now_ms: int) -> bool:
+        """Whether a request may go there, by health alone."""
+        blocked = bool(self.circuit) and self.circuit_until_ms > now_ms
+        return not (self.drained or self.health == "down" or blocked)
+
+
+@dataclass(frozen=True, slots=True)
+class HealthSnapshot:
+    """Every provider's health at one version of the shared state."""
+
+    version: int
+    providers: dict[str, ProviderHealth]
+
+
+@dataclass(frozen=True, slots=True)
+class Leadership:
+    """The outcome of trying to take or keep the healthd lease."""
+
+    leading: bool
+    epoch: int
+    holder: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ProbeWrite:
+    """The outcome of recording a probe: refused (fenced) or the state it left."""
+
+    recorded: bool
+    state: str
+    version: int
+
+
+def _int(value: Any) -> int:
+    return int(value) if value not in (None, b"", "") else 0
+
+
+def _decode_health(raw: Sequence[Any], providers: Sequence[str]) -> HealthSnapshot:
+    out = {}
+    for i, name in enumerate(providers):
+        health, since, drain, circ, until, error = raw[1 + 6 * i : 7 + 6 * i]
+        out[name] = ProviderHealth(
+            health=_text(health) if health else "",
+            since_ms=_int(since),
+            drained=drain in (b"1", "1"),
+            circuit=_text(circ) if circ else "",
+            circuit_until_ms=_int(until),
+            error=_text(error) if error else "",
+        )
+    return HealthSnapshot(int(raw[0]), out)
+
+
+class HealthStore:
+    """The health side of the shared state: probes, leadership, drains, heartbeats."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self.keys = store.keys
+
+    async def report_probe(
+        self, provider: str, epoch: int, ok: bool, latency_ms: float, error: str, rise: int,
+        fall: int,
+    ) -> ProbeWrite:  # fmt: skip
+        """Record one probe (fenced by ``epoch``); publishes a transition if there is one."""
+        k = self.keys
+        raw = await self.store._call(
+            "report_probe",
+            (k.provider(provider), k.epoch(), k.health_version()),
+            (epoch, 1 if ok else 0, round(latency_ms, 3), error[:300], rise, fall,
+             k.health_channel(), provider, k.pool),
+        )  # fmt: skip
+        if int(raw[0]) == 0:
+            return ProbeWrite(False, "", 0)
+        return ProbeWrite(True, _text(raw[1]), int(raw[2]))
+
+    async def take_lead(self, me: str, lease_ms: int) -> Leadership:
+        """Take or keep the healthd leader lease."""
+        raw = await self.store._call("take_lead", (self.keys.leader(), self.keys.epoch()),
+                                     (me, lease_ms))  # fmt: skip
+        holder = _text(raw[2]) if len(raw) > 2 else None
+        return Leadership(bool(int(raw[0])), int(raw[1]), holder)
+
+    async def resign(self, me: str) -> bool:
+        """Give the leader lease up if ``me`` holds it."""
+        return bool(await self.store._call("resign", (self.keys.leader(),), (me,)))
+
+    async def heartbeat(self, replica: str, ttl_ms: int, record: dict[str, str]) -> int:
+        """Record that ``replica`` is alive; return how many replicas are."""
+        args: list[Any] = [replica, ttl_ms]
+        for field, value in record.items():
+            args += [field, value]
+        keys = (self.keys.replicas(), self.keys.replica(replica))
+        return int(await self.store._call("heartbeat", keys, args))
+
+    async def read(self, providers: Sequence[str]) -> HealthSnapshot:
+        """A consistent, versioned snapshot of the providers' health."""
+        keys = [self.keys.health_version(), *(self.keys.provider(p) for p in providers)]
+        return _decode_health(await self.store._call("read_health", keys, ()), providers)
+
+    async def set_drain(self, provider: str, drained: bool) -> int:
+        """Drain (or re-enable) ``provider`` for every replica; return the new version."""
+        k = self.keys
+        args = (1 if drained else 0, k.health_channel(), provider, k.pool)
+        return int(await self.store._call("set_drain", (k.provider(provider), k.health_version()),
+                                          args))  # fmt: skip

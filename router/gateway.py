@@ -1,0 +1,87 @@
+"""A replica's parts, wired together: store, upstream client, leases, health, heartbeat."""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import os
+import socket
+import uuid
+
+from fastapi import Request
+
+from router.config import Config
+from router.degraded import SharedMode
+from router.dispatch import Dispatcher
+from router.errors import StoreError, Unauthorized
+from router.fallback import LocalState
+from router.health import HealthView
+from router.leases import LeaseKeeper
+from router.membership import Heartbeat
+from router.store import HealthStore, Store
+from router.upstream import Upstream
+
+log = logging.getLogger("router.gateway")
+
+
+class Gateway:
+    """The parts of a replica, built from its config and started with the app."""
+
+    def __init__(self, cfg: Config, store: Store | None = None) -> None:
+        self.cfg = cfg
+        self.replica = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+        self.store = store or Store.from_config(cfg)
+        self.upstream = Upstream()
+        self.mode = SharedMode(self.store)
+        self.local = LocalState(cfg)
+        self.leases = LeaseKeeper(self.store, self.mode, self.local)
+        health = HealthStore(self.store)
+        providers = [p.name for p in cfg.providers]
+        self.view = HealthView(health, providers, cfg.replica.resync_s)
+        self.mode.on_recovery += [self.view.resync, self.leases.flush_deferred]
+        self.heartbeat = Heartbeat(
+            health, self.replica, {"host": socket.gethostname(), "pid": str(os.getpid())},
+            cfg.replica.heartbeat_s, self.local, self.mode,
+        )  # fmt: skip
+        self.dispatcher = Dispatcher(
+            cfg, self.store, self.upstream, self.leases, self.replica, self.view
+        )
+        self._keys = [ref.value.get_secret_value().encode() for ref in cfg.client_keys]
+
+    async def start(self) -> None:
+        """Connect to the store and open the upstream session."""
+        if self.store.embedded:
+            log.warning(
+                "no redis_url or REDIS_URL: running on the embedded in-process store, "
+                "which serves this one replica only; run Redis for more than one"
+            )
+        await self.upstream.start()
+        try:
+            await self.store.start()
+            await self.heartbeat.beat()
+        except StoreError as exc:
+            self.mode.enter(exc)  # start degraded rather than not at all
+        self.leases.start()
+        self.view.start()
+        self.heartbeat.start()
+        log.info("replica started", extra={"fields": {"replica": self.replica}})
+
+    async def stop(self) -> None:
+        """Finish pending releases, then close everything."""
+        await self.heartbeat.stop()
+        await self.view.stop()
+        await self.mode.stop()
+        await self.leases.stop()
+        await self.upstream.close()
+        await self.store.close()
+
+    def authorize(self, request: Request) -> None:
+        """Accept only a known client key, compared in constant time against every key."""
+        header = request.headers.get("authorization", "")
+        scheme, _, token = header.partition(" ")
+        ok = False
+        candidate = token.strip().encode()
+        for key in self._keys:
+            ok |= hmac.compare_digest(candidate, key)
+        if scheme.lower() != "bearer" or not ok:
+            raise Unauthorized("missing or invalid API key (send Authorization: Bearer <key>)")
