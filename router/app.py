@@ -219,4 +219,8 @@ def _add_health_routes(app: FastAPI, gw: Gateway) -> None:
         }
         if gw.mode.degraded:
             body["reason"] = gw.mode.reason
+        body["providers"] = {
+            name: {"health": h.health or "unknown", "drained": h.drained, "circuit": h.circuit}
+            for name, h in gw.view.snapshot.providers.items()
+        }
         return Response(orjson.dumps(body), 200, media_type=JSON)
