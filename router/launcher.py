@@ -18,7 +18,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -26,6 +26,7 @@ from types import FrameType
 from urllib.parse import urlsplit
 
 import httpx
+from pydantic import BaseModel
 
 from router.config import Config, Provider, SecretRef, load_config
 from router.errors import ConfigError
@@ -100,11 +101,19 @@ class Child:
     pump: threading.Thread | None = field(default=None, repr=False)
 
 
-def _secret_refs(cfg: Config) -> list[SecretRef]:
-    refs = list(cfg.client_keys)
-    if cfg.admin_token is not None:
-        refs.append(cfg.admin_token)
-    return refs + [p.api_key for p in cfg.providers if p.api_key is not None]
+def _secret_refs(node: object) -> Iterator[SecretRef]:
+    """Every ``{env: NAME}`` in the config, wherever the model puts one now or later."""
+    if isinstance(node, SecretRef):
+        yield node
+    elif isinstance(node, BaseModel):
+        for name in type(node).model_fields:
+            yield from _secret_refs(getattr(node, name))
+    elif isinstance(node, list | tuple):
+        for item in node:
+            yield from _secret_refs(item)
+    elif isinstance(node, dict):
+        for item in node.values():
+            yield from _secret_refs(item)
 
 
 def prepare_config(
@@ -150,11 +159,13 @@ def find_redis_server(env: Mapping[str, str]) -> str | None:
 
 def ensure_port_free(host: str, port: int, what: str) -> None:
     """Fail clearly when something already listens on ``host:port``."""
-    family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
     try:
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
         # create_server sets SO_REUSEADDR, so only a live listener (not TIME_WAIT) fails it
         with socket.create_server((host, port), family=family):
             pass
+    except socket.gaierror as exc:
+        raise LaunchError(f"{what}: cannot resolve {host!r}: {exc.strerror}") from None
     except OSError as exc:
         raise LaunchError(
             f"{what}: cannot listen on {host}:{port} ({os.strerror(exc.errno or 0)}): stop "
@@ -310,7 +321,7 @@ class Launcher:
             for n in range(1, self.plan.replicas + 1)
         ]
         seen: set[str] = set()
-        what = f"{self.plan.replicas} ready replica(s) behind {self.base_url}/readyz"
+        what = f"{self.plan.replicas} ready replica(s) at {self.base_url}/readyz ({self.store})"
         self._wait(routers, lambda: self._replicas_ready(seen), what)
 
     def _replicas_ready(self, seen: set[str]) -> bool:
@@ -412,6 +423,8 @@ class Launcher:
         for child in self.children:
             if child.pump is not None:
                 child.pump.join(2.0)
+            if child.popen.stdout is not None and not (child.pump and child.pump.is_alive()):
+                child.popen.stdout.close()
 
     def _terminate(self, children: list[Child], deadline: float) -> None:
         """SIGTERM each child by PID, wait until ``deadline``, then SIGKILL the stragglers."""
