@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-import asyncio
+import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
 import httpx
 import redis
 
-from router.config import parse_config
-from router.store import HealthStore, Store
 from tests.helpers import ENV, Cluster, Gateway, Mock, auth, start_gateway, wait_until
 
 CHAT = {"model": "chat", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 5}
@@ -67,27 +67,21 @@ def test_a_lost_event_is_corrected_by_the_resync(
         assert post(gw.urls[0]).headers["x-router-provider"] == "steady"
 
 
-def test_drain_and_enable_reach_every_replica(
+def test_routerctl_drain_and_enable_reach_every_replica(
     cluster: Cluster, tmp_path: Path, redis_url: str
 ) -> None:
     gw = two_providers(cluster, tmp_path, redis_url)
-    cfg = parse_config(
-        {"redis_url": redis_url, "client_keys": [{"env": "ROUTER_CLIENT_KEY"}],
-         "providers": [{"name": "flaky", "kind": "openai", "base_url": "http://x/v1"}],
-         "routes": [{"model": "m", "targets": [{"provider": "flaky", "model": "m"}]}]},
-        ENV,
-    )  # fmt: skip
 
-    async def drain(on: bool) -> None:
-        store = Store.from_config(cfg)
-        await store.start()
-        await HealthStore(store).set_drain("flaky", on)
-        await store.close()
+    def routerctl(*args: str) -> str:
+        argv = [sys.executable, "-m", "router.ctl", *args, "--config", str(gw.config)]
+        done = subprocess.run(argv, env={**os.environ, **ENV}, capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr
+        return done.stdout
 
-    asyncio.run(drain(True))
+    assert "drained for every replica" in routerctl("drain", "flaky")
     for url in gw.urls:
         wait_until(lambda u=url: view(u)["providers"]["flaky"]["drained"], 10, "the drain")
     assert {post(u).headers["x-router-provider"] for u in gw.urls * 3} == {"steady"}
-    asyncio.run(drain(False))
+    routerctl("enable", "flaky")
     wait_until(lambda: not view(gw.urls[1])["providers"]["flaky"]["drained"], 10, "the enable")
     assert "flaky" in {post(u).headers["x-router-provider"] for u in gw.urls * 3}
