@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import logging
 import os
 import sys
 
@@ -47,9 +46,6 @@ def main(argv: list[str] | None = None) -> None:
     from router.logs import setup_logging
 
     setup_logging(cfg.log, "healthd")
-    # httpx logs every request at INFO, URL and all: one line per probe would bury the
-    # transitions, and a base_url may carry a query nobody wants in the logs
-    logging.getLogger("httpx").setLevel(logging.WARNING)
     daemon = HealthDaemon(cfg, host=args.host, port=args.port)
     try:
         asyncio.run(daemon.serve())

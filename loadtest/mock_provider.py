@@ -928,6 +928,15 @@ class MockProvider:
 
     async def _models(self, request: web.Request) -> web.StreamResponse:
         """GET /v1/models in the configured API's shape."""
+        # an outage takes the whole server down, not just the completion endpoints (a probe
+        # of /models must see it); counted faults stay reserved for API requests
+        if self.fault.mode == "error":
+            err = ApiError(self.fault.status, f"Injected fault: HTTP {self.fault.status}")
+            return self._json(err.body(self.cfg.api), status=err.status)
+        if self.fault.mode == "close":
+            return drop_connection(request)
+        if self.fault.mode == "hang":
+            return await self._hang(request)
         try:
             self._check_headers(request)
         except ApiError as err:

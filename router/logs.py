@@ -48,7 +48,8 @@ def setup_logging(settings: LogSettings, component: str = "router") -> None:
         decision_log.disabled = True
     else:
         decision_log.setLevel(settings.decisions)
-    for noisy in ("uvicorn.access", "aiohttp.access"):
+    # httpx logs every request with its full URL at INFO (a base_url may carry a query)
+    for noisy in ("uvicorn.access", "aiohttp.access", "httpx", "httpcore"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     logging.getLogger(component).debug("logging configured")
 
