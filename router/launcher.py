@@ -281,6 +281,17 @@ class Launcher:
         for child, host, port in listeners:
             self._wait([child], partial(_accepts, host, port), f"it to listen on port {port}")
         self._start_replicas()
+        self._start_healthd()
+
+    def _start_healthd(self) -> None:
+        """Two health daemons, one leading and one standing by, when Redis is shared."""
+        if not (self.plan.cfg.redis_url or self.env.get("REDIS_URL")):
+            return  # healthd cannot share the embedded store
+        for n in (1, 2):
+            port = _free_port()
+            argv = [sys.executable, "-m", "healthd.cli", "--config", str(self.plan.config_path)]
+            child = self._spawn(f"healthd-{n}", [*argv, "--port", str(port)], first_to_stop=True)
+            self._wait([child], partial(_accepts, "127.0.0.1", port), f"healthd on port {port}")
 
     def _report_generated(self) -> None:
         if not self.plan.generated:

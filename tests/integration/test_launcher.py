@@ -130,6 +130,7 @@ def sdk(launched: Launched) -> openai.OpenAI:
 @pytest.mark.slow
 def test_banner_names_every_child_and_a_private_redis(two: Launched) -> None:
     names = {f"mock {p}" for p in PROVIDERS} | {"redis", "router-1", "router-2"}
+    names |= {"healthd-1", "healthd-2"}
     assert set(two.children) == names
     assert re.search(
         r"^  store +private redis-server at redis://127\.0\.0\.1:\d+/0$", two.output, re.M
