@@ -8,6 +8,7 @@ one exception handler that answers in OpenAI's shape.
 from __future__ import annotations
 
 import logging
+import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -21,7 +22,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from router import __version__
 from router.config import Config
-from router.dispatch import Operation
+from router.dispatch import Operation, Reply
 from router.errors import (
     ModelNotFound,
     PayloadTooLarge,
@@ -32,6 +33,7 @@ from router.errors import (
 from router.gateway import Gateway
 from router.schemas import ChatBody, EmbeddingsBody, check, parse_json
 from router.store import Store
+from router.telemetry import PROMETHEUS_CONTENT_TYPE
 
 log = logging.getLogger("router.app")
 JSON = "application/json"
@@ -153,7 +155,43 @@ def create_app(cfg: Config, store: Store | None = None) -> FastAPI:
 
 
 async def _served(request: Request, gw: Gateway, op: Operation) -> Response:
-    rid = request_id(request)
+    """One OpenAI request: its span, its metrics, and the reply (whole or streamed)."""
+    started = time.perf_counter()
+    span, ctx = gw.telemetry.start_request(
+        f"POST {request.url.path}", request.headers, **{"router.request_id": request_id(request)}
+    )
+    labels = ["unknown", "none"]  # route, provider: known once they are
+    try:
+        with gw.telemetry.attached(ctx):
+            reply = await _dispatch(request, gw, op, labels)
+    except RouterError as exc:
+        outcome = "saturated" if exc.status == 429 else "client_error"
+        outcome = "failed" if exc.status >= 500 else outcome
+        gw.metrics.request(labels[0], labels[1], exc.status, outcome, _since(started))
+        gw.telemetry.end_request(span, exc.status)
+        raise
+    labels[1] = reply.provider
+    headers = {"x-router-provider": reply.provider, "x-router-attempts": str(reply.attempts)}
+    if reply.stream is None:
+        gw.metrics.request(labels[0], labels[1], 200, "ok", _since(started))
+        gw.telemetry.end_request(span, 200)
+        return Response(reply.body, 200, headers, JSON)
+
+    async def finish() -> None:
+        if reply.close is not None:
+            await reply.close()
+        gw.metrics.request(labels[0], labels[1], 200, "ok", _since(started))
+        gw.telemetry.end_request(span, 200)
+
+    headers["cache-control"] = "no-cache"
+    return _Stream(reply.stream, finish, headers)
+
+
+def _since(started: float) -> float:
+    return time.perf_counter() - started
+
+
+async def _dispatch(request: Request, gw: Gateway, op: Operation, labels: list[str]) -> Reply:
     gw.authorize(request)
     data = parse_json(await read_body(request, gw.cfg.max_body_bytes))
     if op is Operation.CHAT:
@@ -163,15 +201,9 @@ async def _served(request: Request, gw: Gateway, op: Operation) -> Response:
     route = gw.cfg.route(model)
     if route is None:
         raise ModelNotFound(f"the model '{model}' does not exist (see GET /v1/models)")
-    reply = await gw.dispatcher.serve(op, route, data, rid)
-    headers = {
-        "x-router-provider": reply.provider,
-        "x-router-attempts": str(reply.attempts),
-    }
-    if reply.stream is not None:
-        headers["cache-control"] = "no-cache"
-        return _Stream(reply.stream, reply.close, headers)
-    return Response(reply.body, 200, headers, JSON)
+    labels[0] = route.model
+    traceparent = request.headers.get("traceparent")
+    return await gw.dispatcher.serve(op, route, data, request_id(request), traceparent)
 
 
 def _add_openai_routes(app: FastAPI, gw: Gateway) -> None:
@@ -198,6 +230,10 @@ def _add_health_routes(app: FastAPI, gw: Gateway) -> None:
     @app.get("/healthz")
     async def healthz() -> dict[str, Any]:
         return {"status": "ok", "replica": gw.replica, "version": __version__}
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return Response(gw.telemetry.render(), media_type=PROMETHEUS_CONTENT_TYPE)
 
     @app.get("/readyz")
     async def readyz() -> Response:

@@ -21,6 +21,7 @@ from enum import Enum
 from typing import Any
 
 import orjson
+from opentelemetry.trace import SpanKind
 
 from router.config import Config, Provider, Route, TpmAccounting
 from router.errors import (
@@ -38,9 +39,11 @@ from router.errors import (
 from router.health import HealthView
 from router.leases import LeaseKeeper
 from router.logs import log_decision
+from router.metrics import RouterMetrics
 from router.providers import adapter_for
 from router.providers.base import Adapter, RateLimitInfo, StreamTranslator, Translated, Usage
 from router.store import Decision, Lease, Outcome, RoutePlan, Store
+from router.telemetry import Telemetry
 from router.tokens import embedding_tokens, max_output, prompt_tokens, reservation
 from router.upstream import Upstream, UpstreamResponse
 
@@ -84,6 +87,7 @@ class _Job:
     expected_output: int
     deadline: float
     attempts: list[Attempt]
+    traceparent: str | None = None
 
 
 class Dispatcher:
@@ -91,9 +95,11 @@ class Dispatcher:
 
     def __init__(
         self, cfg: Config, store: Store, upstream: Upstream, leases: LeaseKeeper, replica: str,
-        view: HealthView,
+        view: HealthView, tel: Telemetry, metrics: RouterMetrics,
     ) -> None:  # fmt: skip
         self.cfg = cfg
+        self.tel = tel
+        self.metrics = metrics
         self.store = store
         self.upstream = upstream
         self.leases = leases
@@ -103,15 +109,23 @@ class Dispatcher:
         self.providers = {p.name: p for p in cfg.providers}
         self._rand = random.Random()
 
-    async def serve(self, op: Operation, route: Route, body: dict[str, Any], rid: str) -> Reply:
+    async def serve(
+        self, op: Operation, route: Route, body: dict[str, Any], rid: str,
+        traceparent: str | None = None,
+    ) -> Reply:  # fmt: skip
         """Serve one request on ``route``; raise a ``RouterError`` when it cannot be."""
         job = self._job(op, route, body, rid)
+        job.traceparent = traceparent
         while len(job.attempts) < route.max_attempts:
             lease, index = await self._acquire(job)
             provider = self.providers[lease.provider]
             try:
-                return await self._attempt(job, provider, index, lease)
+                n = len(job.attempts) + 1
+                with self.tel.span(f"attempt {provider.name}", SpanKind.CLIENT,
+                                   provider=provider.name, attempt=n):  # fmt: skip
+                    return await self._attempt(job, provider, index, lease)
             except UpstreamError as exc:
+                self.metrics.failover(route.model, provider.name, exc.outcome)
                 self.leases.release_soon(lease, _failed(exc))
                 job.attempts.append(Attempt(provider.name, exc.outcome, str(exc)))
                 job.excluded[index] = True
@@ -148,7 +162,10 @@ class Dispatcher:
         lease_id = f"{self.replica}:{job.request_id}:{len(job.attempts) + 1}"
         while True:
             started = time.perf_counter_ns()
-            d, local = await self._decide(job, lease_id)
+            with self.tel.span("acquire", attempt=len(job.attempts) + 1):
+                d, local = await self._decide(job, lease_id)
+            elapsed = (time.perf_counter_ns() - started) / 1e9
+            self.metrics.decision(route.model, "local" if local else "shared", elapsed)
             log_decision(job.request_id, route, d, len(job.attempts) + 1, started)
             if d.index is not None:
                 provider, tokens = job.plan.providers[d.index], job.tokens[d.index]
@@ -190,6 +207,7 @@ class Dispatcher:
             states = ", ".join(f"{c.provider}: {c.code.name.lower()}" for c in d.candidates)
             return AllAttemptsFailed([], 503, message=f"no provider is usable now ({states})")
         retry = d.wait_ms / 1000 if d.wait_ms > 0 else 1.0
+        self.metrics.saturated(job.plan.route.model)
         return Saturated(f"every provider of route {job.plan.route.model} is at its limit", retry)
 
     async def _attempt(self, job: _Job, provider: Provider, index: int, lease: Lease) -> Reply:
@@ -199,6 +217,7 @@ class Dispatcher:
             req = adapter.embeddings_request(provider, model, job.body)
         else:
             req = adapter.chat_request(provider, model, job.body)
+        self.tel.inject(req.headers, job.traceparent)
         started = asyncio.get_running_loop().time()
         resp = await self.upstream.send(req, provider.timeouts, job.deadline)
         streaming = job.op is Operation.CHAT and bool(job.body.get("stream"))
@@ -322,6 +341,8 @@ class _Relay:
     def _mark(self, tr: StreamTranslator, now: float) -> None:
         if self.ttft_ms < 0 and tr.content_chunks > 0:
             self.ttft_ms = (now - self.started) * 1000
+            route = self.job.plan.route.model
+            self.d.metrics.first_token(route, self.provider.name, self.ttft_ms / 1000)
 
     def _release(self, outcome: str, usage: Usage | None, now: float) -> None:
         duration_ms = (now - self.started) * 1000

@@ -18,7 +18,9 @@ from router.fallback import LocalState
 from router.health import HealthView
 from router.leases import LeaseKeeper
 from router.membership import Heartbeat
+from router.metrics import RouterMetrics, SharedFigures
 from router.store import HealthStore, Store
+from router.telemetry import Telemetry
 from router.upstream import Upstream
 
 log = logging.getLogger("router.gateway")
@@ -34,7 +36,13 @@ class Gateway:
         self.upstream = Upstream()
         self.mode = SharedMode(self.store)
         self.local = LocalState(cfg)
-        self.leases = LeaseKeeper(self.store, self.mode, self.local)
+        self.telemetry = Telemetry("router", self.replica)
+        self.shared = SharedFigures()
+        self.metrics = RouterMetrics(
+            self.telemetry, self.shared, lambda: self.mode.degraded, self.mode.seconds
+        )
+        self.store.on_error = self.metrics.redis_error
+        self.leases = LeaseKeeper(self.store, self.mode, self.local, self.metrics)
         health = HealthStore(self.store)
         providers = [p.name for p in cfg.providers]
         self.view = HealthView(health, providers, cfg.replica.resync_s)
@@ -44,8 +52,9 @@ class Gateway:
             cfg.replica.heartbeat_s, self.local, self.mode,
         )  # fmt: skip
         self.dispatcher = Dispatcher(
-            cfg, self.store, self.upstream, self.leases, self.replica, self.view
-        )
+            cfg, self.store, self.upstream, self.leases, self.replica, self.view,
+            self.telemetry, self.metrics,
+        )  # fmt: skip
         self._keys = [ref.value.get_secret_value().encode() for ref in cfg.client_keys]
 
     async def start(self) -> None:
@@ -73,6 +82,7 @@ class Gateway:
         await self.mode.stop()
         await self.leases.stop()
         await self.upstream.close()
+        self.telemetry.shutdown()
         await self.store.close()
 
     def authorize(self, request: Request) -> None:

@@ -20,6 +20,7 @@ from collections import defaultdict
 from router.degraded import SharedMode
 from router.errors import StoreError
 from router.fallback import LocalState
+from router.metrics import RouterMetrics
 from router.store import Lease, Outcome, Store
 
 log = logging.getLogger("router.leases")
@@ -30,8 +31,11 @@ RELEASE_TRIES = 3
 class LeaseKeeper:
     """Tracks the replica's live leases; renews and releases them."""
 
-    def __init__(self, store: Store, mode: SharedMode, local: LocalState) -> None:
+    def __init__(
+        self, store: Store, mode: SharedMode, local: LocalState, metrics: RouterMetrics
+    ) -> None:
         self.store = store
+        self.metrics = metrics
         self.mode = mode
         self.local = local
         self._deferred: list[tuple[Lease, Outcome]] = []
@@ -70,6 +74,7 @@ class LeaseKeeper:
         self._live[lease.provider].pop(lease.id, None)
         if outcome.cooldown_ms:
             self.local.cool(lease.provider, outcome.cooldown_ms)
+            self.metrics.cooldown(lease.provider)
         if not lease.local:
             await self._release_shared(lease, outcome)
         self._wake()
@@ -80,7 +85,8 @@ class LeaseKeeper:
                 self._deferred.append((lease, outcome))
                 return
             try:
-                await self.store.release(lease, outcome)
+                if await self.store.release(lease, outcome) == 2:
+                    self.metrics.circuit_opened(lease.provider)
                 return
             except StoreError as exc:
                 if attempt == RELEASE_TRIES:

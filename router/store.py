@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from importlib import resources
 from typing import Any
@@ -130,10 +130,9 @@ class Store:
         self.lease_ttl_ms = lease_ttl_ms
         self.embedded = embedded
         self.circuits = dict(circuits or {})
+        self.on_error: Callable[[str], None] = lambda operation: None
+        """Called with the operation's name on every failed call (metrics hook)."""
         self._scripts = {name: client.register_script(_script(name)) for name in SCRIPTS}
-        self._acquire = self._scripts["acquire"]
-        self._release = self._scripts["release"]
-        self._renew = self._scripts["renew"]
 
     @classmethod
     def from_config(cls, cfg: Config) -> Store:
@@ -173,6 +172,7 @@ class Store:
         try:
             return await self._scripts[name](keys=keys, args=args)
         except RedisError as exc:
+            self.on_error(name)
             raise StoreError(f"{name} failed: {exc}") from exc
 
     async def subscribe(self, channel: str) -> Subscription:
@@ -228,14 +228,11 @@ class Store:
         ]
         for i, (rpm, tpm, maxf, weight) in enumerate(plan.static):
             args += (rpm, tpm, maxf, weight, tokens[i], 1 if excluded[i] else 0)
-        try:
-            raw = await self._acquire(keys=plan.keys, args=args)
-        except RedisError as exc:
-            raise StoreError(f"acquire failed: {exc}") from exc
-        return _decode_decision(raw, plan.providers)
+        return _decode_decision(await self._call("acquire", plan.keys, args), plan.providers)
 
-    async def release(self, lease: Lease, outcome: Outcome) -> bool:
-        """End ``lease`` and record ``outcome``; ``False`` if it was already released."""
+    async def release(self, lease: Lease, outcome: Outcome) -> int:
+        """End ``lease`` and record ``outcome``: 0 when it was already released, 1 when
+        released now, 2 when released and its failure opened the provider's circuit."""
         circuit = self.circuits.get(lease.provider, DEFAULT_CIRCUIT)
         args = (
             lease.id,
@@ -260,10 +257,7 @@ class Store:
             self.keys.leases(lease.provider),
             self.keys.health_version(),
         )
-        try:
-            return bool(await self._release(keys=keys, args=args))
-        except RedisError as exc:
-            raise StoreError(f"release failed: {exc}") from exc
+        return int(await self._call("release", keys, args))
 
     async def renew(self, leases: Mapping[str, Sequence[str]]) -> int:
         """Push back the expiry of the given leases (provider -> lease ids); how many renewed."""
@@ -275,10 +269,7 @@ class Store:
                 args += [len(ids), *ids]
         if not keys:
             return 0
-        try:
-            return int(await self._renew(keys=keys, args=args))
-        except RedisError as exc:
-            raise StoreError(f"renew failed: {exc}") from exc
+        return int(await self._call("renew", keys, args))
 
     async def in_flight(self, provider: str) -> int:
         """Requests the cluster has in flight on ``provider`` now (unexpired leases)."""

@@ -19,7 +19,8 @@
 -- ARGV[12]  circuit: first cooldown (ms), doubled on each reopening
 -- ARGV[13]  circuit: longest cooldown (ms)
 -- ARGV[14]  health channel, ARGV[15] provider name, ARGV[16] pool (for the published event)
--- Returns 1 when the lease was released by this call, 0 when it was already gone.
+-- Returns 1 when the lease was released by this call, 2 when it was and its failure opened
+-- the circuit, 0 when it was already gone.
 -- Circuit: connect errors, timeouts, 5xx and bad answers in a row open it; the half-open
 -- trial's success closes it, its failure reopens it with a doubled cooldown.
 
@@ -103,6 +104,7 @@ elseif failure[outcome] then
     redis.call('HSET', pk, 'circ', 'open', 'circ_until', now + wait, 'circ_opens', opens)
     redis.call('HDEL', pk, 'circ_trial')
     publish('open')
+    return 2
   end
 elseif trial then
   redis.call('HSET', pk, 'circ', 'open', 'circ_until', now)  -- no verdict: let another try

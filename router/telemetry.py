@@ -1,0 +1,141 @@
+"""OpenTelemetry set-up shared by replicas and healthd: metrics always, traces when asked.
+
+Metrics go to a private Prometheus registry served on ``GET /metrics``, and also over OTLP
+when ``OTEL_EXPORTER_OTLP_ENDPOINT`` (or ``..._METRICS_ENDPOINT``) is set. Traces exist only
+when an OTLP endpoint is set (``OTEL_EXPORTER_OTLP_ENDPOINT`` or ``..._TRACES_ENDPOINT``):
+otherwise ``span`` hands out a shared no-op context and nothing is recorded, so tracing
+switched off costs a function call per span.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+from opentelemetry import context as otel_context
+from opentelemetry import propagate, trace
+from opentelemetry.context import Context
+from opentelemetry.exporter.prometheus import PrometheusMetricReader
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.export import MetricReader, PeriodicExportingMetricReader
+from opentelemetry.sdk.metrics.view import ExplicitBucketHistogramAggregation, View
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import BatchSpanProcessor
+from prometheus_client import CollectorRegistry, generate_latest
+
+from router import __version__
+
+LATENCY_BUCKETS = (
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120,
+)  # fmt: skip
+DECISION_BUCKETS = (0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.05, 0.1)
+PROMETHEUS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+
+def _endpoint(signal: str, env: Mapping[str, str]) -> str | None:
+    return env.get(f"OTEL_EXPORTER_OTLP_{signal}_ENDPOINT") or env.get(
+        "OTEL_EXPORTER_OTLP_ENDPOINT"
+    )
+
+
+class Telemetry:
+    """A meter (Prometheus + optional OTLP) and an optional tracer for one process."""
+
+    def __init__(self, service: str, instance: str, env: Mapping[str, str] | None = None) -> None:
+        env = os.environ if env is None else env
+        resource = Resource.create(
+            {"service.name": service, "service.instance.id": instance,
+             "service.version": __version__}
+        )  # fmt: skip
+        self.registry = CollectorRegistry()
+        readers: list[MetricReader] = [
+            PrometheusMetricReader(
+                registry=self.registry, disable_target_info=True, scope_info_enabled=False
+            )
+        ]
+        if _endpoint("METRICS", env):
+            from opentelemetry.exporter.otlp.proto.http.metric_exporter import OTLPMetricExporter
+
+            readers.append(PeriodicExportingMetricReader(OTLPMetricExporter()))
+        views = [
+            View(instrument_name="*decision_duration", aggregation=_buckets(DECISION_BUCKETS)),
+            View(instrument_name="*", instrument_unit="s", aggregation=_buckets(LATENCY_BUCKETS)),
+        ]
+        self.meters = MeterProvider(metric_readers=readers, resource=resource, views=views)
+        self.meter = self.meters.get_meter(service, __version__)
+        self.tracers: TracerProvider | None = None
+        self.tracer: trace.Tracer | None = None
+        if _endpoint("TRACES", env):
+            from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+
+            self.tracers = TracerProvider(resource=resource)
+            self.tracers.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
+            self.tracer = self.tracers.get_tracer(service, __version__)
+
+    def render(self) -> bytes:
+        """The metrics in Prometheus text format."""
+        return bytes(generate_latest(self.registry))
+
+    def shutdown(self) -> None:
+        """Flush and stop the exporters."""
+        self.meters.shutdown()
+        if self.tracers is not None:
+            self.tracers.shutdown()
+
+    @contextlib.contextmanager
+    def span(
+        self, name: str, kind: trace.SpanKind = trace.SpanKind.INTERNAL, **attrs: Any
+    ) -> Iterator[trace.Span | None]:
+        """A child span of the current one, or nothing at all when tracing is off."""
+        if self.tracer is None:
+            yield None
+            return
+        with self.tracer.start_as_current_span(name, kind=kind, attributes=attrs) as s:
+            yield s
+
+    def start_request(
+        self, name: str, headers: Mapping[str, str], **attrs: Any
+    ) -> tuple[trace.Span | None, Context | None]:
+        """Start the server span of a request, continuing the client's ``traceparent``."""
+        if self.tracer is None:
+            return None, None
+        parent = propagate.extract(headers)
+        s = self.tracer.start_span(name, parent, trace.SpanKind.SERVER, attributes=attrs)
+        return s, trace.set_span_in_context(s, parent)
+
+    @staticmethod
+    @contextlib.contextmanager
+    def attached(ctx: Context | None) -> Iterator[None]:
+        """Make ``ctx`` current for the block (same task in and out)."""
+        if ctx is None:
+            yield
+            return
+        token = otel_context.attach(ctx)
+        try:
+            yield
+        finally:
+            otel_context.detach(token)
+
+    @staticmethod
+    def end_request(s: trace.Span | None, status: int) -> None:
+        """End a request's server span (from ``start_request``)."""
+        if s is None:
+            return
+        s.set_attribute("http.response.status_code", status)
+        if status >= 500:
+            s.set_status(trace.Status(trace.StatusCode.ERROR))
+        s.end()
+
+    def inject(self, headers: dict[str, str], client_traceparent: str | None) -> None:
+        """Pass the trace on to a provider: ours when tracing, else the client's as it came."""
+        if self.tracer is not None:
+            propagate.inject(headers)
+        elif client_traceparent:
+            headers["traceparent"] = client_traceparent
+
+
+def _buckets(bounds: tuple[float, ...]) -> ExplicitBucketHistogramAggregation:
+    return ExplicitBucketHistogramAggregation(boundaries=bounds)
