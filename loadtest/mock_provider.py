@@ -195,6 +195,8 @@ class Stats:
     in_flight_peak: int = 0
     tokens_charged: int = 0
     models: dict[str, int] = field(default_factory=dict)
+    last_traceparent: str | None = None
+    """The W3C trace context of the last request, to check that gateways pass it on."""
 
     def record(self, counter: str | None, status: int | None) -> None:
         """Bump an outcome counter and/or the per-status count."""
@@ -664,6 +666,7 @@ class MockProvider:
     async def _serve(self, request: web.Request, kind: str) -> web.StreamResponse:
         """Faults, validation, errors, admission, then the answer - in a real provider's order."""
         raw = await request.read()
+        self.stats.last_traceparent = request.headers.get("traceparent")
         early = self._take_fault(EARLY_FAULTS)
         if early is not None:
             return self._early_fault(request, early)

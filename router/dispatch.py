@@ -12,6 +12,7 @@ path, including a client that goes away mid-stream.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 import random
 import time
@@ -298,13 +299,14 @@ class _Relay:
         self.lease, self.resp, self.started = lease, resp, started
         self.ttft_ms = -1.0
         self.released = False
+        self.context = contextvars.copy_context()  # the request's trace, for the release
 
     async def close(self) -> None:
         """Release the lease if the relay never ran to its end (the client went away early)."""
         if not self.released:
             self.resp.close()
             self.released = True
-            self.d.leases.release_soon(self.lease, Outcome("client_cancelled"))
+            self.d.leases.release_soon(self.lease, Outcome("client_cancelled"), self.context)
 
     async def run(
         self, first: bytes, chunks: AsyncIterator[bytes], tr: StreamTranslator
@@ -352,7 +354,7 @@ class _Relay:
         result = _outcome(self.lease, self.provider, info, usage, self.ttft_ms, tpot)
         if outcome != "ok":
             result = Outcome(outcome, result.token_correction, -1, -1)
-        self.d.leases.release_soon(self.lease, result)
+        self.d.leases.release_soon(self.lease, result, self.context)
 
 
 def _outcome(

@@ -42,7 +42,7 @@ class Gateway:
             self.telemetry, self.shared, lambda: self.mode.degraded, self.mode.seconds
         )
         self.store.on_error = self.metrics.redis_error
-        self.leases = LeaseKeeper(self.store, self.mode, self.local, self.metrics)
+        self.leases = LeaseKeeper(self.store, self.mode, self.local, self.metrics, self.telemetry)
         health = HealthStore(self.store)
         providers = [p.name for p in cfg.providers]
         self.view = HealthView(health, providers, cfg.replica.resync_s)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import logging
 from collections import defaultdict
 
@@ -22,6 +23,7 @@ from router.errors import StoreError
 from router.fallback import LocalState
 from router.metrics import RouterMetrics
 from router.store import Lease, Outcome, Store
+from router.telemetry import Telemetry
 
 log = logging.getLogger("router.leases")
 
@@ -32,10 +34,12 @@ class LeaseKeeper:
     """Tracks the replica's live leases; renews and releases them."""
 
     def __init__(
-        self, store: Store, mode: SharedMode, local: LocalState, metrics: RouterMetrics
-    ) -> None:
+        self, store: Store, mode: SharedMode, local: LocalState, metrics: RouterMetrics,
+        tel: Telemetry,
+    ) -> None:  # fmt: skip
         self.store = store
         self.metrics = metrics
+        self.tel = tel
         self.mode = mode
         self.local = local
         self._deferred: list[tuple[Lease, Outcome]] = []
@@ -76,7 +80,8 @@ class LeaseKeeper:
             self.local.cool(lease.provider, outcome.cooldown_ms)
             self.metrics.cooldown(lease.provider)
         if not lease.local:
-            await self._release_shared(lease, outcome)
+            with self.tel.span("release", provider=lease.provider, outcome=outcome.outcome):
+                await self._release_shared(lease, outcome)
         self._wake()
 
     async def _release_shared(self, lease: Lease, outcome: Outcome) -> None:
@@ -104,9 +109,11 @@ class LeaseKeeper:
                 self._deferred = pending[i:] + self._deferred
                 raise
 
-    def release_soon(self, lease: Lease, outcome: Outcome) -> None:
-        """Release ``lease`` in a tracked background task."""
-        task = asyncio.create_task(self.release(lease, outcome))
+    def release_soon(
+        self, lease: Lease, outcome: Outcome, context: contextvars.Context | None = None
+    ) -> None:
+        """Release ``lease`` in a tracked background task (in ``context``: the request's trace)."""
+        task = asyncio.create_task(self.release(lease, outcome), context=context)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
