@@ -59,7 +59,9 @@ class HealthDaemon:
         self.epoch = 0
         self.failed = False
         """Set when a probe task died of a bug: the daemon stops and exits non-zero."""
-        self.metrics = Metrics(p.name for p in cfg.providers)
+        self.metrics = Metrics(
+            (p.name for p in cfg.providers), self.id, lambda: self.leading, lambda: self.epoch
+        )
         self._store = Store.from_config(cfg)
         self._health = HealthStore(self._store)
         self._lead = asyncio.Event()  # set while leading: the probe tasks wait on it

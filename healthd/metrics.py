@@ -1,66 +1,71 @@
-"""healthd's metrics, rendered by hand in the Prometheus text format (version 0.0.4).
+"""healthd's metrics, through OpenTelemetry and its Prometheus exporter (as the replicas').
 
-Hand-written because there are five series; a later change moves them to OpenTelemetry.
 Label values are provider names and fixed words only: never a URL, a header or a key.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
-CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+from opentelemetry.metrics import Observation
+
+from router.telemetry import PROMETHEUS_CONTENT_TYPE, Telemetry
+
+CONTENT_TYPE = PROMETHEUS_CONTENT_TYPE
 RESULTS = ("ok", "fail")
 STATES = ("up", "down")
-
-
-def _escape(value: str) -> str:
-    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
-
-
-def _labels(**labels: str) -> str:
-    return "{" + ",".join(f'{k}="{_escape(v)}"' for k, v in labels.items()) + "}"
-
-
-def _family(name: str, kind: str, help_text: str, samples: Iterable[str]) -> list[str]:
-    return [f"# HELP {name} {help_text}", f"# TYPE {name} {kind}", *samples]
+METRIC_NAMES = frozenset(
+    {
+        "healthd_leader",
+        "healthd_epoch",
+        "healthd_probes_total",
+        "healthd_probe_duration_seconds",
+        "healthd_health_transitions_total",
+    }
+)
+"""Every metric healthd exposes, by its Prometheus name (the dashboards' contract)."""
 
 
 class Metrics:
-    """Probe counts, last latencies and transitions, per provider."""
+    """Probe counts and latencies, transitions, and leadership."""
 
-    def __init__(self, providers: Iterable[str]) -> None:
-        self.providers = tuple(providers)
-        # every known series starts at 0, so a rate() over the first scrape is right
-        self.probes = {(p, r): 0 for p in self.providers for r in RESULTS}
-        self.transitions = {(p, s): 0 for p in self.providers for s in STATES}
-        self.latency_s: dict[str, float] = {}
+    def __init__(
+        self, providers: Iterable[str], instance: str, leading: Callable[[], bool],
+        epoch: Callable[[], int],
+    ) -> None:  # fmt: skip
+        self.tel = Telemetry("healthd", instance)
+        m = self.tel.meter
+        self._probes = m.create_counter("healthd_probes", description="Probes sent, by result")
+        self._latency = m.create_histogram(
+            "healthd_probe_duration", unit="s", description="Probe latency"
+        )
+        self._transitions = m.create_counter(
+            "healthd_health_transitions", description="Health transitions recorded, by new state"
+        )
+        m.create_observable_gauge(
+            "healthd_leader", [lambda _: [Observation(int(leading()))]],
+            description="1 while this daemon holds the leader lease",
+        )  # fmt: skip
+        m.create_observable_gauge(
+            "healthd_epoch", [lambda _: [Observation(epoch())]],
+            description="The healthd epoch (fencing token) last seen",
+        )  # fmt: skip
+        for p in providers:  # every series starts at 0, so a rate() over the first scrape is right
+            for r in RESULTS:
+                self._probes.add(0, {"provider": p, "result": r})
+            for s in STATES:
+                self._transitions.add(0, {"provider": p, "to": s})
 
     def probed(self, provider: str, ok: bool, latency_ms: float) -> None:
-        """Count one probe and keep its latency."""
-        self.probes[provider, "ok" if ok else "fail"] += 1
-        self.latency_s[provider] = latency_ms / 1000
+        """Count one probe and its latency."""
+        self._probes.add(1, {"provider": provider, "result": "ok" if ok else "fail"})
+        self._latency.record(latency_ms / 1000, {"provider": provider})
 
     def transitioned(self, provider: str, to: str) -> None:
         """Count one health transition of ``provider`` to ``to`` (up or down)."""
         if to in STATES:
-            self.transitions[provider, to] += 1
+            self._transitions.add(1, {"provider": provider, "to": to})
 
-    def render(self, leading: bool, epoch: int) -> str:
-        """The whole exposition, as served on ``GET /metrics``."""
-        lines = [
-            *_family("healthd_leader", "gauge", "1 while this daemon holds the leader lease.",
-                     [f"healthd_leader {int(leading)}"]),
-            *_family("healthd_epoch", "gauge", "The healthd epoch (fencing token) last seen.",
-                     [f"healthd_epoch {epoch}"]),
-            *_family("healthd_probes_total", "counter", "Probes sent by this daemon, by result.",
-                     (f"healthd_probes_total{_labels(provider=p, result=r)} {n}"
-                      for (p, r), n in self.probes.items())),
-            *_family("healthd_probe_latency_seconds", "gauge", "Latency of the last probe.",
-                     (f"healthd_probe_latency_seconds{_labels(provider=p)} {s:.6f}"
-                      for p, s in self.latency_s.items())),
-            *_family("healthd_transitions_total", "counter",
-                     "Health transitions this daemon recorded, by new state.",
-                     (f"healthd_transitions_total{_labels(provider=p, to=s)} {n}"
-                      for (p, s), n in self.transitions.items())),
-        ]  # fmt: skip
-        return "\n".join(lines) + "\n"
+    def render(self) -> bytes:
+        """The exposition served on ``GET /metrics``."""
+        return self.tel.render()

@@ -36,8 +36,7 @@ def make_app(status: Status) -> web.Application:
         return web.json_response(body)
 
     async def metrics(request: web.Request) -> web.Response:
-        text = status.metrics.render(status.leading, status.epoch)
-        return web.Response(body=text.encode(), headers={"Content-Type": CONTENT_TYPE})
+        return web.Response(body=status.metrics.render(), headers={"Content-Type": CONTENT_TYPE})
 
     app = web.Application()
     app.router.add_get("/healthz", healthz)

@@ -9,7 +9,6 @@ import asyncio
 import contextlib
 import json
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -20,6 +19,7 @@ from typing import Any
 import httpx
 import pytest
 import redis
+from prometheus_client.parser import text_string_to_metric_families
 
 from healthd.probe import probe
 from router.config import Config, load_config, parse_config
@@ -217,33 +217,26 @@ def test_sigterm_resigns_so_the_standby_leads_at_once(
     assert '"msg":"resigned"' in leader.output()
 
 
-SAMPLE = re.compile(r'^([a-z_]+)(\{(?:[a-z_]+="[^"]*",?)*\})? (-?[0-9.e+-]+)$')
-COMMENT = re.compile(r"^# (HELP|TYPE) ([a-z_]+) (.+)$")
 FAMILIES = {
     "healthd_leader": "gauge",
     "healthd_epoch": "gauge",
-    "healthd_probes_total": "counter",
-    "healthd_probe_latency_seconds": "gauge",
-    "healthd_transitions_total": "counter",
+    "healthd_probes": "counter",
+    "healthd_probe_duration_seconds": "histogram",
+    "healthd_health_transitions": "counter",
 }
 
 
 def scrape(url: str) -> dict[str, float]:
-    """GET /metrics, checked line by line as Prometheus text; sample -> value."""
+    """GET /metrics, parsed as Prometheus text; sample (with its labels) -> value."""
     resp = httpx.get(f"{url}/metrics", timeout=5)
     assert resp.headers["content-type"].startswith("text/plain; version=0.0.4")
-    types: dict[str, str] = {}
     samples: dict[str, float] = {}
-    for line in resp.text.splitlines():
-        if comment := COMMENT.match(line):
-            if comment[1] == "TYPE":
-                types[comment[2]] = comment[3]
-            continue
-        sample = SAMPLE.match(line)
-        assert sample, f"not Prometheus text: {line!r}"
-        assert sample[1] in types, f"{sample[1]} has no # TYPE line before it"
-        samples[sample[1] + (sample[2] or "")] = float(sample[3])
-    assert types == FAMILIES
+    families = list(text_string_to_metric_families(resp.text))
+    assert {f.name: f.type for f in families} == FAMILIES
+    for family in families:
+        for s in family.samples:
+            labels = ",".join(f'{k}="{v}"' for k, v in sorted(s.labels.items()))
+            samples[s.name + (f"{{{labels}}}" if labels else "")] = s.value
     assert_no_secrets(resp.text)
     return samples
 
@@ -264,8 +257,12 @@ def test_metrics_count_probes_of_both_kinds(
     assert later['healthd_probes_total{provider="a",result="fail"}'] == 0
     assert later["healthd_leader"] == 1
     assert later["healthd_epoch"] >= 1
-    assert 0 < later['healthd_probe_latency_seconds{provider="b"}'] < FAST["timeout_s"]
-    assert later['healthd_transitions_total{provider="a",to="up"}'] == 1
+    assert later['healthd_probe_duration_seconds_count{provider="b"}'] >= 1
+    sum_b = later['healthd_probe_duration_seconds_sum{provider="b"}']
+    assert (
+        0 < sum_b < FAST["timeout_s"] * later['healthd_probe_duration_seconds_count{provider="b"}']
+    )
+    assert later['healthd_health_transitions_total{provider="a",to="up"}'] == 1
     assert_no_secrets(proc.output())
 
 
