@@ -75,14 +75,14 @@ class RouterMetrics:
     ) -> None:  # fmt: skip
         m = tel.meter
         self.shared = shared
-        self._requests = m.create_counter("router_requests", description="Requests answered")
-        self._failovers = m.create_counter("router_failovers", description="Failed attempts")
-        self._saturated = m.create_counter(
-            "router_saturation_rejections", description="Requests refused: no target had room"
+        self._requests = _Counter(tel, "router_requests", "Requests answered")
+        self._failovers = _Counter(tel, "router_failovers", "Failed attempts, failed over")
+        self._saturated = _Counter(
+            tel, "router_saturation_rejections", "Requests refused: no target had room"
         )
-        self._cooldowns = m.create_counter("router_cooldowns", description="429 cooldowns set")
-        self._circuits = m.create_counter(
-            "router_circuit_openings", description="Circuits this replica's outcomes opened"
+        self._cooldowns = _Counter(tel, "router_cooldowns", "429 cooldowns set")
+        self._circuits = _Counter(
+            tel, "router_circuit_openings", "Circuits this replica's outcomes opened"
         )
         self._duration = m.create_histogram(
             "router_request_duration", unit="s", description="Request duration, to the last byte"
@@ -93,9 +93,7 @@ class RouterMetrics:
         self._decision = m.create_histogram(
             "router_decision_duration", unit="s", description="Acquire round trip (decision)"
         )
-        self._redis_errors = m.create_counter(
-            "router_redis_errors", description="Failed shared-store calls"
-        )
+        self._redis_errors = _Counter(tel, "router_redis_errors", "Failed shared-store calls")
         m.create_observable_gauge(
             "router_degraded", [lambda _: [Observation(int(degraded()))]],
             description="1 while the replica serves from local state",
@@ -135,10 +133,16 @@ class RouterMetrics:
 
     def request(self, route: str, provider: str, status: int, outcome: str, seconds: float) -> None:
         """One answered request."""
-        labels = {"route": route, "provider": provider}
-        self._requests.add(1, {**labels, "status_class": f"{status // 100}xx", "outcome": outcome})
+        self._requests.add(
+            (
+                ("route", route),
+                ("provider", provider),
+                ("status_class", f"{status // 100}xx"),
+                ("outcome", outcome),
+            )
+        )
         if provider != "none":
-            self._duration.record(seconds, labels)
+            self._duration.record(seconds, {"route": route, "provider": provider})
 
     def first_token(self, route: str, provider: str, seconds: float) -> None:
         """A stream's time to first token."""
@@ -146,19 +150,38 @@ class RouterMetrics:
 
     def failover(self, route: str, provider: str, reason: str) -> None:
         """One failed attempt that sent the request on."""
-        self._failovers.add(1, {"route": route, "provider": provider, "reason": reason})
+        self._failovers.add((("route", route), ("provider", provider), ("reason", reason)))
 
     def saturated(self, route: str) -> None:
-        self._saturated.add(1, {"route": route})
+        self._saturated.add((("route", route),))
 
     def decision(self, route: str, mode: str, seconds: float) -> None:
         self._decision.record(seconds, {"route": route, "mode": mode})
 
     def cooldown(self, provider: str) -> None:
-        self._cooldowns.add(1, {"provider": provider})
+        self._cooldowns.add((("provider", provider),))
 
     def circuit_opened(self, provider: str) -> None:
-        self._circuits.add(1, {"provider": provider})
+        self._circuits.add((("provider", provider),))
 
     def redis_error(self, operation: str) -> None:
-        self._redis_errors.add(1, {"operation": operation})
+        self._redis_errors.add((("operation", operation),))
+
+
+class _Counter:
+    """A counter kept in a plain dict and reported through an observable counter.
+
+    The SDK's ``Counter.add`` costs about 8 us a call on this machine type; a dict increment
+    costs a fraction of one, and the exporter reads the totals only when scraped.
+    """
+
+    def __init__(self, tel: Telemetry, name: str, description: str) -> None:
+        self.counts: dict[tuple[tuple[str, str], ...], int] = {}
+        tel.meter.create_observable_counter(name, [self._observe], description=description)
+
+    def add(self, labels: tuple[tuple[str, str], ...]) -> None:
+        self.counts[labels] = self.counts.get(labels, 0) + 1
+
+    def _observe(self, _: CallbackOptions) -> Iterable[Observation]:
+        for labels, n in list(self.counts.items()):
+            yield Observation(n, dict(labels))

@@ -32,13 +32,19 @@ LATENCY_BUCKETS = (
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120,
 )  # fmt: skip
 DECISION_BUCKETS = (0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.05, 0.1)
+LATENCY_HISTOGRAMS = (
+    "router_request_duration", "router_time_to_first_token", "healthd_probe_duration",
+)  # fmt: skip
 PROMETHEUS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 
 def _endpoint(signal: str, env: Mapping[str, str]) -> str | None:
-    return env.get(f"OTEL_EXPORTER_OTLP_{signal}_ENDPOINT") or env.get(
-        "OTEL_EXPORTER_OTLP_ENDPOINT"
-    )
+    """The OTLP/HTTP URL of one signal: its own variable as is, or the base one + /v1/..."""
+    own = env.get(f"OTEL_EXPORTER_OTLP_{signal}_ENDPOINT")
+    if own:
+        return own
+    base = env.get("OTEL_EXPORTER_OTLP_ENDPOINT")
+    return f"{base.rstrip('/')}/v1/{signal.lower()}" if base else None
 
 
 class Telemetry:
@@ -56,23 +62,28 @@ class Telemetry:
                 registry=self.registry, disable_target_info=True, scope_info_enabled=False
             )
         ]
-        if _endpoint("METRICS", env):
+        if metrics_url := _endpoint("METRICS", env):
             from opentelemetry.exporter.otlp.proto.http.metric_exporter import OTLPMetricExporter
 
-            readers.append(PeriodicExportingMetricReader(OTLPMetricExporter()))
+            exporter = OTLPMetricExporter(endpoint=metrics_url)
+            readers.append(PeriodicExportingMetricReader(exporter))
         views = [
-            View(instrument_name="*decision_duration", aggregation=_buckets(DECISION_BUCKETS)),
-            View(instrument_name="*", instrument_unit="s", aggregation=_buckets(LATENCY_BUCKETS)),
+            View(instrument_name=name, aggregation=_buckets(LATENCY_BUCKETS))
+            for name in LATENCY_HISTOGRAMS
         ]
+        views.append(
+            View(instrument_name="router_decision_duration", aggregation=_buckets(DECISION_BUCKETS))
+        )
         self.meters = MeterProvider(metric_readers=readers, resource=resource, views=views)
         self.meter = self.meters.get_meter(service, __version__)
         self.tracers: TracerProvider | None = None
         self.tracer: trace.Tracer | None = None
-        if _endpoint("TRACES", env):
+        if traces_url := _endpoint("TRACES", env):
             from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
 
             self.tracers = TracerProvider(resource=resource)
-            self.tracers.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
+            spans = OTLPSpanExporter(endpoint=traces_url)
+            self.tracers.add_span_processor(BatchSpanProcessor(spans))
             self.tracer = self.tracers.get_tracer(service, __version__)
 
     def render(self) -> bytes:
