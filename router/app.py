@@ -21,6 +21,7 @@ from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from router import __version__
+from router.admin import admin_router
 from router.config import Config
 from router.dispatch import Operation, Reply
 from router.errors import (
@@ -149,6 +150,7 @@ def create_app(cfg: Config, store: Store | None = None) -> FastAPI:
                           "code": "internal_error", "param": None}}  # fmt: skip
         return Response(orjson.dumps(body), 500, media_type=JSON)
 
+    app.include_router(admin_router(gw))
     _add_openai_routes(app, gw)
     _add_health_routes(app, gw)
     return app

@@ -4,13 +4,20 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import sys
 
+from rich.console import Console
+from rich.live import Live
+from rich.text import Text
+
 from router.config import Config, load_config
 from router.errors import ConfigError, StoreError
+from router.inspect import ClusterState, describe_keys, read_state, state_json
 from router.launcher import add_arguments as add_up_arguments
 from router.launcher import up as run_up
+from router.statetable import render_keys, render_state
 from router.store import HealthStore, Store
 
 
@@ -61,6 +68,99 @@ def drain(path: str | None, provider: str, drained: bool) -> int:
     return 0
 
 
+def _inspected_config(path: str | None) -> Config | None:
+    from router.cli import config_from_args  # exits 2 with every problem
+
+    if not (path or os.environ.get("ROUTER_CONFIG")):
+        print("routerctl: no config file: pass --config FILE or set ROUTER_CONFIG", file=sys.stderr)
+        return None
+    cfg = config_from_args(path)
+    if not cfg.redis_url:
+        print("routerctl: the config names no Redis (redis_url or REDIS_URL), and the cluster "
+              "state lives there", file=sys.stderr)  # fmt: skip
+        return None
+    return cfg
+
+
+async def _show_state(store: Store, cfg: Config, as_json: bool, watch: float | None) -> None:
+    state = await read_state(store, cfg)
+    if watch is None and as_json:
+        print(json.dumps(state_json(state), indent=2))
+    elif watch is None:
+        Console().print(render_state(state))
+    elif as_json:
+        await _watch_json(store, cfg, state, watch)
+    else:
+        await _watch_table(store, cfg, state, watch)
+
+
+async def _watch_json(store: Store, cfg: Config, state: ClusterState, every: float) -> None:
+    """One JSON document per line, per refresh, until Ctrl-C."""
+    while True:
+        print(json.dumps(state_json(state)), flush=True)
+        await asyncio.sleep(every)
+        try:
+            state = await read_state(store, cfg)
+        except StoreError as exc:  # keep watching: Redis may come back
+            print(f"routerctl: {exc} (retrying)", file=sys.stderr, flush=True)
+
+
+async def _watch_table(store: Store, cfg: Config, state: ClusterState, every: float) -> None:
+    """The tables, refreshed in place until Ctrl-C."""
+    with Live(render_state(state), auto_refresh=False) as live:
+        while True:
+            await asyncio.sleep(every)
+            try:
+                live.update(render_state(await read_state(store, cfg)), refresh=True)
+            except StoreError as exc:  # keep watching: Redis may come back
+                live.update(Text(f"routerctl: {exc} (retrying)", style="red"), refresh=True)
+
+
+async def _inspect(cfg: Config, command: str, as_json: bool, watch: float | None) -> None:
+    store = Store.from_config(cfg)
+    try:
+        await store.start(warm=1)
+        if command == "keys":
+            Console().print(render_keys(await describe_keys(store, cfg)))
+        else:
+            await _show_state(store, cfg, as_json, watch)
+    finally:
+        await store.close()
+
+
+def inspect_cluster(
+    path: str | None, command: str, as_json: bool = False, watch: float | None = None
+) -> int:
+    """Show the cluster state (``state``) or its Redis keys (``keys``). Exit status 0, 1 or 2."""
+    cfg = _inspected_config(path)
+    if cfg is None:
+        return 2
+    try:
+        asyncio.run(_inspect(cfg, command, as_json, watch))
+    except StoreError as exc:
+        print(f"routerctl: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:  # the way out of --watch
+        return 0
+    return 0
+
+
+def _seconds(text: str) -> float:
+    value = float(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError("must be > 0")
+    return value
+
+
+def _add_inspect_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    state = sub.add_parser("state", help="show the cluster's shared state: providers, replicas")
+    state.add_argument("--config", default=os.environ.get("ROUTER_CONFIG"))
+    state.add_argument("--json", action="store_true", help="print the JSON form (schema 1)")
+    state.add_argument("--watch", type=_seconds, metavar="SECONDS", help="refresh until Ctrl-C")
+    keys = sub.add_parser("keys", help="list the deployment's Redis keys: type, TTL, meaning")
+    keys.add_argument("--config", default=os.environ.get("ROUTER_CONFIG"))
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the ``routerctl`` command."""
     parser = argparse.ArgumentParser(prog="routerctl", description="Operate a router cluster.")
@@ -75,7 +175,11 @@ def main(argv: list[str] | None = None) -> None:
         cmd = sub.add_parser(name, help=f"{text} a provider, on every replica")
         cmd.add_argument("provider")
         cmd.add_argument("--config", default=os.environ.get("ROUTER_CONFIG"))
+    _add_inspect_commands(sub)
     args = parser.parse_args(argv)
+    if args.command in ("state", "keys"):
+        watch = getattr(args, "watch", None)
+        sys.exit(inspect_cluster(args.config, args.command, getattr(args, "json", False), watch))
     if args.command in ("drain", "enable"):
         sys.exit(drain(args.config, args.provider, args.command == "drain"))
     if args.command == "check-config":

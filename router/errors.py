@@ -8,6 +8,7 @@
     │   ├── Unauthorized             401 missing or wrong bearer key
     │   ├── Forbidden                403 a valid key without the right to do this
     │   ├── ModelNotFound            404 no route serves this model
+    │   ├── ProviderNotFound         404 the config names no such provider (admin API)
     │   ├── PayloadTooLarge          413 body over the configured limit
     │   └── ProviderClientError      4xx answered by a provider, passed through
     ├── Saturated                    429 no target has room; carries retry_after_s
@@ -89,6 +90,11 @@ class Forbidden(ClientError):
 class ModelNotFound(ClientError):
     status = 404
     code = "model_not_found"
+
+
+class ProviderNotFound(ClientError):
+    status = 404
+    code = "provider_not_found"
 
 
 class PayloadTooLarge(ClientError):

@@ -19,6 +19,7 @@ from router.health import HealthView
 from router.leases import LeaseKeeper
 from router.membership import Heartbeat
 from router.metrics import RouterMetrics, SharedFigures
+from router.poller import StatePoller
 from router.store import HealthStore, Store
 from router.telemetry import Telemetry
 from router.upstream import Upstream
@@ -42,6 +43,7 @@ class Gateway:
             self.telemetry, self.shared, lambda: self.mode.degraded, self.mode.seconds
         )
         self.store.on_error = self.metrics.redis_error
+        self.poller = StatePoller(self.store, cfg, self.shared, self.mode)
         self.leases = LeaseKeeper(self.store, self.mode, self.local, self.metrics, self.telemetry)
         health = HealthStore(self.store)
         providers = [p.name for p in cfg.providers]
@@ -73,10 +75,12 @@ class Gateway:
         self.leases.start()
         self.view.start()
         self.heartbeat.start()
+        self.poller.start()
         log.info("replica started", extra={"fields": {"replica": self.replica}})
 
     async def stop(self) -> None:
         """Finish pending releases, then close everything."""
+        await self.poller.stop()
         await self.heartbeat.stop()
         await self.view.stop()
         await self.mode.stop()

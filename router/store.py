@@ -31,7 +31,7 @@ EWMA_TAU_MS = 10_000
 DEFAULT_CIRCUIT = Circuit()
 SCRIPTS = (
     "acquire", "release", "renew", "report_probe", "take_lead", "resign", "heartbeat",
-    "read_health", "set_drain",
+    "read_health", "set_drain", "read_state",
 )  # fmt: skip
 
 

@@ -1,0 +1,96 @@
+"""The admin API of a replica: the cluster state, and drains, behind the admin token.
+
+Only ``Authorization: Bearer <admin_token>`` passes, compared in constant time; a client key
+is recognised (403, not 401) so a misdirected call says what is wrong. Without an
+``admin_token`` in the config the admin API is off (403). Nothing here shows a secret.
+"""
+
+from __future__ import annotations
+
+import hmac
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
+
+import orjson
+from fastapi import APIRouter, Request
+from fastapi.responses import Response
+
+from router.config import Config
+from router.errors import Forbidden, ProviderNotFound, StoreError, Unauthorized
+from router.gateway import Gateway
+from router.inspect import read_state, state_json
+from router.store import HealthStore
+
+JSON = "application/json"
+T = TypeVar("T")
+
+
+class AdminGuard:
+    """Checks the admin bearer token, telling a client key apart from a wrong token."""
+
+    def __init__(self, cfg: Config) -> None:
+        token = cfg.admin_token
+        self._token = token.value.get_secret_value().encode() if token else None
+        self._client_keys = [ref.value.get_secret_value().encode() for ref in cfg.client_keys]
+
+    def check(self, request: Request) -> None:
+        """Raise ``Forbidden`` or ``Unauthorized`` unless the request carries the admin token."""
+        if self._token is None:
+            raise Forbidden("the admin API is disabled: the config sets no admin_token")
+        scheme, _, value = request.headers.get("authorization", "").partition(" ")
+        candidate = value.strip().encode()
+        if scheme.lower() != "bearer" or not candidate:
+            raise Unauthorized("missing admin token (send Authorization: Bearer <admin token>)")
+        if hmac.compare_digest(candidate, self._token):
+            return
+        is_client = False
+        for key in self._client_keys:  # every key compared, so timing tells nothing
+            is_client |= hmac.compare_digest(candidate, key)
+        if is_client:
+            raise Forbidden("a client key cannot use the admin API: send the admin token")
+        raise Unauthorized("invalid admin token")
+
+
+async def _shared(gw: Gateway, call: Callable[[], Awaitable[T]]) -> T:
+    """Run ``call`` on the shared store; a failure makes the replica degraded, as anywhere."""
+    if gw.mode.degraded:
+        raise StoreError(
+            "the cluster state lives in Redis, which this replica cannot reach now "
+            f"(degraded: {gw.mode.reason})"
+        )
+    try:
+        return await call()
+    except StoreError as exc:
+        gw.mode.enter(exc)
+        raise
+
+
+def admin_router(gw: Gateway) -> APIRouter:
+    """``GET /admin/state`` and ``POST /admin/providers/{name}/drain|enable``."""
+    router = APIRouter(prefix="/admin")
+    guard = AdminGuard(gw.cfg)
+    names = {p.name for p in gw.cfg.providers}
+
+    @router.get("/state")
+    async def state(request: Request) -> Response:
+        guard.check(request)
+        current = await _shared(gw, lambda: read_state(gw.store, gw.cfg))
+        return Response(orjson.dumps(state_json(current)), 200, media_type=JSON)
+
+    async def set_drain(request: Request, name: str, drained: bool) -> Response:
+        guard.check(request)
+        if name not in names:
+            raise ProviderNotFound(f"no provider named '{name[:100]}' in the config")
+        version = await _shared(gw, lambda: HealthStore(gw.store).set_drain(name, drained))
+        body = {"provider": name, "drained": drained, "version": version}
+        return Response(orjson.dumps(body), 200, media_type=JSON)
+
+    @router.post("/providers/{name}/drain")
+    async def drain(request: Request, name: str) -> Response:
+        return await set_drain(request, name, True)
+
+    @router.post("/providers/{name}/enable")
+    async def enable(request: Request, name: str) -> Response:
+        return await set_drain(request, name, False)
+
+    return router

@@ -1,0 +1,77 @@
+"""Reads the cluster's shared state every few seconds for the per-provider gauges.
+
+Metric callbacks cannot wait on Redis, so the figures are read in the background and the
+callbacks report the latest reading. While the replica is degraded there is nothing to read.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+
+from router.config import Config
+from router.degraded import SharedMode
+from router.errors import StoreError
+from router.inspect import ClusterState, read_state
+from router.metrics import ProviderFigures, SharedFigures
+from router.store import Store
+
+log = logging.getLogger("router.poller")
+
+INTERVAL_S = 5.0
+
+
+def figures(state: ClusterState) -> dict[str, ProviderFigures]:
+    """The gauges' view of one cluster state reading."""
+    return {
+        p.name: ProviderFigures(
+            in_flight=p.in_flight,
+            rpm_used=p.rpm_used,
+            rpm_limit=p.rpm_limit,
+            tpm_used=p.tpm_used,
+            tpm_limit=p.tpm_limit,
+            healthy=p.health != "down",
+            circuit_open=p.circuit != "closed",
+            drained=p.drained,
+            ttft_ewma_s=p.ttft_ewma_ms / 1000 if p.ttft_ewma_ms is not None else None,
+            tpot_ewma_s=p.tpot_ewma_ms / 1000 if p.tpot_ewma_ms is not None else None,
+        )
+        for p in state.providers
+    }
+
+
+class StatePoller:
+    """Keeps ``shared`` current from Redis, every ``interval_s``."""
+
+    def __init__(
+        self, store: Store, cfg: Config, shared: SharedFigures, mode: SharedMode,
+        interval_s: float = INTERVAL_S,
+    ) -> None:  # fmt: skip
+        self.store, self.cfg, self.shared, self.mode = store, cfg, shared, mode
+        self.interval_s = interval_s
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        """Poll in the background."""
+        self._task = asyncio.create_task(self._poll_forever(), name="state-poller")
+
+    async def stop(self) -> None:
+        """Stop polling."""
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    async def poll(self) -> None:
+        """Read the shared state once (raises ``StoreError``)."""
+        self.shared.providers = figures(await read_state(self.store, self.cfg))
+
+    async def _poll_forever(self) -> None:
+        while True:
+            if not self.mode.degraded:
+                try:
+                    await self.poll()
+                except StoreError as exc:
+                    log.debug("state poll failed: %s", exc)  # counted as a Redis error
+            await asyncio.sleep(self.interval_s)
