@@ -157,6 +157,40 @@ def find_redis_server(env: Mapping[str, str]) -> str | None:
     return shutil.which("redis-server", path=env.get("PATH"))
 
 
+def find_haproxy(env: Mapping[str, str]) -> str | None:
+    """The HAProxy binary (``ROUTERCTL_HAPROXY`` overrides; empty disables), if installed."""
+    if "ROUTERCTL_HAPROXY" in env:
+        return env["ROUTERCTL_HAPROXY"] or None
+    return shutil.which("haproxy", path=env.get("PATH"))
+
+
+def haproxy_config(host: str, port: int, replicas: list[int]) -> str:
+    """A front for the replicas: round robin, in rotation while ``/readyz`` answers 200
+    (a degraded replica answers 200 too, and keeps serving)."""
+    servers = "\n".join(
+        f"    server router-{i} 127.0.0.1:{p} check inter 1s fall 2 rise 1"
+        for i, p in enumerate(replicas, 1)
+    )
+    return f"""global
+    maxconn 4096
+defaults
+    mode http
+    timeout connect 2s
+    timeout client 600s
+    timeout server 600s
+    option redispatch
+    retries 1
+frontend gateway
+    bind {host}:{port}
+    default_backend routers
+backend routers
+    balance roundrobin
+    option httpchk GET /readyz
+    http-check expect status 200
+{servers}
+"""
+
+
 def ensure_port_free(host: str, port: int, what: str) -> None:
     """Fail clearly when something already listens on ``host:port``."""
     try:
@@ -236,6 +270,7 @@ class Launcher:
         self.base_url = f"http://{_client_host(plan.host)}:{plan.port}"
         self._out = threading.Lock()
         self.tmpdir = Path(tempfile.mkdtemp(prefix="routerctl-up-"))
+        self.front = ""
 
     def run(self) -> int:
         """Start everything, then supervise until a signal (0) or a child's death (1)."""
@@ -324,24 +359,42 @@ class Launcher:
 
     def _start_replicas(self) -> None:
         argv = [sys.executable, "-m", "router.cli", "--config", str(self.plan.config_path)]
-        argv += ["--host", self.plan.host, "--port", str(self.plan.port)]
-        if self.plan.replicas > 1:
-            argv.append("--reuse-port")
-        routers = [
-            self._spawn(f"router-{n}", argv, first_to_stop=True)
-            for n in range(1, self.plan.replicas + 1)
-        ]
+        n = self.plan.replicas
+        haproxy = find_haproxy(self.env) if n > 1 else None
+        if haproxy:
+            # A real front load balancer: each replica on a port of its own, health-checked.
+            ports = [_free_port() for _ in range(n)]
+            routers = [
+                self._spawn(f"router-{i}", [*argv, "--host", "127.0.0.1", "--port", str(port)],
+                            first_to_stop=True)
+                for i, port in enumerate(ports, 1)
+            ]  # fmt: skip
+            cfg = self.tmpdir / "haproxy.cfg"
+            cfg.write_text(haproxy_config(self.plan.host, self.plan.port, ports))
+            routers.append(self._spawn("haproxy", [haproxy, "-f", str(cfg), "-db"]))
+            self.front = f"behind HAProxy on port {self.plan.port}"
+        else:
+            argv += ["--host", self.plan.host, "--port", str(self.plan.port)]
+            if n > 1:
+                argv.append("--reuse-port")
+                self.front = f"sharing port {self.plan.port} (SO_REUSEPORT)"
+            routers = [
+                self._spawn(f"router-{i}", argv, first_to_stop=True) for i in range(1, n + 1)
+            ]
         seen: set[str] = set()
-        what = f"{self.plan.replicas} ready replica(s) at {self.base_url}/readyz ({self.store})"
+        what = f"{n} ready replica(s) at {self.base_url}/readyz ({self.store})"
         self._wait(routers, lambda: self._replicas_ready(seen), what)
 
     def _replicas_ready(self, seen: set[str]) -> bool:
         # A new connection per poll, so the kernel may hand it to any replica on the port.
         try:
             with httpx.Client(base_url=self.base_url, timeout=2.0, trust_env=False) as client:
-                if client.get("/readyz").status_code != 200:
+                ready = client.get("/readyz")
+                if ready.status_code != 200:
                     return False
-                seen.add(str(client.get("/healthz").json()["replica"]))
+                # one request per poll: a front balancing per request would otherwise send
+                # a readyz/healthz pair to two replicas in lockstep, the same ones every time
+                seen.add(str(ready.json()["replica"]))
         except (httpx.HTTPError, ValueError, KeyError):
             return False
         return len(seen) >= self.plan.replicas
@@ -394,8 +447,8 @@ class Launcher:
 
     def _summary(self) -> str:
         n = self.plan.replicas
-        shared = f", sharing port {self.plan.port} (SO_REUSEPORT)" if n > 1 else ""
-        return f"{n} replica{'s' if n > 1 else ''}{shared}, {len(self.plan.mocks)} mock provider(s)"
+        front = f", {self.front}" if self.front else ""
+        return f"{n} replica{'s' if n > 1 else ''}{front}, {len(self.plan.mocks)} mock provider(s)"
 
     def _route_lines(self) -> list[str]:
         lines = []

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -117,8 +118,9 @@ def launch(tmp_path: Path, *args: str, env: dict[str, str] | None = None) -> Ite
 
 @pytest.fixture(scope="module")
 def two(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Launched]:
-    """Two replicas on one port, with the launcher's own redis-server."""
-    with launch(tmp_path_factory.mktemp("up"), "--replicas", "2") as launched:
+    """Two replicas on one port (SO_REUSEPORT: no HAProxy), with the launcher's own Redis."""
+    env = launcher_env(ROUTERCTL_HAPROXY="")
+    with launch(tmp_path_factory.mktemp("up"), "--replicas", "2", env=env) as launched:
         yield launched
 
 
@@ -169,6 +171,25 @@ def test_two_replicas_share_one_port(two: Launched) -> None:
         with httpx.Client(timeout=5, trust_env=False) as client:
             replicas.add(client.get(f"{base}/healthz").json()["replica"])
     assert len(replicas) == 2
+
+
+@pytest.mark.slow
+def test_haproxy_fronts_the_replicas_when_installed(tmp_path: Path) -> None:
+    if shutil.which("haproxy") is None:
+        pytest.skip("haproxy is not installed (tests/run.sh installs it: apt-get install haproxy)")
+    with launch(tmp_path, "--replicas", "2") as launched:
+        assert "behind HAProxy" in launched.output
+        assert "haproxy" in launched.children
+        base = launched.endpoint.removesuffix("/v1")
+        replicas = set()
+        for _ in range(20):  # a new connection each time: round robin over both
+            with httpx.Client(timeout=5, trust_env=False) as client:
+                replicas.add(client.get(f"{base}/healthz").json()["replica"])
+        assert len(replicas) == 2
+        with sdk(launched) as c:
+            chunks = list(c.chat.completions.create(model="chat-default", messages=MESSAGES,
+                                                    stream=True))  # fmt: skip
+        assert any(ch.choices and ch.choices[0].delta.content for ch in chunks)
 
 
 @pytest.mark.slow
