@@ -4,14 +4,16 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 # Debian packages the tests drive: redis-server (required), haproxy (the local front load
-# balancer). Installed when missing and we are root; otherwise we say how.
+# balancer), docker-compose (to validate docker-compose.yml; no engine needed). Installed
+# when missing and we are root; otherwise we say how.
 missing=()
 command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
 command -v haproxy >/dev/null 2>&1 || [ -x /usr/sbin/haproxy ] || missing+=(haproxy)
+command -v docker-compose >/dev/null 2>&1 || missing+=(docker-compose)  # `config` only
 if [ ${#missing[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
     echo "installing missing Debian packages: ${missing[*]}" >&2
-    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
   elif ! command -v redis-server >/dev/null 2>&1; then
     echo "redis-server is missing: install it (Debian: sudo apt-get install -y redis-server)" >&2
     exit 1
