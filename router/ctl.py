@@ -12,9 +12,10 @@ from rich.console import Console
 from rich.live import Live
 from rich.text import Text
 
-from router.config import Config, load_config
+from router.config import Config, Strategy, load_config
 from router.errors import ConfigError, StoreError
 from router.inspect import ClusterState, describe_keys, read_state, state_json
+from router.launcher import DEFAULT_CONFIG, REPO_ROOT
 from router.launcher import add_arguments as add_up_arguments
 from router.launcher import up as run_up
 from router.statetable import render_keys, render_state
@@ -161,6 +162,68 @@ def _add_inspect_commands(sub: argparse._SubParsersAction[argparse.ArgumentParse
     keys.add_argument("--config", default=os.environ.get("ROUTER_CONFIG"))
 
 
+def _at_least_one(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _add_cluster_options(cmd: argparse.ArgumentParser, config: str, what: str) -> None:
+    """Options shared by ``simulate`` and ``loadtest``: the config, the cluster, the output."""
+    cmd.add_argument("--config", default=config, help=f"router config (default: {config})")
+    cmd.add_argument(
+        "--host",
+        help="a running cluster's URL (http://H:P); default: start one with routerctl up "
+        "(the config's mock providers, a private redis-server) and stop it at the end",
+    )
+    cmd.add_argument(
+        "--replicas", type=_at_least_one, default=2,
+        help="replicas of the cluster started without --host (default: 2)",
+    )  # fmt: skip
+    cmd.add_argument(
+        "--out", default="loadtest/results", help=f"{what} (default: loadtest/results)"
+    )
+
+
+def _add_load_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    sim = sub.add_parser(
+        "simulate", help="drive chat requests through a route; check its strategy's split"
+    )
+    _add_cluster_options(
+        sim, str(REPO_ROOT / "examples" / "simulate.yaml"), "where the JSON and PNG go"
+    )
+    sim.add_argument("--strategy", required=True, choices=[s.value for s in Strategy])
+    sim.add_argument("--requests", type=_at_least_one, default=300, help="(default: 300)")
+    sim.add_argument("--concurrency", type=_at_least_one, default=8, help="(default: 8)")
+    sim.add_argument(
+        "--route", metavar="MODEL",
+        help="the route to drive (default: with --host the first using --strategy, else the "
+        "first route, its strategy replaced by --strategy)",
+    )  # fmt: skip
+    sim.add_argument(
+        "--redis-url", help="the cluster's Redis, to sample its state (default: REDIS_URL, "
+        "the config's, or the started cluster's)",
+    )  # fmt: skip
+    sim.add_argument("--max-tokens", type=_at_least_one, default=16, help="(default: 16)")
+    load = sub.add_parser("loadtest", help="a headless Locust run, then the providers' counts")
+    _add_cluster_options(load, str(DEFAULT_CONFIG), "where Locust's CSV and HTML go")
+    load.add_argument("--users", type=_at_least_one, default=20, help="(default: 20)")
+    load.add_argument("--spawn-rate", type=_seconds, default=5.0, help="users/s (default: 5)")
+    load.add_argument("--duration", type=_at_least_one, default=60, help="seconds (default: 60)")
+
+
+def _run_load(args: argparse.Namespace) -> int:
+    """``simulate`` or ``loadtest``: their code (matplotlib, Locust) is imported only here."""
+    if args.command == "simulate":
+        from loadtest.simulate import simulate
+
+        return simulate(args)
+    from loadtest.loadrun import loadtest
+
+    return loadtest(args)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the ``routerctl`` command."""
     parser = argparse.ArgumentParser(prog="routerctl", description="Operate a router cluster.")
@@ -176,7 +239,10 @@ def main(argv: list[str] | None = None) -> None:
         cmd.add_argument("provider")
         cmd.add_argument("--config", default=os.environ.get("ROUTER_CONFIG"))
     _add_inspect_commands(sub)
+    _add_load_commands(sub)
     args = parser.parse_args(argv)
+    if args.command in ("simulate", "loadtest"):
+        sys.exit(_run_load(args))
     if args.command in ("state", "keys"):
         watch = getattr(args, "watch", None)
         sys.exit(inspect_cluster(args.config, args.command, getattr(args, "json", False), watch))

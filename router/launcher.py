@@ -179,6 +179,7 @@ defaults
     timeout client 600s
     timeout server 600s
     option redispatch
+    option http-no-delay
     retries 1
 frontend gateway
     bind {host}:{port}

@@ -1,0 +1,82 @@
+"""``routerctl loadtest --host``: a short headless Locust run through a launcher-started cluster."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import pytest
+import yaml
+
+from loadtest.loadrun import LocalCluster
+from tests.helpers import ROOT, free_port
+
+PROVIDERS = {"fast-openai", "slow-openai", "claude"}
+NAMES = ("chat", "chat stream", "embeddings")
+# The launcher's mocks send the first token after 30 +/- 20 ms and the next 15 tokens 15 ms
+# apart: a first token later than this means the stream was held back, not relayed.
+TTFT_MAX_MS = 150
+
+
+def launcher_env(**extra: str) -> dict[str, str]:
+    """Our environment without Redis or secrets: the launcher provides both."""
+    drop = {"REDIS_URL", "ROUTER_CLIENT_KEY", "ROUTER_ADMIN_TOKEN"}
+    env = {k: v for k, v in os.environ.items() if k not in drop}
+    return {**env, "PYTHONUNBUFFERED": "1", **extra}
+
+
+def local_config(tmp: Path) -> Path:
+    """examples/local.yaml with every mock provider moved to a free port."""
+    cfg = yaml.safe_load((ROOT / "examples" / "local.yaml").read_text())
+    for provider in cfg["providers"]:
+        url = urlsplit(provider["base_url"])
+        provider["base_url"] = url._replace(netloc=f"{url.hostname}:{free_port()}").geturl()
+    path = tmp / "local.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def locust_stats(out: Path) -> dict[tuple[str, str], dict[str, str]]:
+    """Locust's stats CSV, by (type, name)."""
+    with (out / "locust_stats.csv").open(newline="") as f:
+        return {(row["Type"], row["Name"]): row for row in csv.DictReader(f)}
+
+
+@pytest.mark.slow
+def test_a_short_headless_locust_run(tmp_path: Path) -> None:
+    config, out = local_config(tmp_path), tmp_path / "results"
+    with LocalCluster(config, 2, tmp_path / "cluster.log", launcher_env()) as gateway:
+        assert gateway.key is not None
+        env = launcher_env(ROUTER_CLIENT_KEY=gateway.key, LOCUST_CHAT_WEIGHT="1")
+        env |= {"LOCUST_STREAM_WEIGHT": "1", "LOCUST_EMBED_WEIGHT": "1"}
+        argv = [sys.executable, "-m", "router.ctl", "loadtest", "--config", str(config)]
+        argv += ["--host", gateway.root, "--users", "4", "--spawn-rate", "4"]
+        argv += ["--duration", "5", "--out", str(out)]
+        done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=90, cwd=ROOT)
+    assert done.returncode == 0, f"{done.stdout}\n{done.stderr}"
+    for name in ("locust_stats.csv", "locust_stats_history.csv", "locust_failures.csv"):
+        assert (out / name).stat().st_size > 0
+    assert "<html" in (out / "locust.html").read_text().lower()
+    stats = locust_stats(out)
+    for name in NAMES:
+        assert int(stats[("POST", name)]["Request Count"]) > 0, name
+        assert int(stats[("POST", name)]["Failure Count"]) == 0, name
+    ttft = stats[("TTFT", "chat stream")]
+    assert int(ttft["Request Count"]) > 0
+    assert float(ttft["Median Response Time"]) > 0
+    providers = json.loads((out / "providers.json").read_text())
+    assert set(providers["providers"]) == PROVIDERS
+    assert all(p["received"] > 0 for p in providers["providers"].values())
+    assert providers["rate_limited"] == 0
+    assert all(p["rate_limited"] == 0 for p in providers["providers"].values())
+    check_streams_are_relayed(float(ttft["Median Response Time"]), tmp_path / "cluster.log")
+
+
+def check_streams_are_relayed(ttft_ms: float, cluster_log: Path) -> None:
+    """The first token reaches the client long before the stream ends (no front buffering)."""
+    assert ttft_ms < TTFT_MAX_MS, cluster_log.read_text()[-2000:]
