@@ -18,6 +18,7 @@ import orjson
 from fastapi import FastAPI, Request
 from fastapi.responses import Response, StreamingResponse
 from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from router import __version__
@@ -25,6 +26,7 @@ from router.admin import admin_router
 from router.config import Config
 from router.dispatch import Operation, Reply
 from router.errors import (
+    ClientGone,
     ModelNotFound,
     PayloadTooLarge,
     RouterError,
@@ -104,11 +106,15 @@ async def read_body(request: Request, limit: int) -> bytes:
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise PayloadTooLarge(f"the body is over the limit of {limit} bytes")
     chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise PayloadTooLarge(f"the body is over the limit of {limit} bytes")
-        chunks.append(chunk)
+    try:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise PayloadTooLarge(f"the body is over the limit of {limit} bytes")
+            chunks.append(chunk)
+    except ClientDisconnect:
+        # the client left while sending: nobody to answer, nothing worth an error log
+        raise ClientGone("the client closed the connection while sending its body") from None
     return b"".join(chunks)
 
 
@@ -182,7 +188,10 @@ async def _served(request: Request, gw: Gateway, op: Operation) -> Response:
     async def finish() -> None:
         if reply.close is not None:
             await reply.close()
-        gw.metrics.request(labels[0], labels[1], 200, "ok", _since(started))
+        ended = reply.outcome() if reply.outcome is not None else "ok"
+        # the status (200) went out with the first byte; the outcome says how it ended
+        outcome = {"ok": "ok", "client_cancelled": "cancelled"}.get(ended, "failed")
+        gw.metrics.request(labels[0], labels[1], 200, outcome, _since(started))
         gw.telemetry.end_request(span, 200)
 
     headers["cache-control"] = "no-cache"

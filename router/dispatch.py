@@ -73,6 +73,8 @@ class Reply:
     stream: AsyncIterator[bytes] | None = None
     close: Callable[[], Awaitable[None]] | None = None
     """For a stream: must be awaited once the response is over, however it ended."""
+    outcome: Callable[[], str] | None = None
+    """For a stream, once closed: how it ended (ok, client_cancelled, a provider failure)."""
 
 
 @dataclass(slots=True)
@@ -285,7 +287,10 @@ class Dispatcher:
             raise UpstreamProtocolError("the stream ended before any data")
         relay = _Relay(self, job, provider, adapter, lease, resp, started)
         stream = relay.run(first, chunks, translator)
-        return Reply(provider.name, len(job.attempts) + 1, stream=stream, close=relay.close)
+        return Reply(
+            provider.name, len(job.attempts) + 1, stream=stream, close=relay.close,
+            outcome=lambda: relay.outcome,
+        )  # fmt: skip
 
 
 class _Relay:
@@ -299,6 +304,8 @@ class _Relay:
         self.lease, self.resp, self.started = lease, resp, started
         self.ttft_ms = -1.0
         self.released = False
+        self.outcome = "client_cancelled"
+        """How the stream ended: ok, client_cancelled, or the provider's failure."""
         self.context = contextvars.copy_context()  # the request's trace, for the release
 
     async def close(self) -> None:
@@ -336,6 +343,7 @@ class _Relay:
             yield _error_event(exc)
         finally:
             self.resp.close()
+            self.outcome = outcome
             if not self.released:
                 self.released = True
                 self._release(outcome, tr.usage, loop.time())

@@ -10,6 +10,7 @@
     │   ├── ModelNotFound            404 no route serves this model
     │   ├── ProviderNotFound         404 the config names no such provider (admin API)
     │   ├── PayloadTooLarge          413 body over the configured limit
+    │   ├── ClientGone               499 the client left mid-request (answered to nobody)
     │   └── ProviderClientError      4xx answered by a provider, passed through
     ├── Saturated                    429 no target has room; carries retry_after_s
     ├── UpstreamError                one provider attempt failed (translated in upstream.py)
@@ -100,6 +101,13 @@ class ProviderNotFound(ClientError):
 class PayloadTooLarge(ClientError):
     status = 413
     code = "request_too_large"
+
+
+class ClientGone(ClientError):
+    """The client closed its connection before we could answer (nginx's 499)."""
+
+    status = 499
+    code = "client_closed_request"
 
 
 class ProviderClientError(ClientError):
