@@ -139,7 +139,7 @@ class Route(_Model):
 
 class RedisSettings(_Model):
     timeout_ms: Annotated[int, Field(gt=0)] = 100
-    pool_size: Annotated[int, Field(ge=1, le=1024)] = 32
+    pool_size: Annotated[int, Field(ge=1, le=1024)] = 64
 
 
 class HealthdSettings(_Model):
