@@ -16,7 +16,7 @@ import contextvars
 import logging
 import random
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from enum import Enum
 from typing import Any
@@ -70,7 +70,7 @@ class Reply:
     provider: str
     attempts: int
     body: bytes | None = None
-    stream: AsyncIterator[bytes] | None = None
+    stream: AsyncGenerator[bytes, None] | None = None
     close: Callable[[], Awaitable[None]] | None = None
     """For a stream: must be awaited once the response is over, however it ended."""
     outcome: Callable[[], str] | None = None
@@ -317,7 +317,7 @@ class _Relay:
 
     async def run(
         self, first: bytes, chunks: AsyncIterator[bytes], tr: StreamTranslator
-    ) -> AsyncIterator[bytes]:
+    ) -> AsyncGenerator[bytes, None]:
         """Yield the stream to the client; release the lease however it ends."""
         loop = asyncio.get_running_loop()
         outcome = "client_cancelled"
