@@ -50,8 +50,9 @@ for i = 1, n do
   local t = {rpmL = tonumber(ARGV[a]), tpmL = tonumber(ARGV[a + 1]), maxf = tonumber(ARGV[a + 2]),
     w = tonumber(ARGV[a + 3]), tokens = tonumber(ARGV[a + 4]), excluded = ARGV[a + 5] == '1'}
   local f = redis.call('HMGET', pk, 'wh', 'rpm', 'tpm', 'cool', 'health', 'ttft', 'tpot',
-    'drain', 'circ', 'circ_until')
-  t.rpm, t.tpm = slide(pk, tonumber(f[1]), tonumber(f[2]) or 0, tonumber(f[3]) or 0)
+    'drain', 'circ', 'circ_until', 'r:' .. sec, 't:' .. sec)
+  t.head, t.rnow, t.tnow = tonumber(f[1]), tonumber(f[11]) or 0, tonumber(f[12]) or 0
+  t.rpm, t.tpm = slide(pk, t.head, tonumber(f[2]) or 0, tonumber(f[3]) or 0)
   t.cool, t.ttft, t.tpot = tonumber(f[4]) or 0, tonumber(f[6]) or 0, tonumber(f[7]) or 0
   t.inflight = redis.call('ZCOUNT', lk, '(' .. now, '+inf')
   t.circ, t.circ_until = f[9], tonumber(f[10]) or 0
@@ -122,13 +123,12 @@ end
 local wait = -2
 if best then
   local pk, lk, t = KEYS[1 + 2 * best], KEYS[2 + 2 * best], T[best]
-  redis.call('ZREMRANGEBYSCORE', lk, '-inf', now)
+  -- expired leases are purged by release.lua; counting skips them (ZCOUNT from now)
   redis.call('ZADD', lk, now + ttl, lease)
-  redis.call('HSETNX', pk, 'wh', sec)
-  redis.call('HINCRBY', pk, 'r:' .. sec, 1)
-  redis.call('HINCRBY', pk, 't:' .. sec, t.tokens)
-  redis.call('HINCRBY', pk, 'rpm', 1)
-  redis.call('HINCRBY', pk, 'tpm', t.tokens)
+  -- one write: this second's bucket and the totals, whose current values were read above
+  local wh = t.head and math.max(t.head, oldest) or sec
+  redis.call('HSET', pk, 'wh', wh, 'r:' .. sec, t.rnow + 1, 't:' .. sec, t.tnow + t.tokens,
+    'rpm', t.rpm + 1, 'tpm', t.tpm + t.tokens)
   if t.circ then redis.call('HSET', pk, 'circ', 'half', 'circ_until', now + ttl, 'circ_trial', lease) end
   T[best].inflight, T[best].rpm, T[best].tpm = t.inflight + 1, t.rpm + 1, t.tpm + t.tokens
   wait = 0
