@@ -91,6 +91,8 @@ class _Job:
     deadline: float
     attempts: list[Attempt]
     traceparent: str | None = None
+    retry_after_s: float = 0.0
+    """The longest cooldown a provider's 429 asked for, for the client's Retry-After."""
 
 
 class Dispatcher:
@@ -128,6 +130,8 @@ class Dispatcher:
                                    provider=provider.name, attempt=n):  # fmt: skip
                     return await self._attempt(job, provider, index, lease)
             except UpstreamError as exc:
+                if isinstance(exc, UpstreamRateLimited):
+                    job.retry_after_s = max(job.retry_after_s, exc.cooldown_s)
                 self.metrics.failover(route.model, provider.name, exc.outcome)
                 self.leases.release_soon(lease, _failed(exc))
                 job.attempts.append(Attempt(provider.name, exc.outcome, str(exc)))
@@ -142,7 +146,7 @@ class Dispatcher:
                 outcome = "client_error" if isinstance(exc, ClientError) else "aborted"
                 self.leases.release_soon(lease, Outcome(outcome))
                 raise
-        raise _gave_up(job.attempts)
+        raise _gave_up(job.attempts, job.retry_after_s)
 
     def _job(self, op: Operation, route: Route, body: dict[str, Any], rid: str) -> _Job:
         plan = self.plans[route.model]
@@ -205,7 +209,7 @@ class Dispatcher:
 
     def _no_room(self, job: _Job, d: Decision) -> Exception:
         if job.attempts:
-            return _gave_up(job.attempts)
+            return _gave_up(job.attempts, job.retry_after_s)
         if d.wait_ms == -2:
             states = ", ".join(f"{c.provider}: {c.code.name.lower()}" for c in d.candidates)
             return AllAttemptsFailed([], 503, message=f"no provider is usable now ({states})")
@@ -393,10 +397,10 @@ def _failed(exc: UpstreamError) -> Outcome:
     return Outcome(exc.outcome, cooldown_ms=cooldown)
 
 
-def _gave_up(attempts: list[Attempt]) -> AllAttemptsFailed:
+def _gave_up(attempts: list[Attempt], retry_after_s: float = 0.0) -> AllAttemptsFailed:
     outcomes = {a.outcome for a in attempts}
     if outcomes == {"http_429"}:
-        return AllAttemptsFailed(attempts, 429, DEFAULT_COOLDOWN_S)
+        return AllAttemptsFailed(attempts, 429, retry_after_s or DEFAULT_COOLDOWN_S)
     if outcomes == {"timeout"}:
         return AllAttemptsFailed(attempts, 504)
     return AllAttemptsFailed(attempts, 502)
