@@ -11,20 +11,22 @@ reads health from Redis itself. The view serves logs, metrics and degraded mode.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import random
 
 import orjson
 
+from router.background import Background
 from router.errors import StoreError
 from router.store import HealthSnapshot, HealthStore, ProviderHealth
 
 log = logging.getLogger("router.health")
 
 
-class HealthView:
+class HealthView(Background):
     """The last known health of every provider, kept current in the background."""
+
+    name = "health-view"
 
     def __init__(self, health: HealthStore, providers: list[str], resync_s: float) -> None:
         self.health = health
@@ -32,22 +34,10 @@ class HealthView:
         self.resync_s = resync_s
         self.snapshot = HealthSnapshot(0, {p: ProviderHealth() for p in providers})
         self.resyncs = 0
-        self._task: asyncio.Task[None] | None = None
 
     @property
     def version(self) -> int:
         return self.snapshot.version
-
-    def start(self) -> None:
-        """Follow the health channel in the background."""
-        self._task = asyncio.create_task(self._follow(), name="health-view")
-
-    async def stop(self) -> None:
-        """Stop following."""
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
 
     async def resync(self) -> None:
         """Read the whole snapshot again (raises ``StoreError``)."""
@@ -68,7 +58,8 @@ class HealthView:
             return False
         return isinstance(event, dict) and int(event.get("version", 0)) > self.version
 
-    async def _follow(self) -> None:
+    async def run(self) -> None:
+        """Follow the health channel until stopped, resubscribing after every loss."""
         delay = 0.1
         while True:
             try:

@@ -7,9 +7,9 @@ callbacks report the latest reading. While the replica is degraded there is noth
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 
+from router.background import Background
 from router.config import Config
 from router.degraded import SharedMode
 from router.errors import StoreError
@@ -41,8 +41,10 @@ def figures(state: ClusterState) -> dict[str, ProviderFigures]:
     }
 
 
-class StatePoller:
+class StatePoller(Background):
     """Keeps ``shared`` current from Redis, every ``interval_s``."""
+
+    name = "state-poller"
 
     def __init__(
         self, store: Store, cfg: Config, shared: SharedFigures, mode: SharedMode,
@@ -50,24 +52,13 @@ class StatePoller:
     ) -> None:  # fmt: skip
         self.store, self.cfg, self.shared, self.mode = store, cfg, shared, mode
         self.interval_s = interval_s
-        self._task: asyncio.Task[None] | None = None
-
-    def start(self) -> None:
-        """Poll in the background."""
-        self._task = asyncio.create_task(self._poll_forever(), name="state-poller")
-
-    async def stop(self) -> None:
-        """Stop polling."""
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
 
     async def poll(self) -> None:
         """Read the shared state once (raises ``StoreError``)."""
         self.shared.providers = figures(await read_state(self.store, self.cfg))
 
-    async def _poll_forever(self) -> None:
+    async def run(self) -> None:
+        """Poll until stopped."""
         while True:
             if not self.mode.degraded:
                 try:
