@@ -29,7 +29,8 @@ from healthd.probe import ProbeResult, probe
 from healthd.server import make_app, start_server
 from router.config import Config, Provider
 from router.errors import StoreError
-from router.store import HealthStore, Store
+from router.health_store import HealthStore
+from router.store import Store
 
 log = logging.getLogger("healthd")
 

@@ -18,8 +18,8 @@ from fastapi.responses import Response
 from router.config import Config
 from router.errors import Forbidden, ProviderNotFound, StoreError, Unauthorized
 from router.gateway import Gateway
+from router.health_store import HealthStore
 from router.inspect import read_state, state_json
-from router.store import HealthStore
 
 JSON = "application/json"
 T = TypeVar("T")

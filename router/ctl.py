@@ -14,12 +14,13 @@ from rich.text import Text
 
 from router.config import Config, Strategy, load_config
 from router.errors import ConfigError, StoreError
+from router.health_store import HealthStore
 from router.inspect import ClusterState, describe_keys, read_state, state_json
 from router.launcher import DEFAULT_CONFIG, REPO_ROOT
 from router.launcher import add_arguments as add_up_arguments
 from router.launcher import up as run_up
 from router.statetable import render_keys, render_state
-from router.store import HealthStore, Store
+from router.store import Store
 
 
 def check_config(path: str) -> int:

@@ -15,8 +15,9 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from router.config import Config, Strategy
+from router.health_store import ProviderHealth
 from router.keys import WINDOW_BUCKETS
-from router.store import Candidate, Decision, ProviderHealth, RoutePlan
+from router.store import Candidate, Decision, RoutePlan
 from router.strategies import TargetView, choose, eligibility
 
 WINDOW_MS = WINDOW_BUCKETS * 1000

@@ -14,11 +14,12 @@ from router.dispatch import Dispatcher
 from router.errors import StoreError, Unauthorized
 from router.fallback import LocalState
 from router.health import HealthView
+from router.health_store import HealthStore
 from router.leases import LeaseKeeper
 from router.membership import Heartbeat
 from router.metrics import RouterMetrics, SharedFigures
 from router.poller import StatePoller
-from router.store import HealthStore, Store
+from router.store import Store
 from router.telemetry import Telemetry
 from router.upstream import Upstream
 

@@ -18,7 +18,7 @@ import orjson
 
 from router.background import Background
 from router.errors import StoreError
-from router.store import HealthSnapshot, HealthStore, ProviderHealth
+from router.health_store import HealthSnapshot, HealthStore, ProviderHealth
 
 log = logging.getLogger("router.health")
 

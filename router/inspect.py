@@ -18,7 +18,7 @@ from redis.exceptions import RedisError
 from router.config import Config, Provider, Strategy, Target
 from router.errors import StoreError
 from router.keys import WINDOW_BUCKETS, Keys
-from router.store import Store
+from router.store import Store, decode_text
 
 SCHEMA = 1
 """Version of the JSON schema of ``state_json``; bumped on any incompatible change."""
@@ -122,12 +122,12 @@ async def read_state(store: Store, cfg: Config) -> ClusterState:
     """The whole cluster state: one ``ZRANGE``, then one consistent script call."""
     k = store.keys
     with _reading():
-        ids = [_text(i) for i in await store.client.zrange(k.replicas(), 0, -1)]
+        ids = [decode_text(i) for i in await store.client.zrange(k.replicas(), 0, -1)]
     keys = [k.leader(), k.epoch(), k.health_version(), k.replicas()]
     for p in cfg.providers:
         keys += [k.provider(p.name), k.leases(p.name)]
     keys += [k.replica(i) for i in ids]
-    raw = await store._call("read_state", keys, (len(cfg.providers),))
+    raw = await store.call("read_state", keys, (len(cfg.providers),))
     return decode_state(raw, cfg, ids)
 
 
@@ -144,7 +144,7 @@ def decode_state(raw: Sequence[Any], cfg: Config, ids: Sequence[str]) -> Cluster
     records = zip(ids, raw[6 + 2 * n :], strict=False)
     # a replica whose record expired is gone, whatever the index still says
     replicas = tuple(_replica(i, _hash(r), beats, now_ms) for i, r in records if r)
-    leader = _text(raw[2]) if raw[2] else None
+    leader = decode_text(raw[2]) if raw[2] else None
     return ClusterState(
         SCHEMA, now_ms, cfg.pool, cfg.key_prefix, int(raw[4]), providers, _routes(cfg),
         replicas, HealthdState(leader, int(raw[3])),
@@ -246,9 +246,11 @@ async def describe_keys(store: Store, cfg: Config) -> list[KeyInfo]:
     """Every key of the deployment, expected or found by SCAN, with its type and TTL."""
     k = store.keys
     with _reading():
-        ids = [_text(i) for i in await store.client.zrange(k.replicas(), 0, -1)]
+        ids = [decode_text(i) for i in await store.client.zrange(k.replicas(), 0, -1)]
         expected = expected_keys(k, cfg, ids)
-        found = {_text(key) async for key in store.client.scan_iter(match=k.pattern(), count=500)}
+        found = {
+            decode_text(key) async for key in store.client.scan_iter(match=k.pattern(), count=500)
+        }
         names = [*expected, *sorted(found - set(expected))]
         pipe = store.client.pipeline(transaction=False)
         for name in names:
@@ -259,7 +261,7 @@ async def describe_keys(store: Store, cfg: Config) -> list[KeyInfo]:
     replica_prefix = k.replica("")
     out = []
     for i, name in enumerate(names):
-        kind, ttl = _text(raw[2 * i]), int(raw[2 * i + 1])
+        kind, ttl = decode_text(raw[2 * i]), int(raw[2 * i + 1])
         what = expected.get(name) or stray
         if name not in expected and name.startswith(replica_prefix):
             what = "a replica record missing from the index (it expires by itself)"
@@ -277,12 +279,8 @@ async def _channel(store: Store) -> KeyInfo:
 
 
 def _hash(raw: Any) -> dict[str, str]:
-    items = [_text(x) for x in (raw or [])]
+    items = [decode_text(x) for x in (raw or [])]
     return dict(zip(items[::2], items[1::2], strict=True))
-
-
-def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 def _int(value: str | None) -> int:

@@ -14,7 +14,7 @@ from router.background import Background
 from router.degraded import SharedMode
 from router.errors import StoreError
 from router.fallback import LocalState
-from router.store import HealthStore
+from router.health_store import HealthStore
 
 log = logging.getLogger("router.membership")
 

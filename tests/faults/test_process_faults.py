@@ -15,7 +15,8 @@ import pytest
 import redis
 
 from router.config import load_config
-from router.store import HealthStore, ProbeWrite, Store
+from router.health_store import HealthStore, ProbeWrite
+from router.store import Store
 from tests.faults.support import KEYS, Healthd, fields, in_flight, leases, start
 from tests.helpers import ENV, Cluster, Mock, auth, wait_until, write_config
 

@@ -23,8 +23,9 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from healthd.probe import probe
 from router.config import Config, load_config, parse_config
+from router.health_store import HealthStore, ProbeWrite
 from router.keys import Keys
-from router.store import HealthStore, ProbeWrite, Store
+from router.store import Store
 from tests.helpers import (
     ENV,
     PROVIDER_KEY,

@@ -8,8 +8,9 @@ import pytest
 
 from router.config import Config, parse_config
 from router.fallback import LocalState
+from router.health_store import ProviderHealth
 from router.keys import Keys
-from router.store import ProviderHealth, RoutePlan
+from router.store import RoutePlan
 from router.strategies import Code
 
 
