@@ -7,7 +7,6 @@ is recognised (403, not 401) so a misdirected call says what is wrong. Without a
 
 from __future__ import annotations
 
-import hmac
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
@@ -15,6 +14,7 @@ import orjson
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
+from router.auth import KeyRing, bearer_token
 from router.config import Config
 from router.errors import Forbidden, ProviderNotFound, StoreError, Unauthorized
 from router.gateway import Gateway
@@ -28,25 +28,20 @@ T = TypeVar("T")
 class AdminGuard:
     """Checks the admin bearer token, telling a client key apart from a wrong token."""
 
-    def __init__(self, cfg: Config) -> None:
-        token = cfg.admin_token
-        self._token = token.value.get_secret_value().encode() if token else None
-        self._client_keys = [ref.value.get_secret_value().encode() for ref in cfg.client_keys]
+    def __init__(self, cfg: Config, client_keys: KeyRing) -> None:
+        self._admin = KeyRing([cfg.admin_token]) if cfg.admin_token else None
+        self._client_keys = client_keys
 
     def check(self, request: Request) -> None:
         """Raise ``Forbidden`` or ``Unauthorized`` unless the request carries the admin token."""
-        if self._token is None:
+        if self._admin is None:
             raise Forbidden("the admin API is disabled: the config sets no admin_token")
-        scheme, _, value = request.headers.get("authorization", "").partition(" ")
-        candidate = value.strip().encode()
-        if scheme.lower() != "bearer" or not candidate:
+        candidate = bearer_token(request.headers.get("authorization", ""))
+        if not candidate:
             raise Unauthorized("missing admin token (send Authorization: Bearer <admin token>)")
-        if hmac.compare_digest(candidate, self._token):
+        if self._admin.holds(candidate):
             return
-        is_client = False
-        for key in self._client_keys:  # every key compared, so timing tells nothing
-            is_client |= hmac.compare_digest(candidate, key)
-        if is_client:
+        if self._client_keys.holds(candidate):
             raise Forbidden("a client key cannot use the admin API: send the admin token")
         raise Unauthorized("invalid admin token")
 
@@ -68,7 +63,7 @@ async def _shared(gw: Gateway, call: Callable[[], Awaitable[T]]) -> T:
 def admin_router(gw: Gateway) -> APIRouter:
     """``GET /admin/state`` and ``POST /admin/providers/{name}/drain|enable``."""
     router = APIRouter(prefix="/admin")
-    guard = AdminGuard(gw.cfg)
+    guard = AdminGuard(gw.cfg, gw.client_keys)
     names = {p.name for p in gw.cfg.providers}
 
     @router.get("/state")

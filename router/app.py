@@ -25,6 +25,7 @@ from router.config import Config
 from router.endpoints import HotPath
 from router.endpoints import request_id as request_id_of
 from router.errors import (
+    INTERNAL_ERROR,
     RouterError,
     StoreError,
     to_openai_error,
@@ -103,9 +104,7 @@ def create_app(cfg: Config, store: Store | None = None) -> HotPath:
     async def on_bug(request: Request, exc: Exception) -> Response:
         # The one catch-all: a bug must still answer in OpenAI's shape, and be logged.
         log.exception("unhandled error", extra={"fields": {"rid": request_id(request)}})
-        body = {"error": {"message": "internal error", "type": "server_error",
-                          "code": "internal_error", "param": None}}  # fmt: skip
-        return Response(orjson.dumps(body), 500, media_type=JSON)
+        return Response(orjson.dumps(INTERNAL_ERROR), 500, media_type=JSON)
 
     app.include_router(admin_router(gw))
     _add_openai_routes(app, gw)

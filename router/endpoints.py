@@ -22,7 +22,14 @@ import orjson
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from router.dispatch import Operation, Reply
-from router.errors import ClientGone, ModelNotFound, PayloadTooLarge, RouterError, to_openai_error
+from router.errors import (
+    INTERNAL_ERROR,
+    ClientGone,
+    ModelNotFound,
+    PayloadTooLarge,
+    RouterError,
+    to_openai_error,
+)
 from router.gateway import Gateway
 from router.schemas import ChatBody, EmbeddingsBody, check, parse_json
 
@@ -31,8 +38,7 @@ log = logging.getLogger("router.endpoints")
 PATHS = {"/v1/chat/completions": Operation.CHAT, "/v1/embeddings": Operation.EMBEDDINGS}
 _JSON = (b"content-type", b"application/json")
 _SSE = [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache")]
-_INTERNAL = {"error": {"message": "internal error", "type": "server_error",
-                       "code": "internal_error", "param": None}}  # fmt: skip
+_INTERNAL_BODY = orjson.dumps(INTERNAL_ERROR)
 _OUTCOMES = {"ok": "ok", "client_cancelled": "cancelled"}
 
 
@@ -108,7 +114,9 @@ class _Exchange:
             status, outcome = 500, "failed"
             if not self.responded:
                 await self._start(500, [_JSON])
-                await self.send({"type": "http.response.body", "body": orjson.dumps(_INTERNAL)})
+                await self.send(
+                    {"type": "http.response.body", "body": orjson.dumps(INTERNAL_ERROR)}
+                )
         elapsed = time.perf_counter() - self.started
         self.gw.metrics.request(self.route, self.provider, status, outcome, elapsed)
         self.gw.telemetry.end_request(span, status)

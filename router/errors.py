@@ -215,3 +215,7 @@ def to_openai_error(err: RouterError) -> dict[str, Any]:
     body: dict[str, Any] = {"message": str(err), "type": err.type, "code": err.code}
     body["param"] = getattr(err, "param", None)
     return {"error": body}
+
+
+INTERNAL_ERROR = to_openai_error(RouterError("internal error"))
+"""The body of a 500 from a bug: it says nothing of the bug itself."""

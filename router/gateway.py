@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import hmac
 import logging
 import os
 import socket
 import uuid
 
+from router.auth import KeyRing, bearer_token
 from router.config import Config
 from router.degraded import SharedMode
 from router.dispatch import Dispatcher
@@ -56,7 +56,7 @@ class Gateway:
             cfg, self.store, self.upstream, self.leases, self.replica, self.view,
             self.telemetry, self.metrics,
         )  # fmt: skip
-        self._keys = [ref.value.get_secret_value().encode() for ref in cfg.client_keys]
+        self.client_keys = KeyRing(cfg.client_keys)
 
     async def start(self) -> None:
         """Connect to the store and open the upstream session."""
@@ -90,10 +90,5 @@ class Gateway:
 
     def authorize(self, header: str) -> None:
         """Accept only ``Bearer <a known client key>``, compared in constant time to every key."""
-        scheme, _, token = header.partition(" ")
-        ok = False
-        candidate = token.strip().encode()
-        for key in self._keys:
-            ok |= hmac.compare_digest(candidate, key)
-        if scheme.lower() != "bearer" or not ok:
+        if not self.client_keys.holds(bearer_token(header)):
             raise Unauthorized("missing or invalid API key (send Authorization: Bearer <key>)")

@@ -1,0 +1,28 @@
+"""Bearer tokens and the keys they are checked against, in constant time."""
+
+from __future__ import annotations
+
+import hmac
+from collections.abc import Iterable
+
+from router.config import SecretRef
+
+
+def bearer_token(header: str) -> bytes:
+    """The token of an ``Authorization: Bearer <token>`` header, or ``b""`` for any other."""
+    scheme, _, token = header.partition(" ")
+    return token.strip().encode() if scheme.lower() == "bearer" else b""
+
+
+class KeyRing:
+    """A set of secret keys; membership compares against every key, so timing tells nothing."""
+
+    def __init__(self, refs: Iterable[SecretRef]) -> None:
+        self._keys = [ref.value.get_secret_value().encode() for ref in refs]
+
+    def holds(self, candidate: bytes) -> bool:
+        """Whether ``candidate`` is one of the keys (an empty candidate never is)."""
+        found = False
+        for key in self._keys:
+            found |= hmac.compare_digest(candidate, key)
+        return found and bool(candidate)
