@@ -155,16 +155,20 @@ def redis_server_binary() -> str:
     return found
 
 
+def redis_argv(port: int, data_dir: Path) -> list[str]:
+    """The command line of a private, throw-away redis-server (nothing written to disk)."""
+    return [
+        redis_server_binary(),
+        "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+        "--dir", str(data_dir), "--protected-mode", "yes",
+    ]  # fmt: skip
+
+
 @contextlib.contextmanager
 def redis_server(log_dir: Path) -> Iterator[tuple[int, Proc]]:
     """A private, throw-away redis-server on a free port (never the machine's own)."""
     port = free_port()
-    argv = [
-        redis_server_binary(),
-        "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-        "--dir", str(log_dir), "--protected-mode", "yes",
-    ]  # fmt: skip
-    proc = Proc(f"redis-{port}", argv, dict(os.environ), log_dir)
+    proc = Proc(f"redis-{port}", redis_argv(port, log_dir), dict(os.environ), log_dir)
     try:
         wait_until(lambda: port_open(port), 10, "redis-server to listen")
         yield port, proc

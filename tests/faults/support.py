@@ -29,7 +29,7 @@ from tests.helpers import (
     auth,
     free_port,
     port_open,
-    redis_server_binary,
+    redis_argv,
     start_gateway,
     wait_until,
 )
@@ -57,8 +57,7 @@ class RedisServer:
 
     def start(self) -> RedisServer:
         """Start (or restart, empty) the server on its port and wait until it listens."""
-        argv = [redis_server_binary(), "--port", str(self.port), "--bind", "127.0.0.1",
-                "--save", "", "--appendonly", "no", "--dir", str(self.tmp)]  # fmt: skip
+        argv = redis_argv(self.port, self.tmp)
         self.proc = self.cluster.start(f"redis-{self.port}-{time.monotonic_ns()}", argv)
         wait_until(lambda: port_open(self.port), 10, "redis-server to listen")
         return self
