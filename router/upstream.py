@@ -1,18 +1,30 @@
-"""The upstream HTTP client on the hot path: one aiohttp session per replica.
+"""The upstream HTTP client on the hot path: HTTP/1.1 keep-alive over asyncio, httptools' parser.
 
-aiohttp measured about 9x faster than ``httpx.AsyncClient`` for a proxy hop on this machine
-type (3,700 vs 420 req/s on one core), so it carries every provider call; httpx stays for
-probes, the CLI and tests. This is the only module that imports aiohttp for that: swapping
-the client means rewriting this file. aiohttp's errors become ``UpstreamError``s here.
+Chosen by measurement (loadtest/bench.py, one core): a proxy hop through ``httpx.AsyncClient``
+reached about 420 req/s, through aiohttp about 3,700 (FastAPI in front) to 7,100 (bare ASGI),
+and in the router aiohttp's request machinery (timeouts, tracing hooks, cookie jar, URL and
+header objects) was still a third of the replica's CPU. A provider call needs little of it:
+one POST with a few headers, an answer read whole or relayed as it streams, connections kept
+alive per origin. That is what this module does, on ``asyncio.Protocol`` with the same C
+parser uvicorn uses (httptools), and nothing else. httpx stays for probes, the CLI and tests.
+
+Errors become ``UpstreamError``s here, with messages that name no URL or header (no secret).
 """
 
 from __future__ import annotations
 
 import asyncio
+import ssl
+import time
+import zlib
+from collections import deque
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from types import TracebackType
+from typing import Any, cast
+from urllib.parse import urlsplit
 
-import aiohttp
+import httptools
 
 from router.config import Timeouts
 from router.errors import (
@@ -23,39 +35,243 @@ from router.errors import (
 )
 from router.providers.base import UpstreamRequest
 
+KEEPALIVE_S = 30.0
+"""An idle pooled connection older than this is closed rather than reused."""
+HIGH_WATER = 256 * 1024
+"""Buffered body bytes at which the connection stops reading until the consumer catches up."""
+
+
+@dataclass(frozen=True, slots=True)
+class _Target:
+    """Where a URL goes: its origin (pool key), the request line's path, the Host header."""
+
+    scheme: str
+    host: str
+    port: int
+    path: bytes
+    host_header: bytes
+
+
+def _target(url: str) -> _Target:
+    u = urlsplit(url)
+    if u.scheme not in ("http", "https") or not u.hostname:
+        raise UpstreamProtocolError("the provider's URL is not http(s)")
+    default = 443 if u.scheme == "https" else 80
+    port = u.port or default
+    path = (u.path or "/") + (f"?{u.query}" if u.query else "")
+    host = u.hostname if ":" not in u.hostname else f"[{u.hostname}]"
+    host_header = host if port == default else f"{host}:{port}"
+    return _Target(u.scheme, u.hostname, port, path.encode("ascii"), host_header.encode("ascii"))
+
+
+class _Connection(asyncio.Protocol):
+    """One keep-alive connection; at most one exchange at a time."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.transport: asyncio.Transport | None = None
+        self.parser = httptools.HttpResponseParser(self)
+        self.closed = False
+        self.idle_since = 0.0
+        self.reused = False
+        self.resp: UpstreamResponse | None = None
+
+    # asyncio.Protocol
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
+
+    def data_received(self, data: bytes) -> None:
+        if self.resp is None:  # bytes nobody asked for: the connection is unusable
+            self.abort()
+            return
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            self.resp._fail(UpstreamProtocolError("the provider switched protocols"))
+            self.abort()
+        except httptools.HttpParserError:
+            self.resp._fail(UpstreamProtocolError("the provider sent malformed HTTP"))
+            self.abort()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        if self.resp is not None:
+            self.resp._lost()
+
+    # httptools callbacks
+    def on_header(self, name: bytes, value: bytes) -> None:
+        assert self.resp is not None
+        self.resp._raw_headers.append((name, value))
+
+    def on_headers_complete(self) -> None:
+        assert self.resp is not None
+        self.resp._head(self.parser.get_status_code())
+
+    def on_body(self, body: bytes) -> None:
+        assert self.resp is not None
+        self.resp._data(body)
+
+    def on_message_complete(self) -> None:
+        assert self.resp is not None
+        self.resp._complete(self.parser.should_keep_alive())
+
+    def abort(self) -> None:
+        self.closed = True
+        if self.transport is not None:
+            self.transport.abort()
+
 
 class UpstreamResponse:
     """A provider's answer whose headers have arrived; the body is read on demand."""
 
-    def __init__(self, resp: aiohttp.ClientResponse, read_timeout: float) -> None:
-        self._resp = resp
+    def __init__(self, conn: _Connection, pool: _Pool, read_timeout: float) -> None:
+        self._conn = conn
+        self._pool = pool
         self._read_timeout = read_timeout
-        self.status = resp.status
-        self.headers = {k.lower(): v for k, v in resp.headers.items()}
+        self._raw_headers: list[tuple[bytes, bytes]] = []
+        self._chunks: deque[bytes] = deque()
+        self._buffered = 0
+        self._waiter: asyncio.Future[None] | None = None
+        self._error: UpstreamError | None = None
+        self._headed = False
+        self._done = False
+        self._keep_alive = False
+        self._released = False
+        self._decoder: Any = None
+        self._paused = False
+        self._streaming = False
+        self.status = 0
+        self.headers: dict[str, str] = {}
+
+    # from the connection
+    def _head(self, status: int) -> None:
+        self.status = status
+        self.headers = {k.decode("latin-1").lower(): v.decode("latin-1")
+                        for k, v in self._raw_headers}  # fmt: skip
+        encoding = self.headers.get("content-encoding", "identity").strip().lower()
+        if encoding in ("gzip", "x-gzip", "deflate"):
+            self._decoder = zlib.decompressobj(wbits=zlib.MAX_WBITS | 32)  # gzip or zlib
+        elif encoding not in ("identity", ""):
+            self._fail(UpstreamProtocolError(f"unsupported content-encoding {encoding!r}"))
+            return
+        self._headed = True
+        self._wake()
+
+    def _data(self, body: bytes) -> None:
+        if self._decoder is not None:
+            try:
+                body = self._decoder.decompress(body)
+            except zlib.error:
+                self._fail(UpstreamProtocolError("the provider's compressed body is corrupt"))
+                self._conn.abort()
+                return
+        if body:
+            self._chunks.append(body)
+            self._buffered += len(body)
+            if self._streaming and self._buffered > HIGH_WATER and not self._paused:
+                assert self._conn.transport is not None
+                self._paused = True
+                self._conn.transport.pause_reading()
+            self._wake()
+
+    def _complete(self, keep_alive: bool) -> None:
+        self._done, self._keep_alive = True, keep_alive
+        self._wake()
+
+    def _lost(self) -> None:
+        if self._done or self._error is not None:
+            return
+        if not self._headed:
+            self._fail(UpstreamConnectError("connection lost sending the request"))
+        elif "content-length" not in self.headers and "transfer-encoding" not in self.headers:
+            self._complete(False)  # a body delimited by the connection's end
+        else:
+            self._fail(UpstreamProtocolError("the answer was cut off reading the answer"))
+
+    def _fail(self, error: UpstreamError) -> None:
+        if self._error is None and not self._done:
+            self._error = error
+        self._wake()
+
+    def _wake(self) -> None:
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
+    async def _wait(self, until: float, timeout_error: str) -> None:
+        """Wait for news from the connection until ``until`` (loop time)."""
+        self._waiter = self._conn.loop.create_future()
+        try:
+            async with asyncio.timeout_at(until):
+                await self._waiter
+        except TimeoutError:
+            self._conn.abort()
+            raise UpstreamTimeout(timeout_error) from None
+        finally:
+            self._waiter = None
+
+    # for the caller
+    async def _headers(self, until: float) -> None:
+        while not self._headed and self._error is None:
+            await self._wait(until, "no answer before the timeout")
+        if self._error is not None:
+            raise self._error
 
     async def read(self, deadline: float) -> bytes:
         """The whole body, within ``deadline`` (loop time)."""
-        try:
-            async with asyncio.timeout_at(deadline):
-                return await self._resp.read()
-        except TimeoutError as exc:
-            raise UpstreamTimeout("timed out reading the answer") from exc
-        except aiohttp.ClientError as exc:
-            raise _map(exc, "reading the answer") from exc
+        loop = self._conn.loop
+        while not self._done and self._error is None:
+            until = min(deadline, loop.time() + self._read_timeout)
+            await self._wait(until, "timed out reading the answer")
+        if self._error is not None:
+            raise self._error
+        self._flush_decoder()
+        body = b"".join(self._chunks)
+        self._chunks.clear()
+        self._buffered = 0
+        return body
 
     async def chunks(self) -> AsyncIterator[bytes]:
         """The body as the provider sends it, chunk by chunk (never buffered whole)."""
-        try:
-            async for data in self._resp.content.iter_any():
+        loop = self._conn.loop
+        self._streaming = True
+        while True:
+            if self._chunks:
+                data = b"".join(self._chunks)
+                self._chunks.clear()
+                self._buffered = 0
+                if self._paused and self._conn.transport is not None:
+                    self._paused = False
+                    self._conn.transport.resume_reading()
                 yield data
-        except TimeoutError as exc:
-            raise UpstreamTimeout("the stream stalled past the read timeout") from exc
-        except aiohttp.ClientError as exc:
-            raise _map(exc, "streaming the answer") from exc
+                continue
+            if self._error is not None:
+                raise self._error
+            if self._done:
+                self._flush_decoder()
+                if not self._chunks:
+                    return
+                continue
+            until = loop.time() + self._read_timeout
+            await self._wait(until, "the stream stalled past the read timeout")
+
+    def _flush_decoder(self) -> None:
+        if self._decoder is not None:
+            tail = self._decoder.flush()
+            self._decoder = None
+            if tail:
+                self._chunks.append(tail)
 
     def close(self) -> None:
         """Give the connection back (or drop it when the body was not read to the end)."""
-        self._resp.release()
+        if self._released:
+            return
+        self._released = True
+        conn = self._conn
+        conn.resp = None
+        if self._done and self._keep_alive and self._error is None and not conn.closed:
+            self._pool.put(conn)
+        else:
+            conn.abort()
 
     async def __aenter__(self) -> UpstreamResponse:
         return self
@@ -66,56 +282,116 @@ class UpstreamResponse:
         self.close()
 
 
-class Upstream:
-    """Sends provider requests over one pooled, keep-alive aiohttp session."""
+class _Pool:
+    """Idle keep-alive connections of one origin, most recently used first."""
 
     def __init__(self) -> None:
-        self._session: aiohttp.ClientSession | None = None
+        self.idle: deque[_Connection] = deque()
+
+    def take(self) -> _Connection | None:
+        now = time.monotonic()
+        while self.idle:
+            conn = self.idle.pop()
+            if not conn.closed and now - conn.idle_since < KEEPALIVE_S:
+                return conn
+            conn.abort()
+        return None
+
+    def put(self, conn: _Connection) -> None:
+        conn.idle_since = time.monotonic()
+        conn.reused = True
+        self.idle.append(conn)
+
+    def close(self) -> None:
+        while self.idle:
+            self.idle.pop().abort()
+
+
+class Upstream:
+    """Sends provider requests over keep-alive connections pooled per origin."""
+
+    def __init__(self) -> None:
+        self._pools: dict[tuple[str, str, int], _Pool] = {}
+        self._targets: dict[str, _Target] = {}
+        self._tls: ssl.SSLContext | None = None
+        self._started = False
 
     async def start(self) -> None:
-        """Open the session (inside the running event loop)."""
-        connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=300, keepalive_timeout=30)
-        self._session = aiohttp.ClientSession(
-            connector=connector, auto_decompress=True, skip_auto_headers=("User-Agent",)
-        )
+        """Get ready to send (inside the running event loop)."""
+        self._started = True
 
     async def close(self) -> None:
-        """Close the session and its connections."""
-        if self._session is not None:
-            await self._session.close()
+        """Close every pooled connection."""
+        for pool in self._pools.values():
+            pool.close()
+        self._pools.clear()
 
     async def send(
         self, req: UpstreamRequest, timeouts: Timeouts, deadline: float
     ) -> UpstreamResponse:
         """POST ``req``; return once the status and headers arrived, by ``deadline`` at latest."""
-        if self._session is None:
+        if not self._started:
             raise RuntimeError("Upstream.start() was not awaited")
-        left = deadline - asyncio.get_running_loop().time()
+        loop = asyncio.get_running_loop()
+        left = deadline - loop.time()
         if left <= 0:
             raise UpstreamTimeout("the route's time ran out before this attempt")
-        timeout = aiohttp.ClientTimeout(
-            total=None, connect=min(timeouts.connect_s, left), sock_read=timeouts.read_s
-        )
+        target = self._targets.get(req.url)
+        if target is None:
+            target = self._targets[req.url] = _target(req.url)
+        key = (target.scheme, target.host, target.port)
+        pool = self._pools.get(key)
+        if pool is None:
+            pool = self._pools[key] = _Pool()
+        head_and_body = _request_bytes(target, req)
+        conn = pool.take() or await self._connect(loop, target, min(timeouts.connect_s, left))
+        resp = UpstreamResponse(conn, pool, timeouts.read_s)
+        conn.resp = resp
+        assert conn.transport is not None
+        conn.transport.write(head_and_body)
         try:
-            async with asyncio.timeout_at(deadline):
-                resp = await self._session.post(
-                    req.url, data=req.body, headers=req.headers, timeout=timeout
-                )
-        except TimeoutError as exc:
-            raise UpstreamTimeout("no answer before the timeout") from exc
-        except aiohttp.ClientError as exc:
-            raise _map(exc, "sending the request") from exc
-        return UpstreamResponse(resp, timeouts.read_s)
+            await resp._headers(min(deadline, loop.time() + timeouts.read_s))
+        except BaseException:
+            resp.close()
+            raise
+        return resp
+
+    async def _connect(
+        self, loop: asyncio.AbstractEventLoop, target: _Target, within: float
+    ) -> _Connection:
+        tls = None
+        if target.scheme == "https":
+            if self._tls is None:
+                self._tls = ssl.create_default_context()
+            tls = self._tls
+        try:
+            async with asyncio.timeout(within):
+                _, conn = await loop.create_connection(
+                    lambda: _Connection(loop), target.host, target.port, ssl=tls,
+                    server_hostname=target.host if tls else None,
+                )  # fmt: skip
+        except TimeoutError:
+            raise UpstreamTimeout("timed out connecting") from None
+        except ssl.SSLError as exc:
+            raise UpstreamConnectError(f"TLS handshake failed ({exc.reason})") from None
+        except OSError as exc:
+            raise UpstreamConnectError(f"could not connect ({exc.strerror or 'refused'})") from None
+        return conn
 
 
-def _map(exc: aiohttp.ClientError, doing: str) -> UpstreamError:
-    """Translate an aiohttp error into ours; messages name no URL or header (no secrets)."""
-    if isinstance(exc, aiohttp.ClientConnectorError):
-        return UpstreamConnectError(f"could not connect ({exc.strerror or 'refused'})")
-    if isinstance(exc, aiohttp.ServerTimeoutError):
-        return UpstreamTimeout(f"timed out {doing}")
-    if isinstance(exc, aiohttp.ServerDisconnectedError | aiohttp.ClientOSError):
-        return UpstreamConnectError(f"connection lost {doing}")
-    if isinstance(exc, aiohttp.ClientPayloadError):
-        return UpstreamProtocolError(f"the answer was cut off {doing}")
-    return UpstreamProtocolError(f"{type(exc).__name__} {doing}")
+def _request_bytes(target: _Target, req: UpstreamRequest) -> bytes:
+    """The request head and body; a header that would split the head is refused."""
+    lines = [
+        b"POST " + target.path + b" HTTP/1.1",
+        b"Host: " + target.host_header,
+        b"Content-Length: " + str(len(req.body)).encode(),
+        b"Accept-Encoding: gzip, deflate",
+    ]
+    for name, value in req.headers.items():
+        if "\r" in value or "\n" in value or "\r" in name or "\n" in name or ":" in name:
+            raise UpstreamProtocolError("a request header holds a line break")
+        try:
+            lines.append(f"{name}: {value}".encode("latin-1"))
+        except UnicodeEncodeError:
+            raise UpstreamProtocolError("a request header is not latin-1 text") from None
+    return b"\r\n".join(lines) + b"\r\n\r\n" + req.body

@@ -1,0 +1,248 @@
+"""The hot path's HTTP client (router/upstream.py) against real HTTP servers on loopback.
+
+A scripted asyncio server answers each request with raw bytes, so framings the mock provider
+never produces (gzip, chunked, close-delimited, malformed) are covered too; the mock provider
+itself is behind every router test.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gzip
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+
+import pytest
+
+from router.config import Timeouts
+from router.errors import (
+    UpstreamConnectError,
+    UpstreamProtocolError,
+    UpstreamTimeout,
+)
+from router.providers.base import UpstreamRequest
+from router.upstream import Upstream
+
+Answer = Callable[[bytes], list[bytes] | None]
+"""Given the request bytes, what to send back, piece by piece (``None``: close at once; an
+empty piece: close after the pieces before it)."""
+
+
+@dataclass
+class Server:
+    port: int = 0
+    connections: int = 0
+    requests: list[bytes] = field(default_factory=list)
+    answer: Answer = lambda _req: [ok_response(b'{"ok":true}')]
+    gap_s: float = 0.0
+    """Pause between the pieces of an answer."""
+    hang: bool = False
+
+
+def ok_response(body: bytes, *extra: bytes) -> bytes:
+    head = [b"HTTP/1.1 200 OK", b"Content-Type: application/json",
+            b"Content-Length: " + str(len(body)).encode(), *extra]  # fmt: skip
+    return b"\r\n".join(head) + b"\r\n\r\n" + body
+
+
+async def _read_request(reader: asyncio.StreamReader) -> bytes | None:
+    try:
+        head = await reader.readuntil(b"\r\n\r\n")
+    except (asyncio.IncompleteReadError, ConnectionError):
+        return None
+    length = 0
+    for line in head.split(b"\r\n"):
+        if line.lower().startswith(b"content-length:"):
+            length = int(line.split(b":", 1)[1])
+    return head + await reader.readexactly(length)
+
+
+@pytest.fixture
+async def server() -> AsyncIterator[Server]:
+    srv = Server()
+    handlers: set[asyncio.Task[None]] = set()
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        handlers.add(task)
+        srv.connections += 1
+        try:
+            while (req := await _read_request(reader)) is not None:
+                srv.requests.append(req)
+                if srv.hang:
+                    await asyncio.sleep(30)
+                pieces = srv.answer(req)
+                if pieces is None or b"" in pieces:
+                    for piece in (pieces or [])[: (pieces or [b""]).index(b"")]:
+                        writer.write(piece)
+                    await writer.drain()
+                    break
+                for piece in pieces:
+                    writer.write(piece)
+                    await writer.drain()
+                    if srv.gap_s:
+                        await asyncio.sleep(srv.gap_s)
+        except (ConnectionError, asyncio.CancelledError):
+            pass
+        finally:
+            writer.close()
+
+    s = await asyncio.start_server(handle, "127.0.0.1", 0)
+    srv.port = s.sockets[0].getsockname()[1]
+    yield srv
+    s.close()
+    for task in handlers:
+        task.cancel()
+    await asyncio.gather(*handlers, return_exceptions=True)
+    await s.wait_closed()
+
+
+@pytest.fixture
+async def upstream() -> AsyncIterator[Upstream]:
+    u = Upstream()
+    await u.start()
+    yield u
+    await u.close()
+
+
+def request(srv: Server, headers: dict[str, str] | None = None) -> UpstreamRequest:
+    return UpstreamRequest(
+        f"http://127.0.0.1:{srv.port}/v1/chat/completions",
+        {"content-type": "application/json", **(headers or {})},
+        b'{"model":"m"}',
+    )
+
+
+def deadline(s: float = 5.0) -> float:
+    return asyncio.get_running_loop().time() + s
+
+
+TIMEOUTS = Timeouts(connect_s=1.0, read_s=1.0)
+
+
+async def fetch(u: Upstream, srv: Server, **kw: dict[str, str]) -> tuple[int, bytes]:
+    resp = await u.send(request(srv, **kw), TIMEOUTS, deadline())
+    try:
+        return resp.status, await resp.read(deadline())
+    finally:
+        resp.close()
+
+
+async def test_keeps_connections_alive_and_sends_a_well_formed_request(
+    upstream: Upstream, server: Server
+) -> None:
+    for _ in range(5):
+        assert await fetch(upstream, server, headers={"authorization": "Bearer k"}) == (
+            200,
+            b'{"ok":true}',
+        )
+    assert server.connections == 1
+    head = server.requests[0].split(b"\r\n\r\n")[0].split(b"\r\n")
+    assert head[0] == b"POST /v1/chat/completions HTTP/1.1"
+    assert f"Host: 127.0.0.1:{server.port}".encode() in head
+    assert b"Content-Length: 13" in head
+    assert b"authorization: Bearer k" in head
+    assert server.requests[0].endswith(b'{"model":"m"}')
+
+
+async def test_concurrent_requests_use_separate_connections(
+    upstream: Upstream, server: Server
+) -> None:
+    server.gap_s = 0.05
+    results = await asyncio.gather(*(fetch(upstream, server) for _ in range(4)))
+    assert all(r == (200, b'{"ok":true}') for r in results)
+    assert server.connections == 4
+    await asyncio.gather(*(fetch(upstream, server) for _ in range(4)))
+    assert server.connections == 4  # all four were pooled and reused
+
+
+async def test_reads_gzip_chunked_and_close_delimited_bodies(
+    upstream: Upstream, server: Server
+) -> None:
+    body = b'{"choices":[]}' * 100
+    server.answer = lambda _req: [ok_response(gzip.compress(body), b"Content-Encoding: gzip")]
+    assert await fetch(upstream, server) == (200, body)
+
+    chunked = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n"
+    server.answer = lambda _req: [chunked]
+    assert await fetch(upstream, server) == (200, b"hello")
+
+    server.answer = lambda _req: [b"HTTP/1.1 200 OK\r\n\r\nuntil-eof", b""]
+    assert await fetch(upstream, server) == (200, b"until-eof")
+    before = server.connections
+    server.answer = lambda _req: [ok_response(b"{}")]
+    assert await fetch(upstream, server) == (200, b"{}")
+    assert server.connections == before + 1  # a close-delimited answer's connection is gone
+
+
+async def test_streams_chunks_as_they_come(upstream: Upstream, server: Server) -> None:
+    frames = [b"data: 1\n\n", b"data: 2\n\n", b"data: [DONE]\n\n"]
+    head = (
+        b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n"
+    )
+    pieces = [head] + [f"{len(f):x}\r\n".encode() + f + b"\r\n" for f in frames] + [b"0\r\n\r\n"]
+    server.answer = lambda _req: pieces
+    server.gap_s = 0.05
+    resp = await upstream.send(request(server), TIMEOUTS, deadline())
+    loop = asyncio.get_running_loop()
+    got, times = [], []
+    async for data in resp.chunks():
+        got.append(data)
+        times.append(loop.time())
+    resp.close()
+    assert b"".join(got) == b"".join(frames)
+    assert len(got) >= 3  # relayed one by one, not buffered whole
+    assert times[-1] - times[0] >= 0.08
+
+
+async def test_refused_hung_cut_and_malformed_answers_are_upstream_errors(
+    upstream: Upstream, server: Server
+) -> None:
+    closed = Server(port=_free_port())
+    with pytest.raises(UpstreamConnectError, match="could not connect"):
+        await upstream.send(request(closed), TIMEOUTS, deadline())
+
+    server.hang = True
+    with pytest.raises(UpstreamTimeout):
+        await upstream.send(request(server), Timeouts(connect_s=1, read_s=0.2), deadline())
+    server.hang = False
+
+    server.answer = lambda _req: None  # closes without answering
+    with pytest.raises(UpstreamConnectError, match="connection lost"):
+        await upstream.send(request(server), TIMEOUTS, deadline())
+
+    server.answer = lambda _req: [b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nshort", b""]
+    resp = await upstream.send(request(server), TIMEOUTS, deadline())
+    with pytest.raises(UpstreamProtocolError, match="cut off"):
+        await resp.read(deadline())
+    resp.close()
+
+    server.answer = lambda _req: [b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nshort"]
+    resp = await upstream.send(request(server), TIMEOUTS, deadline())
+    with pytest.raises(UpstreamTimeout):  # the server holds the connection: read times out
+        await resp.read(deadline(0.3))
+    resp.close()
+
+    server.answer = lambda _req: [b"NOT HTTP AT ALL\r\n\r\n"]
+    with pytest.raises(UpstreamProtocolError, match="malformed"):
+        await upstream.send(request(server), TIMEOUTS, deadline())
+
+
+async def test_a_header_with_a_line_break_is_refused_before_sending(
+    upstream: Upstream, server: Server
+) -> None:
+    with pytest.raises(UpstreamProtocolError, match="line break"):
+        await upstream.send(
+            request(server, headers={"traceparent": "x\r\nX-Injected: 1"}), TIMEOUTS, deadline()
+        )
+    assert server.requests == []
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
