@@ -21,6 +21,7 @@ from redis.exceptions import RedisError
 from router.config import Circuit, Config, Route
 from router.errors import StoreError
 from router.keys import WINDOW_BUCKETS, Keys
+from router.muxredis import MuxRedis
 from router.strategies import Code
 
 log = logging.getLogger("router.store")
@@ -148,8 +149,11 @@ class Store:
         *,
         embedded: bool,
         circuits: Mapping[str, Circuit] | None = None,
+        mux: MuxRedis | None = None,
     ) -> None:
         self.client = client
+        self.mux = mux
+        """The scripts' shared pipelined connection (``None``: they go through ``client``)."""
         self.keys = keys
         self.lease_ttl_ms = lease_ttl_ms
         self.embedded = embedded
@@ -180,12 +184,16 @@ class Store:
             socket_connect_timeout=timeout,
         )
         client = aioredis.Redis(connection_pool=pool)
-        return cls(client, keys, ttl, embedded=False, circuits=circuits)
+        # TLS (rediss://) keeps redis-py's pooled connections for the scripts too
+        mux = None if cfg.redis_url.startswith("rediss:") else MuxRedis(cfg.redis_url, timeout)
+        return cls(client, keys, ttl, embedded=False, circuits=circuits, mux=mux)
 
     async def start(self, warm: int = 8) -> None:
         """Open ``warm`` connections and load the scripts, so the first requests wait on neither."""
         try:
             await asyncio.gather(*(self.client.ping() for _ in range(warm)))
+            if self.mux is not None:
+                await self.mux.execute("PING")
             await self.load_scripts()
         except RedisError as exc:
             raise StoreError(f"shared store unavailable: {exc}") from exc
@@ -198,6 +206,9 @@ class Store:
     async def call(self, name: str, keys: Sequence[str], args: Sequence[Any]) -> Any:
         """Run the registered script ``name``; a Redis failure becomes ``StoreError``."""
         try:
+            if self.mux is not None:
+                script = self._scripts[name]
+                return await self.mux.evalsha(script.sha, script.script, keys, args)
             return await self._scripts[name](keys=keys, args=args)
         except RedisError as exc:
             self.on_error(name)
@@ -224,6 +235,8 @@ class Store:
 
     async def close(self) -> None:
         """Close the connections (the pool too: a client given a pool does not own it)."""
+        if self.mux is not None:
+            await self.mux.close()
         await self.client.aclose()
         await self.client.connection_pool.disconnect()
 
@@ -243,8 +256,12 @@ class Store:
         *,
         rand: int,
         expected_output: int,
+        detail: bool = True,
     ) -> Decision:
-        """Choose a target of ``plan`` for one request and lease it (one round trip)."""
+        """Choose a target of ``plan`` for one request and lease it (one round trip).
+
+        Without ``detail`` the script returns only each target's code (the figures cost
+        Redis time and only the decision log reads them); the others are then -1 and ''."""
         args: list[Any] = [
             plan.route.strategy.value,
             lease_id,
@@ -253,6 +270,7 @@ class Store:
             expected_output,
             len(plan.providers),
             WINDOW_BUCKETS,
+            1 if detail else 0,
         ]
         for i, (rpm, tpm, maxf, weight) in enumerate(plan.static):
             args += (rpm, tpm, maxf, weight, tokens[i], 1 if excluded[i] else 0)
@@ -346,6 +364,12 @@ class Subscription:
 
 def _decode_decision(raw: Sequence[Any], providers: Sequence[str]) -> Decision:
     chosen, now_ms, bucket, wait_ms = (int(x) for x in raw[:4])
+    if len(raw) == 4 + len(providers):  # codes only
+        candidates = tuple(
+            Candidate(name, Code(int(raw[4 + i])), -1, -1, -1, "")
+            for i, name in enumerate(providers)
+        )
+        return Decision(chosen - 1 if chosen else None, now_ms, bucket, wait_ms, candidates)
     candidates = tuple(
         Candidate(
             provider=name,

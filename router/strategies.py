@@ -42,6 +42,9 @@ class Code(IntEnum):
     TPM = 6
     DRAINED = 7
     CIRCUIT = 8
+    UNSEEN = 9
+    """Not looked at: round robin (without the decision log's detail) stops at the first
+    target in the rotation with room; the script never reports this with detail."""
 
 
 @dataclass(frozen=True, slots=True)

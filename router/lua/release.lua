@@ -33,7 +33,7 @@ local cooldown = tonumber(ARGV[8])
 if cooldown > 0 then
   local until_ms = now + cooldown
   if until_ms > (tonumber(redis.call('HGET', pk, 'cool')) or 0) then
-    redis.call('HSET', pk, 'cool', until_ms)
+    redis.call('HSET', pk, 'cool', until_ms, 'gate', 1)  -- gate: acquire.lua looks closer
   end
 end
 
@@ -53,6 +53,7 @@ end
 
 if redis.call('ZREM', lk, ARGV[1]) == 0 then return 0 end
 redis.call('ZREMRANGEBYSCORE', lk, '-inf', now)
+redis.call('HSET', pk, 'inf', redis.call('ZCARD', lk))  -- acquire.lua reads the count here
 
 local bucket, correction = tonumber(ARGV[3]), tonumber(ARGV[4])
 if correction ~= 0 and bucket >= (tonumber(f[3]) or bucket) then
@@ -101,12 +102,12 @@ elseif failure[outcome] then
   if trial or (not c[1] and fails >= tonumber(ARGV[11])) then
     local opens = (tonumber(c[3]) or 0) + 1
     local wait = math.min(tonumber(ARGV[12]) * 2 ^ (opens - 1), tonumber(ARGV[13]))
-    redis.call('HSET', pk, 'circ', 'open', 'circ_until', now + wait, 'circ_opens', opens)
+    redis.call('HSET', pk, 'circ', 'open', 'circ_until', now + wait, 'circ_opens', opens, 'gate', 1)
     redis.call('HDEL', pk, 'circ_trial')
     publish('open')
     return 2
   end
 elseif trial then
-  redis.call('HSET', pk, 'circ', 'open', 'circ_until', now)  -- no verdict: let another try
+  redis.call('HSET', pk, 'circ', 'open', 'circ_until', now, 'gate', 1)  -- no verdict: retry
 end
 return 1

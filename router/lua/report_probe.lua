@@ -35,6 +35,7 @@ local new = state
 if good and ok >= tonumber(ARGV[5]) then new = 'up' end
 if not good and bad >= tonumber(ARGV[6]) then new = 'down' end
 local version = tonumber(redis.call('GET', KEYS[3])) or 0
+if new == 'down' then redis.call('HSET', pk, 'gate', 1) end  -- acquire.lua: look closer
 if new ~= state then
   redis.call('HSET', pk, 'health', new, 'h_since', now)
   version = publish({health = new, previous = state, error = ARGV[4]})

@@ -7,7 +7,7 @@
 -- Returns the new health version.
 
 if ARGV[1] == '1' then
-  redis.call('HSET', KEYS[1], 'drain', '1')
+  redis.call('HSET', KEYS[1], 'drain', '1', 'gate', 1)  -- gate: acquire.lua looks closer
 else
   redis.call('HDEL', KEYS[1], 'drain')
 end

@@ -58,7 +58,7 @@ def test_a_lost_event_is_corrected_by_the_resync(
     gw = two_providers(cluster, tmp_path, redis_url, replica={"resync_s": 1})
     r = redis.Redis(port=redis_port)
     # a transition whose message was lost: the state and version change, nothing is published
-    r.hset("rc:{default}:provider:flaky", mapping={"health": "down", "h_since": 1})
+    r.hset("rc:{default}:provider:flaky", mapping={"health": "down", "h_since": 1, "gate": 1})
     r.incr("rc:{default}:health:version")
     for url in gw.urls:
         wait_until(lambda u=url: view(u)["providers"]["flaky"]["health"] == "down", 10,

@@ -144,3 +144,33 @@ async def test_provider_figures_only_ever_raise_our_count(store: Store, redis_ur
     # a lower figure never lowers ours
     await store.release(Lease("b", "p", d.bucket, 100), Outcome("ok", provider_tokens=10))
     assert (await store.provider_fields("p"))["tpm"] == "800"
+
+
+async def test_in_flight_count_in_the_hash_follows_the_lease_set(
+    store: Store, redis_url: str
+) -> None:
+    """acquire reads the count from the provider hash ('inf', one HMGET per target); it must
+    equal the unexpired leases whatever happened: releases, expiries, leases of an older
+    version that wrote no count."""
+    plan = plan_of(store, config(redis_url, rpm=100, tpm=100_000))
+    r = aioredis.Redis.from_url(redis_url, decode_responses=True)
+    pk, lk = store.keys.provider("p"), store.keys.leases("p")
+    for i in range(3):
+        assert (await take(store, plan, f"l{i}", tokens=1)).index == 0
+    assert (await r.hget(pk, "inf"), await r.zcard(lk)) == ("3", 3)
+    await store.release(Lease("l0", "p", 0, 1), Outcome("ok"))
+    assert await r.hget(pk, "inf") == "2"
+    # l1 expires (its expiry moved into the past): the next decision purges and counts it out
+    now_ms = int((await r.time())[0]) * 1000
+    await r.zadd(lk, {"l1": now_ms - 1})
+    await r.hset(pk, "lx", now_ms - 1)  # as acquire would have recorded it
+    d = await take(store, plan, "l3", tokens=1)
+    assert d.candidates[0].in_flight == 2  # l2 and l3
+    assert (await r.hget(pk, "inf"), await r.zcard(lk)) == ("2", 2)
+    # leases written without a count (an older version) are counted on first sight
+    await r.hdel(pk, "inf")
+    await r.zadd(lk, {"old": now_ms + 60_000})
+    d = await take(store, plan, "l4", tokens=1)
+    assert d.candidates[0].in_flight == 4  # l2, l3, old, l4
+    assert await r.hget(pk, "inf") == "4"
+    await r.aclose()

@@ -60,6 +60,8 @@ def _seed(client: redis.Redis, views: list[TargetView], now_s: int) -> list[str]
             fields["health"] = "down"
         if v.drained:
             fields["drain"] = "1"
+        if not v.healthy or v.drained or v.circuit_until_ms or v.cooling_until_ms:
+            fields["gate"] = 1  # as the scripts that write those fields set it
         if v.circuit_until_ms:
             fields["circ"] = "open"
             fields["circ_until"] = (now_s + 30) * 1000
@@ -96,7 +98,7 @@ def test_same_choice(
     client.hset(KEYS.swrr(route), mapping={str(i + 1): swrr[i] for i in range(len(views))})
     keys = [KEYS.rotation(route), KEYS.swrr(route)]
     args: list[object] = [strategy.value, "lease-1", 30000, rand, expected, len(views)]
-    args.append(WINDOW_BUCKETS)
+    args += [WINDOW_BUCKETS, 1]
     for name, v in zip(names, views, strict=True):
         keys += [KEYS.provider(name), KEYS.leases(name)]
         args += [v.rpm, v.tpm, v.max_in_flight, v.weight, v.tokens, int(v.excluded)]
@@ -122,6 +124,23 @@ def test_same_choice(
         got = [int(float(s)) for s, ok in zip(stored, eligible, strict=True) if ok]
         want = [c for c, ok in zip(spec.swrr, eligible, strict=True) if ok]
         assert got == want
+    # without detail (the decision log off), round robin stops looking at the first target
+    # with room: the same choice, the same rotation afterwards, 9 for the targets not seen
+    _seed(client, views, now_s)
+    client.set(KEYS.rotation(route), rotation)
+    client.hset(KEYS.swrr(route), mapping={str(i + 1): swrr[i] for i in range(len(views))})
+    args[7] = 0
+    lean = _decode_decision(client.register_script(_script("acquire"))(keys=keys, args=args), names)
+    assert lean.index == decision.index
+    if strategy is Strategy.ROUND_ROBIN:
+        assert client.get(KEYS.rotation(route)) == str(rotation + (spec.index is not None)).encode()
+        n = len(views)
+        order = [(rotation + 1 + k) % n for k in range(n)]
+        codes = [lean.candidates[i].code for i in order]
+        looked = [c for c in codes if c is not Code.UNSEEN]
+        assert codes[: len(looked)] == looked  # a prefix of the rotation order
+        assert all(c is not Code.OK for c in looked[:-1])
+        assert (looked[-1] is Code.OK) == (spec.index is not None)
 
 
 def _with_cooling(v: TargetView, now_ms: int) -> TargetView:

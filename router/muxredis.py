@@ -1,0 +1,204 @@
+"""One pipelined Redis connection shared by every request of a replica: the scripts' path.
+
+Every request makes two script calls (acquire, release). Through redis-py each call borrows a
+pooled connection, packs, writes, reads and returns it, about a fifth of a replica's CPU under
+load. Here all callers share one connection: a call packs its command (hiredis, in C), queues
+it, and awaits a future; the commands queued in one turn of the event loop go out in one
+write, and the replies, which Redis sends in order, resolve the futures in order.
+
+Failure behaves as redis-py's does, with its exception types: a call not answered within the
+timeout fails with ``TimeoutError`` and, because the replies are ordered, so does every call
+queued behind it (the connection is closed); a lost connection fails every call queued on
+it with ``ConnectionError``; the next call connects again. A script Redis does not know
+(restarted, ``SCRIPT FLUSH``) is sent once in full with ``EVAL``, which also caches it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from collections import deque
+from typing import Any, cast
+from urllib.parse import unquote, urlparse
+
+import hiredis
+from redis import exceptions as rx
+
+
+def _pack(*args: Any) -> bytes:
+    """One command in RESP, packed in C."""
+    packed: bytes = hiredis.pack_command(args)
+    return packed
+
+
+def _reply_error(err: hiredis.ReplyError) -> rx.RedisError:
+    text = str(err)
+    if text.startswith("NOSCRIPT"):
+        return rx.NoScriptError(text)
+    if text.startswith(("NOAUTH", "WRONGPASS")):
+        return rx.AuthenticationError(text)
+    return rx.ResponseError(text)
+
+
+class _Protocol(asyncio.Protocol):
+    """The connection: queued commands out, replies in, matched first in, first out."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, timeout: float) -> None:
+        self.loop = loop
+        self.timeout = timeout
+        self.reader = hiredis.Reader()
+        self.transport: asyncio.Transport | None = None
+        self.pending: deque[tuple[asyncio.Future[Any], float]] = deque()
+        self.out: list[bytes] = []
+        self.closed: rx.RedisError | None = None
+        self._timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
+        sock = transport.get_extra_info("socket")
+        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    def send(self, packed: bytes) -> asyncio.Future[Any]:
+        """Queue one packed command; its reply resolves the returned future."""
+        if self.closed is not None:
+            raise self.closed
+        fut = self.loop.create_future()
+        deadline = self.loop.time() + self.timeout
+        if not self.pending:
+            self._arm(deadline)
+        self.pending.append((fut, deadline))
+        if not self.out:
+            self.loop.call_soon(self._flush)
+        self.out.append(packed)
+        return fut
+
+    def _flush(self) -> None:
+        out, self.out = self.out, []
+        if self.transport is not None and self.closed is None and out:
+            self.transport.write(b"".join(out))
+
+    def data_received(self, data: bytes) -> None:
+        self.reader.feed(data)
+        try:
+            while (reply := self.reader.gets()) is not False:
+                fut, _ = self.pending.popleft()
+                if fut.done():  # its caller was cancelled or gave up
+                    continue
+                if isinstance(reply, hiredis.ReplyError):
+                    fut.set_exception(_reply_error(reply))
+                else:
+                    fut.set_result(reply)
+        except (hiredis.ProtocolError, IndexError) as exc:
+            self.fail(rx.ConnectionError(f"bad reply from Redis: {exc!r}"))
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.fail(rx.ConnectionError(f"connection to Redis lost: {exc or 'closed by the server'}"))
+
+    def fail(self, error: rx.RedisError) -> None:
+        """Close the connection; every call still queued on it fails with ``error``."""
+        if self.closed is None:
+            self.closed = error
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if self.transport is not None:
+            self.transport.abort()
+        while self.pending:
+            fut, _ = self.pending.popleft()
+            if not fut.done():
+                fut.set_exception(error)
+                fut.exception()  # a caller that gave up must not leave it unretrieved
+
+    def _arm(self, when: float) -> None:
+        if self._timer is None:
+            self._timer = self.loop.call_at(when, self._check)
+
+    def _check(self) -> None:
+        """The oldest call's deadline passed: Redis is not answering (replies are ordered)."""
+        self._timer = None
+        if not self.pending:
+            return
+        deadline = self.pending[0][1]
+        if deadline <= self.loop.time():
+            self.fail(rx.TimeoutError(f"Redis did not answer within {self.timeout * 1000:g} ms"))
+        else:
+            self._arm(deadline)
+
+
+class MuxRedis:
+    """Commands and scripts over one shared, pipelined connection (``redis://`` or ``unix://``)."""
+
+    def __init__(self, url: str, timeout: float) -> None:
+        u = urlparse(url)
+        if u.scheme not in ("redis", "unix"):
+            raise ValueError(f"unsupported Redis URL scheme for the shared connection: {u.scheme}")
+        self.path = unquote(u.path) if u.scheme == "unix" else None
+        self.host = u.hostname or "127.0.0.1"
+        self.port = u.port or 6379
+        self.username = unquote(u.username) if u.username else None
+        self.password = unquote(u.password) if u.password else None
+        db = u.path.lstrip("/") if u.scheme == "redis" else ""
+        self.db = int(db) if db.isdigit() else 0
+        self.timeout = timeout
+        self._proto: _Protocol | None = None
+        self._connecting: asyncio.Future[_Protocol] | None = None
+
+    async def execute(self, *args: Any) -> Any:
+        """Send one command and return its reply (redis-py's exceptions on failure)."""
+        proto = self._proto
+        if proto is None or proto.closed is not None:
+            proto = await self._connection()
+        return await proto.send(_pack(*args))
+
+    async def evalsha(self, sha: str, script: str, keys: Any, args: Any) -> Any:
+        """Run a script by its SHA1; when Redis lacks it, send it in full (which caches it)."""
+        try:
+            return await self.execute("EVALSHA", sha, len(keys), *keys, *args)
+        except rx.NoScriptError:
+            return await self.execute("EVAL", script, len(keys), *keys, *args)
+
+    async def close(self) -> None:
+        """Close the connection; calls still queued fail with ``ConnectionError``."""
+        if self._proto is not None:
+            self._proto.fail(rx.ConnectionError("connection closed by the router"))
+            self._proto = None
+
+    async def _connection(self) -> _Protocol:
+        """The open connection, or a new one (callers arriving meanwhile share the attempt)."""
+        if self._connecting is None or self._connecting.done():
+            self._connecting = asyncio.ensure_future(self._connect())
+            self._connecting.add_done_callback(_retrieve)
+        return await asyncio.shield(self._connecting)
+
+    async def _connect(self) -> _Protocol:
+        loop = asyncio.get_running_loop()
+        try:
+            async with asyncio.timeout(self.timeout):
+                if self.path is not None:
+                    _, proto = await loop.create_unix_connection(
+                        lambda: _Protocol(loop, self.timeout), self.path
+                    )
+                else:
+                    _, proto = await loop.create_connection(
+                        lambda: _Protocol(loop, self.timeout), self.host, self.port
+                    )
+        except (OSError, TimeoutError) as exc:
+            raise rx.ConnectionError(f"cannot connect to Redis: {exc!r}") from None
+        try:
+            if self.password is not None:
+                auth = (self.username, self.password) if self.username else (self.password,)
+                await proto.send(_pack("AUTH", *auth))
+            if self.db:
+                await proto.send(_pack("SELECT", self.db))
+        except rx.RedisError:
+            proto.fail(rx.ConnectionError("connection closed after a failed AUTH or SELECT"))
+            raise
+        self._proto = proto
+        return proto
+
+
+def _retrieve(fut: asyncio.Future[Any]) -> None:
+    """Mark a shared attempt's failure as seen even when every caller has given up."""
+    if not fut.cancelled():
+        fut.exception()
