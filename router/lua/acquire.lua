@@ -66,6 +66,14 @@ end
 local F = {'wh', 'rpm', 'tpm', 'inf', 'lx', 'gate'}
 if strategy == 'least_latency' then F[7], F[8] = 'ttft', 'tpot' end
 
+-- Text to number, each distinct text converted once per call (strtod is most of the cost of
+-- a conversion, and targets share most of their limits, tokens and the window head).
+local N = setmetatable({}, {__index = function(c, text)
+  local v = tonumber(text)
+  if v then c[text] = v end
+  return v
+end})
+
 -- Look at target i: its shared figures, its limits, and whether it can take this request.
 local T = {}
 local function view(i)
@@ -74,19 +82,19 @@ local function view(i)
   local health, drain, circ, circ_until, cool = false, false, false, 0, 0
   if f[6] then
     local g = call('HMGET', pk, 'health', 'drain', 'circ', 'circ_until', 'cool')
-    health, drain, circ, circ_until, cool = g[1], g[2], g[3], tonumber(g[4]) or 0, tonumber(g[5]) or 0
+    health, drain, circ, circ_until, cool = g[1], g[2], g[3], N[g[4]] or 0, N[g[5]] or 0
     if health ~= 'down' and drain ~= '1' and not circ and cool <= now then call('HDEL', pk, 'gate') end
   end
-  local inflight, lx = tonumber(f[4]), tonumber(f[5])
+  local inflight, lx = N[f[4]], N[f[5]]
   if inflight == nil or (inflight > 0 and (lx == nil or lx <= now)) then
     inflight, lx = purge(pk, KEYS[2 + 2 * i])
   end
-  local head = tonumber(f[1])
-  local rpm, tpm = slide(pk, head, tonumber(f[2]) or 0, tonumber(f[3]) or 0)
-  local t = {rpmL = tonumber(ARGV[a]), tpmL = tonumber(ARGV[a + 1]), maxf = tonumber(ARGV[a + 2]),
-    w = tonumber(ARGV[a + 3]), tokens = tonumber(ARGV[a + 4]), head = head, rpm = rpm, tpm = tpm,
+  local head = N[f[1]]
+  local rpm, tpm = slide(pk, head, N[f[2]] or 0, N[f[3]] or 0)
+  local t = {rpmL = N[ARGV[a]], tpmL = N[ARGV[a + 1]], maxf = N[ARGV[a + 2]],
+    w = N[ARGV[a + 3]], tokens = N[ARGV[a + 4]], head = head, rpm = rpm, tpm = tpm,
     inflight = inflight, lx = lx, circ = circ, circ_until = circ_until, cool = cool,
-    ttft = tonumber(f[7]) or 0, tpot = tonumber(f[8]) or 0, code = 0, s = 0}
+    ttft = N[f[7]] or 0, tpot = N[f[8]] or 0, code = 0, s = 0}
   if ARGV[a + 5] == '1' then t.code = 1
   elseif drain == '1' then t.code = 7
   elseif health == 'down' then t.code = 2
