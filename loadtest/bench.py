@@ -734,36 +734,62 @@ def write_config(rig: Rig, name: str, up: Upstreams, decisions: str) -> Path:
 # ---------------------------------------------------------------------------- streaming
 
 
-def content_times(client: httpx.Client, url: str, body: dict[str, Any]) -> list[float]:
-    """Seconds from the request to each chunk that carries content, as the client sees them."""
-    started = time.perf_counter()
-    times = []
-    headers = {"Authorization": f"Bearer {CLIENT_KEY}"}
-    with client.stream("POST", url, json=body, headers=headers) as resp:
-        resp.raise_for_status()
-        for line in resp.iter_lines():
-            if not line.startswith("data: {"):
-                continue
-            choices = orjson.loads(line[6:]).get("choices") or [{}]
-            if (choices[0].get("delta") or {}).get("content"):
-                times.append(time.perf_counter() - started)
+def content_times(port: int, body: dict[str, Any]) -> list[float]:
+    """Seconds from the request to each SSE event that carries content, as a minimal client on
+    a raw socket sees them (HTTP/1.1, one request per connection, the load core).
+
+    A full client (httpx) spends most of a millisecond of Python on a response's headers; the
+    router sends its headers with the first frame (a stream may still fail over until then)
+    while the provider sends them at once, so such a client would charge its own work to the
+    router. A raw read keeps the client's share equal and small on both paths."""
+    payload = orjson.dumps(body)
+    head = (
+        f"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
+        f"Authorization: Bearer {CLIENT_KEY}\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(payload)}\r\nConnection: close\r\n\r\n"
+    ).encode()
+    times: list[float] = []
+    buf = b""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        started = time.perf_counter()
+        sock.sendall(head + payload)
+        while data := sock.recv(65536):
+            now = time.perf_counter()
+            buf += data
+            *events, buf = buf.split(b"\n\n")
+            times += [now - started for e in events if _has_content(e)]
+    if not times:
+        raise RuntimeError(f"no content events from port {port}")
     return times
 
 
-def stream_figures(router: str, mock: str, n: int) -> dict[str, Any]:
-    """TTFT direct vs through the router (interleaved), then the relayed chunks' pacing."""
+def _has_content(event: bytes) -> bool:
+    """Whether one SSE event (chunked-encoding sizes may sit around it) carries content."""
+    start = event.find(b"data: {")
+    if start < 0:
+        return False
+    with contextlib.suppress(orjson.JSONDecodeError):
+        choices = orjson.loads(event[start + 6 :]).get("choices") or [{}]
+        return bool((choices[0].get("delta") or {}).get("content"))
+    return False
+
+
+def stream_figures(router_port: int, mock_port: int, n: int) -> dict[str, Any]:
+    """TTFT direct vs through the router (interleaved), then the relayed chunks' pacing; the
+    client runs on the load core, like wrk."""
     msgs = [{"role": "user", "content": "hello"}]
-    paths = "/v1/chat/completions"
     ttft: dict[str, list[float]] = {"direct": [], "router": []}
-    with httpx.Client(timeout=10) as client:
+    gaps: list[float] = []
+    with pinned(LOAD_CPU):
         for _ in range(n):
-            for via, base, model in (("direct", mock, "mock-model"), ("router", router, "stream")):
+            for via, port, model in (("direct", mock_port, "mock-model"),
+                                     ("router", router_port, "stream")):  # fmt: skip
                 body = {"model": model, "messages": msgs, "stream": True, "max_tokens": 2}
-                ttft[via].append(content_times(client, base + paths, body)[0] * 1000)
-        gaps: list[float] = []
+                ttft[via].append(content_times(port, body)[0] * 1000)
         body = {"model": "stream", "messages": msgs, "stream": True, "max_tokens": 8}
         for _ in range(5):
-            t = content_times(client, router + paths, body)
+            t = content_times(router_port, body)
             gaps += [(b - a) * 1000 for a, b in zip(t, t[1:], strict=False)]
     med = {k: statistics.median(v) for k, v in ttft.items()}
     return {
@@ -1063,9 +1089,7 @@ def one_replica(rig: Rig, up: Upstreams, opts: Options) -> dict[str, Any]:
         key = "c" if strategy == "round_robin" else f"d-{strategy}"
         out[key] = measure(router_sut(rig, key, strategy, port, [proc.pid], up), opts.duration)
     print("  streaming: TTFT and chunk pacing", flush=True)
-    out["streaming"] = stream_figures(
-        f"http://127.0.0.1:{port}", f"http://127.0.0.1:{up.mock_port}", opts.stream_requests
-    )
+    out["streaming"] = stream_figures(port, up.mock_port, opts.stream_requests)
     if opts.profile:
         print("  profile: py-spy under saturation", flush=True)
         sut = router_sut(rig, "p", "round_robin", port, [proc.pid], up)

@@ -327,8 +327,9 @@ class _Relay:
         loop = asyncio.get_running_loop()
         outcome = "client_cancelled"
         try:
-            self._mark(tr, loop.time())
-            yield first
+            first_at = loop.time()
+            yield first  # the first frame goes out before anything else is done
+            self._mark(tr, first_at)
             async for data in chunks:
                 out = tr.feed(data)
                 self._mark(tr, loop.time())

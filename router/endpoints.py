@@ -166,19 +166,22 @@ class _Exchange:
         """Send the stream as it comes; a client that leaves cancels it (and so releases)."""
         task = asyncio.current_task()
         gone = asyncio.Event()
-        watcher = asyncio.create_task(_watch_disconnect(self.receive, gone, task))
+        watcher: asyncio.Task[None] | None = None
         try:
             async for chunk in stream:
                 await self.send({"type": "http.response.body", "body": chunk, "more_body": True})
+                if watcher is None:  # after the first frame: it goes out before anything else
+                    watcher = asyncio.create_task(_watch_disconnect(self.receive, gone, task))
             await self.send({"type": "http.response.body", "body": b""})
         except asyncio.CancelledError:
             if not gone.is_set() or task is None:
                 raise
             task.uncancel()
         finally:
-            watcher.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await watcher
+            if watcher is not None:
+                watcher.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await watcher
             await stream.aclose()
             if reply.close is not None:
                 await reply.close()
