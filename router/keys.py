@@ -7,7 +7,8 @@ shared by every route that uses it, so provider keys are named by the pool, not 
     <prefix>:{<pool>}:provider:<name>          hash, bounded: see PROVIDER_FIELDS
     <prefix>:{<pool>}:provider:<name>:leases   zset lease id -> expiry (ms), purged on use
     <prefix>:{<pool>}:route:<model>:rr         string, the shared rotation counter
-    <prefix>:{<pool>}:route:<model>:swrr       hash target index -> current weight (nginx SWRR)
+    <prefix>:{<pool>}:route:<model>:wrr        string: current weights, comma-separated, in
+                                               target order (nginx smooth weighted RR)
     <prefix>:{<pool>}:health:version           string, bumped on every health transition
     <prefix>:{<pool>}:healthd:leader           string with expiry: the leading healthd's id
     <prefix>:{<pool>}:healthd:epoch            string, the fencing token, bumped per new leader
@@ -29,6 +30,10 @@ PROVIDER_FIELDS = {
     "tpm": "tokens in the window (sum of the t:<second> fields)",
     "r:<second>": "requests admitted in that second (at most WINDOW_BUCKETS fields)",
     "t:<second>": "tokens reserved in that second (at most WINDOW_BUCKETS fields)",
+    "inf": "leases in flight: the size of the provider's lease zset (acquire reads it here)",
+    "lx": "at most the earliest lease expiry (unix ms): once passed, acquire purges the zset",
+    "gate": "present when something may block the provider (down, drained, circuit, "
+    "cooldown); acquire then reads those fields, and drops it once none blocks",
     "cool": "cooldown until (unix ms), set from a 429's Retry-After or reset header",
     "health": "up | down, written by healthd (absent = unknown = usable)",
     "h_since": "when the health state last changed (unix ms)",
@@ -74,7 +79,7 @@ class Keys:
 
     def swrr(self, route: str) -> str:
         """The route's smooth weighted round-robin state."""
-        return f"{self._base}:route:{route}:swrr"
+        return f"{self._base}:route:{route}:wrr"
 
     def health_version(self) -> str:
         """Counter bumped on every health transition: the snapshot's version."""

@@ -3,7 +3,8 @@
 -- feeds both the same state and asserts the same answer.
 --
 -- KEYS[1]       route rotation counter (string)             Keys.rotation
--- KEYS[2]       route smooth weighted round robin (hash)    Keys.swrr
+-- KEYS[2]       route smooth weighted round robin (string: current weights, comma-separated,
+--               in target order)                            Keys.swrr
 -- KEYS[1+2i]    target i's provider hash (windows, ...)     Keys.provider   (i = 1..n)
 -- KEYS[2+2i]    target i's provider lease zset              Keys.leases
 --               (the hash's 'inf' is the zset's size, 'lx' at most its earliest expiry: one
@@ -148,23 +149,25 @@ for i = 1, n do
 end
 if best then  -- chosen above
 elseif any and strategy == 'weighted' then
-  local fields = {}
-  for i = 1, n do fields[i] = i end
-  local cw = call('HMGET', KEYS[2], unpack(fields))
+  local cw, j = {}, 0
+  local stored = call('GET', KEYS[2])
+  if stored then
+    for v in string.gmatch(stored, '[^,]+') do j = j + 1; cw[j] = N[v] end
+  end
   local total = 0
   for i = 1, n do
+    local c = cw[i] or 0
     if T[i].code == 0 then
-      T[i].s = (tonumber(cw[i]) or 0) + T[i].w
+      T[i].s = c + T[i].w
       total = total + T[i].w
       if best == nil or T[i].s > T[best].s then best = i end
     end
   end
   T[best].s = T[best].s - total
-  local cws = {}
   for i = 1, n do
-    if T[i].code == 0 then cws[#cws + 1] = i; cws[#cws + 1] = T[i].s end
+    if T[i].code == 0 then cw[i] = T[i].s else cw[i] = cw[i] or 0 end
   end
-  call('HSET', KEYS[2], unpack(cws))
+  call('SET', KEYS[2], table.concat(cw, ',', 1, n))
 elseif any then
   local start = rand
   if strategy == 'round_robin' then start = call('INCR', KEYS[1]) end

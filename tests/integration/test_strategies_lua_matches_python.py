@@ -95,7 +95,7 @@ def test_same_choice(
     names = _seed(client, views, now_s)
     route = "r"
     client.set(KEYS.rotation(route), rotation)
-    client.hset(KEYS.swrr(route), mapping={str(i + 1): swrr[i] for i in range(len(views))})
+    client.set(KEYS.swrr(route), ",".join(str(w) for w in swrr[: len(views)]))
     keys = [KEYS.rotation(route), KEYS.swrr(route)]
     args: list[object] = [strategy.value, "lease-1", 30000, rand, expected, len(views)]
     args += [WINDOW_BUCKETS, 1]
@@ -119,7 +119,7 @@ def test_same_choice(
     assert decision.index == spec.index
     assert [c.code for c in decision.candidates] == [eligibility(v, now_ms) for v in views_now]
     if strategy is Strategy.WEIGHTED and spec.index is not None:
-        stored = client.hmget(KEYS.swrr(route), [str(i + 1) for i in range(len(views))])
+        stored = client.get(KEYS.swrr(route)).decode().split(",")
         eligible = [eligibility(v, now_ms) is Code.OK for v in views_now]
         got = [int(float(s)) for s, ok in zip(stored, eligible, strict=True) if ok]
         want = [c for c, ok in zip(spec.swrr, eligible, strict=True) if ok]
@@ -128,7 +128,7 @@ def test_same_choice(
     # with room: the same choice, the same rotation afterwards, 9 for the targets not seen
     _seed(client, views, now_s)
     client.set(KEYS.rotation(route), rotation)
-    client.hset(KEYS.swrr(route), mapping={str(i + 1): swrr[i] for i in range(len(views))})
+    client.set(KEYS.swrr(route), ",".join(str(w) for w in swrr[: len(views)]))
     args[7] = 0
     lean = _decode_decision(client.register_script(_script("acquire"))(keys=keys, args=args), names)
     assert lean.index == decision.index

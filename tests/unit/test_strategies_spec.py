@@ -92,7 +92,7 @@ def test_eligibility(fields: dict[str, Any], expected: Code) -> None:
 
 
 def test_codes_are_the_lua_scripts_numbers() -> None:
-    assert [int(c) for c in Code] == [0, 1, 2, 3, 4, 5, 6, 7, 8]
+    assert [int(c) for c in Code] == [0, 1, 2, 3, 4, 5, 6, 7, 8, 9]
 
 
 # --- round robin -----------------------------------------------------------------------
