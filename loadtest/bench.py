@@ -734,9 +734,9 @@ def write_config(rig: Rig, name: str, up: Upstreams, decisions: str) -> Path:
 # ---------------------------------------------------------------------------- streaming
 
 
-def content_times(port: int, body: dict[str, Any]) -> list[float]:
+def content_times(sock: socket.socket, port: int, body: dict[str, Any]) -> list[float]:
     """Seconds from the request to each SSE event that carries content, as a minimal client on
-    a raw socket sees them (HTTP/1.1, one request per connection, the load core).
+    a raw keep-alive connection sees them (HTTP/1.1, the load core).
 
     A full client (httpx) spends most of a millisecond of Python on a response's headers; the
     router sends its headers with the first frame (a stream may still fail over until then)
@@ -746,22 +746,30 @@ def content_times(port: int, body: dict[str, Any]) -> list[float]:
     head = (
         f"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
         f"Authorization: Bearer {CLIENT_KEY}\r\nContent-Type: application/json\r\n"
-        f"Content-Length: {len(payload)}\r\nConnection: close\r\n\r\n"
+        f"Content-Length: {len(payload)}\r\n\r\n"
     ).encode()
     times: list[float] = []
     buf = b""
-    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        started = time.perf_counter()
-        sock.sendall(head + payload)
-        while data := sock.recv(65536):
-            now = time.perf_counter()
-            buf += data
-            *events, buf = buf.split(b"\n\n")
-            times += [now - started for e in events if _has_content(e)]
+    started = time.perf_counter()
+    sock.sendall(head + payload)
+    while not buf.endswith(b"\r\n0\r\n\r\n"):  # the last chunk of a chunked answer
+        data = sock.recv(65536)
+        if not data:
+            raise RuntimeError(f"port {port} closed the connection mid-answer")
+        now = time.perf_counter()
+        buf += data
+        *events, rest = buf.split(b"\n\n")
+        times += [now - started for e in events if _has_content(e)]
+        buf = rest if not buf.endswith(b"\r\n0\r\n\r\n") else buf
     if not times:
         raise RuntimeError(f"no content events from port {port}")
     return times
+
+
+def _connect(port: int) -> socket.socket:
+    sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return sock
 
 
 def _has_content(event: bytes) -> bool:
@@ -776,20 +784,21 @@ def _has_content(event: bytes) -> bool:
 
 
 def stream_figures(router_port: int, mock_port: int, n: int) -> dict[str, Any]:
-    """TTFT direct vs through the router (interleaved), then the relayed chunks' pacing; the
-    client runs on the load core, like wrk."""
+    """TTFT direct vs through the router (interleaved, one keep-alive connection each, as an
+    SDK client keeps them), then the relayed chunks' pacing; the client runs on the load core,
+    like wrk."""
     msgs = [{"role": "user", "content": "hello"}]
     ttft: dict[str, list[float]] = {"direct": [], "router": []}
     gaps: list[float] = []
-    with pinned(LOAD_CPU):
+    with pinned(LOAD_CPU), _connect(mock_port) as direct, _connect(router_port) as routed:
         for _ in range(n):
-            for via, port, model in (("direct", mock_port, "mock-model"),
-                                     ("router", router_port, "stream")):  # fmt: skip
+            for via, sock, port, model in (("direct", direct, mock_port, "mock-model"),
+                                           ("router", routed, router_port, "stream")):  # fmt: skip
                 body = {"model": model, "messages": msgs, "stream": True, "max_tokens": 2}
-                ttft[via].append(content_times(port, body)[0] * 1000)
+                ttft[via].append(content_times(sock, port, body)[0] * 1000)
         body = {"model": "stream", "messages": msgs, "stream": True, "max_tokens": 8}
         for _ in range(5):
-            t = content_times(router_port, body)
+            t = content_times(routed, router_port, body)
             gaps += [(b - a) * 1000 for a, b in zip(t, t[1:], strict=False)]
     med = {k: statistics.median(v) for k, v in ttft.items()}
     return {
