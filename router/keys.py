@@ -31,7 +31,8 @@ PROVIDER_FIELDS = {
     "r:<second>": "requests admitted in that second (at most WINDOW_BUCKETS fields)",
     "t:<second>": "tokens reserved in that second (at most WINDOW_BUCKETS fields)",
     "inf": "leases in flight: the size of the provider's lease zset (acquire reads it here)",
-    "lx": "at most the earliest lease expiry (unix ms): once passed, acquire purges the zset",
+    "nm": "next maintenance (unix ms): at most when the oldest bucket leaves the window and "
+    "every lease's expiry; from then on acquire slides the window and purges the lease zset",
     "gate": "present when something may block the provider (down, drained, circuit, "
     "cooldown); acquire then reads those fields, and drops it once none blocks",
     "cool": "cooldown until (unix ms), set from a 429's Retry-After or reset header",

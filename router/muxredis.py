@@ -16,6 +16,7 @@ it with ``ConnectionError``; the next call connects again. A script Redis does n
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 from collections import deque
 from typing import Any, cast
@@ -51,6 +52,8 @@ class _Protocol(asyncio.Protocol):
         self.pending: deque[tuple[asyncio.Future[Any], float]] = deque()
         self.out: list[bytes] = []
         self.closed: rx.RedisError | None = None
+        self.gone: asyncio.Future[None] = loop.create_future()
+        """Done once the transport has closed its socket."""
         self._timer: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -93,6 +96,8 @@ class _Protocol(asyncio.Protocol):
             self.fail(rx.ConnectionError(f"bad reply from Redis: {exc!r}"))
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if not self.gone.done():
+            self.gone.set_result(None)
         self.fail(rx.ConnectionError(f"connection to Redis lost: {exc or 'closed by the server'}"))
 
     def fail(self, error: rx.RedisError) -> None:
@@ -161,8 +166,10 @@ class MuxRedis:
     async def close(self) -> None:
         """Close the connection; calls still queued fail with ``ConnectionError``."""
         if self._proto is not None:
-            self._proto.fail(rx.ConnectionError("connection closed by the router"))
-            self._proto = None
+            proto, self._proto = self._proto, None
+            proto.fail(rx.ConnectionError("connection closed by the router"))
+            with contextlib.suppress(TimeoutError):  # the socket is closed a loop turn later
+                await asyncio.wait_for(asyncio.shield(proto.gone), 1.0)
 
     async def _connection(self) -> _Protocol:
         """The open connection, or a new one (callers arriving meanwhile share the attempt)."""

@@ -2,8 +2,9 @@
 
 The scripts, two per request, run over one shared pipelined connection (``router.muxredis``);
 pub/sub, inspection and recovery probes use redis-py's pool. Every Redis failure becomes a
-``StoreError`` here, so callers never see redis-py's errors. With no Redis URL the store runs on an in-process fakeredis with the same Lua scripts: one
-replica only, said loudly at start-up.
+``StoreError`` here, so callers never see redis-py's errors. With no Redis URL the store
+runs on an in-process fakeredis with the same Lua scripts: one replica only, said loudly at
+start-up.
 """
 
 from __future__ import annotations

@@ -7,8 +7,8 @@
 --               in target order)                            Keys.swrr
 -- KEYS[1+2i]    target i's provider hash (windows, ...)     Keys.provider   (i = 1..n)
 -- KEYS[2+2i]    target i's provider lease zset              Keys.leases
---               (the hash's 'inf' is the zset's size, 'lx' at most its earliest expiry: one
---               HMGET per target reads everything; the zset is purged when 'lx' has passed)
+--               (the hash's 'inf' is the zset's size: one HMGET per target reads what a
+--               decision needs; the zset is purged when the hash's 'nm' has passed)
 -- ARGV[1]       strategy
 -- ARGV[2]       lease id
 -- ARGV[3]       lease TTL (ms)
@@ -51,21 +51,24 @@ local function slide(key, head, rpm, tpm)
   return rpm, tpm
 end
 
--- Drop the expired leases; store the count left and the earliest expiry; return both.
+-- Drop the expired leases; store the count left; return it and the earliest expiry left.
 local function purge(pk, lk)
   call('ZREMRANGEBYSCORE', lk, '-inf', now)
   local count = call('ZCARD', lk)
-  local first = call('ZRANGE', lk, 0, 0, 'WITHSCORES')
-  local lx = tonumber(first[2]) or (now + ttl)
-  call('HSET', pk, 'inf', count, 'lx', lx)
-  return count, lx
+  call('HSET', pk, 'inf', count)
+  if count == 0 then return 0, nil end
+  return count, tonumber(call('ZRANGE', lk, 0, 0, 'WITHSCORES')[2])
 end
 
 -- What one HMGET per target reads: the fields every strategy needs, and latencies for one.
--- 'gate' is present when something may block the target (down, drained, circuit, cooldown):
--- only then are those five fields read, and 'gate' is dropped once none of them blocks.
-local F = {'wh', 'rpm', 'tpm', 'inf', 'lx', 'gate'}
-if strategy == 'least_latency' then F[7], F[8] = 'ttft', 'tpot' end
+-- 'nm' (next maintenance, ms) is at most when the window's oldest bucket leaves it and at most
+-- every lease's expiry: only from then on is 'wh' read, the window slid, the expired leases
+-- purged, and 'nm' set again. 'gate' is present when something may block the
+-- target (down, drained, circuit, cooldown): only then are those fields read, and 'gate' is
+-- dropped once none of them blocks.
+local F = {'rpm', 'tpm', 'inf', 'nm', 'gate'}
+if strategy == 'least_latency' then F[6], F[7] = 'ttft', 'tpot' end
+local FAR = now + W * 1000  -- nothing to maintain: look again within a window anyway
 
 -- Text to number, each distinct text converted once per call (strtod is most of the cost of
 -- a conversion, and targets share most of their limits, tokens and the window head).
@@ -81,21 +84,27 @@ local function view(i)
   local a, pk = 3 + 6 * i, KEYS[1 + 2 * i]
   local f = call('HMGET', pk, unpack(F))
   local health, drain, circ, circ_until, cool = false, false, false, 0, 0
-  if f[6] then
+  if f[5] then
     local g = call('HMGET', pk, 'health', 'drain', 'circ', 'circ_until', 'cool')
     health, drain, circ, circ_until, cool = g[1], g[2], g[3], N[g[4]] or 0, N[g[5]] or 0
     if health ~= 'down' and drain ~= '1' and not circ and cool <= now then call('HDEL', pk, 'gate') end
   end
-  local inflight, lx = N[f[4]], N[f[5]]
-  if inflight == nil or (inflight > 0 and (lx == nil or lx <= now)) then
-    inflight, lx = purge(pk, KEYS[2 + 2 * i])
+  local rpm, tpm, inflight, nm = N[f[1]] or 0, N[f[2]] or 0, N[f[3]], N[f[4]]
+  local fresh = false  -- true: no window yet ('wh' absent)
+  if nm == nil or nm <= now or inflight == nil then
+    local head, first = N[call('HGET', pk, 'wh')], nil
+    if inflight ~= 0 then inflight, first = purge(pk, KEYS[2 + 2 * i]) end
+    rpm, tpm = slide(pk, head, rpm, tpm)
+    fresh = head == nil
+    nm = FAR
+    if head then nm = min(nm, (max(head, oldest) + W) * 1000) end
+    if first then nm = min(nm, first) end
+    call('HSET', pk, 'nm', nm)
   end
-  local head = N[f[1]]
-  local rpm, tpm = slide(pk, head, N[f[2]] or 0, N[f[3]] or 0)
   local t = {rpmL = N[ARGV[a]], tpmL = N[ARGV[a + 1]], maxf = N[ARGV[a + 2]],
-    w = N[ARGV[a + 3]], tokens = N[ARGV[a + 4]], head = head, rpm = rpm, tpm = tpm,
-    inflight = inflight, lx = lx, circ = circ, circ_until = circ_until, cool = cool,
-    ttft = N[f[7]] or 0, tpot = N[f[8]] or 0, code = 0, s = 0}
+    w = N[ARGV[a + 3]], tokens = N[ARGV[a + 4]], fresh = fresh, nm = nm, rpm = rpm, tpm = tpm,
+    inflight = inflight, circ = circ, circ_until = circ_until, cool = cool,
+    ttft = N[f[6]] or 0, tpot = N[f[7]] or 0, code = 0, s = 0}
   if ARGV[a + 5] == '1' then t.code = 1
   elseif drain == '1' then t.code = 7
   elseif health == 'down' then t.code = 2
@@ -183,14 +192,18 @@ local wait = -2
 if best then
   local pk, lk, t = KEYS[1 + 2 * best], KEYS[2 + 2 * best], T[best]
   local added = call('ZADD', lk, now + ttl, lease)
-  -- this second's bucket, then the totals and the lease count read above in one write
+  -- this second's bucket, then the totals and the lease count read above in one write; a
+  -- first window sets its head; 'nm' comes down to this lease's expiry if that is sooner
   call('HINCRBY', pk, 'r:' .. sec, 1)
   if t.tokens ~= 0 then call('HINCRBY', pk, 't:' .. sec, t.tokens) end
-  local wh = t.head and max(t.head, oldest) or sec
-  local lx = now + ttl
-  if t.inflight > 0 and t.lx then lx = min(lx, t.lx) end
-  call('HSET', pk, 'wh', wh, 'rpm', t.rpm + 1, 'tpm', t.tpm + t.tokens,
-    'inf', t.inflight + added, 'lx', lx)
+  local w = {'rpm', t.rpm + 1, 'tpm', t.tpm + t.tokens, 'inf', t.inflight + added}
+  local nm = min(t.nm, now + ttl)
+  if t.fresh then
+    w[#w + 1], w[#w + 2] = 'wh', sec
+    nm = min(nm, (sec + W) * 1000)
+  end
+  if nm ~= t.nm then w[#w + 1], w[#w + 2] = 'nm', nm end
+  call('HSET', pk, unpack(w))
   if t.circ then call('HSET', pk, 'circ', 'half', 'circ_until', now + ttl, 'circ_trial', lease) end
   T[best].inflight, T[best].rpm, T[best].tpm = t.inflight + added, t.rpm + 1, t.tpm + t.tokens
   wait = 0

@@ -47,7 +47,9 @@ for k = 1, 2 do
   if theirs[k] > ours[k] then
     redis.call('HINCRBY', pk, names[k] .. ':' .. sec, theirs[k] - ours[k])
     redis.call('HINCRBY', pk, totals[k], theirs[k] - ours[k])
-    redis.call('HSETNX', pk, 'wh', sec)
+    if redis.call('HSETNX', pk, 'wh', sec) == 1 then
+      redis.call('HDEL', pk, 'nm')  -- a new window: acquire.lua must look at it (see 'nm')
+    end
   end
 end
 
