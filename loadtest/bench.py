@@ -388,6 +388,28 @@ def upstream_servers(ports: Sequence[int], stub_port: int) -> str:
     return answer + NGINX_STUB.replace("__PORT__", str(stub_port))
 
 
+NGINX_STREAM_PROXY = """\
+  upstream mock {
+    server 127.0.0.1:__MOCK__;
+    keepalive 16;
+  }
+  server {
+    listen 127.0.0.1:__PORT__;
+    location / {
+      proxy_pass http://mock;
+      proxy_http_version 1.1;
+      proxy_set_header Connection "";
+      proxy_buffering off;
+    }
+  }
+"""
+
+
+def stream_proxy_servers(port: int, mock_port: int) -> str:
+    """An unbuffered proxy to the paced mock: the one-hop limit for a stream's TTFT."""
+    return NGINX_STREAM_PROXY.replace("__MOCK__", str(mock_port)).replace("__PORT__", str(port))
+
+
 def proxy_servers(port: int, upstream_ports: Sequence[int]) -> str:
     """Round robin over ``upstream_ports`` with a keepalive pool: the one-hop limit."""
     servers = "\n".join(f"    server 127.0.0.1:{p};" for p in upstream_ports)
@@ -678,6 +700,7 @@ class Upstreams:
     redis_port: int
     redis_pid: int
     mock_port: int
+    stream_proxy_port: int
 
 
 def start_upstreams(rig: Rig) -> Upstreams:
@@ -692,7 +715,10 @@ def start_upstreams(rig: Rig) -> Upstreams:
     argv += ["--ttft-ms", str(STREAM_TTFT_MS), "--chunk-interval-ms", str(STREAM_GAP_MS)]
     mock = rig.start("mock-stream", [*argv, "--name", "mock"], LOAD_CPU)
     wait_until(lambda: port_open(mock_port), "the mock provider to listen", mock)
-    return Upstreams(ports, stub, proxy, redis_port, redis_proc.pid, mock_port)
+    stream_proxy = free_port()
+    start_nginx(rig, "nginx-stream-proxy", stream_proxy_servers(stream_proxy, mock_port),
+                [stream_proxy], SUT_CPU)  # fmt: skip
+    return Upstreams(ports, stub, proxy, redis_port, redis_proc.pid, mock_port, stream_proxy)
 
 
 def nginx_pids(rig: Rig, name: str) -> list[int]:
@@ -785,22 +811,25 @@ def _has_content(event: bytes) -> bool:
     return False
 
 
-def stream_figures(router_port: int, mock_port: int, n: int) -> dict[str, Any]:
-    """TTFT direct vs through the router (interleaved, one keep-alive connection each, as an
-    SDK client keeps them), then the relayed chunks' pacing; the client runs on the load core,
-    like wrk."""
+def stream_figures(up: Upstreams, router_port: int, n: int) -> dict[str, Any]:
+    """TTFT direct, through an unbuffered nginx hop and through the router (interleaved, one
+    keep-alive connection each, as an SDK client keeps them), then the relayed chunks' pacing;
+    the client runs on the load core, like wrk."""
     msgs = [{"role": "user", "content": "hello"}]
-    ttft: dict[str, list[float]] = {"direct": [], "router": []}
+    ttft: dict[str, list[float]] = {"direct": [], "nginx": [], "router": []}
     gaps: list[float] = []
-    with pinned(LOAD_CPU), _connect(mock_port) as direct, _connect(router_port) as routed:
+    paths = (("direct", up.mock_port, "mock-model"), ("nginx", up.stream_proxy_port, "mock-model"),
+             ("router", router_port, "stream"))  # fmt: skip
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(pinned(LOAD_CPU))
+        socks = {via: stack.enter_context(_connect(port)) for via, port, _ in paths}
         for _ in range(n):
-            for via, sock, port, model in (("direct", direct, mock_port, "mock-model"),
-                                           ("router", routed, router_port, "stream")):  # fmt: skip
+            for via, port, model in paths:
                 body = {"model": model, "messages": msgs, "stream": True, "max_tokens": 2}
-                ttft[via].append(content_times(sock, port, body)[0] * 1000)
+                ttft[via].append(content_times(socks[via], port, body)[0] * 1000)
         body = {"model": "stream", "messages": msgs, "stream": True, "max_tokens": 8}
         for _ in range(5):
-            t = content_times(routed, router_port, body)
+            t = content_times(socks["router"], router_port, body)
             gaps += [(b - a) * 1000 for a, b in zip(t, t[1:], strict=False)]
     med = {k: statistics.median(v) for k, v in ttft.items()}
     return {
@@ -808,6 +837,8 @@ def stream_figures(router_port: int, mock_port: int, n: int) -> dict[str, Any]:
         "ttft_direct_p50_ms": round(med["direct"], 3),
         "ttft_router_p50_ms": round(med["router"], 3),
         "ttft_added_ms": round(med["router"] - med["direct"], 3),
+        "ttft_nginx_p50_ms": round(med["nginx"], 3),
+        "ttft_nginx_added_ms": round(med["nginx"] - med["direct"], 3),
         "chunk_gap_ms": {
             "min": round(min(gaps), 1),
             "p50": round(statistics.median(gaps), 1),
@@ -1101,7 +1132,7 @@ def one_replica(rig: Rig, up: Upstreams, opts: Options) -> dict[str, Any]:
         key = "c" if strategy == "round_robin" else f"d-{strategy}"
         out[key] = measure(router_sut(rig, key, strategy, port, [proc.pid], up), opts.duration)
     print("  streaming: TTFT and chunk pacing", flush=True)
-    out["streaming"] = stream_figures(port, up.mock_port, opts.stream_requests)
+    out["streaming"] = stream_figures(up, port, opts.stream_requests)
     if opts.profile:
         print("  profile: py-spy under saturation", flush=True)
         sut = router_sut(rig, "p", "round_robin", port, [proc.pid], up)
@@ -1305,7 +1336,9 @@ def other_lines(res: dict[str, Any]) -> list[str]:
             for k, v in res["acquire_10_targets"].items()
         ),  # fmt: skip
         f"- streaming: TTFT p50 direct {res['streaming']['ttft_direct_p50_ms']} ms, via router "
-        f"{res['streaming']['ttft_router_p50_ms']} ms",
+        f"{res['streaming']['ttft_router_p50_ms']} ms, via an unbuffered nginx hop "
+        f"{res['streaming']['ttft_nginx_p50_ms']} ms (+{res['streaming']['ttft_nginx_added_ms']} "
+        "ms: the one-hop limit on this path)",
     ]
     prof = res.get("profile")
     if prof and "self" in prof:

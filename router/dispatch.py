@@ -172,7 +172,9 @@ class Dispatcher:
             with self.tel.span("acquire", attempt=len(job.attempts) + 1):
                 d, local = await self._decide(job, lease_id)
             elapsed = (time.perf_counter_ns() - started) / 1e9
-            self.metrics.decision(route.model, "local" if local else "shared", elapsed)
+            # recorded once this request has gone on its way (a histogram record is not cheap)
+            loop.call_soon(self.metrics.decision, route.model, "local" if local else "shared",
+                           elapsed)  # fmt: skip
             log_decision(job.request_id, route, d, len(job.attempts) + 1, started)
             if d.index is not None:
                 provider, tokens = job.plan.providers[d.index], job.tokens[d.index]
