@@ -12,6 +12,7 @@ import uvicorn
 
 from router.config import Config, load_config
 from router.errors import ConfigError
+from router.httpserver import protocol
 
 
 def config_from_args(path: str | None) -> Config:
@@ -59,13 +60,17 @@ UVICORN_SETTINGS: dict[str, Any] = {
 }
 
 
-def serve(app: Any, host: str, port: int, *, reuse_port: bool = False) -> None:
-    """Serve ``app`` on ``host:port`` until SIGINT/SIGTERM, alone or sharing the port."""
+def serve(
+    app: Any, host: str, port: int, *, reuse_port: bool = False, read_timeout_s: float = 10.0
+) -> None:
+    """Serve ``app`` on ``host:port`` until SIGINT/SIGTERM, alone or sharing the port; a
+    request's line and headers must arrive within ``read_timeout_s``."""
+    settings = {**UVICORN_SETTINGS, "http": protocol(read_timeout_s)}
     if not reuse_port:
-        uvicorn.run(app, host=host, port=port, **UVICORN_SETTINGS)
+        uvicorn.run(app, host=host, port=port, **settings)
         return
     sock = reuse_port_socket(host, port)
-    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, **UVICORN_SETTINGS))
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, **settings))
     server.run(sockets=[sock])
 
 
@@ -87,7 +92,8 @@ def main(argv: list[str] | None = None) -> None:
     from router.logs import setup_logging
 
     setup_logging(cfg.log)
-    serve(create_app(cfg), args.host, args.port, reuse_port=args.reuse_port)
+    serve(create_app(cfg), args.host, args.port, reuse_port=args.reuse_port,
+          read_timeout_s=cfg.read_timeout_s)  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -165,6 +165,8 @@ class Config(_Model):
     client_keys: Annotated[list[SecretRef], Field(min_length=1)]
     admin_token: SecretRef | None = None
     max_body_bytes: Annotated[int, Field(gt=0)] = 4 * 1024 * 1024
+    read_timeout_s: Annotated[float, Field(gt=0)] = 10.0
+    """A request's line and headers, and then its body, must each arrive within this long."""
     lease_ttl_s: Annotated[float, Field(ge=1, le=3600)] = 30.0
     redis: RedisSettings = RedisSettings()
     healthd: HealthdSettings = HealthdSettings()

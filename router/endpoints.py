@@ -27,6 +27,7 @@ from router.errors import (
     ClientGone,
     ModelNotFound,
     PayloadTooLarge,
+    RequestTimeout,
     RouterError,
     to_openai_error,
 )
@@ -49,11 +50,22 @@ def request_id(raw: bytes) -> str:
     return uuid.uuid4().hex
 
 
-async def read_body(headers: dict[bytes, bytes], receive: Receive, limit: int) -> bytes:
-    """The body, refusing more than ``limit`` bytes before reading them all."""
+async def read_body(
+    headers: dict[bytes, bytes], receive: Receive, limit: int, within: float
+) -> bytes:
+    """The body, refusing more than ``limit`` bytes before reading them all, or one that has
+    not all come ``within`` seconds (a client trickling it in would hold a slot forever)."""
     declared = headers.get(b"content-length", b"")
     if declared.isdigit() and int(declared) > limit:
         raise PayloadTooLarge(f"the body is over the limit of {limit} bytes")
+    try:
+        async with asyncio.timeout(within):
+            return await _read_all(receive, limit)
+    except TimeoutError:
+        raise RequestTimeout(f"the body did not arrive within {within:g} s") from None
+
+
+async def _read_all(receive: Receive, limit: int) -> bytes:
     chunks, size, more = [], 0, True
     while more:
         message = await receive()
@@ -124,7 +136,9 @@ class _Exchange:
     async def _dispatch(self) -> Reply:
         auth = self.headers.get(b"authorization", b"").decode("latin-1")
         self.gw.authorize(auth)
-        data = parse_json(await read_body(self.headers, self.receive, self.gw.cfg.max_body_bytes))
+        cfg = self.gw.cfg
+        body = await read_body(self.headers, self.receive, cfg.max_body_bytes, cfg.read_timeout_s)
+        data = parse_json(body)
         if self.op is Operation.CHAT:
             model = check(ChatBody, data).model
         else:

@@ -10,6 +10,7 @@
     │   ├── ModelNotFound            404 no route serves this model
     │   ├── ProviderNotFound         404 the config names no such provider (admin API)
     │   ├── PayloadTooLarge          413 body over the configured limit
+    │   ├── RequestTimeout           408 the body did not arrive within read_timeout_s
     │   ├── ClientGone               499 the client left mid-request (answered to nobody)
     │   └── ProviderClientError      4xx answered by a provider, passed through
     ├── Saturated                    429 no target has room; carries retry_after_s
@@ -101,6 +102,16 @@ class ProviderNotFound(ClientError):
 class PayloadTooLarge(ClientError):
     status = 413
     code = "request_too_large"
+
+
+class RequestTimeout(ClientError):
+    """The client did not send its whole body within ``read_timeout_s``."""
+
+    status = 408
+    code = "request_timeout"
+
+    def headers(self) -> dict[str, str]:
+        return {"Connection": "close"}  # the rest of the body may still come: not reusable
 
 
 class ClientGone(ClientError):

@@ -36,6 +36,8 @@ FUZZ_EXAMPLES = 60
 IDLE_CONNECTIONS = 1000
 SERVED_BOUND_S = 5.0
 """A normal client must be served within this while the replica is being abused."""
+READ_TIMEOUT_S = 10.0
+"""The config's default read_timeout_s: request line and headers, then body, each within."""
 
 
 @dataclass
@@ -354,6 +356,17 @@ def accepted(pid: int, port: int) -> int:
     return count
 
 
+def read_to_end(s: socket.socket) -> bytes:
+    """What the server sent until it closed the connection."""
+    s.setblocking(True)
+    s.settimeout(5)
+    data = b""
+    with contextlib.suppress(ConnectionResetError):
+        while chunk := s.recv(65536):
+            data += chunk
+    return data
+
+
 def test_slowloris_does_not_starve_other_clients(rig: Rig) -> None:
     port = rig.port
     held: list[socket.socket] = []
@@ -383,6 +396,16 @@ def test_slowloris_does_not_starve_other_clients(rig: Rig) -> None:
             with contextlib.suppress(BlockingIOError, ConnectionResetError):
                 data = s.recv(100)
                 assert not data or data.startswith(b"HTTP/1.1 4"), data
+        # then the replica lets go of every one: closed once its line and headers are late,
+        # or answered 408 (and closed) once its body is late
+        started = time.monotonic()
+        wait_until(lambda: accepted(rig.replica.pid, port) == 0, READ_TIMEOUT_S + 15,
+                   "the replica to close every late connection")  # fmt: skip
+        print(f"all closed {time.monotonic() - started:.1f}s after the clients were served")
+        for i, s in enumerate(held):
+            assert read_to_end(s).split(b"\r\n", 1)[0] == (
+                b"HTTP/1.1 408 Request Timeout" if i % len(PARTIAL) == 3 else b""
+            ), (i, PARTIAL[i % len(PARTIAL)])
     finally:
         for s in held:
             s.close()
