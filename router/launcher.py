@@ -45,6 +45,16 @@ STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 INSTALL_REDIS = "apt-get install -y redis-server"
 
 
+def _die_with_us() -> list[str]:
+    """Prefix for children's command lines: SIGTERM them when this process dies, even by
+    SIGKILL (Linux's parent-death signal, set by util-linux's setpriv before it execs)."""
+    setpriv = shutil.which("setpriv")
+    return [setpriv, "--pdeathsig", "TERM", "--"] if setpriv and sys.platform == "linux" else []
+
+
+_DIE_WITH_US = _die_with_us()
+
+
 class LaunchError(Exception):
     """A problem that stops ``routerctl up``; its text is meant for the user."""
 
@@ -402,7 +412,7 @@ class Launcher:
 
     def _spawn(self, name: str, argv: list[str], *, first_to_stop: bool = False) -> Child:
         popen = subprocess.Popen(
-            argv,
+            [*_DIE_WITH_US, *argv],
             env=self.env,
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,

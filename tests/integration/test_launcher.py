@@ -98,7 +98,7 @@ def kill_leftovers(children: dict[str, int]) -> None:
         with contextlib.suppress(OSError):
             cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
             # only our own children: a recycled PID would run something else
-            if b"mock_provider" in cmdline or b"router" in cmdline or b"redis" in cmdline:
+            if any(n in cmdline for n in (b"mock_provider", b"router", b"healthd", b"redis")):
                 os.kill(pid, signal.SIGKILL)
 
 
@@ -203,6 +203,18 @@ def test_sigterm_stops_every_child_and_removes_the_temp_dir(tmp_path: Path) -> N
         assert left == {}
         assert not launched.tmpdir.exists()
         assert "SIGTERM received: stopping all" in launched.proc.output()
+
+
+@pytest.mark.slow
+def test_sigkill_of_the_launcher_still_stops_every_child(tmp_path: Path) -> None:
+    with launch(tmp_path) as launched:
+        assert all(alive(pid) for pid in launched.children.values())
+        launched.proc.popen.send_signal(signal.SIGKILL)
+        launched.proc.popen.wait(10)
+        # each child got SIGTERM from the kernel (parent-death signal) and stopped as usual
+        wait_until(lambda: not any(alive(pid) for pid in launched.children.values()), 40,
+                   "every child to stop after the launcher was killed")  # fmt: skip
+        shutil.rmtree(launched.tmpdir, ignore_errors=True)  # the launcher could not
 
 
 @pytest.mark.slow
