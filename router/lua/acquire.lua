@@ -83,15 +83,20 @@ local T = {}
 local function view(i)
   local a, pk = 3 + 6 * i, KEYS[1 + 2 * i]
   local f = call('HMGET', pk, unpack(F))
+  local rpm, tpm, inflight, nm = N[f[1]] or 0, N[f[2]] or 0, N[f[3]], N[f[4]]
+  local maintain = nm == nil or nm <= now or inflight == nil
   local health, drain, circ, circ_until, cool = false, false, false, 0, 0
-  if f[5] then
+  -- the blocking fields are read while 'gate' is set, and at every maintenance (about once a
+  -- second under load), which also sets a 'gate' that a writer did not (an older version)
+  if f[5] or maintain then
     local g = call('HMGET', pk, 'health', 'drain', 'circ', 'circ_until', 'cool')
     health, drain, circ, circ_until, cool = g[1], g[2], g[3], N[g[4]] or 0, N[g[5]] or 0
-    if health ~= 'down' and drain ~= '1' and not circ and cool <= now then call('HDEL', pk, 'gate') end
+    local blocks = health == 'down' or drain == '1' or circ or cool > now
+    if f[5] and not blocks then call('HDEL', pk, 'gate')
+    elseif blocks and not f[5] then call('HSET', pk, 'gate', 1) end
   end
-  local rpm, tpm, inflight, nm = N[f[1]] or 0, N[f[2]] or 0, N[f[3]], N[f[4]]
   local fresh = false  -- true: no window yet ('wh' absent)
-  if nm == nil or nm <= now or inflight == nil then
+  if maintain then
     local head, first = N[call('HGET', pk, 'wh')], nil
     if inflight ~= 0 then inflight, first = purge(pk, KEYS[2 + 2 * i]) end
     rpm, tpm = slide(pk, head, rpm, tpm)

@@ -175,3 +175,25 @@ async def test_in_flight_count_in_the_hash_follows_the_lease_set(
     assert d.candidates[0].in_flight == 4  # l2, l3, old, l4
     assert await r.hget(pk, "inf") == "4"
     await r.aclose()
+
+
+async def test_a_blocked_provider_without_its_gate_flag_is_seen(
+    store: Store, redis_url: str
+) -> None:
+    """'gate' tells acquire to read the blocking fields; state written without it (an older
+    version) is still seen, at the next maintenance, and the flag set."""
+    cfg = config(redis_url, rpm=100, tpm=100_000)
+    plan = plan_of(store, cfg)
+    assert (await take(store, plan, "warm", tokens=1)).index == 0
+    r = aioredis.Redis.from_url(redis_url, decode_responses=True)
+    pk = store.keys.provider("p")
+    await r.hset(pk, "health", "down")  # no gate: acquire does not look, until it maintains
+    await r.hdel(pk, "nm")  # as an older version left it: no maintenance time either
+    d = await take(store, plan, "after", tokens=1)
+    assert d.index is None
+    assert d.candidates[0].code is Code.UNHEALTHY
+    assert await r.hget(pk, "gate") == "1"
+    await r.hset(pk, "health", "up")
+    assert (await take(store, plan, "up-again", tokens=1)).index == 0
+    assert await r.hget(pk, "gate") is None  # nothing blocks: the flag is dropped
+    await r.aclose()
