@@ -20,10 +20,10 @@ import contextlib
 import socket
 from collections import deque
 from typing import Any, cast
-from urllib.parse import unquote, urlparse
 
 import hiredis
 from redis import exceptions as rx
+from redis.asyncio.connection import parse_url
 
 
 def _pack(*args: Any) -> bytes:
@@ -135,16 +135,16 @@ class MuxRedis:
     """Commands and scripts over one shared, pipelined connection (``redis://`` or ``unix://``)."""
 
     def __init__(self, url: str, timeout: float) -> None:
-        u = urlparse(url)
-        if u.scheme not in ("redis", "unix"):
-            raise ValueError(f"unsupported Redis URL scheme for the shared connection: {u.scheme}")
-        self.path = unquote(u.path) if u.scheme == "unix" else None
-        self.host = u.hostname or "127.0.0.1"
-        self.port = u.port or 6379
-        self.username = unquote(u.username) if u.username else None
-        self.password = unquote(u.password) if u.password else None
-        db = u.path.lstrip("/") if u.scheme == "redis" else ""
-        self.db = int(db) if db.isdigit() else 0
+        if not url.startswith(("redis://", "unix://")):
+            raise ValueError("the shared connection takes redis:// or unix:// URLs")
+        # redis-py's own parser, so this connection and the pool read one URL the same way
+        kw = parse_url(url)
+        self.path: str | None = kw.get("path")
+        self.host: str = kw.get("host") or "127.0.0.1"
+        self.port: int = kw.get("port") or 6379
+        self.username: str | None = kw.get("username")
+        self.password: str | None = kw.get("password")
+        self.db: int = kw.get("db") or 0
         self.timeout = timeout
         self._proto: _Protocol | None = None
         self._connecting: asyncio.Future[_Protocol] | None = None
