@@ -39,7 +39,7 @@ from router.errors import (
 )
 from router.health import HealthView
 from router.leases import LeaseKeeper
-from router.logs import decision_log, log_decision
+from router.logs import decisions_logged, log_decision
 from router.metrics import RouterMetrics
 from router.providers import adapter_for
 from router.providers.base import Adapter, RateLimitInfo, StreamTranslator, Translated, Usage
@@ -196,7 +196,7 @@ class Dispatcher:
                 d = await self.store.acquire(
                     job.plan, lease_id, job.tokens, job.excluded, rand=rand,
                     expected_output=job.expected_output,
-                    detail=decision_log.isEnabledFor(logging.INFO),
+                    detail=decisions_logged(),
                 )  # fmt: skip
             except StoreError as exc:
                 mode.enter(exc)

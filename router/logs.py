@@ -54,11 +54,16 @@ def setup_logging(settings: LogSettings, component: str = "router") -> None:
     logging.getLogger(component).debug("logging configured")
 
 
+def decisions_logged() -> bool:
+    """Whether decisions are logged (the acquire script returns its figures only then)."""
+    return decision_log.isEnabledFor(logging.INFO)
+
+
 def log_decision(
     request_id: str, route: Route, decision: Decision, attempt: int, started_ns: int
 ) -> None:
     """Log one decision: every candidate's figures, the choice and why, and its cost."""
-    if not decision_log.isEnabledFor(logging.INFO):
+    if not decisions_logged():
         return
     chosen = decision.candidates[decision.index] if decision.index is not None else None
     fields = {
