@@ -73,7 +73,6 @@ class _Connection(asyncio.Protocol):
         self.parser = httptools.HttpResponseParser(self)
         self.closed = False
         self.idle_since = 0.0
-        self.reused = False
         self.resp: UpstreamResponse | None = None
 
     # asyncio.Protocol
@@ -299,7 +298,6 @@ class _Pool:
 
     def put(self, conn: _Connection) -> None:
         conn.idle_since = time.monotonic()
-        conn.reused = True
         self.idle.append(conn)
 
     def close(self) -> None:
