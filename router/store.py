@@ -44,18 +44,14 @@ SCRIPTS = (
 class _HiredisPacking:
     """Packs commands with hiredis (C) instead of redis-py's Python encoder.
 
-    Every request sends two script calls with a dozen or more arguments; packing them in
-    Python showed up as about 6 % of a replica's CPU under load.
+    Over TLS every request's two script calls, a dozen or more arguments each, go through the
+    pool (not the shared connection); packing them in Python was about 6 % of a replica's CPU.
     """
 
     def pack_command(self, *args: Any) -> list[bytes]:
         if isinstance(args[0], str) and " " in args[0]:  # e.g. "SCRIPT LOAD": separate words
             args = (*args[0].split(), *args[1:])
         return [hiredis.pack_command(args)]
-
-
-class _Connection(_HiredisPacking, aioredis.Connection):
-    pass
 
 
 class _SSLConnection(_HiredisPacking, aioredis.SSLConnection):
@@ -175,9 +171,10 @@ class Store:
 
             return cls(fakeredis.FakeAsyncRedis(), keys, ttl, embedded=True, circuits=circuits)
         timeout = cfg.redis.timeout_ms / 1000
+        tls = cfg.redis_url.startswith("rediss:")
         pool = aioredis.BlockingConnectionPool.from_url(
             cfg.redis_url,
-            connection_class=_SSLConnection if cfg.redis_url.startswith("rediss:") else _Connection,
+            connection_class=_SSLConnection if tls else aioredis.Connection,
             max_connections=cfg.redis.pool_size,
             # waiting for a free pooled connection is local contention, not a dead Redis:
             # a loaded event loop must not be mistaken for an outage (degraded mode)
@@ -187,7 +184,7 @@ class Store:
         )
         client = aioredis.Redis(connection_pool=pool)
         # TLS (rediss://) keeps redis-py's pooled connections for the scripts too
-        mux = None if cfg.redis_url.startswith("rediss:") else MuxRedis(cfg.redis_url, timeout)
+        mux = None if tls else MuxRedis(cfg.redis_url, timeout)
         return cls(client, keys, ttl, embedded=False, circuits=circuits, mux=mux)
 
     async def start(self, warm: int = 8) -> None:
