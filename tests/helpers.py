@@ -16,6 +16,10 @@ from typing import Any
 
 import httpx
 
+from router.config import load_config
+from router.health_store import HealthStore, ProbeWrite
+from router.store import Store
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -286,3 +290,14 @@ def start_gateway(
 def auth() -> dict[str, str]:
     """Headers of an authorized client."""
     return {"Authorization": f"Bearer {CLIENT_KEY}"}
+
+
+async def write_with_epoch(config: Path, epoch: int) -> ProbeWrite:
+    """A failed probe of provider ``a`` written through the store, carrying ``epoch`` (what a
+    healthd leader that lost its lease would write)."""
+    store = Store.from_config(load_config(config, dict(ENV)))
+    await store.start()
+    try:
+        return await HealthStore(store).report_probe("a", epoch, False, 1.0, "stale", 1, 1)
+    finally:
+        await store.close()

@@ -14,11 +14,9 @@ import httpx
 import pytest
 import redis
 
-from router.config import load_config
-from router.health_store import HealthStore, ProbeWrite
-from router.store import Store
+from router.health_store import ProbeWrite
 from tests.faults.support import KEYS, Healthd, fields, in_flight, leases, start
-from tests.helpers import ENV, Cluster, Mock, auth, wait_until, write_config
+from tests.helpers import Cluster, Mock, auth, wait_until, write_config, write_with_epoch
 
 SLACK_S = 2.0
 """Margin on timing deadlines for a loaded 2-core CI machine; measured figures are printed."""
@@ -147,15 +145,6 @@ def test_healthd_leader_sigkilled_standby_leads(
     wait_until(lambda: int(fields(r, "a")["h_at"]) > seen, 5, "the new leader to probe")
 
 
-async def _stale_write(config: Path, epoch: int) -> ProbeWrite:
-    store = Store.from_config(load_config(config, dict(ENV)))
-    await store.start()
-    try:
-        return await HealthStore(store).report_probe("a", epoch, False, 1.0, "stale", 1, 1)
-    finally:
-        await store.close()
-
-
 @pytest.mark.slow
 def test_paused_healthd_leader_is_fenced_off_when_it_resumes(
     cluster: Cluster, tmp_path: Path, redis_url: str, redis_port: int
@@ -215,6 +204,6 @@ def test_paused_healthd_leader_is_fenced_off_when_it_resumes(
     print("the old leader was " + ("fenced off by a refused write" if fenced
           else "told by its lease tick"))  # fmt: skip
     # and the fence itself: a write with the old epoch is refused outright
-    stale = asyncio.run(_stale_write(live_config, old_epoch))
+    stale = asyncio.run(write_with_epoch(live_config, old_epoch))
     assert stale == ProbeWrite(recorded=False, state="", version=0)
     assert fields(r, "a")["h_error"] != "stale"

@@ -22,10 +22,9 @@ import redis
 from prometheus_client.parser import text_string_to_metric_families
 
 from healthd.probe import probe
-from router.config import Config, load_config, parse_config
-from router.health_store import HealthStore, ProbeWrite
+from router.config import Config, parse_config
+from router.health_store import ProbeWrite
 from router.keys import Keys
-from router.store import Store
 from tests.helpers import (
     ENV,
     PROVIDER_KEY,
@@ -37,6 +36,7 @@ from tests.helpers import (
     start_gateway,
     wait_until,
     write_config,
+    write_with_epoch,
 )
 
 FAST = {"interval_s": 0.3, "timeout_s": 0.5, "rise": 2, "fall": 2}
@@ -157,16 +157,6 @@ def two_daemons(cluster: Cluster, config: Path) -> tuple[tuple[Proc, str], tuple
     leader, standby = (first, second) if leading(first[1]) else (second, first)
     assert not leading(standby[1])
     return leader, standby
-
-
-async def write_with_epoch(config: Path, epoch: int) -> ProbeWrite:
-    """A probe write through the store, carrying ``epoch``."""
-    store = Store.from_config(load_config(config, dict(ENV)))
-    await store.start()
-    try:
-        return await HealthStore(store).report_probe("a", epoch, False, 1.0, "stale", 1, 1)
-    finally:
-        await store.close()
 
 
 def test_standby_takes_over_when_the_leader_dies(
