@@ -13,8 +13,10 @@ import time
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import httpx
+import yaml
 
 from router.config import load_config
 from router.health_store import HealthStore, ProbeWrite
@@ -301,3 +303,22 @@ async def write_with_epoch(config: Path, epoch: int) -> ProbeWrite:
         return await HealthStore(store).report_probe("a", epoch, False, 1.0, "stale", 1, 1)
     finally:
         await store.close()
+
+
+def local_config(tmp: Path) -> Path:
+    """examples/local.yaml (what ``routerctl up`` runs) with every mock provider moved to a
+    free port."""
+    cfg = yaml.safe_load((ROOT / "examples" / "local.yaml").read_text())
+    for provider in cfg["providers"]:
+        url = urlsplit(provider["base_url"])
+        provider["base_url"] = url._replace(netloc=f"{url.hostname}:{free_port()}").geturl()
+    path = tmp / "local.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def launcher_env(**extra: str) -> dict[str, str]:
+    """Our environment without Redis or secrets: the launcher must provide both."""
+    drop = {"REDIS_URL", "ROUTER_CLIENT_KEY", "ROUTER_ADMIN_TOKEN", "ROUTERCTL_REDIS_SERVER"}
+    env = {k: v for k, v in os.environ.items() if k not in drop}
+    return {**env, "PYTHONUNBUFFERED": "1", **extra}

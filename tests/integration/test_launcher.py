@@ -20,7 +20,7 @@ import openai
 import pytest
 import yaml
 
-from tests.helpers import ROOT, Proc, free_port, wait_until
+from tests.helpers import ROOT, Proc, free_port, launcher_env, local_config, wait_until
 
 PROVIDERS = {"fast-openai", "slow-openai", "claude"}
 MESSAGES: list[openai.types.chat.ChatCompletionMessageParam] = [{"role": "user", "content": "hi"}]
@@ -36,24 +36,6 @@ class Launched:
     key: str
     children: dict[str, int]
     tmpdir: Path
-
-
-def local_config(tmp_path: Path) -> Path:
-    """examples/local.yaml with every mock provider moved to a free port."""
-    cfg = yaml.safe_load((ROOT / "examples" / "local.yaml").read_text())
-    for provider in cfg["providers"]:
-        url = urlsplit(provider["base_url"])
-        provider["base_url"] = url._replace(netloc=f"{url.hostname}:{free_port()}").geturl()
-    path = tmp_path / "local.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    return path
-
-
-def launcher_env(**extra: str) -> dict[str, str]:
-    """Our environment without Redis or secrets: the launcher must provide both."""
-    drop = {"REDIS_URL", "ROUTER_CLIENT_KEY", "ROUTER_ADMIN_TOKEN", "ROUTERCTL_REDIS_SERVER"}
-    env = {k: v for k, v in os.environ.items() if k not in drop}
-    return {**env, "PYTHONUNBUFFERED": "1", **extra}
 
 
 def up_argv(config: Path, port: int, *extra: str) -> list[str]:

@@ -4,41 +4,20 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
-from urllib.parse import urlsplit
 
 import pytest
-import yaml
 
 from loadtest.loadrun import LocalCluster
-from tests.helpers import ROOT, free_port
+from tests.helpers import ROOT, launcher_env, local_config
 
 PROVIDERS = {"fast-openai", "slow-openai", "claude"}
 NAMES = ("chat", "chat stream", "embeddings")
 # The launcher's mocks send the first token after 30 +/- 20 ms and the next 15 tokens 15 ms
 # apart: a first token later than this means the stream was held back, not relayed.
 TTFT_MAX_MS = 150
-
-
-def launcher_env(**extra: str) -> dict[str, str]:
-    """Our environment without Redis or secrets: the launcher provides both."""
-    drop = {"REDIS_URL", "ROUTER_CLIENT_KEY", "ROUTER_ADMIN_TOKEN"}
-    env = {k: v for k, v in os.environ.items() if k not in drop}
-    return {**env, "PYTHONUNBUFFERED": "1", **extra}
-
-
-def local_config(tmp: Path) -> Path:
-    """examples/local.yaml with every mock provider moved to a free port."""
-    cfg = yaml.safe_load((ROOT / "examples" / "local.yaml").read_text())
-    for provider in cfg["providers"]:
-        url = urlsplit(provider["base_url"])
-        provider["base_url"] = url._replace(netloc=f"{url.hostname}:{free_port()}").geturl()
-    path = tmp / "local.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    return path
 
 
 def locust_stats(out: Path) -> dict[tuple[str, str], dict[str, str]]:
