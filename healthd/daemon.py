@@ -198,8 +198,9 @@ class HealthDaemon:
         hc = provider.health
         try:
             write = await self._health.report_probe(
-                provider.name, epoch, result.ok, result.latency_ms, result.error, hc.rise, hc.fall
-            )
+                provider.name, epoch, result.ok, result.latency_ms, result.error, hc.rise, hc.fall,
+                real=hc.probe.real_request,
+            )  # fmt: skip
         except StoreError as exc:
             # the next tick decides about leadership; this one result is lost
             log.warning("probe not recorded", extra=_fields(provider=provider.name, error=str(exc)))

@@ -30,6 +30,7 @@ MODEL_ID = "mock-model"
 APIS = ("openai", "anthropic")
 ACCOUNTING = ("reserved", "actual")
 FAULT_MODES = ("none", "error", "hang", "close", "bad_json", "cut_stream", "rate_limit")
+FAULT_SCOPES = ("all", "api")
 # Early faults answer before admission so they never enter the windows; late ones are admitted
 # first because a real provider that hangs or cuts a stream has already accepted the request.
 EARLY_FAULTS = frozenset({"error", "close", "bad_json", "rate_limit"})
@@ -153,6 +154,10 @@ class Fault:
     retry_after_s: float = 2.0
     count: int | None = None
     after_chunks: int = 3
+    scope: str = "all"
+    """``all``: an outage of the whole server, ``GET /v1/models`` included (a probe sees it);
+    ``api``: the API requests only, while the model list keeps answering 200 (a common
+    provider incident, which a probe of the model list does not see)."""
 
     def consume(self) -> None:
         """Account one faulted request; disarm when ``count`` is used up."""
@@ -167,6 +172,8 @@ class Fault:
         """Build a fault from a POST /admin/fault body (ValueError/TypeError when invalid)."""
         mode = str(data.get("mode", "none"))
         _check_choice("mode", mode, FAULT_MODES)
+        scope = str(data.get("scope", "all"))
+        _check_choice("scope", scope, FAULT_SCOPES)
         count = data.get("count")
         fault = cls(
             mode=mode,
@@ -174,6 +181,7 @@ class Fault:
             retry_after_s=float(data.get("retry_after_s", 2.0)),
             count=None if count is None else int(count),
             after_chunks=int(data.get("after_chunks", 3)),
+            scope=scope,
         )
         if fault.count is not None and fault.count <= 0:
             fault.mode, fault.count = "none", None
@@ -932,13 +940,15 @@ class MockProvider:
     async def _models(self, request: web.Request) -> web.StreamResponse:
         """GET /v1/models in the configured API's shape."""
         # an outage takes the whole server down, not just the completion endpoints (a probe
-        # of /models must see it); counted faults stay reserved for API requests
-        if self.fault.mode == "error":
+        # of /models must see it), unless its scope is the API only; counted faults stay
+        # reserved for API requests
+        outage = self.fault.mode if self.fault.scope == "all" else "none"
+        if outage == "error":
             err = ApiError(self.fault.status, f"Injected fault: HTTP {self.fault.status}")
             return self._json(err.body(self.cfg.api), status=err.status)
-        if self.fault.mode == "close":
+        if outage == "close":
             return drop_connection(request)
-        if self.fault.mode == "hang":
+        if outage == "hang":
             return await self._hang(request)
         try:
             self._check_headers(request)

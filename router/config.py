@@ -81,11 +81,23 @@ class Timeouts(_Model):
 
 class Probe(_Model):
     """The request healthd sends; by default ``GET {base_url}/models`` (anthropic:
-    ``GET {base_url}/v1/models``). A cheap completion can be named instead."""
+    ``GET {base_url}/v1/models``). A cheap completion can be named instead.
+
+    A good probe of the model list says nothing of completions (a provider often keeps
+    listing its models while every completion fails): it never closes a circuit that failed
+    requests opened, only lets its half-open trial go at once when it brings the provider
+    back up. A probe that is a real request (``POST`` with a body: a cheap completion) is as
+    good as a successful request: its success closes the circuit."""
 
     method: Literal["GET", "POST"] = "GET"
     path: Annotated[str, Field(pattern=r"^/")] | None = None
     body: dict[str, Any] | None = None
+
+    @property
+    def real_request(self) -> bool:
+        """Whether the probe is a real request (a ``POST`` with a body), whose success may
+        close an open circuit."""
+        return self.method == "POST" and self.body is not None
 
 
 class HealthCheck(_Model):

@@ -84,15 +84,18 @@ class HealthStore:
 
     async def report_probe(
         self, provider: str, epoch: int, ok: bool, latency_ms: float, error: str, rise: int,
-        fall: int,
+        fall: int, *, real: bool = False,
     ) -> ProbeWrite:  # fmt: skip
-        """Record one probe (fenced by ``epoch``); publishes a transition if there is one."""
+        """Record one probe (fenced by ``epoch``); publishes a transition if there is one.
+
+        ``real``: the probe is a real request (``Probe.real_request``), so its success closes
+        an open circuit; any other good probe may only let the circuit's trial go now."""
         k = self.keys
         raw = await self.store.call(
             "report_probe",
             (k.provider(provider), k.epoch(), k.health_version()),
             (epoch, 1 if ok else 0, round(latency_ms, 3), error[:300], rise, fall,
-             k.health_channel(), provider, k.pool),
+             k.health_channel(), provider, k.pool, 1 if real else 0),
         )  # fmt: skip
         if int(raw[0]) == 0:
             return ProbeWrite(False, "", 0)

@@ -11,8 +11,14 @@
 -- ARGV[5]   rise: good probes in a row to become up
 -- ARGV[6]   fall: bad probes in a row to become down
 -- ARGV[7]   health channel, ARGV[8] provider name, ARGV[9] pool
+-- ARGV[10]  1 = the probe is a real request (a completion): its success is a real success
 -- Returns {1, state, version} when recorded (state '' while still unknown), {0, stored epoch}
 -- when fenced off.
+-- Circuit: a good probe that is a real request closes an open circuit, as a successful
+-- request would. Any other good probe (the model list) says nothing of completions: it never
+-- closes the circuit; when it brings the provider up (healthd saw it recover), an open
+-- circuit's cooldown ends at once, so the next request is its one half-open trial, whose
+-- outcome decides (release.lua).
 
 local stored = tonumber(redis.call('GET', KEYS[2])) or 0
 if tonumber(ARGV[1]) < stored then return {0, stored} end
@@ -40,9 +46,15 @@ if new ~= state then
   redis.call('HSET', pk, 'health', new, 'h_since', now)
   version = publish({health = new, previous = state, error = ARGV[4]})
 end
-if good and h[4] then  -- a good probe closes an open circuit
-  redis.call('HDEL', pk, 'circ', 'circ_until', 'circ_trial')
-  redis.call('HSET', pk, 'circ_opens', 0, 'fails', 0)
-  version = publish({circuit = 'closed'})
+if good and ARGV[10] == '1' then
+  redis.call('HSET', pk, 'fails', 0)
+  if h[4] then
+    redis.call('HDEL', pk, 'circ', 'circ_until', 'circ_trial')
+    redis.call('HSET', pk, 'circ_opens', 0)
+    version = publish({circuit = 'closed'})
+  end
+elseif h[4] == 'open' and new == 'up' and state ~= 'up' then
+  redis.call('HSET', pk, 'circ_until', now)
+  version = publish({circuit = 'open', trial = 'now'})
 end
 return {1, new, version}

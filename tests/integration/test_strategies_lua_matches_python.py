@@ -24,6 +24,12 @@ def client(redis_port: int) -> Iterator[redis.Redis]:
     c.close()
 
 
+CIRCUITS = {1: ("open", 30), 2: ("open", -30), 3: ("half", 30)}
+"""A circuit fixture: open and cooling down; open and cooled (its half-open trial may go:
+choosing the target makes the request that trial); half-open, its trial in flight. The
+state and when it ends (seconds from now)."""
+BLOCKING = frozenset({1, 3})
+
 limit = st.sampled_from([0, 0, 1, 5, 50])
 floats = st.sampled_from([0.0, 0.5, 1.0, 12.25, 100.0, 1e-3, 3.3333333333333335])
 target_views = st.builds(
@@ -42,7 +48,7 @@ target_views = st.builds(
     healthy=st.sampled_from([True, True, True, False]),
     excluded=st.sampled_from([False, False, False, True]),
     drained=st.sampled_from([False, False, False, False, True]),
-    circuit_until_ms=st.sampled_from([0, 0, 0, 0, 1]),
+    circuit_until_ms=st.sampled_from([0, 0, 0, 0, *CIRCUITS]),
 )
 
 
@@ -63,8 +69,11 @@ def _seed(client: redis.Redis, views: list[TargetView], now_s: int) -> list[str]
         if not v.healthy or v.drained or v.circuit_until_ms or v.cooling_until_ms:
             fields["gate"] = 1  # as the scripts that write those fields set it
         if v.circuit_until_ms:
-            fields["circ"] = "open"
-            fields["circ_until"] = (now_s + 30) * 1000
+            state, ends_s = CIRCUITS[v.circuit_until_ms]
+            fields["circ"] = state
+            fields["circ_until"] = (now_s + ends_s) * 1000
+            if state == "half":
+                fields["circ_trial"] = "another-request"
         client.hset(KEYS.provider(name), mapping=fields)
         for j in range(v.in_flight):
             client.zadd(KEYS.leases(name), {f"old-{j}": (now_s + 60) * 1000})
@@ -149,5 +158,5 @@ def _with_cooling(v: TargetView, now_ms: int) -> TargetView:
     return replace(
         v,
         cooling_until_ms=now_ms + 30_000 if v.cooling_until_ms else 0,
-        circuit_until_ms=now_ms + 30_000 if v.circuit_until_ms else 0,
+        circuit_until_ms=now_ms + 30_000 if v.circuit_until_ms in BLOCKING else 0,
     )
