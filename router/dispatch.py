@@ -43,6 +43,7 @@ from router.logs import decisions_logged, log_decision
 from router.metrics import RouterMetrics
 from router.providers import adapter_for
 from router.providers.base import Adapter, RateLimitInfo, StreamTranslator, Translated, Usage
+from router.refusal import refusal
 from router.store import Decision, Lease, Outcome, RoutePlan, Store
 from router.telemetry import Telemetry
 from router.tokens import embedding_tokens, max_output, prompt_tokens, reservation
@@ -211,14 +212,13 @@ class Dispatcher:
         return d, True
 
     def _no_room(self, job: _Job, d: Decision) -> Exception:
+        """No target now: what failover found, else a lack of room (429) or an outage (503)."""
         if job.attempts:
             return _gave_up(job.attempts, job.retry_after_s)
-        if d.wait_ms == -2:
-            states = ", ".join(f"{c.provider}: {c.code.name.lower()}" for c in d.candidates)
-            return AllAttemptsFailed([], 503, message=f"no provider is usable now ({states})")
-        retry = d.wait_ms / 1000 if d.wait_ms > 0 else 1.0
-        self.metrics.saturated(job.plan.route.model)
-        return Saturated(f"every provider of route {job.plan.route.model} is at its limit", retry)
+        err = refusal(job.plan, job.tokens, d)
+        if isinstance(err, Saturated):
+            self.metrics.saturated(job.plan.route.model)
+        return err
 
     async def _attempt(self, job: _Job, provider: Provider, index: int, lease: Lease) -> Reply:
         adapter = adapter_for(provider.kind)

@@ -14,6 +14,8 @@
     │   ├── ClientGone               499 the client left mid-request (answered to nobody)
     │   └── ProviderClientError      4xx answered by a provider, passed through
     ├── Saturated                    429 no target has room; carries retry_after_s
+    ├── Unavailable                  503 every target is out of service (down, drained,
+    │                                circuit open); retry_after_s when a circuit's trial is due
     ├── UpstreamError                one provider attempt failed (translated in upstream.py)
     │   ├── UpstreamConnectError     could not connect
     │   ├── UpstreamTimeout          connect or read timed out
@@ -143,6 +145,24 @@ class Saturated(RouterError):
 
     def headers(self) -> dict[str, str]:
         return {"Retry-After": str(max(1, math.ceil(self.retry_after_s)))}
+
+
+class Unavailable(RouterError):
+    """No target of the route is in service: each is down, drained or its circuit open (an
+    outage, not a lack of capacity: that is ``Saturated``)."""
+
+    status = 503
+    code = "no_provider_available"
+
+    def __init__(self, message: str, retry_after_s: float = 0.0) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+        """When an open circuit lets its trial go (0: no such time is known)."""
+
+    def headers(self) -> dict[str, str]:
+        if self.retry_after_s > 0:
+            return {"Retry-After": str(max(1, math.ceil(self.retry_after_s)))}
+        return {}
 
 
 class UpstreamError(RouterError):

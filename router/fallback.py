@@ -18,9 +18,11 @@ from router.config import Config, Strategy
 from router.health_store import ProviderHealth
 from router.keys import WINDOW_BUCKETS
 from router.store import Candidate, Decision, RoutePlan
-from router.strategies import TargetView, choose, eligibility
+from router.strategies import Code, TargetView, choose, eligibility
 
 WINDOW_MS = WINDOW_BUCKETS * 1000
+LOOK_AGAIN_MS = 1000
+"""A queued request held back by a local limit looks again this often (or on a release)."""
 
 
 @dataclass(slots=True)
@@ -41,6 +43,22 @@ class _Window:
         self.log.append((now_ms, tokens))
         self.requests += 1
         self.tokens += tokens
+
+
+def _wait_ms(views: Sequence[TargetView], candidates: Sequence[Candidate], now: int) -> int:
+    """When a target may take the request, as acquire.lua's wait says it: -2 when none ever
+    will by waiting (excluded, down, drained, or the request over its TPM limit), else the
+    soonest end of a circuit or cooldown, and a second for a limit (the local window is not
+    worth the script's arithmetic: a second is how often a queued request looks again)."""
+    wait = -2
+    for v, c in zip(views, candidates, strict=True):
+        if c.code < Code.COOLING or c.code is Code.DRAINED or 0 < v.tpm < v.tokens:
+            continue
+        w = max(0, v.cooling_until_ms - now, v.circuit_until_ms - now)
+        if c.code in (Code.FULL, Code.RPM, Code.TPM):
+            w = max(w, LOOK_AGAIN_MS)
+        wait = w if wait == -2 else min(wait, w)
+    return wait
 
 
 def _share(limit: int | None, replicas: int) -> int:
@@ -101,7 +119,7 @@ class LocalState:
             Candidate(name, eligibility(v, now), v.in_flight, v.rpm_used, v.tpm_used, "local")
             for name, v in zip(plan.providers, views, strict=True)
         )
-        wait = 0 if choice.index is not None else 1000
+        wait = 0 if choice.index is not None else _wait_ms(views, candidates, now)
         return Decision(choice.index, now, now // 1000, wait, candidates)
 
     def _view(

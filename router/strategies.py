@@ -47,6 +47,14 @@ class Code(IntEnum):
     target in the rotation with room; the script never reports this with detail."""
 
 
+CAPACITY = frozenset({Code.COOLING, Code.FULL, Code.RPM, Code.TPM})
+"""In service but without room now (one of our limits, or the provider's 429 cooldown):
+waiting helps, and a client refused for it is told 429."""
+OUT_OF_SERVICE = frozenset({Code.UNHEALTHY, Code.DRAINED, Code.CIRCUIT})
+"""Down by healthd's probes, drained by an operator, or its circuit open after failed
+requests: an outage, which a client refused for it is told as 503."""
+
+
 @dataclass(frozen=True, slots=True)
 class TargetView:
     """What a decision sees of one target: its limits, shared figures and this request."""
