@@ -27,7 +27,7 @@ from aiohttp import web
 from healthd.metrics import Metrics
 from healthd.probe import ProbeResult, probe
 from healthd.server import make_app, start_server
-from router.config import Config, Provider
+from router.config import Config, Provider, masked_url
 from router.errors import StoreError
 from router.health_store import HealthStore
 from router.store import Store
@@ -121,7 +121,8 @@ class HealthDaemon:
             self._tasks.append(task)
         log.info("started", extra=_fields(id=self.id, host=self.host, port=self.port,
                                           providers=len(self.cfg.providers),
-                                          lease_s=self.cfg.healthd.lease_s))  # fmt: skip
+                                          lease_s=self.cfg.healthd.lease_s,
+                                          store=masked_url(self.cfg.redis_url or "")))  # fmt: skip
         return runner, client
 
     async def _main_loop(self) -> None:

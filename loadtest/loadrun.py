@@ -44,7 +44,7 @@ from urllib.parse import urlsplit
 
 import httpx
 
-from router.config import Config, load_config
+from router.config import Config, load_config, masked_url
 from router.errors import ConfigError
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -185,7 +185,7 @@ def wait_ready(root: str, timeout: float = READY_TIMEOUT_S) -> None:
         except httpx.HTTPError as exc:
             last = f"{type(exc).__name__}: {exc}"
         time.sleep(POLL_S)
-    raise ClusterError(f"{root}/readyz not ready after {timeout:.0f} s ({last})")
+    raise ClusterError(f"{masked_url(root)}/readyz not ready after {timeout:.0f} s ({last})")
 
 
 def client_key(cfg: Config, environ: Mapping[str, str] | None = None) -> str | None:
@@ -290,7 +290,7 @@ def _run(args: argparse.Namespace, cfg: Config, out: Path) -> tuple[int, dict[st
         env = {**os.environ, "ROUTER_CLIENT_KEY": gw.key}
         code = subprocess.run(argv, env=env, check=False, timeout=args.duration + 300).returncode
         stats = read_stats(roots)
-    return code, {"host": gw.root, "locust_exit_code": code, "providers": stats}
+    return code, {"host": masked_url(gw.root), "locust_exit_code": code, "providers": stats}
 
 
 def loadtest(args: argparse.Namespace) -> int:

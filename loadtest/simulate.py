@@ -51,7 +51,7 @@ from loadtest.loadrun import (
     read_stats,
     reset_stats,
 )
-from router.config import Config, Route, Strategy, load_config
+from router.config import Config, Route, Strategy, load_config, masked_url
 from router.errors import ConfigError, StoreError
 from router.inspect import ProviderState, read_state
 from router.store import Store
@@ -346,7 +346,7 @@ def build_report(
         row["binding"] = bind
     return {
         "strategy": plan.route.strategy.value, "route": plan.route.model,
-        "replaced": plan.replaced, "host": gw.root,
+        "replaced": plan.replaced, "host": masked_url(gw.root),
         "requests": plan.requests, "concurrency": plan.concurrency,
         "duration_s": round(result.seconds, 3), "statuses": dict(result.statuses),
         "errors": result.errors, "expectation": text,

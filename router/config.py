@@ -47,6 +47,36 @@ class SecretRef(_Model):
         return self._value
 
 
+SAFE_QUERY = frozenset({"db", "protocol", "ssl_cert_reqs", "socket_timeout",
+                        "socket_connect_timeout", "health_check_interval"})  # fmt: skip
+"""URL query parameters whose values are shown; any other value is masked (a Redis URL may
+carry ``?password=``)."""
+
+
+def masked_url(url: str) -> str:
+    """``url`` as it may be printed: its user and password (and any query value not known to
+    be harmless) as ``***``. Every URL we print goes through here: CLI output, banners, logs.
+
+    Plain text, no URL parser: a password with an unescaped ``/``, ``?`` or ``#`` would end
+    a parser's authority early and show the rest. Whatever precedes the last ``@`` is masked
+    (a host is hidden too when only a query holds an ``@``: shown too little, never too much).
+    """
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        scheme, rest = "", url
+    if "@" in rest:
+        rest = "***@" + rest.rpartition("@")[2]
+    where, q, query = rest.partition("#")[0].partition("?")
+    if q:
+        where += "?" + "&".join(_masked_param(p) for p in query.split("&"))
+    return f"{scheme}{sep}{where}"
+
+
+def _masked_param(param: str) -> str:
+    name, eq, _ = param.partition("=")
+    return param if name in SAFE_QUERY or not eq else f"{name}=***"
+
+
 class ProviderKind(StrEnum):
     OPENAI = "openai"
     ANTHROPIC = "anthropic"
@@ -268,6 +298,11 @@ def _secret_refs(cfg: Config) -> list[tuple[str, SecretRef]]:
         if p.api_key is not None
     ]
     return refs
+
+
+def secret_variables(cfg: Config) -> list[str]:
+    """The environment variables the config's secrets are read from, sorted."""
+    return sorted({ref.env for _, ref in _secret_refs(cfg)})
 
 
 def _resolve_secrets(cfg: Config, environ: dict[str, str]) -> list[tuple[str, str]]:

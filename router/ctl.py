@@ -12,7 +12,7 @@ from rich.console import Console
 from rich.live import Live
 from rich.text import Text
 
-from router.config import Config, Strategy, load_config
+from router.config import Config, Strategy, load_config, masked_url, secret_variables
 from router.errors import ConfigError, StoreError
 from router.health_store import HealthStore
 from router.inspect import ClusterState, describe_keys, read_state, state_json
@@ -23,16 +23,24 @@ from router.statetable import render_keys, render_state
 from router.store import Store
 
 
-def check_config(path: str) -> int:
-    """Validate ``path``; print every problem with its field path. Exit status 0 or 1."""
+def check_config(path: str, *, env: bool = True) -> int:
+    """Validate ``path``; print every problem with its field path. Exit status 0 or 1.
+
+    Without ``env`` (``--no-env``: a CI pipeline has no production secrets) the environment
+    is not read at all: the file alone is checked, and the output names the variables that
+    must be set where the config runs. With it, a missing variable is a problem."""
     try:
-        cfg = load_config(path)
+        cfg = load_config(path, None if env else {}, resolve=env)
     except ConfigError as exc:
         for field, message in exc.problems:
             print(f"{field}: {message}" if field else message)
         return 1
-    store = cfg.redis_url or "embedded in-process store"
+    store = masked_url(cfg.redis_url) if cfg.redis_url else "embedded in-process store"
     print(f"{path}: ok ({len(cfg.providers)} providers, {len(cfg.routes)} routes, {store})")
+    if not env:
+        names = ", ".join(secret_variables(cfg))
+        print(f"environment not checked (--no-env): {names} must be set where it runs; "
+              "REDIS_URL, if set there, replaces redis_url")  # fmt: skip
     return 0
 
 
@@ -89,7 +97,7 @@ async def _show_state(store: Store, cfg: Config, as_json: bool, watch: float | N
     if watch is None and as_json:
         print(json.dumps(state_json(state), indent=2))
     elif watch is None:
-        Console().print(render_state(state))
+        Console().print(render_state(state, cfg.redis_url))
     elif as_json:
         await _watch_json(store, cfg, state, watch)
     else:
@@ -109,11 +117,12 @@ async def _watch_json(store: Store, cfg: Config, state: ClusterState, every: flo
 
 async def _watch_table(store: Store, cfg: Config, state: ClusterState, every: float) -> None:
     """The tables, refreshed in place until Ctrl-C."""
-    with Live(render_state(state), auto_refresh=False) as live:
+    with Live(render_state(state, cfg.redis_url), auto_refresh=False) as live:
         while True:
             await asyncio.sleep(every)
             try:
-                live.update(render_state(await read_state(store, cfg)), refresh=True)
+                table = render_state(await read_state(store, cfg), cfg.redis_url)
+                live.update(table, refresh=True)
             except StoreError as exc:  # keep watching: Redis may come back
                 live.update(Text(f"routerctl: {exc} (retrying)", style="red"), refresh=True)
 
@@ -231,6 +240,11 @@ def main(argv: list[str] | None = None) -> None:
     sub = parser.add_subparsers(dest="command", required=True)
     check = sub.add_parser("check-config", help="validate a config file")
     check.add_argument("file")
+    check.add_argument(
+        "--no-env", action="store_true",
+        help="check the file alone: do not read the environment (secrets, REDIS_URL), e.g. "
+        "in a CI pipeline without the production secrets",
+    )  # fmt: skip
     up = sub.add_parser(
         "up", help="run a local cluster: mock providers, Redis and replicas, until Ctrl-C"
     )
@@ -250,7 +264,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.command in ("drain", "enable"):
         sys.exit(drain(args.config, args.provider, args.command == "drain"))
     if args.command == "check-config":
-        sys.exit(check_config(args.file))
+        sys.exit(check_config(args.file, env=not args.no_env))
     if args.command == "up":
         sys.exit(run_up(args))
 

@@ -8,7 +8,7 @@ import socket
 import uuid
 
 from router.auth import KeyRing, bearer_token
-from router.config import Config
+from router.config import Config, masked_url
 from router.degraded import SharedMode
 from router.dispatch import Dispatcher
 from router.errors import StoreError, Unauthorized
@@ -75,7 +75,9 @@ class Gateway:
         self.view.start()
         self.heartbeat.start()
         self.poller.start()
-        log.info("replica started", extra={"fields": {"replica": self.replica}})
+        url = self.cfg.redis_url
+        store = "embedded" if self.store.embedded or not url else masked_url(url)
+        log.info("replica started", extra={"fields": {"replica": self.replica, "store": store}})
 
     async def stop(self) -> None:
         """Finish pending releases, then close everything."""

@@ -8,6 +8,7 @@ from rich.console import Group, RenderableType
 from rich.table import Table
 from rich.text import Text
 
+from router.config import masked_url
 from router.inspect import ClusterState, KeyInfo, ProviderState, ReplicaState, RouteState
 
 _HEALTH_STYLE = {"up": "green", "down": "bold red", "unknown": "dim"}
@@ -90,11 +91,14 @@ def _replica_table(replicas: Sequence[ReplicaState], now_ms: int) -> Table:
     return table
 
 
-def render_state(state: ClusterState) -> RenderableType:
-    """The state as tables: one per route, then the replicas, then healthd."""
+def render_state(state: ClusterState, redis_url: str | None = None) -> RenderableType:
+    """The state as tables: one per route, then the replicas, then healthd; the header names
+    the Redis it was read from (its user and password masked)."""
     now = state.taken_at_ms
     by_name = {p.name: p for p in state.providers}
     head = f"pool {state.pool} · prefix {state.key_prefix} · health version {state.health_version}"
+    if redis_url:
+        head += f" · {masked_url(redis_url)}"
     parts: list[RenderableType] = [Text(head, style="bold")]
     for route in state.routes:
         rows = [(t.weight, by_name[t.provider]) for t in route.targets]
