@@ -23,7 +23,7 @@ from tests.helpers import ENV, Cluster, Gateway, Mock, auth, free_port, start_ga
 CHAT = {"model": "chat", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 5}
 KEYS = Keys("rc", "default")
 PROBE_S = 0.2
-COOLDOWN_S = 2.0
+COOLDOWN_S = 3.0
 CHAT_PROBE = {
     "method": "POST",
     "path": "/chat/completions",
@@ -112,11 +112,12 @@ def test_good_model_list_probes_leave_the_circuit_to_real_requests(
     good = int(opened.get("h_ok", 0))
     with Load(gw.urls[0]) as load:
         wait_until(lambda: probed(r, good + 3), 10, "three more good probes of flaky")
-        now = fields(r, "flaky")
+        seen = flaky.stats()["received"]
+        now = fields(r, "flaky")  # read after: still cooling now, so no trial came before
         assert now["circ"] == "open"
         assert now["circ_until"] == opened["circ_until"]
-        assert int(now["circ_until"]) > int(r.time()[0]) * 1000  # still cooling down
-    assert flaky.stats()["received"] == received
+        assert int(now["circ_until"]) > int(r.time()[0]) * 1000
+    assert seen == received
     assert set(load.statuses) == {200}
 
     # Half-open, once per cooldown: one trial at a time, and a failed trial reopens it.
