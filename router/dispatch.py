@@ -283,7 +283,7 @@ class Dispatcher:
     ) -> Reply:  # fmt: skip
         """Wait for the first frame (failover is still possible until then), then relay."""
         include_usage = bool((job.body.get("stream_options") or {}).get("include_usage"))
-        translator = adapter.stream(include_usage)
+        translator = adapter.stream(include_usage, provider.bounds.max_event_bytes)
         chunks = resp.chunks()
         first = b""
         async for data in chunks:

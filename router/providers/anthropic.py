@@ -100,9 +100,11 @@ class AnthropicAdapter:
         """Never: Anthropic has no embeddings endpoint."""
         raise UpstreamProtocolError(_NO_EMBEDDINGS)
 
-    def stream(self, include_usage: bool) -> AnthropicStream:
+    def stream(
+        self, include_usage: bool, max_event_bytes: int = _common.MAX_EVENT_BYTES
+    ) -> AnthropicStream:
         """A translator from Anthropic's SSE events to OpenAI chunks."""
-        return AnthropicStream(include_usage)
+        return AnthropicStream(include_usage, max_event_bytes)
 
     def rate_limits(self, headers: Mapping[str, str]) -> RateLimitInfo:
         """Anthropic's ``retry-after`` and ``anthropic-ratelimit-*`` headers."""
@@ -408,9 +410,9 @@ _DONE_FRAME = b"data: [DONE]\n\n"
 class AnthropicStream:
     """Translates Anthropic's SSE events into OpenAI ``chat.completion.chunk`` frames."""
 
-    def __init__(self, include_usage: bool) -> None:
+    def __init__(self, include_usage: bool, max_event_bytes: int = _common.MAX_EVENT_BYTES) -> None:
         self._include_usage = include_usage
-        self._splitter = _common.EventSplitter()
+        self._splitter = _common.EventSplitter(max_event_bytes)
         # Replaced by the message id at message_start; a fallback keeps frames well-formed.
         self._id = f"chatcmpl-{uuid.uuid4().hex}"
         self._model: Any = None
@@ -420,6 +422,11 @@ class AnthropicStream:
         self.usage: Usage | None = None
         self.content_chunks = 0
         self.finished = False
+
+    @property
+    def events(self) -> int:
+        """Complete SSE events read so far (pings included)."""
+        return self._splitter.events
 
     def feed(self, data: bytes) -> bytes:
         """The OpenAI frames for every Anthropic event that ``data`` completes."""
