@@ -229,7 +229,7 @@ class Dispatcher:
             req = adapter.chat_request(provider, model, job.body)
         self.tel.inject(req.headers, job.traceparent)
         started = asyncio.get_running_loop().time()
-        resp = await self.upstream.send(req, provider.timeouts, job.deadline)
+        resp = await self.upstream.send(req, provider.timeouts, job.deadline, provider.bounds)
         streaming = job.op is Operation.CHAT and bool(job.body.get("stream"))
         handed_over = False
         try:
