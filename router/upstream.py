@@ -168,13 +168,17 @@ def _inflate(decoder: zlib._Decompress, data: bytes) -> Iterator[bytes]:
 class UpstreamResponse:
     """A provider's answer whose headers have arrived; the body is read on demand."""
 
-    def __init__(self, conn: _Connection, pool: _Pool, read_timeout: float, bounds: Bounds) -> None:
+    def __init__(
+        self, conn: _Connection, pool: _Pool, read_timeout: float, bounds: Bounds, until: float
+    ) -> None:
         self._conn = conn
         self._pool = pool
         self._read_timeout = read_timeout
         self._bounds = bounds
         self._cap = bounds.max_answer_bytes
         self._head_bytes = 0
+        self._until = until
+        self._until_error = "the route's timeout ran out"
         self._raw_headers: list[tuple[bytes, bytes]] = []
         self._chunks: deque[bytes] = deque()
         self._buffered = 0
@@ -275,8 +279,17 @@ class UpstreamResponse:
         self._buffered = 0
         return body if self._decoder is None else self._inflate_whole(self._decoder, body)
 
+    def set_deadline(self, until: float, error: str) -> None:
+        """End the waits of ``chunks`` at ``until`` (loop time) with an ``UpstreamTimeout``
+        saying ``error``: the caller moves it as a stream goes (its first event, the next)."""
+        self._until, self._until_error = until, error
+
     async def chunks(self) -> AsyncIterator[bytes]:
-        """The body as the provider sends it, chunk by chunk (never buffered whole)."""
+        """The body as the provider sends it, chunk by chunk (never buffered whole).
+
+        A wait ends after the read timeout's silence or at the deadline (``set_deadline``;
+        at first the one ``Upstream.send`` was given), whichever comes first.
+        """
         loop = self._conn.loop
         self._streaming = True
         while True:
@@ -300,8 +313,11 @@ class UpstreamResponse:
                 if tail:
                     yield tail
                 return
-            until = loop.time() + self._read_timeout
-            await self._wait(until, "the stream stalled past the read timeout")
+            stall = loop.time() + self._read_timeout
+            if self._until <= stall:
+                await self._wait(self._until, self._until_error)
+            else:
+                await self._wait(stall, "the stream stalled past the read timeout")
 
     def _inflate_whole(self, decoder: zlib._Decompress, data: bytes) -> bytes:
         """A whole compressed body inflated, never past the answer's bound."""
@@ -395,7 +411,7 @@ class Upstream:
     ) -> UpstreamResponse:  # fmt: skip
         """POST ``req``; return once the status and headers arrived, by ``deadline`` at latest.
 
-        ``bounds`` caps what the answer may hold.
+        The answer's waits end by ``deadline`` too (until moved); ``bounds`` caps what it may hold.
         """
         if not self._started:
             raise RuntimeError("Upstream.start() was not awaited")
@@ -412,7 +428,7 @@ class Upstream:
             pool = self._pools[key] = _Pool()
         head_and_body = _request_bytes(target, req)
         conn = pool.take() or await self._connect(loop, target, min(timeouts.connect_s, left))
-        resp = UpstreamResponse(conn, pool, timeouts.read_s, bounds)
+        resp = UpstreamResponse(conn, pool, timeouts.read_s, bounds, deadline)
         conn.resp = resp
         assert conn.transport is not None
         conn.transport.write(head_and_body)

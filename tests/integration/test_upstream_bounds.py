@@ -1,10 +1,12 @@
 """What a provider sends is bounded (router/upstream.py): headers, a whole answer, its inflated
-size, an error body. A scripted loopback server plays the hostile provider.
+size, an error body; a stream's waits end at the deadline its caller sets, however the bytes
+trickle in. A scripted loopback server plays the hostile provider.
 """
 
 from __future__ import annotations
 
 import asyncio
+import time
 import tracemalloc
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
@@ -12,9 +14,9 @@ from dataclasses import dataclass
 import pytest
 
 from router.config import Bounds, Timeouts
-from router.errors import UpstreamError, UpstreamProtocolError
+from router.errors import UpstreamError, UpstreamProtocolError, UpstreamTimeout
 from router.providers.base import UpstreamRequest
-from router.upstream import INFLATE_STEP, Upstream
+from router.upstream import INFLATE_STEP, Upstream, UpstreamResponse
 from tests.faults.hostile import gzip_bomb
 
 MiB = 1 << 20
@@ -200,3 +202,50 @@ async def test_a_bound_does_not_leak_into_later_answers(
     body = b'{"ok":true}'
     hostile.script = lambda w: hostile.write(w, head(b"Content-Length: 11") + body)
     assert await exchange(upstream, hostile) == body
+
+
+async def drip(srv: Hostile, w: asyncio.StreamWriter, first: bytes) -> None:
+    await srv.write(w, first)
+    while True:
+        await asyncio.sleep(0.05)
+        await srv.write(w, b"x")
+
+
+async def drain(resp: UpstreamResponse, move_at: int = 0, move_by: float = 0.0) -> None:
+    """Read a stream to its end (in 5 s at most: the old client dripped on for good); at
+    piece ``move_at``, move its deadline ``move_by`` seconds ahead."""
+    loop = asyncio.get_running_loop()
+    pieces = 0
+    async with asyncio.timeout(5):
+        async for _ in resp.chunks():
+            pieces += 1
+            if pieces == move_at:
+                resp.set_deadline(loop.time() + move_by, "no event in time")
+
+
+async def dripping(upstream: Upstream, hostile: Hostile, within: float) -> UpstreamResponse:
+    hostile.script = lambda w: drip(hostile, w, head(b"Content-Type: text/event-stream"))
+    loop = asyncio.get_running_loop()
+    req = UpstreamRequest(f"http://127.0.0.1:{hostile.port}/v1/chat/completions", {}, b"{}")
+    return await upstream.send(req, TIMEOUTS, loop.time() + within, BOUNDS)
+
+
+async def test_a_dripping_stream_ends_at_its_deadline(upstream: Upstream, hostile: Hostile) -> None:
+    # one byte every 50 ms: never silent for read_s (2 s), so only the deadline can end it
+    resp = await dripping(upstream, hostile, 0.5)
+    started = time.monotonic()
+    try:
+        with pytest.raises(UpstreamTimeout, match="the route's timeout ran out"):
+            await drain(resp)
+    finally:
+        resp.close()
+    assert 0.3 < time.monotonic() - started < 2.0
+
+
+async def test_the_caller_moves_a_streams_deadline(upstream: Upstream, hostile: Hostile) -> None:
+    resp = await dripping(upstream, hostile, 60)
+    try:
+        with pytest.raises(UpstreamTimeout, match="no event in time"):
+            await drain(resp, move_at=3, move_by=0.3)
+    finally:
+        resp.close()
