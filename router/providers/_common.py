@@ -179,6 +179,11 @@ def openai_usage(obj: Mapping[str, Any]) -> Usage | None:
     return Usage(as_int(usage.get("prompt_tokens")), as_int(usage.get("completion_tokens")))
 
 
+MAX_VALUE = 64
+"""The longest rate-limit header value read (a duration, date or count is far shorter): a
+hostile 64 KiB value of ``1s1s...`` took 57 ms of the event loop to parse."""
+
+
 def _finite(value: str) -> float | None:
     try:
         number = float(value)
@@ -189,7 +194,7 @@ def _finite(value: str) -> float | None:
 
 def parse_int(value: str | None) -> int | None:
     """A non-negative integer header value, or None."""
-    if value is None:
+    if value is None or len(value) > MAX_VALUE:
         return None
     number = _finite(value.strip())
     return int(number) if number is not None and number >= 0 else None
@@ -204,7 +209,7 @@ _DURATION_PART = re.compile(_PART)
 
 def parse_duration(value: str | None) -> float | None:
     """Seconds in an OpenAI (Go-style) duration such as ``6m0s``, ``20ms``; a bare number too."""
-    if value is None:
+    if value is None or len(value) > MAX_VALUE:
         return None
     text = value.strip()
     number = _finite(text)
@@ -217,7 +222,7 @@ def parse_duration(value: str | None) -> float | None:
 
 def parse_retry_after(value: str | None, now: float) -> float | None:
     """Seconds to wait from a ``Retry-After`` value: a number or an HTTP date (never < 0)."""
-    if value is None:
+    if value is None or len(value) > MAX_VALUE:
         return None
     number = _finite(value.strip())
     if number is not None:
@@ -231,7 +236,7 @@ def parse_retry_after(value: str | None, now: float) -> float | None:
 
 def parse_timestamp(value: str | None, now: float) -> float | None:
     """Seconds from ``now`` until an RFC 3339 timestamp (never < 0), or None."""
-    if value is None:
+    if value is None or len(value) > MAX_VALUE:
         return None
     try:
         when = datetime.fromisoformat(value.strip())

@@ -48,6 +48,9 @@ FINISH_REASONS = {
 }
 
 _NO_EMBEDDINGS = "anthropic providers do not serve embeddings"
+# orjson reads JSON nested up to 1024 deep but writes only up to 254: a value passed on (a
+# tool's input, even the model's name) nested deeper cannot be written back out.
+_TOO_DEEP = "provider answered with JSON nested too deep to pass on"
 
 _UNSUPPORTED: tuple[tuple[str, Callable[[Any], bool], str], ...] = (
     ("n", lambda v: v is not None and v != 1, "n > 1 (several choices)"),
@@ -93,8 +96,11 @@ class AnthropicAdapter:
         if not isinstance(message.get("content"), list):
             raise UpstreamProtocolError("provider answered with an unexpected shape: no content")
         usage = _usage(message.get("usage"))
-        completion = translate_message(message, usage, int(time.time()))
-        return Translated(body=orjson.dumps(completion), usage=usage)
+        try:
+            body = orjson.dumps(translate_message(message, usage, int(time.time())))
+        except orjson.JSONEncodeError:
+            raise UpstreamProtocolError(_TOO_DEEP) from None
+        return Translated(body=body, usage=usage)
 
     def embeddings_response(self, payload: bytes) -> Translated:
         """Never: Anthropic has no embeddings endpoint."""
@@ -453,9 +459,16 @@ class AnthropicStream:
             raise UpstreamProtocolError("provider streamed invalid JSON") from None
         if not isinstance(obj, dict):
             raise UpstreamProtocolError("provider streamed an unexpected shape")
-        kind = obj.get("type") or (name or b"").decode(errors="replace")
+        kind = obj.get("type")
+        if not isinstance(kind, str) or not kind:  # a list here would not even hash
+            kind = (name or b"").decode(errors="replace")
         handler = _HANDLERS.get(kind)
-        return handler(self, obj) if handler is not None else b""
+        if handler is None:
+            return b""
+        try:
+            return handler(self, obj)
+        except orjson.JSONEncodeError:
+            raise UpstreamProtocolError(_TOO_DEEP) from None
 
     def _chunk(self, delta: dict[str, Any], finish_reason: str | None = None) -> bytes:
         chunk: dict[str, Any] = {
