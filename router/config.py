@@ -105,8 +105,19 @@ class Limits(_Model):
 
 
 class Timeouts(_Model):
+    """How long one attempt may take, phase by phase; past any of them it is a ``timeout``.
+
+    ``connect_s`` bounds the connect, ``read_s`` any silence of the provider. A stream's
+    first event must come within the route's ``timeout_s``; after it, each next event
+    (a keep-alive comment or ping counts) within ``stream_idle_s``, and the whole stream,
+    from the attempt's start, ends by ``stream_total_s`` when that is set. A stream cut
+    after its first event ends with an OpenAI-shaped error event (code ``timeout``).
+    """
+
     connect_s: Annotated[float, Field(gt=0)] = 5.0
     read_s: Annotated[float, Field(gt=0)] = 120.0
+    stream_idle_s: Annotated[float, Field(gt=0)] = 120.0
+    stream_total_s: Annotated[float, Field(gt=0)] | None = None
 
 
 class Probe(_Model):
@@ -150,6 +161,26 @@ class Circuit(_Model):
     max_cooldown_s: Annotated[float, Field(gt=0)] = 300.0
 
 
+class Bounds(_Model):
+    """The most a provider's answer may hold. Past a bound the attempt fails as
+    ``bad_response``, its connection is dropped and the request fails over (a stream past
+    its first byte ends with an error event instead).
+
+    ``max_answer_bytes`` caps a whole (non-streamed) answer's body, both as received and
+    once inflated (gzip, deflate); ``max_error_bytes`` the body of a non-2xx answer (past
+    it the status alone decides: the error reads "no readable body"); ``max_header_bytes``
+    and ``max_headers`` the status line and headers; ``max_event_bytes`` one SSE event of a
+    stream (a whole stream is bounded in time: see ``Timeouts``). A replica holds about one
+    bound per attempt in flight, at most.
+    """
+
+    max_answer_bytes: Annotated[int, Field(gt=0)] = 16 * 1024 * 1024
+    max_error_bytes: Annotated[int, Field(gt=0)] = 64 * 1024
+    max_header_bytes: Annotated[int, Field(gt=0)] = 64 * 1024
+    max_headers: Annotated[int, Field(gt=0)] = 128
+    max_event_bytes: Annotated[int, Field(gt=0)] = 4 * 1024 * 1024
+
+
 class Provider(_Model):
     name: Annotated[str, Field(pattern=NAME_PATTERN)]
     kind: ProviderKind
@@ -158,6 +189,7 @@ class Provider(_Model):
     weight: Annotated[int, Field(ge=1, le=1000)] = 1
     limits: Limits = Limits()
     timeouts: Timeouts = Timeouts()
+    bounds: Bounds = Bounds()
     health: HealthCheck = HealthCheck()
     circuit: Circuit = Circuit()
     anthropic_version: str = "2023-06-01"

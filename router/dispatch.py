@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import logging
+import math
 import random
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
@@ -57,6 +58,10 @@ POLL_S = 0.05
 """How often a queued request looks again when no release time is known."""
 CLIENT_ERRORS = frozenset({400, 413, 422})
 """Provider statuses that are the client's fault: passed through, never failed over."""
+FIRST_EVENT = "no event within the route's timeout_s"
+STREAM_IDLE = "no event within stream_idle_s"
+STREAM_TOTAL = "the stream ran past stream_total_s"
+"""Why a stream timed out: before its first event, between two, overall."""
 
 
 class Operation(Enum):
@@ -229,7 +234,7 @@ class Dispatcher:
             req = adapter.chat_request(provider, model, job.body)
         self.tel.inject(req.headers, job.traceparent)
         started = asyncio.get_running_loop().time()
-        resp = await self.upstream.send(req, provider.timeouts, job.deadline)
+        resp = await self.upstream.send(req, provider.timeouts, job.deadline, provider.bounds)
         streaming = job.op is Operation.CHAT and bool(job.body.get("stream"))
         handed_over = False
         try:
@@ -283,7 +288,14 @@ class Dispatcher:
     ) -> Reply:  # fmt: skip
         """Wait for the first frame (failover is still possible until then), then relay."""
         include_usage = bool((job.body.get("stream_options") or {}).get("include_usage"))
-        translator = adapter.stream(include_usage)
+        translator = adapter.stream(include_usage, provider.bounds.max_event_bytes)
+        total = provider.timeouts.stream_total_s
+        end = started + total if total is not None else math.inf
+        # the route's time, not the bytes that trickle in, bounds the wait for the first event
+        if end < job.deadline:
+            resp.set_deadline(end, STREAM_TOTAL)
+        else:
+            resp.set_deadline(job.deadline, FIRST_EVENT)
         chunks = resp.chunks()
         first = b""
         async for data in chunks:
@@ -292,7 +304,7 @@ class Dispatcher:
                 break
         if not first:
             raise UpstreamProtocolError("the stream ended before any data")
-        relay = _Relay(self, job, provider, adapter, lease, resp, started)
+        relay = _Relay(self, job, provider, adapter, lease, resp, started, end)
         stream = relay.run(first, chunks, translator)
         return Reply(
             provider.name, len(job.attempts) + 1, stream=stream, close=relay.close,
@@ -305,10 +317,14 @@ class _Relay:
 
     def __init__(
         self, d: Dispatcher, job: _Job, provider: Provider, adapter: Adapter, lease: Lease,
-        resp: UpstreamResponse, started: float,
+        resp: UpstreamResponse, started: float, end: float,
     ) -> None:  # fmt: skip
         self.d, self.job, self.provider, self.adapter = d, job, provider, adapter
         self.lease, self.resp, self.started = lease, resp, started
+        self.end = end
+        """When the stream must be over (stream_total_s), or inf."""
+        self.events = 0
+        """The translator's event count when the deadline last moved."""
         self.ttft_ms = -1.0
         self.released = False
         self.outcome = "client_cancelled"
@@ -332,9 +348,13 @@ class _Relay:
             first_at = loop.time()
             yield first  # the first frame goes out before anything else is done
             self._mark(tr, first_at)
+            self._pace(tr, first_at)
             async for data in chunks:
                 out = tr.feed(data)
-                self._mark(tr, loop.time())
+                now = loop.time()
+                self._mark(tr, now)
+                if tr.events != self.events:
+                    self._pace(tr, now)
                 if out:
                     yield out
             tail = tr.close()
@@ -355,6 +375,18 @@ class _Relay:
             if not self.released:
                 self.released = True
                 self._release(outcome, tr.usage, loop.time())
+
+    def _pace(self, tr: StreamTranslator, now: float) -> None:
+        """An event came: the next must come within stream_idle_s (and by the stream's end).
+
+        Counted in events, not bytes: a provider dripping bytes that never finish an event
+        is as idle as a silent one."""
+        self.events = tr.events
+        next_by = now + self.provider.timeouts.stream_idle_s
+        if next_by < self.end:
+            self.resp.set_deadline(next_by, STREAM_IDLE)
+        else:
+            self.resp.set_deadline(self.end, STREAM_TOTAL)
 
     def _mark(self, tr: StreamTranslator, now: float) -> None:
         if self.ttft_ms < 0 and tr.content_chunks > 0:

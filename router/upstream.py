@@ -8,6 +8,12 @@ one POST with a few headers, an answer read whole or relayed as it streams, conn
 alive per origin. That is what this module does, on ``asyncio.Protocol`` with the same C
 parser uvicorn uses (httptools), and nothing else. httpx stays for probes, the CLI and tests.
 
+Everything a provider sends is bounded here (``Provider.bounds``): the status line and
+headers, a whole answer's body as received and once inflated, an error answer's body. Past a
+bound the attempt fails as ``bad_response`` and the connection is dropped, so a provider
+cannot make a replica hold more than about one bound per attempt in flight (unbounded, a
+1 GiB answer took the replica to 2.2 GB RSS, a 2 MB gzip bomb to 2.3 to 4.2 GB).
+
 Errors become ``UpstreamError``s here, with messages that name no URL or header (no secret).
 """
 
@@ -18,15 +24,15 @@ import ssl
 import time
 import zlib
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Any, cast
+from typing import cast
 from urllib.parse import urlsplit
 
 import httptools
 
-from router.config import Timeouts
+from router.config import Bounds, Timeouts
 from router.errors import (
     UpstreamConnectError,
     UpstreamError,
@@ -39,6 +45,10 @@ KEEPALIVE_S = 30.0
 """An idle pooled connection older than this is closed rather than reused."""
 HIGH_WATER = 256 * 1024
 """Buffered body bytes at which the connection stops reading until the consumer catches up."""
+INFLATE_STEP = HIGH_WATER
+"""The most one inflate call of a stream produces: a compressed stream (or bomb) is inflated
+as it is consumed, a step at a time, never a received chunk at once (up to ~1000x its size)."""
+DEFAULT_BOUNDS = Bounds()
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,17 +90,34 @@ class _Connection(asyncio.Protocol):
         self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
 
     def data_received(self, data: bytes) -> None:
-        if self.resp is None:  # bytes nobody asked for: the connection is unusable
+        resp = self.resp
+        if resp is None:  # bytes nobody asked for: the connection is unusable
             self.abort()
             return
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade:
-            self.resp._fail(UpstreamProtocolError("the provider switched protocols"))
+            resp._fail(UpstreamProtocolError("the provider switched protocols"))
             self.abort()
-        except httptools.HttpParserError:
-            self.resp._fail(UpstreamProtocolError("the provider sent malformed HTTP"))
-            self.abort()
+        except httptools.HttpParserError as exc:
+            if isinstance(exc.__context__, UpstreamError):  # a callback refused: past a bound
+                self._refuse(resp, exc.__context__)
+            else:
+                resp._fail(UpstreamProtocolError("the provider sent malformed HTTP"))
+                self.abort()
+        else:
+            if not resp._headed:  # every byte so far is status line and headers
+                resp._head_bytes += len(data)
+                if resp._head_bytes > resp._bounds.max_header_bytes:
+                    limit = resp._bounds.max_header_bytes
+                    self._refuse(resp, UpstreamProtocolError(f"the headers are over {limit} bytes"))
+
+    def _refuse(self, resp: UpstreamResponse, error: UpstreamError) -> None:
+        """Fail an answer past a bound: drop what it buffered, and the connection."""
+        resp._fail(error)
+        resp._chunks.clear()
+        resp._buffered = 0
+        self.abort()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
@@ -100,7 +127,10 @@ class _Connection(asyncio.Protocol):
     # httptools callbacks
     def on_header(self, name: bytes, value: bytes) -> None:
         assert self.resp is not None
-        self.resp._raw_headers.append((name, value))
+        headers = self.resp._raw_headers
+        if len(headers) >= self.resp._bounds.max_headers:
+            raise UpstreamProtocolError(f"the provider sent over {len(headers)} headers")
+        headers.append((name, value))
 
     def on_headers_complete(self) -> None:
         assert self.resp is not None
@@ -120,13 +150,35 @@ class _Connection(asyncio.Protocol):
             self.transport.abort()
 
 
+_CORRUPT = "the provider's compressed body is corrupt"
+
+
+def _inflate(decoder: zlib._Decompress, data: bytes) -> Iterator[bytes]:
+    """``data`` inflated a step at a time (the consumer pulls the next step)."""
+    while data:
+        try:
+            out = decoder.decompress(data, INFLATE_STEP)
+        except zlib.error:
+            raise UpstreamProtocolError(_CORRUPT) from None
+        data = decoder.unconsumed_tail
+        if out:
+            yield out
+
+
 class UpstreamResponse:
     """A provider's answer whose headers have arrived; the body is read on demand."""
 
-    def __init__(self, conn: _Connection, pool: _Pool, read_timeout: float) -> None:
+    def __init__(
+        self, conn: _Connection, pool: _Pool, read_timeout: float, bounds: Bounds, until: float
+    ) -> None:
         self._conn = conn
         self._pool = pool
         self._read_timeout = read_timeout
+        self._bounds = bounds
+        self._cap = bounds.max_answer_bytes
+        self._head_bytes = 0
+        self._until = until
+        self._until_error = "the route's timeout ran out"
         self._raw_headers: list[tuple[bytes, bytes]] = []
         self._chunks: deque[bytes] = deque()
         self._buffered = 0
@@ -136,7 +188,7 @@ class UpstreamResponse:
         self._done = False
         self._keep_alive = False
         self._released = False
-        self._decoder: Any = None
+        self._decoder: zlib._Decompress | None = None
         self._paused = False
         self._streaming = False
         self.status = 0
@@ -147,6 +199,8 @@ class UpstreamResponse:
         self.status = status
         self.headers = {k.decode("latin-1").lower(): v.decode("latin-1")
                         for k, v in self._raw_headers}  # fmt: skip
+        if not 200 <= status < 300:
+            self._cap = self._bounds.max_error_bytes
         encoding = self.headers.get("content-encoding", "identity").strip().lower()
         if encoding in ("gzip", "x-gzip", "deflate"):
             self._decoder = zlib.decompressobj(wbits=zlib.MAX_WBITS | 32)  # gzip or zlib
@@ -157,21 +211,16 @@ class UpstreamResponse:
         self._wake()
 
     def _data(self, body: bytes) -> None:
-        if self._decoder is not None:
-            try:
-                body = self._decoder.decompress(body)
-            except zlib.error:
-                self._fail(UpstreamProtocolError("the provider's compressed body is corrupt"))
-                self._conn.abort()
-                return
-        if body:
-            self._chunks.append(body)
-            self._buffered += len(body)
-            if self._streaming and self._buffered > HIGH_WATER and not self._paused:
-                assert self._conn.transport is not None
-                self._paused = True
-                self._conn.transport.pause_reading()
-            self._wake()
+        """Buffer body bytes as received (still compressed: they are inflated when read)."""
+        self._chunks.append(body)
+        self._buffered += len(body)
+        if self._buffered > self._cap:  # unread bytes: a whole answer, or a stream's backlog
+            raise UpstreamProtocolError(f"the answer is over {self._cap} bytes")
+        if self._streaming and self._buffered > HIGH_WATER and not self._paused:
+            assert self._conn.transport is not None
+            self._paused = True
+            self._conn.transport.pause_reading()
+        self._wake()
 
     def _complete(self, keep_alive: bool) -> None:
         self._done, self._keep_alive = True, keep_alive
@@ -212,25 +261,35 @@ class UpstreamResponse:
     async def _headers(self, until: float) -> None:
         while not self._headed and self._error is None:
             await self._wait(until, "no answer before the timeout")
-        if self._error is not None:
+        # once headed, the status stands: a body that fails (past its bound, cut) says so
+        # when read, so that a 5xx is still a 5xx
+        if not self._headed and self._error is not None:
             raise self._error
 
     async def read(self, deadline: float) -> bytes:
-        """The whole body, within ``deadline`` (loop time)."""
+        """The whole body, within ``deadline`` (loop time) and the answer's size bound."""
         loop = self._conn.loop
         while not self._done and self._error is None:
             until = min(deadline, loop.time() + self._read_timeout)
             await self._wait(until, "timed out reading the answer")
         if self._error is not None:
             raise self._error
-        self._flush_decoder()
         body = b"".join(self._chunks)
         self._chunks.clear()
         self._buffered = 0
-        return body
+        return body if self._decoder is None else self._inflate_whole(self._decoder, body)
+
+    def set_deadline(self, until: float, error: str) -> None:
+        """End the waits of ``chunks`` at ``until`` (loop time) with an ``UpstreamTimeout``
+        saying ``error``: the caller moves it as a stream goes (its first event, the next)."""
+        self._until, self._until_error = until, error
 
     async def chunks(self) -> AsyncIterator[bytes]:
-        """The body as the provider sends it, chunk by chunk (never buffered whole)."""
+        """The body as the provider sends it, chunk by chunk (never buffered whole).
+
+        A wait ends after the read timeout's silence or at the deadline (``set_deadline``;
+        at first the one ``Upstream.send`` was given), whichever comes first.
+        """
         loop = self._conn.loop
         self._streaming = True
         while True:
@@ -241,24 +300,46 @@ class UpstreamResponse:
                 if self._paused and self._conn.transport is not None:
                     self._paused = False
                     self._conn.transport.resume_reading()
-                yield data
+                if self._decoder is None:
+                    yield data
+                else:
+                    for piece in _inflate(self._decoder, data):
+                        yield piece
                 continue
             if self._error is not None:
                 raise self._error
             if self._done:
-                self._flush_decoder()
-                if not self._chunks:
-                    return
-                continue
-            until = loop.time() + self._read_timeout
-            await self._wait(until, "the stream stalled past the read timeout")
+                tail = self._flush_decoder()
+                if tail:
+                    yield tail
+                return
+            stall = loop.time() + self._read_timeout
+            if self._until <= stall:
+                await self._wait(self._until, self._until_error)
+            else:
+                await self._wait(stall, "the stream stalled past the read timeout")
 
-    def _flush_decoder(self) -> None:
-        if self._decoder is not None:
+    def _inflate_whole(self, decoder: zlib._Decompress, data: bytes) -> bytes:
+        """A whole compressed body inflated, never past the answer's bound."""
+        cap = self._cap
+        try:
+            out = decoder.decompress(data, cap + 1)
+        except zlib.error:
+            raise UpstreamProtocolError(_CORRUPT) from None
+        if len(out) > cap:
+            raise UpstreamProtocolError(f"the answer inflates to over {cap} bytes")
+        tail = self._flush_decoder()  # all input is consumed: at most what zlib still holds
+        return out + tail if tail else out
+
+    def _flush_decoder(self) -> bytes:
+        if self._decoder is None:
+            return b""
+        try:
             tail = self._decoder.flush()
-            self._decoder = None
-            if tail:
-                self._chunks.append(tail)
+        except zlib.error:
+            raise UpstreamProtocolError(_CORRUPT) from None
+        self._decoder = None
+        return tail
 
     def close(self) -> None:
         """Give the connection back (or drop it when the body was not read to the end)."""
@@ -325,9 +406,13 @@ class Upstream:
         self._pools.clear()
 
     async def send(
-        self, req: UpstreamRequest, timeouts: Timeouts, deadline: float
-    ) -> UpstreamResponse:
-        """POST ``req``; return once the status and headers arrived, by ``deadline`` at latest."""
+        self, req: UpstreamRequest, timeouts: Timeouts, deadline: float,
+        bounds: Bounds = DEFAULT_BOUNDS,
+    ) -> UpstreamResponse:  # fmt: skip
+        """POST ``req``; return once the status and headers arrived, by ``deadline`` at latest.
+
+        The answer's waits end by ``deadline`` too (until moved); ``bounds`` caps what it may hold.
+        """
         if not self._started:
             raise RuntimeError("Upstream.start() was not awaited")
         loop = asyncio.get_running_loop()
@@ -343,7 +428,7 @@ class Upstream:
             pool = self._pools[key] = _Pool()
         head_and_body = _request_bytes(target, req)
         conn = pool.take() or await self._connect(loop, target, min(timeouts.connect_s, left))
-        resp = UpstreamResponse(conn, pool, timeouts.read_s)
+        resp = UpstreamResponse(conn, pool, timeouts.read_s, bounds, deadline)
         conn.resp = resp
         assert conn.transport is not None
         conn.transport.write(head_and_body)

@@ -48,6 +48,9 @@ FINISH_REASONS = {
 }
 
 _NO_EMBEDDINGS = "anthropic providers do not serve embeddings"
+# orjson reads JSON nested up to 1024 deep but writes only up to 254: a value passed on (a
+# tool's input, even the model's name) nested deeper cannot be written back out.
+_TOO_DEEP = "provider answered with JSON nested too deep to pass on"
 
 _UNSUPPORTED: tuple[tuple[str, Callable[[Any], bool], str], ...] = (
     ("n", lambda v: v is not None and v != 1, "n > 1 (several choices)"),
@@ -93,16 +96,21 @@ class AnthropicAdapter:
         if not isinstance(message.get("content"), list):
             raise UpstreamProtocolError("provider answered with an unexpected shape: no content")
         usage = _usage(message.get("usage"))
-        completion = translate_message(message, usage, int(time.time()))
-        return Translated(body=orjson.dumps(completion), usage=usage)
+        try:
+            body = orjson.dumps(translate_message(message, usage, int(time.time())))
+        except orjson.JSONEncodeError:
+            raise UpstreamProtocolError(_TOO_DEEP) from None
+        return Translated(body=body, usage=usage)
 
     def embeddings_response(self, payload: bytes) -> Translated:
         """Never: Anthropic has no embeddings endpoint."""
         raise UpstreamProtocolError(_NO_EMBEDDINGS)
 
-    def stream(self, include_usage: bool) -> AnthropicStream:
+    def stream(
+        self, include_usage: bool, max_event_bytes: int = _common.MAX_EVENT_BYTES
+    ) -> AnthropicStream:
         """A translator from Anthropic's SSE events to OpenAI chunks."""
-        return AnthropicStream(include_usage)
+        return AnthropicStream(include_usage, max_event_bytes)
 
     def rate_limits(self, headers: Mapping[str, str]) -> RateLimitInfo:
         """Anthropic's ``retry-after`` and ``anthropic-ratelimit-*`` headers."""
@@ -408,9 +416,9 @@ _DONE_FRAME = b"data: [DONE]\n\n"
 class AnthropicStream:
     """Translates Anthropic's SSE events into OpenAI ``chat.completion.chunk`` frames."""
 
-    def __init__(self, include_usage: bool) -> None:
+    def __init__(self, include_usage: bool, max_event_bytes: int = _common.MAX_EVENT_BYTES) -> None:
         self._include_usage = include_usage
-        self._splitter = _common.EventSplitter()
+        self._splitter = _common.EventSplitter(max_event_bytes)
         # Replaced by the message id at message_start; a fallback keeps frames well-formed.
         self._id = f"chatcmpl-{uuid.uuid4().hex}"
         self._model: Any = None
@@ -420,6 +428,11 @@ class AnthropicStream:
         self.usage: Usage | None = None
         self.content_chunks = 0
         self.finished = False
+
+    @property
+    def events(self) -> int:
+        """Complete SSE events read so far (pings included)."""
+        return self._splitter.events
 
     def feed(self, data: bytes) -> bytes:
         """The OpenAI frames for every Anthropic event that ``data`` completes."""
@@ -446,9 +459,16 @@ class AnthropicStream:
             raise UpstreamProtocolError("provider streamed invalid JSON") from None
         if not isinstance(obj, dict):
             raise UpstreamProtocolError("provider streamed an unexpected shape")
-        kind = obj.get("type") or (name or b"").decode(errors="replace")
+        kind = obj.get("type")
+        if not isinstance(kind, str) or not kind:  # a list here would not even hash
+            kind = (name or b"").decode(errors="replace")
         handler = _HANDLERS.get(kind)
-        return handler(self, obj) if handler is not None else b""
+        if handler is None:
+            return b""
+        try:
+            return handler(self, obj)
+        except orjson.JSONEncodeError:
+            raise UpstreamProtocolError(_TOO_DEEP) from None
 
     def _chunk(self, delta: dict[str, Any], finish_reason: str | None = None) -> bytes:
         chunk: dict[str, Any] = {

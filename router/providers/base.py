@@ -64,6 +64,11 @@ class StreamTranslator(Protocol):
     finished: bool
     """True once the provider signalled the end of the stream."""
 
+    @property
+    def events(self) -> int:
+        """Complete SSE events read so far, keep-alives included (the stream's pulse)."""
+        ...
+
     def feed(self, data: bytes) -> bytes:
         """Consume raw upstream bytes; return the OpenAI SSE bytes to send now (maybe b"")."""
         ...
@@ -97,8 +102,8 @@ class Adapter(Protocol):
         """A 200 embeddings answer in OpenAI's shape."""
         ...
 
-    def stream(self, include_usage: bool) -> StreamTranslator:
-        """A fresh translator for one streamed answer."""
+    def stream(self, include_usage: bool, max_event_bytes: int) -> StreamTranslator:
+        """A fresh translator for one streamed answer; a longer event is a protocol error."""
         ...
 
     def rate_limits(self, headers: Mapping[str, str]) -> RateLimitInfo:

@@ -59,9 +59,11 @@ class OpenAIAdapter:
         """The answer unchanged, once checked to be an embeddings list."""
         return _checked(payload, "data")
 
-    def stream(self, include_usage: bool) -> OpenAIStream:
+    def stream(
+        self, include_usage: bool, max_event_bytes: int = _common.MAX_EVENT_BYTES
+    ) -> OpenAIStream:
         """A passthrough translator; ``include_usage`` is what the client asked for."""
-        return OpenAIStream(include_usage)
+        return OpenAIStream(include_usage, max_event_bytes)
 
     def rate_limits(self, headers: Mapping[str, str]) -> RateLimitInfo:
         """OpenAI's ``retry-after(-ms)`` and ``x-ratelimit-*`` headers."""
@@ -104,12 +106,17 @@ class OpenAIStream:
 
     __slots__ = ("_include_usage", "_splitter", "content_chunks", "finished", "usage")
 
-    def __init__(self, include_usage: bool) -> None:
+    def __init__(self, include_usage: bool, max_event_bytes: int = _common.MAX_EVENT_BYTES) -> None:
         self._include_usage = include_usage
-        self._splitter = _common.EventSplitter()
+        self._splitter = _common.EventSplitter(max_event_bytes)
         self.usage: Usage | None = None
         self.content_chunks = 0
         self.finished = False
+
+    @property
+    def events(self) -> int:
+        """Complete SSE events read so far."""
+        return self._splitter.events
 
     def feed(self, data: bytes) -> bytes:
         """Every event completed by ``data``, in order, minus an unwanted usage chunk."""
