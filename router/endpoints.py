@@ -33,6 +33,7 @@ from router.errors import (
 )
 from router.gateway import Gateway
 from router.schemas import ChatBody, EmbeddingsBody, check, parse_json
+from router.telemetry import client_traceparent
 
 log = logging.getLogger("router.endpoints")
 
@@ -103,12 +104,14 @@ class _Exchange:
         self.gw, self.op, self.scope, self.receive, self.send = gw, op, scope, receive, send
         self.headers: dict[bytes, bytes] = dict(scope["headers"])
         self.rid = request_id(self.headers.get(b"x-request-id", b""))
+        traceparent = self.headers.get(b"traceparent")
+        self.traceparent = client_traceparent(traceparent) if traceparent else None
         self.started = time.perf_counter()
         self.route, self.provider = "unknown", "none"
         self.responded = False
 
     async def run(self) -> None:
-        carrier = {"traceparent": self.headers.get(b"traceparent", b"").decode("latin-1")}
+        carrier = {"traceparent": self.traceparent or ""}
         span, ctx = self.gw.telemetry.start_request(
             f"POST {self.scope['path']}", carrier, **{"router.request_id": self.rid}
         )
@@ -147,8 +150,7 @@ class _Exchange:
         if route is None:
             raise ModelNotFound(f"the model '{model}' does not exist (see GET /v1/models)")
         self.route = route.model
-        traceparent = self.headers.get(b"traceparent", b"").decode("latin-1") or None
-        return await self.gw.dispatcher.serve(self.op, route, data, self.rid, traceparent)
+        return await self.gw.dispatcher.serve(self.op, route, data, self.rid, self.traceparent)
 
     async def _start(self, status: int, headers: Iterable[tuple[bytes, bytes]]) -> None:
         all_headers = [(b"x-request-id", self.rid.encode()), *headers]
