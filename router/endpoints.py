@@ -21,6 +21,7 @@ from typing import Any
 import orjson
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from router.auth import authorization
 from router.dispatch import Operation, Reply
 from router.errors import (
     INTERNAL_ERROR,
@@ -137,8 +138,10 @@ class _Exchange:
         self.gw.telemetry.end_request(span, status)
 
     async def _dispatch(self) -> Reply:
-        auth = self.headers.get(b"authorization", b"").decode("latin-1")
-        self.gw.authorize(auth)
+        raw = self.scope["headers"]
+        if len(raw) != len(self.headers):  # some field repeats (rare): the key must not
+            authorization(raw)
+        self.gw.authorize(self.headers.get(b"authorization", b"").decode("latin-1"))
         cfg = self.gw.cfg
         body = await read_body(self.headers, self.receive, cfg.max_body_bytes, cfg.read_timeout_s)
         data = parse_json(body)
@@ -148,7 +151,8 @@ class _Exchange:
             model = check(EmbeddingsBody, data).model
         route = self.gw.cfg.route(model)
         if route is None:
-            raise ModelNotFound(f"the model '{model}' does not exist (see GET /v1/models)")
+            # (cut short: the name is the client's, up to max_body_bytes long)
+            raise ModelNotFound(f"the model '{model[:200]}' does not exist (see GET /v1/models)")
         self.route = route.model
         return await self.gw.dispatcher.serve(self.op, route, data, self.rid, self.traceparent)
 
