@@ -176,6 +176,9 @@ class Config(_Model):
     are held in memory until complete, before the key can be checked)."""
     max_header_count: Annotated[int, Field(ge=8)] = 100
     """Header lines in a request; past it, 431 and the connection is closed."""
+    max_pipelined_requests: Annotated[int, Field(ge=1)] = 16
+    """Requests a client may send on one connection ahead of the answers (HTTP pipelining);
+    past it the connection is closed. Each waits in memory with its head."""
     lease_ttl_s: Annotated[float, Field(ge=1, le=3600)] = 30.0
     redis: RedisSettings = RedisSettings()
     healthd: HealthdSettings = HealthdSettings()

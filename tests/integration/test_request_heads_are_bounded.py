@@ -246,3 +246,20 @@ def test_a_body_its_answer_did_not_wait_for_must_still_come_in_time(gw: Gateway)
             sender.join()
     assert [status for status, _ in responses(answer)] == [401]
     assert closed_after < READ_TIMEOUT_S + 3
+
+
+MAX_PIPELINED = 16  # the default max_pipelined_requests
+
+
+def test_pipelined_requests_are_answered_up_to_the_bound(gw: Gateway) -> None:
+    # one answered at once, 16 waiting behind it: all served, in order
+    answer, _ = exchange(gw, get() * MAX_PIPELINED + get(b"/healthz", CLOSE))
+    assert [status for status, _ in responses(answer)] == [200] * (MAX_PIPELINED + 1)
+
+
+def test_pipelining_past_the_bound_closes_the_connection(gw: Gateway) -> None:
+    # 7,000 requests in one read were all queued, each with its head: a replica went from 64
+    # to 425 MiB under eight such connections
+    request = get()
+    answer, _ = exchange(gw, request * (256 * 1024 // len(request)))
+    assert len(responses(answer)) <= MAX_PIPELINED + 1
