@@ -114,13 +114,19 @@ class _Guarded(HttpToolsProtocol):
             if self._discard < 0 and not self.transport.is_closing():
                 self.transport.close()
             return
-        if self._in_head:
-            room = self.max_head_bytes - self._head_bytes
-            if len(data) > room:
-                self._feed_up_to(data, room)
-                return
-            self._head_bytes += len(data)
+        if not self._in_head:
+            self._feed(data)
+            return
+        room = self.max_head_bytes - self._head_bytes
+        if len(data) > room:
+            self._feed_up_to(data, room)
+            return
+        self._head_bytes += len(data)
         self._feed(data)
+        # a head still coming that already has too many lines: checked once a read, not once a
+        # line (a complete head is checked in on_headers_complete)
+        if self._in_head and len(self.headers or ()) > self.max_header_count:
+            self._refuse(self._too_many_lines())
 
     def _feed(self, data: bytes) -> None:
         """uvicorn's ``data_received``, but a refusal is answered in OpenAI's shape, and one of
@@ -154,13 +160,10 @@ class _Guarded(HttpToolsProtocol):
         super().on_message_begin()
         self._arm()
 
-    def on_header(self, name: bytes, value: bytes) -> None:
-        if len(self.headers) >= self.max_header_count:
-            self._refusal = HeadersTooLarge(f"more than {self.max_header_count} header lines")
-            raise _Stop  # ``_feed`` answers the refusal
-        super().on_header(name, value)
-
     def on_headers_complete(self) -> None:
+        if len(self.headers) > self.max_header_count:
+            self._refusal = self._too_many_lines()
+            raise _Stop  # ``_feed`` answers the refusal
         if len(self.pipeline) >= self.max_pipelined:
             # (a refusal, so not logged; never answered: the answers before it are under way)
             self._refusal = BadRequest(f"more than {self.max_pipelined} requests sent ahead")
@@ -199,8 +202,14 @@ class _Guarded(HttpToolsProtocol):
         self._for_cycles.release()
         super().connection_lost(exc)
 
+    def _too_many_lines(self) -> HeadersTooLarge:
+        self.headers.clear()  # (the scope's list too) else held as long as the connection
+        return HeadersTooLarge(f"more than {self.max_header_count} header lines")
+
     def _refuse(self, exc: ClientError) -> None:
         """Answer ``exc`` (OpenAI-shaped) in place of the request, then close in stages."""
+        if self._discard is not None or self.transport.is_closing():
+            return  # refused already
         if self.cycle is not None and not self.cycle.response_complete:
             self.transport.close()  # a request sent behind one still being answered: no room
             return

@@ -124,8 +124,9 @@ class Flood:
         self.endless("pipelined", b"", request * (256 * 1024 // len(request)))
 
     def slow_heads(self) -> None:
-        """``SLOW_HEADS`` connections, each sent a 1 KiB header line every 50 ms."""
-        line = b"X-Slow: " + b"s" * 1014 + b"\r\n"
+        """``SLOW_HEADS`` connections, each sent 1 KiB of header every 50 ms: one line, or
+        200 short ones."""
+        pieces = [b"X-Slow: " + b"s" * 1014 + b"\r\n", b"a:b\r\n" * 200]
         held: list[socket.socket] = []
         sel = selectors.DefaultSelector()
         try:
@@ -141,9 +142,9 @@ class Flood:
                     sel.unregister(s)
                     self.tally("slow head", read_some(s))
                     s.close()
-                for s in held:
+                for i, s in enumerate(held):
                     with contextlib.suppress(OSError):
-                        s.send(line)
+                        s.send(pieces[i % 2])
         finally:
             for s in held:
                 s.close()

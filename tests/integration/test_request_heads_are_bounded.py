@@ -137,6 +137,19 @@ def test_more_header_lines_than_max_header_count_get_431(gw: Gateway) -> None:
     assert_431(answer, f"more than {MAX_HEADERS} header lines")
 
 
+def test_too_many_header_lines_are_refused_before_the_head_ends(gw: Gateway) -> None:
+    # lines that never end in a blank one: refused as they come, not kept to the deadline
+    with socket.create_connection(("127.0.0.1", port(gw)), timeout=READ_TIMEOUT_S / 2) as s:
+        s.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")
+        for i in range(MAX_HEADERS + 1):  # (a line is known to be whole once the next begins)
+            s.sendall(b"X-%d: v\r\n" % i)
+        answer = b""
+        with contextlib.suppress(ConnectionResetError):
+            while chunk := s.recv(65536):
+                answer += chunk
+    assert_431(answer, f"more than {MAX_HEADERS} header lines")
+
+
 def test_a_head_at_the_bounds_is_served(gw: Gateway) -> None:
     lines = [CLOSE, *(b"X-%d: v" % i for i in range(MAX_HEADERS - 3))]  # + Host = 99
     raw = get(b"/healthz", *lines, b"X-Pad: ")
