@@ -14,7 +14,7 @@ import orjson
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
-from router.auth import KeyRing, bearer_token
+from router.auth import KeyRing, authorization, bearer_token
 from router.config import Config
 from router.errors import Forbidden, ProviderNotFound, StoreError, Unauthorized
 from router.gateway import Gateway
@@ -36,7 +36,7 @@ class AdminGuard:
         """Raise ``Forbidden`` or ``Unauthorized`` unless the request carries the admin token."""
         if self._admin is None:
             raise Forbidden("the admin API is disabled: the config sets no admin_token")
-        candidate = bearer_token(request.headers.get("authorization", ""))
+        candidate = bearer_token(authorization(request.headers.raw))
         if not candidate:
             raise Unauthorized("missing admin token (send Authorization: Bearer <admin token>)")
         if self._admin.holds(candidate):

@@ -21,6 +21,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from router import __version__
 from router.admin import admin_router
+from router.auth import authorization
 from router.config import Config
 from router.endpoints import HotPath
 from router.endpoints import request_id as request_id_of
@@ -140,7 +141,7 @@ def _openapi(app: FastAPI) -> dict[str, Any]:
 def _add_openai_routes(app: FastAPI, gw: Gateway) -> None:
     @app.get("/v1/models")
     async def models(request: Request) -> Response:
-        gw.authorize(request.headers.get("authorization", ""))
+        gw.authorize(authorization(request.headers.raw))
         data = [
             {"id": r.model, "object": "model", "created": 0, "owned_by": "router-cluster"}
             for r in gw.cfg.routes

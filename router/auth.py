@@ -6,6 +6,20 @@ import hmac
 from collections.abc import Iterable
 
 from router.config import SecretRef
+from router.errors import BadRequest
+
+
+def authorization(headers: Iterable[tuple[bytes, bytes]]) -> str:
+    """The request's one ``Authorization`` header (``""`` if none), from its raw header list.
+
+    A request with two is refused: which one counts would depend on who reads it (a dict keeps
+    the last, Starlette's ``headers.get`` the first), so a key could pass one check and
+    another key a second one.
+    """
+    found = [value for name, value in headers if name == b"authorization"]
+    if len(found) > 1:
+        raise BadRequest("the request has more than one Authorization header")
+    return found[0].decode("latin-1") if found else ""
 
 
 def bearer_token(header: str) -> bytes:

@@ -60,12 +60,10 @@ UVICORN_SETTINGS: dict[str, Any] = {
 }
 
 
-def serve(
-    app: Any, host: str, port: int, *, reuse_port: bool = False, read_timeout_s: float = 10.0
-) -> None:
+def serve(app: Any, cfg: Config, host: str, port: int, *, reuse_port: bool = False) -> None:
     """Serve ``app`` on ``host:port`` until SIGINT/SIGTERM, alone or sharing the port; a
-    request's line and headers must arrive within ``read_timeout_s``."""
-    settings = {**UVICORN_SETTINGS, "http": protocol(read_timeout_s)}
+    request's line and headers are bounded in time, size and lines by ``cfg``."""
+    settings = {**UVICORN_SETTINGS, "http": protocol(cfg)}
     if not reuse_port:
         uvicorn.run(app, host=host, port=port, **settings)
         return
@@ -92,8 +90,7 @@ def main(argv: list[str] | None = None) -> None:
     from router.logs import setup_logging
 
     setup_logging(cfg.log)
-    serve(create_app(cfg), args.host, args.port, reuse_port=args.reuse_port,
-          read_timeout_s=cfg.read_timeout_s)  # fmt: skip
+    serve(create_app(cfg), cfg, args.host, args.port, reuse_port=args.reuse_port)
 
 
 if __name__ == "__main__":

@@ -239,8 +239,20 @@ class Config(_Model):
     client_keys: Annotated[list[SecretRef], Field(min_length=1)]
     admin_token: SecretRef | None = None
     max_body_bytes: Annotated[int, Field(gt=0)] = 4 * 1024 * 1024
+    """A larger body is refused (413, connection closed). What the client still sends of it,
+    or of a request refused for its head, is read and thrown away, up to twice this many bytes
+    more and within ``read_timeout_s``, so that it reads the answer rather than a reset."""
     read_timeout_s: Annotated[float, Field(gt=0)] = 10.0
-    """A request's line and headers, and then its body, must each arrive within this long."""
+    """A request's line and headers, and then its body, must each arrive within this long; so
+    must the rest of a body that its answer did not wait for."""
+    max_head_bytes: Annotated[int, Field(ge=1024)] = 64 * 1024
+    """The request line and headers together; past it, 431 and the connection is closed (they
+    are held in memory until complete, before the key can be checked)."""
+    max_header_count: Annotated[int, Field(ge=8)] = 100
+    """Header lines in a request; past it, 431 and the connection is closed."""
+    max_pipelined_requests: Annotated[int, Field(ge=1)] = 16
+    """Requests a client may send on one connection ahead of the answers (HTTP pipelining);
+    past it the connection is closed. Each waits in memory with its head."""
     lease_ttl_s: Annotated[float, Field(ge=1, le=3600)] = 30.0
     redis: RedisSettings = RedisSettings()
     healthd: HealthdSettings = HealthdSettings()

@@ -56,8 +56,11 @@ DEFAULT_COOLDOWN_S = 1.0
 """Cooldown after a 429 that named no Retry-After or reset time."""
 POLL_S = 0.05
 """How often a queued request looks again when no release time is known."""
-CLIENT_ERRORS = frozenset({400, 413, 422})
-"""Provider statuses that are the client's fault: passed through, never failed over."""
+CLIENT_ERRORS = frozenset({400, 413, 414, 422, 431})
+"""Provider statuses that are the request's fault: passed through, never failed over, never
+counted against the provider (its circuit). 414 and 431 are here too: a request line or
+headers too large for a provider are the request's doing, not a sign of the provider's health
+(a client's 32 KiB ``traceparent``, when it was forwarded as it came, opened every circuit)."""
 FIRST_EVENT = "no event within the route's timeout_s"
 STREAM_IDLE = "no event within stream_idle_s"
 STREAM_TOTAL = "the stream ran past stream_total_s"

@@ -21,6 +21,7 @@ from typing import Any
 import orjson
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from router.auth import authorization
 from router.dispatch import Operation, Reply
 from router.errors import (
     INTERNAL_ERROR,
@@ -33,6 +34,7 @@ from router.errors import (
 )
 from router.gateway import Gateway
 from router.schemas import ChatBody, EmbeddingsBody, check, parse_json
+from router.telemetry import client_traceparent
 
 log = logging.getLogger("router.endpoints")
 
@@ -103,12 +105,14 @@ class _Exchange:
         self.gw, self.op, self.scope, self.receive, self.send = gw, op, scope, receive, send
         self.headers: dict[bytes, bytes] = dict(scope["headers"])
         self.rid = request_id(self.headers.get(b"x-request-id", b""))
+        traceparent = self.headers.get(b"traceparent")
+        self.traceparent = client_traceparent(traceparent) if traceparent else None
         self.started = time.perf_counter()
         self.route, self.provider = "unknown", "none"
         self.responded = False
 
     async def run(self) -> None:
-        carrier = {"traceparent": self.headers.get(b"traceparent", b"").decode("latin-1")}
+        carrier = {"traceparent": self.traceparent or ""}
         span, ctx = self.gw.telemetry.start_request(
             f"POST {self.scope['path']}", carrier, **{"router.request_id": self.rid}
         )
@@ -134,8 +138,10 @@ class _Exchange:
         self.gw.telemetry.end_request(span, status)
 
     async def _dispatch(self) -> Reply:
-        auth = self.headers.get(b"authorization", b"").decode("latin-1")
-        self.gw.authorize(auth)
+        raw = self.scope["headers"]
+        if len(raw) != len(self.headers):  # some field repeats (rare): the key must not
+            authorization(raw)
+        self.gw.authorize(self.headers.get(b"authorization", b"").decode("latin-1"))
         cfg = self.gw.cfg
         body = await read_body(self.headers, self.receive, cfg.max_body_bytes, cfg.read_timeout_s)
         data = parse_json(body)
@@ -145,10 +151,10 @@ class _Exchange:
             model = check(EmbeddingsBody, data).model
         route = self.gw.cfg.route(model)
         if route is None:
-            raise ModelNotFound(f"the model '{model}' does not exist (see GET /v1/models)")
+            # (cut short: the name is the client's, up to max_body_bytes long)
+            raise ModelNotFound(f"the model '{model[:200]}' does not exist (see GET /v1/models)")
         self.route = route.model
-        traceparent = self.headers.get(b"traceparent", b"").decode("latin-1") or None
-        return await self.gw.dispatcher.serve(self.op, route, data, self.rid, traceparent)
+        return await self.gw.dispatcher.serve(self.op, route, data, self.rid, self.traceparent)
 
     async def _start(self, status: int, headers: Iterable[tuple[bytes, bytes]]) -> None:
         all_headers = [(b"x-request-id", self.rid.encode()), *headers]

@@ -10,6 +10,7 @@
     │   ├── ModelNotFound            404 no route serves this model
     │   ├── ProviderNotFound         404 the config names no such provider (admin API)
     │   ├── PayloadTooLarge          413 body over the configured limit
+    │   ├── HeadersTooLarge          431 request line and headers over the configured limits
     │   ├── RequestTimeout           408 the body did not arrive within read_timeout_s
     │   ├── ClientGone               499 the client left mid-request (answered to nobody)
     │   └── ProviderClientError      4xx answered by a provider, passed through
@@ -104,6 +105,22 @@ class ProviderNotFound(ClientError):
 class PayloadTooLarge(ClientError):
     status = 413
     code = "request_too_large"
+
+    def headers(self) -> dict[str, str]:
+        # the rest of the body may still come: read and thrown away (router.httpserver), then
+        # the connection is closed rather than reading an unbounded body for nobody
+        return {"Connection": "close"}
+
+
+class HeadersTooLarge(ClientError):
+    """The request line and headers are over ``max_head_bytes`` or ``max_header_count``;
+    answered by the HTTP server itself (``router.httpserver``), before any application."""
+
+    status = 431
+    code = "request_header_fields_too_large"
+
+    def headers(self) -> dict[str, str]:
+        return {"Connection": "close"}
 
 
 class RequestTimeout(ClientError):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -36,6 +37,21 @@ LATENCY_HISTOGRAMS = (
     "router_request_duration", "router_time_to_first_token", "healthd_probe_duration",
 )  # fmt: skip
 PROMETHEUS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+_TRACEPARENT = re.compile(
+    rb"(?!ff)[0-9a-f]{2}-(?!0{32})[0-9a-f]{32}-(?!0{16})[0-9a-f]{16}-[0-9a-f]{2}"
+)
+
+
+def client_traceparent(raw: bytes) -> str | None:
+    """The client's ``traceparent`` if it is a valid W3C one, else ``None``: the only client
+    header ever passed on to a provider, so only that shape is (a 32 KiB value, forwarded as
+    it came, made providers answer 431 and so open their circuits for everyone).
+
+    Valid: version, trace id, parent id and flags in lower-case hex, 55 characters; not
+    version ``ff``, no all-zero id. A longer header of a future version is dropped too, as is
+    ``tracestate`` (never passed on).
+    """
+    return raw.decode() if len(raw) == 55 and _TRACEPARENT.fullmatch(raw) else None
 
 
 def _endpoint(signal: str, env: Mapping[str, str]) -> str | None:
@@ -131,7 +147,8 @@ class Telemetry:
         s.end()
 
     def inject(self, headers: dict[str, str], client_traceparent: str | None) -> None:
-        """Pass the trace on to a provider: ours when tracing, else the client's as it came."""
+        """Pass the trace on to a provider: ours when tracing, else the client's (checked by
+        ``client_traceparent`` at the boundary)."""
         if self.tracer is not None:
             propagate.inject(headers)
         elif client_traceparent:
