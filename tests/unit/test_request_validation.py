@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
+import tracemalloc
 from typing import Any
 
 import pytest
 
 from router.errors import BadRequest
-from router.schemas import MAX_OUTPUT_TOKENS, ChatBody, EmbeddingsBody, check, parse_json
+from router.schemas import (
+    MAX_MESSAGES,
+    MAX_OUTPUT_TOKENS,
+    ChatBody,
+    EmbeddingsBody,
+    check,
+    parse_json,
+)
 
 USER = {"role": "user", "content": "hi"}
 
@@ -256,3 +264,44 @@ def test_invalid_embeddings_body_is_a_400(body: dict[str, Any], param_prefix: st
     assert exc.value.param is not None
     assert exc.value.param.startswith(param_prefix)
     assert str(exc.value).startswith(f"invalid value for '{exc.value.param}': ")
+
+
+# --- list lengths: refused before their items are validated --------------------------
+
+
+@pytest.mark.parametrize(
+    ("model", "body", "param"),
+    [
+        (ChatBody, {"model": "m", "messages": [USER] * (MAX_MESSAGES + 1)}, "messages"),
+        (ChatBody, chat(messages=[{"role": "user", "content": [{}] * 10_001}]), "messages"),
+        (EmbeddingsBody, embed(input=["a"] * 2049), "input"),
+        (EmbeddingsBody, embed(input=list(range(65_537))), "input"),
+        (EmbeddingsBody, embed(input=[[1]] * 2049), "input"),
+        (EmbeddingsBody, embed(input=[list(range(65_537))]), "input"),
+    ],
+)
+def test_over_long_lists_are_a_400(model: Any, body: dict[str, Any], param: str) -> None:
+    with pytest.raises(BadRequest) as caught:
+        check(model, body)
+    assert caught.value.status == 400
+    assert str(caught.value.param).startswith(param)
+
+
+def test_a_huge_token_list_is_refused_cheaply() -> None:
+    """2,000,000 token ids cost pydantic 536 MiB before the length bound: an error object per
+    element and per union arm. Now the list's length is checked before its items."""
+    body = embed(input=list(range(2_000_000)))
+    tracemalloc.start()
+    try:
+        with pytest.raises(BadRequest):
+            check(EmbeddingsBody, body)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 1024 * 1024
+
+
+def test_lists_at_their_bounds_pass() -> None:
+    check(ChatBody, {"model": "m", "messages": [USER] * MAX_MESSAGES})
+    check(EmbeddingsBody, embed(input=["a"] * 2048))
+    check(EmbeddingsBody, embed(input=[list(range(65_536))]))
