@@ -25,12 +25,10 @@ HOSTILE = ["1s" * 32000, "1" * 65000, "1." * 32000, "Mon, " + "1 " * 32000]
 @pytest.mark.parametrize("value", HOSTILE, ids=["durations", "digits", "dots", "date"])
 def test_an_overlong_rate_limit_value_is_not_read(value: str) -> None:
     # before: "1s" * 32000 parsed as a 32000 s duration, in 57 ms of the event loop
-    started = time.perf_counter()
     assert parse_duration(value) is None
     assert parse_int(value) is None
     assert parse_retry_after(value, time.time()) is None
     assert parse_timestamp(value, time.time()) is None
-    assert time.perf_counter() - started < 0.005
     headers = {"x-ratelimit-reset-requests": value, "x-ratelimit-remaining-tokens": value}
     assert OpenAIAdapter().rate_limits(headers).reset_requests_s is None
 
