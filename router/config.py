@@ -12,6 +12,7 @@ import re
 from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
 import yaml
 from pydantic import (
@@ -138,8 +139,17 @@ class Route(_Model):
 
 
 class RedisSettings(_Model):
+    """How a replica talks to Redis, and when it decides alone because Redis is away."""
+
     timeout_ms: Annotated[int, Field(gt=0)] = 100
     pool_size: Annotated[int, Field(ge=1, le=1024)] = 64
+    connect_timeout_ms: Annotated[int, Field(gt=0, le=60_000)] = 1000
+    """Longest wait for a new pooled connection, TLS handshake included (several handshakes
+    at once on a busy host take longer than ``timeout_ms``); past it the call fails."""
+    degrade_after_ms: Annotated[int, Field(ge=0, le=60_000)] = 500
+    """How long Redis calls must keep failing, with none answered in between, before the
+    replica goes degraded (decides alone). A failed call meanwhile only makes its own request
+    decide locally; one answered probe brings the replica back."""
 
 
 class HealthdSettings(_Model):
@@ -305,6 +315,17 @@ def load_config(
     except yaml.YAMLError as exc:
         raise ConfigError([("", f"{path} is not valid YAML: {_yaml_reason(exc)}")]) from None
     return parse_config(data, environ, resolve=resolve)
+
+
+def redacted_url(url: str) -> str:
+    """``url`` as it may be shown: a password in it (before the host, or as a query
+    argument) becomes ``***``. A Redis URL is printed nowhere else."""
+    parts = urlsplit(url)
+    shown = url
+    if parts.password is not None:
+        host = parts.netloc.rpartition("@")[2]
+        shown = shown.replace(parts.netloc, f"{parts.username or ''}:***@{host}", 1)
+    return re.sub(r"(?i)([?&]password=)[^&#]*", r"\1***", shown)
 
 
 def _yaml_reason(exc: yaml.YAMLError) -> str:

@@ -12,7 +12,7 @@ from rich.console import Console
 from rich.live import Live
 from rich.text import Text
 
-from router.config import Config, Strategy, load_config
+from router.config import Config, Strategy, load_config, redacted_url
 from router.errors import ConfigError, StoreError
 from router.health_store import HealthStore
 from router.inspect import ClusterState, describe_keys, read_state, state_json
@@ -31,7 +31,7 @@ def check_config(path: str) -> int:
         for field, message in exc.problems:
             print(f"{field}: {message}" if field else message)
         return 1
-    store = cfg.redis_url or "embedded in-process store"
+    store = redacted_url(cfg.redis_url) if cfg.redis_url else "embedded in-process store"
     print(f"{path}: ok ({len(cfg.providers)} providers, {len(cfg.routes)} routes, {store})")
     return 0
 

@@ -28,7 +28,7 @@ from urllib.parse import urlsplit
 import httpx
 from pydantic import BaseModel
 
-from router.config import Config, Provider, SecretRef, load_config
+from router.config import Config, Provider, SecretRef, load_config, redacted_url
 from router.errors import ConfigError
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -241,13 +241,6 @@ def _client_host(host: str) -> str:
     return f"[{host}]" if ":" in host else host
 
 
-def _masked(url: str) -> str:
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    return parts._replace(netloc=f"***@{parts.hostname}:{parts.port or 6379}").geturl()
-
-
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -277,7 +270,7 @@ class Launcher:
         self.children: list[Child] = []
         self.stop = threading.Event()
         self.signal_name = ""
-        self.store = _masked(plan.cfg.redis_url) if plan.cfg.redis_url else ""
+        self.store = redacted_url(plan.cfg.redis_url) if plan.cfg.redis_url else ""
         self.base_url = f"http://{_client_host(plan.host)}:{plan.port}"
         self._out = threading.Lock()
         self.tmpdir = Path(tempfile.mkdtemp(prefix="routerctl-up-"))

@@ -18,6 +18,7 @@ from typing import Any
 
 import hiredis
 import redis.asyncio as aioredis
+from redis.asyncio.connection import parse_url
 from redis.exceptions import RedisError
 
 from router.config import Circuit, Config, Route
@@ -56,6 +57,27 @@ class _HiredisPacking:
 
 class _SSLConnection(_HiredisPacking, aioredis.SSLConnection):
     pass
+
+
+def _pool(
+    url: str, size: int, timeout: float, connect_timeout_ms: int
+) -> aioredis.BlockingConnectionPool:
+    """A blocking pool for ``url`` whose TLS connections are ``_SSLConnection``.
+
+    Not ``from_url``: it lets the URL's scheme choose the connection class (redis-py's own
+    ``SSLConnection`` for rediss://), silently dropping the one passed in."""
+    kwargs: dict[str, Any] = {
+        "max_connections": size,
+        # waiting for a free pooled connection is local contention, not a dead Redis:
+        # a loaded event loop must not be mistaken for an outage (degraded mode)
+        "timeout": max(timeout, POOL_WAIT_S),
+        "socket_timeout": timeout,
+        "socket_connect_timeout": connect_timeout_ms / 1000,
+        **parse_url(url),  # the URL's own arguments win, as with from_url
+    }
+    if kwargs.get("connection_class") is aioredis.SSLConnection:
+        kwargs["connection_class"] = _SSLConnection
+    return aioredis.BlockingConnectionPool(**kwargs)
 
 
 def _script(name: str) -> str:
@@ -171,19 +193,10 @@ class Store:
 
             return cls(fakeredis.FakeAsyncRedis(), keys, ttl, embedded=True, circuits=circuits)
         timeout = cfg.redis.timeout_ms / 1000
-        tls = cfg.redis_url.startswith("rediss:")
-        pool = aioredis.BlockingConnectionPool.from_url(
-            cfg.redis_url,
-            connection_class=_SSLConnection if tls else aioredis.Connection,
-            max_connections=cfg.redis.pool_size,
-            # waiting for a free pooled connection is local contention, not a dead Redis:
-            # a loaded event loop must not be mistaken for an outage (degraded mode)
-            timeout=max(timeout, POOL_WAIT_S),
-            socket_timeout=timeout,
-            socket_connect_timeout=timeout,
-        )
+        pool = _pool(cfg.redis_url, cfg.redis.pool_size, timeout, cfg.redis.connect_timeout_ms)
         client = aioredis.Redis(connection_pool=pool)
         # TLS (rediss://) keeps redis-py's pooled connections for the scripts too
+        tls = pool.connection_class is _SSLConnection
         mux = None if tls else MuxRedis(cfg.redis_url, timeout)
         return cls(client, keys, ttl, embedded=False, circuits=circuits, mux=mux)
 
@@ -218,17 +231,19 @@ class Store:
         if self.embedded:
             client = self.client
         else:
-            kwargs = self.client.connection_pool.connection_kwargs
-            client = aioredis.Redis(
-                host=kwargs.get("host", "127.0.0.1"), port=kwargs.get("port", 6379),
-                db=kwargs.get("db", 0), username=kwargs.get("username"),
-                password=kwargs.get("password"), socket_connect_timeout=1.0,
-            )  # fmt: skip
+            # the pool's connection class and settings (TLS, password, db): a connection
+            # made by hand here once went plain to a rediss:// server, and failed every time
+            pool = self.client.connection_pool
+            kwargs = {**pool.connection_kwargs, "socket_timeout": None}
+            own = aioredis.ConnectionPool(pool.connection_class, max_connections=1, **kwargs)
+            client = aioredis.Redis.from_pool(own)  # closing the client closes its pool
         pubsub = client.pubsub(ignore_subscribe_messages=True)
         try:
             await pubsub.subscribe(channel)
         except RedisError as exc:
             await pubsub.aclose()
+            if client is not self.client:
+                await client.aclose()
             raise StoreError(f"subscribe failed: {exc}") from exc
         return Subscription(pubsub, None if self.embedded else client)
 
