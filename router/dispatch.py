@@ -44,7 +44,7 @@ from router.logs import decisions_logged, log_decision
 from router.metrics import RouterMetrics
 from router.providers import adapter_for
 from router.providers.base import Adapter, RateLimitInfo, StreamTranslator, Translated, Usage
-from router.store import Decision, Lease, Outcome, RoutePlan, Store
+from router.store import Decision, Lease, LostLease, Outcome, RoutePlan, Store
 from router.telemetry import Telemetry
 from router.tokens import embedding_tokens, max_output, prompt_tokens, reservation
 from router.upstream import Upstream, UpstreamResponse
@@ -200,14 +200,19 @@ class Dispatcher:
         rand = self._rand.getrandbits(31)
         mode, local = self.leases.mode, self.leases.local
         if not mode.degraded:
+            not_after = self.store.not_after_ms()
             try:
                 d = await self.store.acquire(
                     job.plan, lease_id, job.tokens, job.excluded, rand=rand,
-                    expected_output=job.expected_output,
-                    detail=decisions_logged(),
+                    expected_output=job.expected_output, detail=decisions_logged(),
+                    not_after_ms=not_after,
                 )  # fmt: skip
             except StoreError as exc:
+                self._lost(job, lease_id, not_after)
                 mode.enter(exc)
+            except asyncio.CancelledError:  # e.g. the client left: Redis may run it all the same
+                self._lost(job, lease_id, not_after)
+                raise
             else:
                 if d.index is not None:
                     local.admitted(job.plan.providers[d.index], job.tokens[d.index])
@@ -217,6 +222,12 @@ class Dispatcher:
             health=self.view.snapshot.providers, rand=rand, expected_output=job.expected_output,
         )  # fmt: skip
         return d, lease_id, True
+
+    def _lost(self, job: _Job, lease_id: str, not_after_ms: int) -> None:
+        """An acquire whose answer never came may still lease a target: release it then."""
+        targets = tuple(p for p, skip in zip(job.plan.providers, job.excluded, strict=True)
+                        if not skip)  # fmt: skip
+        self.leases.lost(LostLease(lease_id, targets, not_after_ms))
 
     def _no_room(self, job: _Job, d: Decision) -> Exception:
         if job.attempts:
