@@ -5,6 +5,7 @@ project's own TLS connection class, and the Redis password shows up nowhere."""
 from __future__ import annotations
 
 import asyncio
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -37,6 +38,8 @@ CHAT = {"model": "chat", "messages": [{"role": "user", "content": "hi"}], "max_t
 
 
 def openssl(*args: str) -> None:
+    if shutil.which("openssl") is None:
+        pytest.fail("the openssl command is missing (Debian: apt-get install -y openssl)")
     subprocess.run(["openssl", *args], check=True, capture_output=True)
 
 
