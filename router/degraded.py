@@ -59,6 +59,7 @@ class SharedMode:
         """``store.answered`` when the current run of failures began (-1: no run)."""
         self._probe_s = FIRST_PROBE_S
         self._recovered_at = -CALM_S
+        self._stopped = False
 
     def enter(self, exc: StoreError) -> None:
         """Count one failed Redis call; go degraded once calls have failed for
@@ -81,7 +82,8 @@ class SharedMode:
             self._probe_s = FIRST_PROBE_S
         log.warning("shared state unreachable: serving from local state (degraded)",
                     extra={"fields": {"reason": self.reason}})  # fmt: skip
-        self._task = asyncio.create_task(self._recover(), name="store-recovery")
+        if not self._stopped:  # shutting down: a release failing now starts nothing
+            self._task = asyncio.create_task(self._recover(), name="store-recovery")
 
     def seconds(self) -> float:
         """Total seconds spent degraded, the current episode included."""
@@ -89,7 +91,8 @@ class SharedMode:
         return self.degraded_s + current
 
     async def stop(self) -> None:
-        """Stop the recovery loop, if one runs."""
+        """Stop the recovery loop, if one runs (and start no other)."""
+        self._stopped = True
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)

@@ -62,6 +62,7 @@ class LeaseKeeper:
         self._tasks: set[asyncio.Task[None]] = set()
         self._renewer: asyncio.Task[None] | None = None
         self._settler: asyncio.Task[None] | None = None
+        self._stopped = False
         self._changed = asyncio.Event()
 
     def start(self) -> None:
@@ -73,6 +74,7 @@ class LeaseKeeper:
         unsettled expires with its TTL)."""
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._stopped = True
         for task in (self._renewer, self._settler):
             if task is not None:
                 task.cancel()
@@ -131,6 +133,8 @@ class LeaseKeeper:
         self._settle_soon()
 
     def _settle_soon(self) -> None:
+        if self._stopped:
+            return
         if self._settler is None or self._settler.done():
             self._settler = asyncio.create_task(self._settle(), name="lease-settler")
 
