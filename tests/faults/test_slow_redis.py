@@ -135,7 +135,8 @@ def test_replies_around_the_timeout_leave_a_replica_deciding_in_redis(
     # Replies delayed around the 100 ms timeout (chunks keep their order, so a reply also
     # waits for the one ahead of it: at 50-150 ms most acquires time out, at 30-110 most
     # are answered in time). Before, the first late reply made the replica degraded, and
-    # recovery needed a dozen calls in a row in time: it stayed degraded for good.
+    # recovery needed a dozen calls in a row in time: it stayed degraded for good (44 of
+    # 45 samples, in both cases).
     proxy = proxy_factory(own_redis.port)
     gw = one_replica(cluster, tmp_path, proxy)
     url = gw.urls[0]
@@ -157,8 +158,9 @@ def test_replies_around_the_timeout_leave_a_replica_deciding_in_redis(
           f"{shared:.0f} decisions in Redis, {local:.0f} local (after a timeout); degraded "
           f"in {sum(seen)} of {len(seen)} samples")  # fmt: skip
     assert shared > 0
-    assert sum(settled) <= len(settled) / 5, seen  # shared, but for a rare short episode
-    if mostly_in_time:
+    if mostly_in_time:  # Redis answers most calls in time: the replica stays shared
         assert shared > local
         assert not any(settled), seen
+    else:  # most calls time out: it may go degraded for a while, and comes back each time
+        assert sum(settled) <= len(settled) / 2, seen
     wait_until(lambda: in_flight(r, "a") == 0, 5, "every lease released")
