@@ -47,7 +47,8 @@ class SecretRef(_Model):
         return self._value
 
 
-SAFE_QUERY = frozenset({"db", "protocol", "ssl_cert_reqs", "socket_timeout",
+SAFE_QUERY = frozenset({"db", "protocol", "ssl_cert_reqs", "ssl_ca_certs", "ssl_certfile",
+                        "ssl_keyfile", "ssl_check_hostname", "socket_timeout",
                         "socket_connect_timeout", "health_check_interval"})  # fmt: skip
 """URL query parameters whose values are shown; any other value is masked (a Redis URL may
 carry ``?password=``)."""
@@ -212,8 +213,17 @@ class Route(_Model):
 
 
 class RedisSettings(_Model):
+    """How a replica talks to Redis, and when it decides alone because Redis is away."""
+
     timeout_ms: Annotated[int, Field(gt=0)] = 100
     pool_size: Annotated[int, Field(ge=1, le=1024)] = 64
+    connect_timeout_ms: Annotated[int, Field(gt=0, le=60_000)] = 1000
+    """Longest wait for a new pooled connection, TLS handshake included (several handshakes
+    at once on a busy host take longer than ``timeout_ms``); past it the call fails."""
+    degrade_after_ms: Annotated[int, Field(ge=0, le=60_000)] = 500
+    """How long Redis calls must keep failing, with none answered in between, before the
+    replica goes degraded (decides alone). A failed call meanwhile only makes its own request
+    decide locally; one answered probe brings the replica back."""
 
 
 class HealthdSettings(_Model):
@@ -233,7 +243,8 @@ class LogSettings(_Model):
 class Config(_Model):
     """The whole configuration of a replica (and of healthd, which reads the same file)."""
 
-    redis_url: str | None = None
+    redis_url: Annotated[str | None, Field(repr=False)] = None
+    """May carry a password: kept out of the model's repr (a test failure printed it)."""
     key_prefix: Annotated[str, Field(pattern=r"^[A-Za-z0-9_-]{1,32}$")] = "rc"
     pool: Annotated[str, Field(pattern=r"^[A-Za-z0-9_-]{1,32}$")] = "default"
     client_keys: Annotated[list[SecretRef], Field(min_length=1)]

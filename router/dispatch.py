@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import itertools
 import logging
 import math
 import random
@@ -45,7 +46,7 @@ from router.metrics import RouterMetrics
 from router.providers import adapter_for
 from router.providers.base import Adapter, RateLimitInfo, StreamTranslator, Translated, Usage
 from router.refusal import refusal
-from router.store import Decision, Lease, Outcome, RoutePlan, Store
+from router.store import Decision, Lease, LostLease, Outcome, RoutePlan, Store
 from router.telemetry import Telemetry
 from router.tokens import embedding_tokens, max_output, prompt_tokens, reservation
 from router.upstream import Upstream, UpstreamResponse
@@ -122,6 +123,8 @@ class Dispatcher:
         self.plans = {r.model: RoutePlan.build(cfg, r, store.keys) for r in cfg.routes}
         self.providers = {p.name: p for p in cfg.providers}
         self._rand = random.Random()
+        self._lease_prefix = f"{replica}:"
+        self._lease_numbers = itertools.count(1)
 
     async def serve(
         self, op: Operation, route: Route, body: dict[str, Any], rid: str,
@@ -175,11 +178,10 @@ class Dispatcher:
         loop = asyncio.get_running_loop()
         route = job.plan.route
         wait_until = min(loop.time() + route.queue_timeout_s, job.deadline)
-        lease_id = f"{self.replica}:{job.request_id}:{len(job.attempts) + 1}"
         while True:
             started = time.perf_counter_ns()
             with self.tel.span("acquire", attempt=len(job.attempts) + 1):
-                d, local = await self._decide(job, lease_id)
+                d, lease_id, local = await self._decide(job)
             elapsed = (time.perf_counter_ns() - started) / 1e9
             # recorded once this request has gone on its way (a histogram record is not cheap)
             loop.call_soon(self.metrics.decision, route.model, "local" if local else "shared",
@@ -196,28 +198,45 @@ class Dispatcher:
             hint = d.wait_ms / 1000 if d.wait_ms > 0 else POLL_S
             await self.leases.changed(within=min(left, hint, 1.0) * self._rand.uniform(0.8, 1.0))
 
-    async def _decide(self, job: _Job, lease_id: str) -> tuple[Decision, bool]:
-        """One decision: in Redis, or locally while the shared state is away."""
+    async def _decide(self, job: _Job) -> tuple[Decision, str, bool]:
+        """One decision, under a lease id of its own: in Redis, or locally while the shared
+        state is away. Returns the decision, the lease id and whether it was local.
+
+        The id is the router's, new for every decision: ``x-request-id`` is the client's
+        choice, and requests sending the same one would otherwise share one lease (a second
+        ZADD of a member adds nothing; the first release frees it for all)."""
+        lease_id = f"{self._lease_prefix}{next(self._lease_numbers)}"
         rand = self._rand.getrandbits(31)
         mode, local = self.leases.mode, self.leases.local
         if not mode.degraded:
+            not_after = self.store.not_after_ms()
             try:
                 d = await self.store.acquire(
                     job.plan, lease_id, job.tokens, job.excluded, rand=rand,
-                    expected_output=job.expected_output,
-                    detail=decisions_logged(),
+                    expected_output=job.expected_output, detail=decisions_logged(),
+                    not_after_ms=not_after,
                 )  # fmt: skip
             except StoreError as exc:
+                self._lost(job, lease_id, not_after)
                 mode.enter(exc)
+            except asyncio.CancelledError:  # e.g. the client left: Redis may run it all the same
+                self._lost(job, lease_id, not_after)
+                raise
             else:
                 if d.index is not None:
                     local.admitted(job.plan.providers[d.index], job.tokens[d.index])
-                return d, False
+                return d, lease_id, False
         d = local.acquire(
             job.plan, job.tokens, job.excluded, in_flight=self.leases.in_flight(),
             health=self.view.snapshot.providers, rand=rand, expected_output=job.expected_output,
         )  # fmt: skip
-        return d, True
+        return d, lease_id, True
+
+    def _lost(self, job: _Job, lease_id: str, not_after_ms: int) -> None:
+        """An acquire whose answer never came may still lease a target: release it then."""
+        targets = tuple(p for p, skip in zip(job.plan.providers, job.excluded, strict=True)
+                        if not skip)  # fmt: skip
+        self.leases.lost(LostLease(lease_id, targets, not_after_ms))
 
     def _no_room(self, job: _Job, d: Decision) -> Exception:
         """No target now: what failover found, else a lack of room (429) or an outage (503)."""

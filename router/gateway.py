@@ -34,7 +34,7 @@ class Gateway:
         self.replica = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self.store = store or Store.from_config(cfg)
         self.upstream = Upstream()
-        self.mode = SharedMode(self.store)
+        self.mode = SharedMode(self.store, cfg.redis.degrade_after_ms / 1000)
         self.local = LocalState(cfg)
         self.telemetry = Telemetry("router", self.replica)
         self.shared = SharedFigures()
@@ -70,7 +70,7 @@ class Gateway:
             await self.store.start()
             await self.heartbeat.beat()
         except StoreError as exc:
-            self.mode.enter(exc)  # start degraded rather than not at all
+            self.mode.degrade(exc)  # start degraded rather than not at all
         self.leases.start()
         self.view.start()
         self.heartbeat.start()

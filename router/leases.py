@@ -7,7 +7,11 @@ which is how a long stream or a slow answer keeps its slot. Releases run as trac
 script is idempotent, so a retry after a timeout cannot count twice.
 
 In degraded mode, leases taken locally are released locally; releases of shared leases are
-deferred and flushed when Redis is back, so nothing is double-counted or left behind.
+deferred and flushed when Redis is back, so nothing is double-counted or left behind. So are
+releases that failed every try, and the leases of acquires whose answer never came (timed
+out, or their caller cancelled, with the command on its way): see ``LostLease``. One
+background task retries them until Redis answers or the replica goes degraded (recovery
+then starts it again).
 """
 
 from __future__ import annotations
@@ -16,18 +20,28 @@ import asyncio
 import contextlib
 import contextvars
 import logging
+import random
 from collections import defaultdict
+from collections.abc import Awaitable, Iterable
+from typing import Any, TypeVar
 
 from router.degraded import SharedMode
 from router.errors import StoreError
 from router.fallback import LocalState
 from router.metrics import RouterMetrics
-from router.store import Lease, Outcome, Store
+from router.store import Lease, LostLease, Outcome, Store
 from router.telemetry import Telemetry
 
 log = logging.getLogger("router.leases")
 
 RELEASE_TRIES = 3
+SETTLE_RETRY_S = 0.05
+"""Pause before settling again after a store error. Short, so that leases lost while Redis
+was paused are released right as it resumes (until then they count against the limits);
+no backoff is needed: a Redis that keeps failing soon makes the replica degraded, which
+stops the retries until recovery."""
+SETTLE_BATCH = 256
+"""Releases sent at once while settling (they share the pipelined connection)."""
 
 
 class LeaseKeeper:
@@ -43,9 +57,12 @@ class LeaseKeeper:
         self.mode = mode
         self.local = local
         self._deferred: list[tuple[Lease, Outcome]] = []
+        self._lost: list[LostLease] = []
         self._live: dict[str, dict[str, Lease]] = defaultdict(dict)
         self._tasks: set[asyncio.Task[None]] = set()
         self._renewer: asyncio.Task[None] | None = None
+        self._settler: asyncio.Task[None] | None = None
+        self._stopped = False
         self._changed = asyncio.Event()
 
     def start(self) -> None:
@@ -53,13 +70,20 @@ class LeaseKeeper:
         self._renewer = asyncio.create_task(self._renew_forever(), name="lease-renewer")
 
     async def stop(self) -> None:
-        """Wait for pending releases, then stop renewing."""
+        """Wait for pending releases, then stop renewing and settling (what is left
+        unsettled expires with its TTL)."""
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
-        if self._renewer is not None:
-            self._renewer.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._renewer
+        self._stopped = True
+        for task in (self._renewer, self._settler):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+
+    def pending(self) -> int:
+        """Releases and lost leases waiting for Redis."""
+        return len(self._deferred) + len(self._lost)
 
     def hold(self, lease: Lease) -> None:
         """Remember ``lease`` as in flight on this replica."""
@@ -87,27 +111,77 @@ class LeaseKeeper:
     async def _release_shared(self, lease: Lease, outcome: Outcome) -> None:
         for attempt in range(1, RELEASE_TRIES + 1):
             if self.mode.degraded:
-                self._deferred.append((lease, outcome))
-                return
+                break
             try:
                 if await self.store.release(lease, outcome) == 2:
                     self.metrics.circuit_opened(lease.provider)
                 return
             except StoreError as exc:
-                if attempt == RELEASE_TRIES:
-                    self.mode.enter(exc)
-                else:
+                self.mode.enter(exc)
+                if attempt < RELEASE_TRIES:
                     await asyncio.sleep(0.02 * attempt)
+        self._deferred.append((lease, outcome))
+        self._settle_soon()
+
+    def lost(self, lease: LostLease) -> None:
+        """Release ``lease`` (if its acquire took it) once Redis answers."""
+        self._lost.append(lease)
+        self._settle_soon()
 
     async def flush_deferred(self) -> None:
-        """Release, now that Redis is back, what could not be released while it was away."""
-        pending, self._deferred = self._deferred, []
-        for i, (lease, outcome) in enumerate(pending):
+        """Redis is back: release what waited for it (in the background)."""
+        self._settle_soon()
+
+    def _settle_soon(self) -> None:
+        if self._stopped:
+            return
+        if self._settler is None or self._settler.done():
+            self._settler = asyncio.create_task(self._settle(), name="lease-settler")
+
+    async def _settle(self) -> None:
+        """Settle what waits for Redis, retrying until it is all done or Redis is given up."""
+        while self.pending() and not self.mode.degraded:
             try:
-                await self.store.release(lease, outcome)
-            except StoreError:
-                self._deferred = pending[i:] + self._deferred
-                raise
+                wait = await self._settle_once()
+            except StoreError as exc:
+                self.mode.enter(exc)
+                wait = SETTLE_RETRY_S * random.uniform(0.5, 1.0)
+            if wait > 0:
+                await asyncio.sleep(wait)
+
+    async def _settle_once(self) -> float:
+        """One pass over what waits; the seconds until a lost lease may be settled. Raises
+        ``StoreError`` when a call failed (what it was for waits for the next pass)."""
+        failed = await self._release_deferred()
+        now = await self.store.time_ms()  # Redis's clock, before the lost leases' releases
+        failed += await self._release_lost(now)
+        if failed:
+            raise StoreError(f"{failed} releases failed: they wait for the next pass")
+        if not self._lost:
+            return 0.0
+        return max(0, min(x.not_after_ms for x in self._lost) - now + 5) / 1000
+
+    async def _release_deferred(self) -> int:
+        """Release a batch of the deferred releases; how many failed (they stay)."""
+        batch, self._deferred = self._deferred[:SETTLE_BATCH], self._deferred[SETTLE_BATCH:]
+        results = await _each(self.store.release(lease, outcome) for lease, outcome in batch)
+        for (lease, outcome), r in zip(batch, results, strict=True):
+            if isinstance(r, StoreError):
+                self._deferred.append((lease, outcome))
+            elif r == 2:
+                self.metrics.circuit_opened(lease.provider)
+        return sum(isinstance(r, StoreError) for r in results)
+
+    async def _release_lost(self, now: int) -> int:
+        """Release a batch of lost leases; how many calls failed. One not found stays while
+        its acquire may still run: its deadline had not passed at ``now``, Redis's clock
+        read before these releases."""
+        batch, self._lost = self._lost[:SETTLE_BATCH], self._lost[SETTLE_BATCH:]
+        found = await _each(self.store.release_lost(x) for x in batch)
+        for x, r in zip(batch, found, strict=True):
+            if isinstance(r, StoreError) or (r is False and x.not_after_ms >= now):
+                self._lost.append(x)
+        return sum(isinstance(r, StoreError) for r in found)
 
     def release_soon(
         self, lease: Lease, outcome: Outcome, context: contextvars.Context | None = None
@@ -132,6 +206,8 @@ class LeaseKeeper:
             await asyncio.sleep(interval)
             if self.mode.degraded:
                 continue
+            if self.pending():
+                self._settle_soon()
             ids = {
                 p: [lid for lid, lease in leases.items() if not lease.local]
                 for p, leases in self._live.items()
@@ -140,3 +216,15 @@ class LeaseKeeper:
                 await self.store.renew(ids)
             except StoreError as exc:
                 self.mode.enter(exc)
+
+
+T = TypeVar("T")
+
+
+async def _each(calls: Iterable[Awaitable[T]]) -> list[T | StoreError]:
+    """Await ``calls`` together; each one's result, or its ``StoreError``."""
+    out: list[Any] = await asyncio.gather(*calls, return_exceptions=True)
+    for r in out:
+        if isinstance(r, BaseException) and not isinstance(r, StoreError):
+            raise r
+    return out

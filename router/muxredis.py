@@ -7,8 +7,12 @@ it, and awaits a future; the commands queued in one turn of the event loop go ou
 write, and the replies, which Redis sends in order, resolve the futures in order.
 
 Failure behaves as redis-py's does, with its exception types: a call not answered within the
-timeout fails with ``TimeoutError`` and, because the replies are ordered, so does every call
-queued behind it (the connection is closed); a lost connection fails every call queued on
+timeout fails with ``TimeoutError``. While Redis keeps answering (slowly) the connection
+stays: the calls behind a late one get their own replies, in order, and only the late ones
+fail. Once Redis has sent nothing for a whole timeout while calls wait, the connection is
+given up: every call queued on it fails with ``TimeoutError`` and it is closed. (Closing at
+the first late reply failed every call queued behind it, so a Redis answering most calls
+within the timeout still failed most of them.) A lost connection fails every call queued on
 it with ``ConnectionError``; the next call connects again. A script Redis does not know
 (restarted, ``SCRIPT FLUSH``) is sent once in full with ``EVAL``, which also caches it.
 """
@@ -49,7 +53,13 @@ class _Protocol(asyncio.Protocol):
         self.timeout = timeout
         self.reader = hiredis.Reader()
         self.transport: asyncio.Transport | None = None
-        self.pending: deque[tuple[asyncio.Future[Any], float]] = deque()
+        self.pending: deque[asyncio.Future[Any]] = deque()
+        """Every call sent and not answered yet, in order (some may have failed already)."""
+        self.waiting: deque[tuple[asyncio.Future[Any], float]] = deque()
+        """The calls of ``pending`` still within their timeout, with their deadlines: the
+        newest part of it (calls are queued in order, with one timeout)."""
+        self.heard = loop.time()
+        """When Redis last sent anything on this connection."""
         self.out: list[bytes] = []
         self.closed: rx.RedisError | None = None
         self.gone: asyncio.Future[None] = loop.create_future()
@@ -68,9 +78,10 @@ class _Protocol(asyncio.Protocol):
             raise self.closed
         fut = self.loop.create_future()
         deadline = self.loop.time() + self.timeout
-        if not self.pending:
+        if not self.waiting:
             self._arm(deadline)
-        self.pending.append((fut, deadline))
+        self.pending.append(fut)
+        self.waiting.append((fut, deadline))
         if not self.out:
             self.loop.call_soon(self._flush)
         self.out.append(packed)
@@ -82,11 +93,14 @@ class _Protocol(asyncio.Protocol):
             self.transport.write(b"".join(out))
 
     def data_received(self, data: bytes) -> None:
+        self.heard = self.loop.time()
         self.reader.feed(data)
         try:
             while (reply := self.reader.gets()) is not False:
-                fut, _ = self.pending.popleft()
-                if fut.done():  # its caller was cancelled or gave up
+                fut = self.pending.popleft()
+                if self.waiting and self.waiting[0][0] is fut:
+                    self.waiting.popleft()
+                if fut.done():  # its caller was cancelled, or it failed as late
                     continue
                 if isinstance(reply, hiredis.ReplyError):
                     fut.set_exception(_reply_error(reply))
@@ -109,26 +123,32 @@ class _Protocol(asyncio.Protocol):
             self._timer = None
         if self.transport is not None:
             self.transport.abort()
+        self.waiting.clear()
         while self.pending:
-            fut, _ = self.pending.popleft()
-            if not fut.done():
-                fut.set_exception(error)
-                fut.exception()  # a caller that gave up must not leave it unretrieved
+            _settle(self.pending.popleft(), error)
 
     def _arm(self, when: float) -> None:
         if self._timer is None:
             self._timer = self.loop.call_at(when, self._check)
 
     def _check(self) -> None:
-        """The oldest call's deadline passed: Redis is not answering (replies are ordered)."""
+        """The oldest waiting call's deadline came: fail the late calls, and give the
+        connection up if Redis has gone silent."""
         self._timer = None
-        if not self.pending:
+        now = self.loop.time()
+        if not self.waiting:
             return
-        deadline = self.pending[0][1]
-        if deadline <= self.loop.time():
-            self.fail(rx.TimeoutError(f"Redis did not answer within {self.timeout * 1000:g} ms"))
-        else:
-            self._arm(deadline)
+        if self.waiting[0][1] > now:
+            self._arm(self.waiting[0][1])
+            return
+        late = rx.TimeoutError(f"Redis did not answer within {self.timeout * 1000:g} ms")
+        if now - self.heard >= self.timeout:  # nothing at all for a whole timeout
+            self.fail(late)
+            return
+        while self.waiting and self.waiting[0][1] <= now:  # slow, not silent: only these
+            _settle(self.waiting.popleft()[0], late)
+        if self.waiting:
+            self._arm(self.waiting[0][1])
 
 
 class MuxRedis:
@@ -203,6 +223,13 @@ class MuxRedis:
             raise
         self._proto = proto
         return proto
+
+
+def _settle(fut: asyncio.Future[Any], error: rx.RedisError) -> None:
+    """Fail ``fut`` with ``error`` unless it is done (its caller was cancelled)."""
+    if not fut.done():
+        fut.set_exception(error)
+        fut.exception()  # a caller that gave up must not leave it unretrieved
 
 
 def _retrieve(fut: asyncio.Future[Any]) -> None:

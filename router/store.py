@@ -1,7 +1,8 @@
 """The one module that talks to Redis: scripts registered once, results decoded in one place.
 
-The scripts, two per request, run over one shared pipelined connection (``router.muxredis``);
-pub/sub, inspection and recovery probes use redis-py's pool. Every Redis failure becomes a
+The scripts, two per request, and the recovery probe (``TIME``) run over one shared pipelined
+connection (``router.muxredis``); pub/sub, inspection and ``/readyz`` use redis-py's pool
+(over TLS the scripts too). Every Redis failure becomes a
 ``StoreError`` here, so callers never see redis-py's errors. With no Redis URL the store
 runs on an in-process fakeredis with the same Lua scripts: one replica only, said loudly at
 start-up.
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from importlib import resources
@@ -18,6 +20,7 @@ from typing import Any
 
 import hiredis
 import redis.asyncio as aioredis
+from redis.asyncio.connection import parse_url
 from redis.exceptions import RedisError
 
 from router.config import Circuit, Config, Route
@@ -32,6 +35,10 @@ EWMA_TAU_MS = 10_000
 """Time constant of the latency EWMAs: a sample's weight halves in about 7 s."""
 
 
+LATE = -3
+"""``Decision.wait_ms`` of an acquire Redis ran after its deadline (it leased nothing)."""
+LOST = "lost"
+"""The outcome recorded for a lease released by ``release_lost``."""
 DEFAULT_CIRCUIT = Circuit()
 POOL_WAIT_S = 2.0
 """Longest wait for a free connection of the pool (Redis calls themselves time out sooner)."""
@@ -56,6 +63,27 @@ class _HiredisPacking:
 
 class _SSLConnection(_HiredisPacking, aioredis.SSLConnection):
     pass
+
+
+def _pool(
+    url: str, size: int, timeout: float, connect_timeout_ms: int
+) -> aioredis.BlockingConnectionPool:
+    """A blocking pool for ``url`` whose TLS connections are ``_SSLConnection``.
+
+    Not ``from_url``: it lets the URL's scheme choose the connection class (redis-py's own
+    ``SSLConnection`` for rediss://), silently dropping the one passed in."""
+    kwargs: dict[str, Any] = {
+        "max_connections": size,
+        # waiting for a free pooled connection is local contention, not a dead Redis:
+        # a loaded event loop must not be mistaken for an outage (degraded mode)
+        "timeout": max(timeout, POOL_WAIT_S),
+        "socket_timeout": timeout,
+        "socket_connect_timeout": connect_timeout_ms / 1000,
+        **parse_url(url),  # the URL's own arguments win, as with from_url
+    }
+    if kwargs.get("connection_class") is aioredis.SSLConnection:
+        kwargs["connection_class"] = _SSLConnection
+    return aioredis.BlockingConnectionPool(**kwargs)
 
 
 def _script(name: str) -> str:
@@ -96,6 +124,22 @@ class Lease:
     tokens: int
     local: bool = False
     """Taken in degraded mode: it exists only in this replica's local state."""
+
+
+@dataclass(frozen=True, slots=True)
+class LostLease:
+    """A lease an acquire may have taken without its caller learning of it.
+
+    The call timed out, or its caller was cancelled, with the command already on its way:
+    Redis may have run it, or may still run it (it was in a socket buffer while Redis was
+    paused). Every acquire carries a deadline in Redis time and leases nothing past it, so
+    a release run after that deadline (or one that finds the lease) settles it for good."""
+
+    id: str
+    providers: tuple[str, ...]
+    """The targets the acquire could have chosen: one of them holds the lease, if any does."""
+    not_after_ms: int
+    """The acquire's deadline, in Redis time."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -148,6 +192,7 @@ class Store:
         embedded: bool,
         circuits: Mapping[str, Circuit] | None = None,
         mux: MuxRedis | None = None,
+        late_ms: int = 1000,
     ) -> None:
         self.client = client
         self.mux = mux
@@ -158,6 +203,14 @@ class Store:
         self.circuits = dict(circuits or {})
         self.on_error: Callable[[str], None] = lambda operation: None
         """Called with the operation's name on every failed call (metrics hook)."""
+        self.answered = 0
+        """Calls Redis answered, ever: degraded mode reads whether one was since a failure."""
+        self.late_ms = late_ms
+        """Longest time from taking an acquire's deadline to Redis running it, for a caller
+        still waiting (connecting, a free pooled connection, the reply's timeout)."""
+        self._skew_ms = 0
+        """Redis's clock minus ours plus the one-way trip, as last seen: never less than the
+        clocks' true difference, so a deadline computed with it is never too early."""
         self._scripts = {name: client.register_script(_script(name)) for name in SCRIPTS}
 
     @classmethod
@@ -171,21 +224,24 @@ class Store:
 
             return cls(fakeredis.FakeAsyncRedis(), keys, ttl, embedded=True, circuits=circuits)
         timeout = cfg.redis.timeout_ms / 1000
-        tls = cfg.redis_url.startswith("rediss:")
-        pool = aioredis.BlockingConnectionPool.from_url(
-            cfg.redis_url,
-            connection_class=_SSLConnection if tls else aioredis.Connection,
-            max_connections=cfg.redis.pool_size,
-            # waiting for a free pooled connection is local contention, not a dead Redis:
-            # a loaded event loop must not be mistaken for an outage (degraded mode)
-            timeout=max(timeout, POOL_WAIT_S),
-            socket_timeout=timeout,
-            socket_connect_timeout=timeout,
-        )
+        pool = _pool(cfg.redis_url, cfg.redis.pool_size, timeout, cfg.redis.connect_timeout_ms)
         client = aioredis.Redis(connection_pool=pool)
         # TLS (rediss://) keeps redis-py's pooled connections for the scripts too
+        tls = pool.connection_class is _SSLConnection
         mux = None if tls else MuxRedis(cfg.redis_url, timeout)
-        return cls(client, keys, ttl, embedded=False, circuits=circuits, mux=mux)
+        # How long after its deadline was taken an acquire may run for a caller still
+        # waiting. Shared connection: the call's timeout, and a fifth more for connecting
+        # first (a millisecond on a LAN) or a busy event loop. Pool: the wait for a free
+        # connection, connecting, then the call. Tighter is better: an acquire run past it
+        # leases nothing, while one run before it for a caller that gave up holds a lease
+        # (counted against the limits) until the replica releases it. Too tight only turns
+        # a late answer into a local decision.
+        call_ms = cfg.redis.timeout_ms
+        if mux is None:
+            late = int(POOL_WAIT_S * 1000) + cfg.redis.connect_timeout_ms + 2 * call_ms
+        else:
+            late = call_ms + max(10, call_ms // 5)
+        return cls(client, keys, ttl, embedded=False, circuits=circuits, mux=mux, late_ms=late)
 
     async def start(self, warm: int = 8) -> None:
         """Open ``warm`` connections and load the scripts, so the first requests wait on neither."""
@@ -194,6 +250,7 @@ class Store:
             if self.mux is not None:
                 await self.mux.execute("PING")
             await self.load_scripts()
+            await self.time_ms()  # the clocks' difference, for the acquires' deadlines
         except RedisError as exc:
             raise StoreError(f"shared store unavailable: {exc}") from exc
 
@@ -207,28 +264,55 @@ class Store:
         try:
             if self.mux is not None:
                 script = self._scripts[name]
-                return await self.mux.evalsha(script.sha, script.script, keys, args)
-            return await self._scripts[name](keys=keys, args=args)
+                result = await self.mux.evalsha(script.sha, script.script, keys, args)
+            else:
+                result = await self._scripts[name](keys=keys, args=args)
         except RedisError as exc:
             self.on_error(name)
             raise StoreError(f"{name} failed: {exc}") from exc
+        self.answered += 1
+        return result
+
+    async def time_ms(self) -> int:
+        """Redis's clock (ms); on the scripts' connection, so after every script sent on it
+        before. Also learns the clocks' difference (see ``not_after_ms``)."""
+        sent = _wall_ms()
+        try:
+            if self.mux is not None:
+                sec, usec = await self.mux.execute("TIME")
+            else:
+                sec, usec = await self.client.time()
+        except RedisError as exc:
+            self.on_error("time")
+            raise StoreError(f"shared store unavailable: {exc}") from exc
+        self.answered += 1
+        now = int(sec) * 1000 + int(usec) // 1000
+        self._skew_ms = now - sent
+        return now
+
+    def not_after_ms(self) -> int:
+        """The deadline, in Redis time, of an acquire about to be sent: a caller still
+        waiting for it cannot have it run later."""
+        return _wall_ms() + self._skew_ms + self.late_ms
 
     async def subscribe(self, channel: str) -> Subscription:
         """Subscribe to ``channel`` on a connection of its own (no read timeout)."""
         if self.embedded:
             client = self.client
         else:
-            kwargs = self.client.connection_pool.connection_kwargs
-            client = aioredis.Redis(
-                host=kwargs.get("host", "127.0.0.1"), port=kwargs.get("port", 6379),
-                db=kwargs.get("db", 0), username=kwargs.get("username"),
-                password=kwargs.get("password"), socket_connect_timeout=1.0,
-            )  # fmt: skip
+            # the pool's connection class and settings (TLS, password, db): a connection
+            # made by hand here once went plain to a rediss:// server, and failed every time
+            pool = self.client.connection_pool
+            kwargs = {**pool.connection_kwargs, "socket_timeout": None}
+            own = aioredis.ConnectionPool(pool.connection_class, max_connections=1, **kwargs)
+            client = aioredis.Redis.from_pool(own)  # closing the client closes its pool
         pubsub = client.pubsub(ignore_subscribe_messages=True)
         try:
             await pubsub.subscribe(channel)
         except RedisError as exc:
             await pubsub.aclose()
+            if client is not self.client:
+                await client.aclose()
             raise StoreError(f"subscribe failed: {exc}") from exc
         return Subscription(pubsub, None if self.embedded else client)
 
@@ -245,6 +329,7 @@ class Store:
             await self.client.ping()
         except RedisError as exc:
             raise StoreError(f"shared store unavailable: {exc}") from exc
+        self.answered += 1
 
     async def acquire(
         self,
@@ -256,11 +341,15 @@ class Store:
         rand: int,
         expected_output: int,
         detail: bool = True,
+        not_after_ms: int | None = None,
     ) -> Decision:
         """Choose a target of ``plan`` for one request and lease it (one round trip).
 
         Without ``detail`` the script returns only each target's code (the figures cost
-        Redis time and only the decision log reads them); the others are then -1 and ''."""
+        Redis time and only the decision log reads them); the others are then -1 and ''.
+        ``not_after_ms`` is the deadline (``not_after_ms()`` when not given) that the
+        caller keeps, should the answer never come (``LostLease``)."""
+        sent = _wall_ms()
         args: list[Any] = [
             plan.route.strategy.value,
             lease_id,
@@ -270,10 +359,23 @@ class Store:
             len(plan.providers),
             WINDOW_BUCKETS,
             1 if detail else 0,
+            not_after_ms or sent + self._skew_ms + self.late_ms,
         ]
         for i, (rpm, tpm, maxf, weight) in enumerate(plan.static):
             args += (rpm, tpm, maxf, weight, tokens[i], 1 if excluded[i] else 0)
-        return _decode_decision(await self.call("acquire", plan.keys, args), plan.providers)
+        d = _decode_decision(await self.call("acquire", plan.keys, args), plan.providers)
+        self._skew_ms = d.now_ms - sent
+        if d.wait_ms == LATE:  # answered, yet run past its deadline: it leased nothing
+            # (a slow reconnect first, a stalled event loop, or our clock stepped back)
+            raise StoreError("the acquire reached Redis after its deadline")
+        return d
+
+    async def release_lost(self, lost: LostLease) -> bool:
+        """Release ``lost`` on whichever of its targets holds it; whether one did."""
+        for provider in lost.providers:
+            if await self.release(Lease(lost.id, provider, 0, 0), Outcome(LOST)):
+                return True
+        return False
 
     async def release(self, lease: Lease, outcome: Outcome) -> int:
         """End ``lease`` and record ``outcome``: 0 when it was already released, 1 when
@@ -361,8 +463,14 @@ class Subscription:
             pass  # closing a connection that is already gone
 
 
+def _wall_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
 def _decode_decision(raw: Sequence[Any], providers: Sequence[str]) -> Decision:
     chosen, now_ms, bucket, wait_ms = (int(x) for x in raw[:4])
+    if wait_ms == LATE:
+        return Decision(None, now_ms, bucket, wait_ms, ())
     if len(raw) == 4 + len(providers):  # codes only
         candidates = tuple(
             Candidate(name, Code(int(raw[4 + i])), -1, -1, -1, "")

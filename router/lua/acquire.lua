@@ -17,10 +17,13 @@
 -- ARGV[6]       n, the number of targets
 -- ARGV[7]       window buckets (seconds held, the current one included)
 -- ARGV[8]       1 = return every target's figures (for the decision log), 0 = codes only
--- ARGV[9+6(i-1) ..] target i: rpm, tpm, max_in_flight (0 = unlimited), weight,
+-- ARGV[9]       not after (Redis ms): run later than this, the call leases nothing and returns
+--               {0, now, bucket, -3} (its caller has given up on it; see LostLease, store.py)
+-- ARGV[10+6(i-1) ..] target i: rpm, tpm, max_in_flight (0 = unlimited), weight,
 --               tokens to reserve, excluded (1 = skip)
--- Returns {chosen (1-based, 0 = none), now ms, bucket s, wait ms (-1 unknown, -2 never),
---          then per target: code, and with ARGV[8] = 1: in flight, rpm used, tpm used, score}
+-- Returns {chosen (1-based, 0 = none), now ms, bucket s, wait ms (-1 unknown, -2 never,
+--          -3 too late), then per target: code, and with ARGV[8] = 1: in flight, rpm used,
+--          tpm used, score}
 -- Codes: 0 ok, 1 excluded, 2 unhealthy, 3 cooling down, 4 in flight full, 5 rpm, 6 tpm,
 --        7 drained by an operator, 8 circuit open (or its one half-open trial in flight),
 --        9 not looked at (round robin without detail stops at the first target with room).
@@ -35,6 +38,7 @@ local clock = call('TIME')
 local sec = tonumber(clock[1])
 local now = sec * 1000 + math.floor(tonumber(clock[2]) / 1000)
 local oldest = sec - W + 1
+if now > tonumber(ARGV[9]) then return {0, now, sec, -3} end
 
 -- Drop the buckets that left the window; return the window totals.
 local function slide(key, head, rpm, tpm)
@@ -81,7 +85,7 @@ end})
 -- Look at target i: its shared figures, its limits, and whether it can take this request.
 local T = {}
 local function view(i)
-  local a, pk = 3 + 6 * i, KEYS[1 + 2 * i]
+  local a, pk = 4 + 6 * i, KEYS[1 + 2 * i]
   local f = call('HMGET', pk, unpack(F))
   local rpm, tpm, inflight, nm = N[f[1]] or 0, N[f[2]] or 0, N[f[3]], N[f[4]]
   local maintain = nm == nil or nm <= now or inflight == nil

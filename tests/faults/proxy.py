@@ -4,7 +4,10 @@ It runs its own asyncio event loop in a background thread, listens on a free loo
 and forwards every connection to one target ``host:port``. The test thread changes its
 behaviour at run time:
 
-- ``delay(ms)``: each chunk read from either side waits ``ms`` before it is forwarded;
+- ``delay(ms, jitter_ms, direction)``: each chunk read from either side (or one: ``up`` is
+  client to target, ``down`` target to client) is forwarded ``ms`` (give or take up to
+  ``jitter_ms``, uniformly) after it was read, never before the chunk ahead of it: a delay
+  line, so chunks in flight overlap their waits as on a slow network;
 - ``cut()``: close every current connection (both sides get a FIN);
 - ``reset()``: abort every current connection with ``SO_LINGER 0`` (both sides get an RST);
 - ``blackhole(True)``: keep accepting and holding connections, but forward nothing and answer
@@ -22,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import random
 import socket
 import struct
 import threading
@@ -31,8 +35,14 @@ from typing import Any, TypeVar
 
 T = TypeVar("T")
 CHUNK = 65536
+LINE_CHUNKS = 256
+"""Chunks a delay line holds before the reading side waits (backpressure)."""
 CONTROL_TIMEOUT_S = 10.0
 """Longest a control call waits for the proxy's loop (it never blocks on a connection)."""
+
+
+_Line = asyncio.Queue[tuple[float, bytes] | None]
+"""One direction of a connection: chunks read and the time each is due, then None at its end."""
 
 
 @dataclass(slots=True)
@@ -83,6 +93,8 @@ class Proxy:
         self.port = 0
         self._stats = ProxyStats()
         self._delay_s = 0.0
+        self._jitter_s = 0.0
+        self._delayed = {"up": True, "down": True}
         self._blackhole = False
         self._capture = bytearray()
         self._capture_limit = 0
@@ -127,9 +139,13 @@ class Proxy:
 
     # -- faults (called from the test's thread) -------------------------------------------
 
-    def delay(self, ms: float) -> None:
-        """Hold every chunk ``ms`` milliseconds before forwarding it (0: no delay)."""
-        self._delay_s = max(0.0, ms) / 1000
+    def delay(self, ms: float, jitter_ms: float = 0, direction: str = "both") -> None:
+        """Forward every chunk ``ms`` ± up to ``jitter_ms`` milliseconds after it was read
+        (0: at once), in ``direction``: ``both``, ``up`` (to the target) or ``down``."""
+        if direction not in ("both", "up", "down"):
+            raise ValueError(f"direction must be both, up or down, not {direction!r}")
+        self._delay_s, self._jitter_s = max(0.0, ms) / 1000, max(0.0, jitter_ms) / 1000
+        self._delayed = {"up": direction != "down", "down": direction != "up"}
 
     def cut(self) -> int:
         """Close every current connection; return how many were closed."""
@@ -225,37 +241,67 @@ class Proxy:
         if conn not in self._conns:  # cut while connecting
             await self._end(conn, rst=False)
             return
+        up_line: _Line = asyncio.Queue(LINE_CHUNKS)
+        down_line: _Line = asyncio.Queue(LINE_CHUNKS)
         conn.tasks = [
-            asyncio.create_task(self._pipe(conn, reader, conn.upstream, up=True)),
-            asyncio.create_task(self._pipe(conn, up_reader, writer, up=False)),
+            asyncio.create_task(self._read(conn, reader, up_line, up=True)),
+            asyncio.create_task(self._deliver(conn, up_line, conn.upstream, up=True)),
+            asyncio.create_task(self._read(conn, up_reader, down_line, up=False)),
+            asyncio.create_task(self._deliver(conn, down_line, writer, up=False)),
         ]
 
-    async def _pipe(
-        self, conn: _Conn, src: asyncio.StreamReader, dst: asyncio.StreamWriter, *, up: bool
-    ) -> None:
+    def _hold_s(self, up: bool) -> float:
+        if not self._delay_s or not self._delayed["up" if up else "down"]:
+            return 0.0
+        return max(0.0, self._delay_s + random.uniform(-self._jitter_s, self._jitter_s))
+
+    async def _read(self, conn: _Conn, src: asyncio.StreamReader, line: _Line, *, up: bool) -> None:
+        """Put each chunk on the line with the time it is due (never before the one ahead)."""
+        loop = asyncio.get_running_loop()
+        due = 0.0
         try:
             while data := await src.read(CHUNK):
-                if self._delay_s:
-                    await asyncio.sleep(self._delay_s)
+                due = max(due, loop.time() + self._hold_s(up))
+                await line.put((due, data))
+        except (OSError, asyncio.IncompleteReadError):
+            self._end_later(conn)  # the side went away: the connection ends now
+            return
+        await line.put(None)  # end of stream: the connection ends once the line is delivered
+
+    async def _deliver(
+        self, conn: _Conn, line: _Line, dst: asyncio.StreamWriter, *, up: bool
+    ) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            while (item := await line.get()) is not None:
+                due, data = item
+                if due > loop.time():
+                    await asyncio.sleep(due - loop.time())
                 if self._blackhole:
                     conn.poisoned = True
                     self._stats.dropped += len(data)
                     continue
                 dst.write(data)
                 await dst.drain()
-                if up:
-                    self._stats.bytes_up += len(data)
-                    room = self._capture_limit - len(self._capture)
-                    if room > 0:
-                        self._capture += data[:room]
-                else:
-                    self._stats.bytes_down += len(data)
-        except (OSError, asyncio.IncompleteReadError):
+                self._count(data, up)
+        except OSError:
             pass  # either side went away: the connection ends below
         finally:
-            if conn in self._conns:
-                # the other direction is cancelled by _end; this one is ending by itself
-                asyncio.get_running_loop().call_soon(self._end_soon, conn)
+            self._end_later(conn)
+
+    def _count(self, data: bytes, up: bool) -> None:
+        if up:
+            self._stats.bytes_up += len(data)
+            room = self._capture_limit - len(self._capture)
+            if room > 0:
+                self._capture += data[:room]
+        else:
+            self._stats.bytes_down += len(data)
+
+    def _end_later(self, conn: _Conn) -> None:
+        if conn in self._conns:
+            # the other tasks are cancelled by _end; this one is ending by itself
+            asyncio.get_running_loop().call_soon(self._end_soon, conn)
 
     def _end_soon(self, conn: _Conn) -> None:
         if conn in self._conns:

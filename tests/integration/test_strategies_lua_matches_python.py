@@ -107,7 +107,7 @@ def test_same_choice(
     client.set(KEYS.swrr(route), ",".join(str(w) for w in swrr[: len(views)]))
     keys = [KEYS.rotation(route), KEYS.swrr(route)]
     args: list[object] = [strategy.value, "lease-1", 30000, rand, expected, len(views)]
-    args += [WINDOW_BUCKETS, 1]
+    args += [WINDOW_BUCKETS, 1, (now_s + 60) * 1000]  # detail, and a deadline not reached
     for name, v in zip(names, views, strict=True):
         keys += [KEYS.provider(name), KEYS.leases(name)]
         args += [v.rpm, v.tpm, v.max_in_flight, v.weight, v.tokens, int(v.excluded)]
