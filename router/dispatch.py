@@ -133,7 +133,12 @@ class Dispatcher:
         """Serve one request on ``route``; raise a ``RouterError`` when it cannot be."""
         job = self._job(op, route, body, rid)
         job.traceparent = traceparent
-        while len(job.attempts) < route.max_attempts:
+        loop = asyncio.get_running_loop()
+        # once the route's time is spent, a further attempt could only time out, and that
+        # timeout would be counted against a provider that did nothing wrong
+        while len(job.attempts) < route.max_attempts and (
+            not job.attempts or loop.time() < job.deadline
+        ):
             lease, index = await self._acquire(job)
             provider = self.providers[lease.provider]
             try:

@@ -33,6 +33,8 @@ def gw(tmp_path_factory: pytest.TempPathFactory, redis_port: int) -> Iterator[Ga
         {"model": "doomed", "max_attempts": 3, "timeout_s": 10,
          "targets": [{"provider": "bad", "model": "m"}, {"provider": "bad2", "model": "m"}]},
         {"model": "unreachable", "targets": [{"provider": "dead", "model": "m"}]},
+        {"model": "short", "strategy": "weighted", "max_attempts": 2, "timeout_s": 0.8,
+         "targets": [{**pair[0], "weight": 100}, pair[1]]},
         {"model": "to-dead", "strategy": "weighted", "max_attempts": 2,
          "targets": [{"provider": "dead", "model": "m", "weight": 100}, pair[1]]},
     ]  # fmt: skip
@@ -160,4 +162,19 @@ def test_provider_400_is_passed_through_not_failed_over(gw: Gateway) -> None:
     r = post(gw.urls[0])
     assert r.status_code == 400
     assert r.json()["error"]["type"] == "invalid_request_error"
+    assert gw.mocks["good"].stats()["received"] == 0
+
+
+def test_a_spent_time_budget_blames_no_further_provider(gw: Gateway, redis_port: int) -> None:
+    """The first attempt used the route's whole timeout_s: no second target is leased and
+    sent an attempt that could only time out (it was counted against a healthy provider)."""
+    counters = redis.Redis(port=redis_port, decode_responses=True)
+    key = "rc:{default}:provider:good"
+    before = int(counters.hget(key, "o:timeout") or 0)
+    gw.mocks["bad"].fault(mode="hang")
+    r = post(gw.urls[0], {**CHAT, "model": "short"})
+    assert r.status_code == 504, r.text
+    assert "bad" in r.json()["error"]["message"]
+    assert "good" not in r.json()["error"]["message"]
+    assert int(counters.hget(key, "o:timeout") or 0) == before
     assert gw.mocks["good"].stats()["received"] == 0
