@@ -94,6 +94,9 @@ def _inspected_config(path: str | None) -> Config | None:
 
 async def _show_state(store: Store, cfg: Config, as_json: bool, watch: float | None) -> None:
     state = await read_state(store, cfg)
+    if not as_json and not Console().is_terminal:  # a pipe or a log: a script may be reading
+        print("routerctl: this table is for people; scripts read the JSON form: "
+              "routerctl state --json", file=sys.stderr)  # fmt: skip
     if watch is None and as_json:
         print(json.dumps(state_json(state), indent=2))
     elif watch is None:
