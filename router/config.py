@@ -16,6 +16,7 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import (
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     PrivateAttr,
@@ -235,9 +236,27 @@ class ReplicaSettings(_Model):
     resync_s: Annotated[float, Field(gt=0, le=3600)] = 30.0
 
 
+_DECISION_WORDS = {"FALSE": "OFF", "NO": "OFF", "TRUE": "INFO", "YES": "INFO", "ON": "INFO"}
+
+
+def _decision_level(value: object) -> object:
+    """``decisions`` in one form, upper case. YAML reads an unquoted ``OFF`` (or ``off``,
+    ``no``) as false: false means ``OFF``, true the default ``INFO``; names in any case."""
+    if isinstance(value, bool):
+        value = "INFO" if value else "OFF"
+    if isinstance(value, str):
+        upper = value.strip().upper()
+        return _DECISION_WORDS.get(upper, upper)
+    return value
+
+
 class LogSettings(_Model):
     level: Annotated[str, Field(pattern=r"^(DEBUG|INFO|WARNING|ERROR)$")] = "INFO"
-    decisions: Annotated[str, Field(pattern=r"^(DEBUG|INFO|WARNING|ERROR|OFF)$")] = "INFO"
+    decisions: Annotated[
+        str, BeforeValidator(_decision_level), Field(pattern=r"^(DEBUG|INFO|WARNING|ERROR|OFF)$")
+    ] = "INFO"
+    """The decision log's level, or ``OFF`` (``off``, ``false`` and YAML's unquoted ``OFF``,
+    which is false, alike): off, the acquire script skips the per-candidate figures."""
 
 
 class Config(_Model):
