@@ -539,7 +539,7 @@ def _prepare(args: argparse.Namespace, stack: contextlib.ExitStack) -> tuple[Pla
     return Plan(cfg, effective, args.requests, args.concurrency, body, configured), gw
 
 
-def check_listening(roots: Mapping[str, str]) -> None:
+def check_listening(roots: Mapping[str, str], config: str) -> None:
     """A provider of the route on loopback where nothing listens would only fail its requests
     over to the others, and the split would mean nothing: say so before driving."""
     silent = []
@@ -552,7 +552,7 @@ def check_listening(roots: Mapping[str, str]) -> None:
     if silent:
         raise UsageError(
             f"nothing listens for {', '.join(silent)}: routerctl up mocks the providers on "
-            "127.0.0.1 and localhost only; start the others first (see the config's comments)"
+            f"127.0.0.1 and localhost only; start the others first (see {config}: its comments)"
         )
 
 
@@ -560,7 +560,7 @@ def _simulate(args: argparse.Namespace) -> dict[str, Any]:
     with contextlib.ExitStack() as stack:
         plan, gw = _prepare(args, stack)
         roots = mock_roots(plan.cfg, plan.names)
-        check_listening(roots)
+        check_listening(roots, args.config)
         reset_stats(roots)
         result, sampler = asyncio.run(observe(gw, plan))
         stats = read_stats(roots)

@@ -106,4 +106,4 @@ def test_a_provider_where_nothing_listens_is_named_before_driving() -> None:
         with pytest.raises(
             UsageError, match=f"nothing listens for fast at http://127.0.0.1:{port}"
         ):
-            check_listening({"fast": f"http://127.0.0.1:{port}"})
+            check_listening({"fast": f"http://127.0.0.1:{port}"}, "sim.yaml")
