@@ -1,4 +1,5 @@
-"""Locust users of the gateway: chat, streamed chat (with time to first token), embeddings.
+"""Locust users of the gateway: chat, streamed chat (timed to headers, first token and end),
+embeddings.
 
 Run it headless against a gateway (``routerctl loadtest`` runs exactly this, and can start a
 local cluster first)::
@@ -24,13 +25,17 @@ Prompts are as uneven as real ones: a lognormal number of words (median 40, most
 
 What the statistics hold:
 
-- ``POST chat``, ``POST chat stream``, ``POST embeddings``: every request (for streams, the
-  time to the response headers); any answer but 200 fails, except 429;
+- ``POST chat``, ``POST embeddings``: every request, to its whole answer; any answer but 200
+  fails, except 429;
+- ``POST chat stream (to headers)``: every streamed request, timed to its response headers
+  (the time to first byte: the stream itself is still to come); failures are counted here;
+- ``TTFT chat stream (to first token)``: from the request to its first content token;
+- ``STREAM chat stream (to [DONE])``: from the request to the end of the whole stream, for
+  each stream that ended well;
 - ``SATURATED <name>``: the 429s, counted on their own and not as failures: the gateway had
-  no room (every provider at its limits) and said so, which is its job;
-- ``TTFT chat stream``: the time to the first content token of each stream, in ms.
+  no room (every provider at its limits) and said so, which is its job.
 
-A stream that carries an error event or ends without ``[DONE]`` fails.
+All in ms. A stream that carries an error event or ends without ``[DONE]`` fails.
 """
 
 from __future__ import annotations
@@ -49,6 +54,9 @@ CHAT_PATH = "/v1/chat/completions"
 EMBED_PATH = "/v1/embeddings"
 CHAT = "chat"
 STREAM = "chat stream"
+STREAM_HEADERS = f"{STREAM} (to headers)"
+STREAM_FIRST_TOKEN = f"{STREAM} (to first token)"
+STREAM_DONE = f"{STREAM} (to [DONE])"
 EMBED = "embeddings"
 CHAT_MODEL = os.environ.get("LOCUST_CHAT_MODEL", "chat-default")
 EMBED_MODEL = os.environ.get("LOCUST_EMBED_MODEL", "embed-default")
@@ -104,7 +112,8 @@ def embed_body() -> dict[str, Any]:
 
 
 def fire(env: Environment, kind: str, name: str, started: float, length: int = 0) -> None:
-    """Record a measurement of our own (``TTFT``, ``SATURATED``) in Locust's statistics."""
+    """Record a measurement of our own (``TTFT``, ``STREAM``, ``SATURATED``) in Locust's
+    statistics: the time from ``started`` to now."""
     env.events.request.fire(
         request_type=kind, name=name, response_time=(time.perf_counter() - started) * 1000,
         response_length=length, exception=None, context={},
@@ -124,7 +133,8 @@ def settle(env: Environment, resp: Any, name: str, started: float) -> bool:
 
 
 def stream_error(lines: Any, env: Environment, started: float) -> str | None:
-    """Read an SSE answer to its end, reporting the first token's time; the error, if any."""
+    """Read an SSE answer to its end, reporting the first token's time and, once ``[DONE]``
+    comes, the whole stream's; the error, if any."""
     first = True
     for raw in lines:
         line = raw.decode(errors="replace") if isinstance(raw, bytes) else raw
@@ -132,13 +142,14 @@ def stream_error(lines: Any, env: Environment, started: float) -> str | None:
             continue
         data = line[len("data: ") :]
         if data == "[DONE]":
+            fire(env, "STREAM", STREAM_DONE, started)
             return None
         event = json.loads(data)
         if "error" in event:
             return f"error event: {str(event['error'])[:200]}"
         choices = event.get("choices") or [{}]
         if first and choices[0].get("delta", {}).get("content"):
-            fire(env, "TTFT", STREAM, started)
+            fire(env, "TTFT", STREAM_FIRST_TOKEN, started)
             first = False
     return "the stream ended without [DONE]"
 
@@ -163,7 +174,7 @@ class ChatUser(FastHttpUser):
 
 
 class StreamUser(HttpUser):
-    """Asks for streamed chat answers and measures the time to their first token.
+    """Asks for streamed chat answers; times each to its headers, first token and end.
 
     ``HttpUser`` (requests), because its streamed body yields each SSE chunk as it arrives.
     """
@@ -177,9 +188,10 @@ class StreamUser(HttpUser):
         body = chat_body(True)
         started = time.perf_counter()
         with self.client.post(
-            CHAT_PATH, json=body, headers=HEADERS, name=STREAM, stream=True,
+            CHAT_PATH, json=body, headers=HEADERS, name=STREAM_HEADERS, stream=True,
             catch_response=True,
         ) as resp:  # fmt: skip
+            # stream=True: Locust's own entry is timed to the headers, before the body
             if not settle(self.environment, resp, STREAM, started):
                 return
             error = stream_error(resp.iter_lines(chunk_size=None), self.environment, started)

@@ -1,14 +1,19 @@
 """``routerctl simulate``: drive chat requests through one route and check its strategy's split.
 
-It sends ``--requests`` chat completions, ``--concurrency`` at a time, through a cluster that
-is already up (``--host``; the route is ``--route`` or the first one using ``--strategy``),
-or through a local one it starts with ``routerctl up`` (the config's first route, or
-``--route``, with its strategy replaced by ``--strategy`` in a temporary copy of the config).
-The mock providers' counters are reset first. While the requests run, the shared state is
-read every 100 ms (``read_state``, from the cluster's Redis: ``--redis-url``, ``REDIS_URL``,
-the config's, or the private one the launcher started) for each provider's in-flight, RPM
-and TPM peaks. Then, per provider: what it received by its own count (``GET /stats``), what
-the strategy should give, the peaks against the limits, and the 429s it sent:
+It sends ``--requests`` chat completions, ``--concurrency`` at a time, through one route:
+``--route MODEL``, or the config's first route using ``--strategy`` (none: an error that lists
+the routes and their strategies). The cluster is one already up (``--host``), or a local one
+it starts with ``routerctl up``; only there may ``--route`` and a different ``--strategy`` go
+together: the route's strategy is then replaced in a temporary copy of the config. The
+printed table and the chart are titled by the route and the strategy it ran with. The mock
+providers' counters are reset first (a provider on loopback where nothing listens is an
+error: ``routerctl up`` mocks only 127.0.0.1 and localhost, so a mock elsewhere, such as
+``examples/simulate.yaml``'s fast one, is started by hand). While the requests run, the
+shared state is read every 100 ms (``read_state``, from the cluster's Redis: ``--redis-url``,
+``REDIS_URL``, the config's, or the private one the launcher started) for each provider's
+in-flight, RPM and TPM peaks. Then, per provider: what it received by its own count
+(``GET /stats``), what the strategy should give, the peaks against the limits, and the 429s
+it sent:
 
 - ``round_robin``: equal shares among the targets usable at the start;
 - ``weighted``: the weight shares (smooth weighted round robin);
@@ -35,7 +40,7 @@ import textwrap
 import time
 from collections import Counter
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -84,8 +89,8 @@ class Plan:
     requests: int
     concurrency: int
     body: dict[str, Any]
-    replaced: bool = False
-    """Whether the route's strategy was replaced (in a copy of the config) for this run."""
+    configured: Strategy | None = None
+    """The strategy the config gives the route, when this run replaced it (in a copy)."""
 
     @property
     def names(self) -> list[str]:
@@ -346,7 +351,9 @@ def build_report(
         row["binding"] = bind
     return {
         "strategy": plan.route.strategy.value, "route": plan.route.model,
-        "replaced": plan.replaced, "host": masked_url(gw.root),
+        "replaced": plan.configured is not None,
+        "configured_strategy": (plan.configured or plan.route.strategy).value,
+        "host": masked_url(gw.root),
         "requests": plan.requests, "concurrency": plan.concurrency,
         "duration_s": round(result.seconds, 3), "statuses": dict(result.statuses),
         "errors": result.errors, "expectation": text,
@@ -377,12 +384,19 @@ def _cells(r: Mapping[str, Any]) -> str:
     )
 
 
+def title(report: Mapping[str, Any]) -> str:
+    """What ran: the route and its strategy (and the config's, when this run replaced it)."""
+    text = f"route {report['route']} ({report['strategy']}"
+    if report["replaced"]:
+        text += f", in place of its {report['configured_strategy']} in a copy of the config"
+    return text + ")"
+
+
 def render(report: Mapping[str, Any]) -> str:
     """The report as the table ``routerctl simulate`` prints."""
     statuses = ", ".join(f"{k}: {v}" for k, v in sorted(report["statuses"].items()))
-    replaced = " (its strategy replaced in a copy of the config)" if report["replaced"] else ""
     lines = [
-        f"simulate {report['strategy']} on route {report['route']}{replaced}: "
+        f"simulate {title(report)}: "
         f"{report['requests']} requests at concurrency {report['concurrency']} through "
         f"{report['host']} in {report['duration_s']:.2f} s ({statuses})",
         f"expected: {report['expectation']}",
@@ -409,8 +423,8 @@ def _received_plot(ax: Axes, report: Mapping[str, Any]) -> None:
         exp = ax.bar([i + 0.2 for i in x], [r["expected"] for r in rows], 0.4, label="expected")
         ax.bar_label(exp, fmt="%.1f")
     ax.set_xticks(x, [r["name"] for r in rows])
-    title = f"{report['strategy']} on {report['route']}: requests per provider"
-    ax.set_title(title + "\n" + textwrap.fill(f"expected: {report['expectation']}", 80), fontsize=9)
+    head = textwrap.fill(f"{title(report)}: requests per provider", 80)
+    ax.set_title(head + "\n" + textwrap.fill(f"expected: {report['expectation']}", 80), fontsize=9)
     ax.legend()
 
 
@@ -452,23 +466,32 @@ def chart(report: Mapping[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
-def pick_route(cfg: Config, strategy: Strategy, name: str | None, fixed: bool) -> Route:
-    """The route to drive; ``fixed``: the cluster runs the config as it is (``--host``)."""
+def _listing(cfg: Config) -> str:
+    return ", ".join(f"{r.model} ({r.strategy.value})" for r in cfg.routes)
+
+
+def pick_route(cfg: Config, strategy: Strategy | None, name: str | None, fixed: bool) -> Route:
+    """The route to drive, as configured: ``name``'s, else the first using ``strategy``.
+    ``fixed``: the cluster runs the config as it is (``--host``), so no other strategy."""
     if name is not None:
         route = cfg.route(name)
         if route is None:
-            raise UsageError(f"no route {name!r} in the config")
-        if fixed and route.strategy is not strategy:
+            raise UsageError(f"no route {name!r} in the config; its routes: {_listing(cfg)}")
+        if fixed and strategy is not None and route.strategy is not strategy:
             raise UsageError(
                 f"route {name!r} uses {route.strategy.value}, not {strategy.value}, and the "
                 "running cluster's config decides: pick a route using it, or drop --host"
             )
         return route
-    if not fixed:
-        return cfg.routes[0]
+    if strategy is None:
+        raise UsageError(f"pass --strategy or --route; the config's routes: {_listing(cfg)}")
     route = next((r for r in cfg.routes if r.strategy is strategy), None)
     if route is None:
-        raise UsageError(f"no route of the config uses {strategy.value}: pass --route")
+        hint = "" if fixed else " (or --route MODEL: its strategy replaced in a copy)"
+        raise UsageError(
+            f"no route uses {strategy.value}; the config's routes: {_listing(cfg)}: add one, "
+            f"or drive one of them with --route{hint}"
+        )
     return route
 
 
@@ -486,20 +509,22 @@ def with_strategy(path: Path, route: str, strategy: Strategy, into: Path) -> Pat
 def _start_local(
     args: argparse.Namespace, route: Route, strategy: Strategy, stack: contextlib.ExitStack
 ) -> tuple[Config, Gateway]:
-    """A local cluster on a copy of the config where ``route`` uses ``strategy``."""
-    tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="routerctl-sim-")))
-    path = with_strategy(Path(args.config), route.model, strategy, tmp)
+    """A local cluster on the config, or on a copy where ``route`` uses ``strategy``."""
+    path = Path(args.config)
+    if route.strategy is not strategy:
+        tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="routerctl-sim-")))
+        path = with_strategy(path, route.model, strategy, tmp)
     log = Path(args.out) / f"simulate-{strategy.value}-cluster.log"
     print(f"starting a local cluster (routerctl up; its log: {log})", flush=True)
     gw = stack.enter_context(LocalCluster(path, args.replicas, log))
     return load_config(path, resolve=False), gw
 
 
-def _prepare(
-    args: argparse.Namespace, strategy: Strategy, stack: contextlib.ExitStack
-) -> tuple[Plan, Gateway]:
+def _prepare(args: argparse.Namespace, stack: contextlib.ExitStack) -> tuple[Plan, Gateway]:
     cfg = load_config(args.config, resolve=False)
-    route = pick_route(cfg, strategy, args.route, fixed=bool(args.host))
+    asked = Strategy(args.strategy) if args.strategy else None
+    route = pick_route(cfg, asked, args.route, fixed=bool(args.host))
+    strategy = asked or route.strategy
     if args.host:
         gw = connect(args.host, cfg)
     else:
@@ -509,16 +534,33 @@ def _prepare(
     gw = Gateway(gw.root, gw.key, args.redis_url or gw.redis_url or cfg.redis_url)
     body = {"model": route.model, "max_tokens": args.max_tokens}
     body["messages"] = [{"role": "user", "content": PROMPT}]
-    effective = cfg.route(route.model)
-    assert effective is not None
-    plan = Plan(cfg, effective, args.requests, args.concurrency, body)
-    return replace(plan, replaced=route.strategy is not strategy), gw
+    effective = route.model_copy(update={"strategy": strategy})
+    configured = route.strategy if route.strategy is not strategy else None
+    return Plan(cfg, effective, args.requests, args.concurrency, body, configured), gw
 
 
-def _simulate(args: argparse.Namespace, strategy: Strategy) -> dict[str, Any]:
+def check_listening(roots: Mapping[str, str], config: str) -> None:
+    """A provider of the route on loopback where nothing listens would only fail its requests
+    over to the others, and the split would mean nothing: say so before driving."""
+    silent = []
+    with httpx.Client(timeout=5.0, trust_env=False) as client:
+        for name, root in roots.items():
+            try:
+                client.get(f"{root}/stats")
+            except httpx.ConnectError:
+                silent.append(f"{name} at {root}")
+    if silent:
+        raise UsageError(
+            f"nothing listens for {', '.join(silent)}: routerctl up mocks the providers on "
+            f"127.0.0.1 and localhost only; start the others first (see {config}: its comments)"
+        )
+
+
+def _simulate(args: argparse.Namespace) -> dict[str, Any]:
     with contextlib.ExitStack() as stack:
-        plan, gw = _prepare(args, strategy, stack)
+        plan, gw = _prepare(args, stack)
         roots = mock_roots(plan.cfg, plan.names)
+        check_listening(roots, args.config)
         reset_stats(roots)
         result, sampler = asyncio.run(observe(gw, plan))
         stats = read_stats(roots)
@@ -527,11 +569,10 @@ def _simulate(args: argparse.Namespace, strategy: Strategy) -> dict[str, Any]:
 
 def simulate(args: argparse.Namespace) -> int:
     """Run ``routerctl simulate`` with parsed ``args``; return its exit status."""
-    strategy = Strategy(args.strategy)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     try:
-        report = _simulate(args, strategy)
+        report = _simulate(args)
     except ConfigError as exc:
         for where, message in exc.problems:
             print(f"routerctl simulate: {where}: {message}", file=sys.stderr)
@@ -539,7 +580,7 @@ def simulate(args: argparse.Namespace) -> int:
     except (UsageError, ClusterError) as exc:
         print(f"routerctl simulate: {exc}", file=sys.stderr)
         return 2
-    stem = out / f"simulate-{strategy.value}"
+    stem = out / f"simulate-{report['strategy']}"
     stem.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
     chart(report, stem.with_suffix(".png"))
     print(render(report))

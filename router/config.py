@@ -7,6 +7,7 @@ Every problem is reported with its field path (``providers[1].limits.rpm: must b
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 from enum import StrEnum
@@ -16,6 +17,7 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import (
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     PrivateAttr,
@@ -235,9 +237,27 @@ class ReplicaSettings(_Model):
     resync_s: Annotated[float, Field(gt=0, le=3600)] = 30.0
 
 
+_DECISION_WORDS = {"FALSE": "OFF", "NO": "OFF", "TRUE": "INFO", "YES": "INFO", "ON": "INFO"}
+
+
+def _decision_level(value: object) -> object:
+    """``decisions`` in one form, upper case. YAML reads an unquoted ``OFF`` (or ``off``,
+    ``no``) as false: false means ``OFF``, true the default ``INFO``; names in any case."""
+    if isinstance(value, bool):
+        value = "INFO" if value else "OFF"
+    if isinstance(value, str):
+        upper = value.strip().upper()
+        return _DECISION_WORDS.get(upper, upper)
+    return value
+
+
 class LogSettings(_Model):
     level: Annotated[str, Field(pattern=r"^(DEBUG|INFO|WARNING|ERROR)$")] = "INFO"
-    decisions: Annotated[str, Field(pattern=r"^(DEBUG|INFO|WARNING|ERROR|OFF)$")] = "INFO"
+    decisions: Annotated[
+        str, BeforeValidator(_decision_level), Field(pattern=r"^(DEBUG|INFO|WARNING|ERROR|OFF)$")
+    ] = "INFO"
+    """The decision log's level, or ``OFF`` (``off``, ``false`` and YAML's unquoted ``OFF``,
+    which is false, alike): off, the acquire script skips the per-candidate figures."""
 
 
 class Config(_Model):
@@ -324,22 +344,35 @@ def _problems(exc: ValidationError) -> list[tuple[str, str]]:
     return problems
 
 
-def _cross_check(cfg: Config) -> list[tuple[str, str]]:
-    """Checks that span fields: names unique, targets name known providers."""
-    problems: list[tuple[str, str]] = []
-    names = [p.name for p in cfg.providers]
-    for i, name in enumerate(names):
-        if name in names[:i]:
-            problems.append((f"providers[{i}].name", f"duplicate provider name {name!r}"))
-    models = [r.model for r in cfg.routes]
-    for i, r in enumerate(cfg.routes):
-        if r.model in models[:i]:
-            problems.append((f"routes[{i}].model", f"duplicate route model {r.model!r}"))
-        for j, t in enumerate(r.targets):
-            if t.provider not in names:
-                problems.append(
-                    (f"routes[{i}].targets[{j}].provider", f"unknown provider {t.provider!r}")
-                )
+def _dicts(value: Any) -> list[tuple[int, dict[str, Any]]]:
+    """The mappings of a YAML list, each with its index (anything else: none; the model's
+    own problems say what is wrong with it)."""
+    if not isinstance(value, list):
+        return []
+    return [(i, item) for i, item in enumerate(value) if isinstance(item, dict)]
+
+
+def _cross_check(data: dict[str, Any]) -> list[tuple[str, str]]:
+    """Checks that span fields: names unique, targets name known providers. Run on the parsed
+    YAML, not the model, so that a file the model rejects gets them in the same pass."""
+    providers = _dicts(data.get("providers"))
+    names = [p.get("name") for _, p in providers]
+    problems = [
+        (f"providers[{i}].name", f"duplicate provider name {p['name']!r}")
+        for k, (i, p) in enumerate(providers)
+        if isinstance(p.get("name"), str) and p["name"] in names[:k]
+    ]
+    routes = _dicts(data.get("routes"))
+    models = [r.get("model") for _, r in routes]
+    for k, (i, r) in enumerate(routes):
+        if isinstance(r.get("model"), str) and r["model"] in models[:k]:
+            problems.append((f"routes[{i}].model", f"duplicate route model {r['model']!r}"))
+        problems += [
+            (f"routes[{i}].targets[{j}].provider", f"unknown provider {t['provider']!r}")
+            for j, t in _dicts(r.get("targets"))
+            # with no provider at all, that one problem says it: not one per target
+            if names and isinstance(t.get("provider"), str) and t["provider"] not in names
+        ]
     return problems
 
 
@@ -360,32 +393,62 @@ def secret_variables(cfg: Config) -> list[str]:
     return sorted({ref.env for _, ref in _secret_refs(cfg)})
 
 
+def _unset(path: str, variable: str) -> tuple[str, str]:
+    return path, f"environment variable {variable} is not set"
+
+
 def _resolve_secrets(cfg: Config, environ: dict[str, str]) -> list[tuple[str, str]]:
     problems = []
     for path, ref in _secret_refs(cfg):
         raw = environ.get(ref.env)
         if not raw:
-            problems.append((path, f"environment variable {ref.env} is not set"))
+            problems.append(_unset(path, ref.env))
             continue
         ref._value = SecretStr(raw)
     return problems
 
 
+def _raw_secret_refs(data: dict[str, Any]) -> list[tuple[str, SecretRef]]:
+    """``_secret_refs`` of the parsed YAML, each reference validated alone: the missing
+    variables of a file the model rejects are reported with its other problems (a unit test
+    holds the two lists equal)."""
+    raw = [(f"client_keys[{i}]", ref) for i, ref in _dicts(data.get("client_keys"))]
+    raw += [("admin_token", ref) for _, ref in _dicts([data.get("admin_token")])]
+    raw += [
+        (f"providers[{i}].api_key", ref)
+        for i, p in _dicts(data.get("providers"))
+        for _, ref in _dicts([p.get("api_key")])
+    ]
+    refs = []
+    for path, ref in raw:
+        with contextlib.suppress(ValidationError):  # the model reported it already
+            refs.append((path, SecretRef.model_validate(ref)))
+    return refs
+
+
+def _validate(data: dict[str, Any]) -> tuple[Config | None, list[tuple[str, str]]]:
+    try:
+        return Config.model_validate(data), []
+    except ValidationError as exc:
+        return None, _problems(exc)
+
+
 def parse_config(
     data: Any, environ: dict[str, str] | None = None, *, resolve: bool = True
 ) -> Config:
-    """Validate ``data`` (parsed YAML) and resolve its secrets; raise ``ConfigError``."""
+    """Validate ``data`` (parsed YAML) and resolve its secrets; raise ``ConfigError`` with
+    every problem at once: the fields', the cross-field checks', the unset variables'."""
     env = dict(os.environ) if environ is None else environ
     if not isinstance(data, dict):
         raise ConfigError([("", "the config file must be a YAML mapping")])
-    try:
-        cfg = Config.model_validate(data)
-    except ValidationError as exc:
-        raise ConfigError(_problems(exc)) from None
-    problems = _cross_check(cfg)
-    if resolve:
+    cfg, problems = _validate(data)
+    problems += _cross_check(data)
+    if resolve and cfg is not None:
         problems += _resolve_secrets(cfg, env)
-    if problems:
+    elif resolve:
+        refs = _raw_secret_refs(data)
+        problems += [_unset(path, ref.env) for path, ref in refs if not env.get(ref.env)]
+    if problems or cfg is None:
         raise ConfigError(problems)
     if env.get("REDIS_URL"):
         cfg = cfg.model_copy(update={"redis_url": env["REDIS_URL"]})

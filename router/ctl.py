@@ -94,6 +94,9 @@ def _inspected_config(path: str | None) -> Config | None:
 
 async def _show_state(store: Store, cfg: Config, as_json: bool, watch: float | None) -> None:
     state = await read_state(store, cfg)
+    if not as_json and not Console().is_terminal:  # a pipe or a log: a script may be reading
+        print("routerctl: this table is for people; scripts read the JSON form: "
+              "routerctl state --json", file=sys.stderr)  # fmt: skip
     if watch is None and as_json:
         print(json.dumps(state_json(state), indent=2))
     elif watch is None:
@@ -203,13 +206,16 @@ def _add_load_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser])
     _add_cluster_options(
         sim, str(REPO_ROOT / "examples" / "simulate.yaml"), "where the JSON and PNG go"
     )
-    sim.add_argument("--strategy", required=True, choices=[s.value for s in Strategy])
+    sim.add_argument(
+        "--strategy", choices=[s.value for s in Strategy],
+        help="drive the first route using it (default: the --route's own; without --host, "
+        "with --route, a different one replaces the route's in a copy of the config)",
+    )  # fmt: skip
     sim.add_argument("--requests", type=_at_least_one, default=300, help="(default: 300)")
     sim.add_argument("--concurrency", type=_at_least_one, default=8, help="(default: 8)")
     sim.add_argument(
         "--route", metavar="MODEL",
-        help="the route to drive (default: with --host the first using --strategy, else the "
-        "first route, its strategy replaced by --strategy)",
+        help="the route to drive (default: the first using --strategy)",
     )  # fmt: skip
     sim.add_argument(
         "--redis-url", help="the cluster's Redis, to sample its state (default: REDIS_URL, "

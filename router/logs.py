@@ -44,9 +44,10 @@ def setup_logging(settings: LogSettings, component: str = "router") -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(settings.level)
-    if settings.decisions == "OFF":
-        decision_log.disabled = True
-    else:
+    # the model spells it one way (upper case, ``OFF`` for YAML's false); set both ways, so
+    # that a second call (a test, a reload) can turn the log back on
+    decision_log.disabled = settings.decisions == "OFF"
+    if not decision_log.disabled:
         decision_log.setLevel(settings.decisions)
     # httpx logs every request with its full URL at INFO (a base_url may carry a query)
     for noisy in ("uvicorn.access", "aiohttp.access", "httpx", "httpcore"):

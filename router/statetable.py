@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 
-from rich.console import Group, RenderableType
+from rich.console import Console, ConsoleOptions, Group, RenderableType, RenderResult
+from rich.measure import Measurement
 from rich.table import Table
 from rich.text import Text
 
@@ -19,10 +20,16 @@ def _row(table: Table, *cells: str | Text, style: str = "") -> None:
     table.add_row(*(Text(c) if isinstance(c, str) else c for c in cells), style=style)
 
 
-def _table(title: str, columns: Sequence[str], right: Sequence[str] = ()) -> Table:
+def _table(title: str, columns: Sequence[str], figures: Collection[str] = ()) -> Table:
+    """A table whose ``figures`` columns are right-aligned and never wrap, so that no number
+    is ever cut; the others wrap at spaces and fold a long name onto more lines when the
+    console is narrow (rich's default cuts both to an ellipsis: ``prov… weig…`` at 80)."""
     table = Table(title=Text(title), title_justify="left")
-    for name in (*columns, *right):
-        table.add_column(name, justify="right" if name in right else "left")
+    for name in columns:
+        if name in figures:
+            table.add_column(name, justify="right", no_wrap=True)
+        else:
+            table.add_column(name, overflow="fold")
     return table
 
 
@@ -62,20 +69,53 @@ def _circuit(p: ProviderState, now_ms: int) -> Text:
     return Text(", ".join(parts), style=style)
 
 
-def _provider_table(title: str, rows: Sequence[tuple[int, ProviderState]], now_ms: int) -> Table:
-    table = _table(
-        title,
-        ("provider", "weight", "health", "circuit / cooldown", "drained"),
-        ("in flight", "RPM", "TPM", "TTFT ms", "TPOT ms"),
-    )
+_STATUS = ("provider", "weight", "health", "circuit / cooldown", "drained")
+_LOAD = ("in flight", "RPM", "TPM", "TTFT ms", "TPOT ms")
+_FIGURES = frozenset({"weight", *_LOAD})
+
+
+def _status_cells(weight: int, p: ProviderState, now_ms: int) -> tuple[str | Text, ...]:
+    drained = Text("DRAINED", style="bold yellow") if p.drained else Text("no")
+    return p.name, str(weight), _health(p, now_ms), _circuit(p, now_ms), drained
+
+
+def _load_cells(p: ProviderState) -> tuple[str, ...]:
+    return (
+        _of(p.in_flight, p.max_in_flight), _of(p.rpm_used, p.rpm_limit),
+        _of(p.tpm_used, p.tpm_limit), _ms(p.ttft_ewma_ms), _ms(p.tpot_ewma_ms),
+    )  # fmt: skip
+
+
+class _Fitted:
+    """Providers in one table when the console is wide enough for it without wrapping, else
+    in two narrower ones (status, then load) with the provider name in each."""
+
+    def __init__(self, wide: Table, narrow: Sequence[Table]) -> None:
+        self.wide = wide
+        self.narrow = narrow
+
+    def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
+        # measured unclamped: Measurement.get caps the answer at the width it is given;
+        # asked at each render, so --watch follows a resized terminal
+        natural = Measurement.get(console, options.update_width(10_000), self.wide).maximum
+        if natural <= options.max_width:
+            yield self.wide
+        else:
+            yield from self.narrow
+
+
+def _provider_table(
+    title: str, rows: Sequence[tuple[int, ProviderState]], now_ms: int
+) -> RenderableType:
+    wide = _table(title, (*_STATUS, *_LOAD), _FIGURES)
+    status = _table(title + ": status", _STATUS, _FIGURES)
+    load = _table(title + ": load", ("provider", *_LOAD), _FIGURES)
     for weight, p in rows:
-        drained = Text("DRAINED", style="bold yellow") if p.drained else Text("no")
-        _row(
-            table, p.name, str(weight), _health(p, now_ms), _circuit(p, now_ms), drained,
-            _of(p.in_flight, p.max_in_flight), _of(p.rpm_used, p.rpm_limit),
-            _of(p.tpm_used, p.tpm_limit), _ms(p.ttft_ewma_ms), _ms(p.tpot_ewma_ms),
-        )  # fmt: skip
-    return table
+        status_cells, load_cells = _status_cells(weight, p, now_ms), _load_cells(p)
+        _row(wide, *status_cells, *load_cells)
+        _row(status, *status_cells)
+        _row(load, p.name, *load_cells)
+    return _Fitted(wide, (status, load))
 
 
 def _route_title(route: RouteState) -> str:
@@ -84,7 +124,7 @@ def _route_title(route: RouteState) -> str:
 
 def _replica_table(replicas: Sequence[ReplicaState], now_ms: int) -> Table:
     columns = ("replica", "host", "pid", "version", "up", "last heartbeat")
-    table = _table(f"{len(replicas)} live replicas", columns)
+    table = _table(f"{len(replicas)} live replicas", columns, ("pid", "up", "last heartbeat"))
     for r in replicas:
         up = humanize(now_ms / 1000 - r.started) if r.started else "-"
         _row(table, r.id, r.host, str(r.pid or "-"), r.version, up, humanize(r.age_s) + " ago")
@@ -123,7 +163,7 @@ def _ttl(info: KeyInfo) -> str:
 def render_keys(keys: Sequence[KeyInfo]) -> Table:
     """The deployment's keys: name, Redis type ("none" when absent), TTL, what it holds."""
     present = sum(k.type not in ("none", "channel") for k in keys)
-    table = _table(f"{present} keys present", ("key", "type", "TTL", "what"))
+    table = _table(f"{present} keys present", ("key", "type", "TTL", "what"), ("TTL",))
     for k in keys:
         _row(table, k.key, k.type, _ttl(k), k.what, style="dim" if k.type == "none" else "")
     return table

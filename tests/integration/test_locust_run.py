@@ -14,10 +14,13 @@ from loadtest.loadrun import LocalCluster
 from tests.helpers import ROOT, launcher_env, local_config
 
 PROVIDERS = {"fast-openai", "slow-openai", "claude"}
-NAMES = ("chat", "chat stream", "embeddings")
+NAMES = ("chat", "chat stream (to headers)", "embeddings")
 # The launcher's mocks send the first token after 30 +/- 20 ms and the next 15 tokens 15 ms
 # apart: a first token later than this means the stream was held back, not relayed.
 TTFT_MAX_MS = 150
+# ... and so the whole of a stream takes at least 15 x 15 ms more than its first token
+STREAM_AFTER_TTFT_MS = 15 * 15
+USERS = 4
 
 
 def locust_stats(out: Path) -> dict[tuple[str, str], dict[str, str]]:
@@ -34,7 +37,7 @@ def test_a_short_headless_locust_run(tmp_path: Path) -> None:
         env = launcher_env(ROUTER_CLIENT_KEY=gateway.key, LOCUST_CHAT_WEIGHT="1")
         env |= {"LOCUST_STREAM_WEIGHT": "1", "LOCUST_EMBED_WEIGHT": "1"}
         argv = [sys.executable, "-m", "router.ctl", "loadtest", "--config", str(config)]
-        argv += ["--host", gateway.root, "--users", "4", "--spawn-rate", "4"]
+        argv += ["--host", gateway.root, "--users", str(USERS), "--spawn-rate", str(USERS)]
         argv += ["--duration", "5", "--out", str(out)]
         done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=90, cwd=ROOT)
     assert done.returncode == 0, f"{done.stdout}\n{done.stderr}"
@@ -45,15 +48,32 @@ def test_a_short_headless_locust_run(tmp_path: Path) -> None:
     for name in NAMES:
         assert int(stats[("POST", name)]["Request Count"]) > 0, name
         assert int(stats[("POST", name)]["Failure Count"]) == 0, name
-    ttft = stats[("TTFT", "chat stream")]
+    ttft = stats[("TTFT", "chat stream (to first token)")]
     assert int(ttft["Request Count"]) > 0
     assert float(ttft["Median Response Time"]) > 0
+    check_stream_rows(stats)
     providers = json.loads((out / "providers.json").read_text())
     assert set(providers["providers"]) == PROVIDERS
     assert all(p["received"] > 0 for p in providers["providers"].values())
     assert providers["rate_limited"] == 0
     assert all(p["rate_limited"] == 0 for p in providers["providers"].values())
     check_streams_are_relayed(float(ttft["Median Response Time"]), tmp_path / "cluster.log")
+
+
+def check_stream_rows(stats: dict[tuple[str, str], dict[str, str]]) -> None:
+    """Three rows per stream, each timed to what its name says: the headers, the first token,
+    the end of the whole stream (``[DONE]``); as many of each, but for the streams the end of
+    the run cut short (at most one per user)."""
+    headers = stats[("POST", "chat stream (to headers)")]
+    ttft = stats[("TTFT", "chat stream (to first token)")]
+    whole = stats[("STREAM", "chat stream (to [DONE])")]
+    counts = [int(row["Request Count"]) for row in (headers, ttft, whole)]
+    assert counts[0] >= counts[1] >= counts[2] >= max(1, counts[0] - USERS), counts
+    assert int(whole["Failure Count"]) == 0
+    median = {name: float(row["Median Response Time"]) for name, row in
+              (("headers", headers), ("ttft", ttft), ("whole", whole))}  # fmt: skip
+    assert median["headers"] <= median["ttft"] < median["whole"], median
+    assert float(whole["Min Response Time"]) >= STREAM_AFTER_TTFT_MS, whole
 
 
 def check_streams_are_relayed(ttft_ms: float, cluster_log: Path) -> None:

@@ -3,9 +3,10 @@
 One cluster for the module, started by the launcher (``routerctl up``: the three mock
 providers of ``examples/simulate.yaml`` on free ports, a private redis-server, two
 replicas), and one ``routerctl simulate --host`` per strategy, each on the route of
-``examples/simulate.yaml`` that uses it. The launcher paces every mock alike, so for
-``least_latency`` the test also starts a faster mock of its own, on 127.0.0.2 (loopback, but
-not an address the launcher mocks), and adds it to that route.
+``examples/simulate.yaml`` that uses it. The launcher paces every mock alike, so the config's
+``least_latency`` route has a fourth provider, a 1 ms mock on 127.0.0.2 (loopback, but not an
+address the launcher mocks), started here with the command the config's comments give: the
+README's table comes from the shipped config as it is, but for the ports.
 """
 
 from __future__ import annotations
@@ -28,11 +29,12 @@ import pytest
 import yaml
 
 from loadtest.loadrun import Gateway, LocalCluster
-from tests.helpers import ROOT, Proc, free_port, wait_until
+from tests.helpers import ROOT, Proc, wait_until
 
 REQUESTS = 150  # a multiple of 6: whole rounds of round robin (3) and of weights 1, 2, 3
 CONCURRENCY = 8
 FAST_HOST = "127.0.0.2"
+EXAMPLE = ROOT / "examples" / "simulate.yaml"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 ROUTES = {
     "round_robin": "sim-round-robin",
@@ -70,28 +72,40 @@ def free_port_on(host: str) -> int:
         return int(s.getsockname()[1])
 
 
-def simulate_config(tmp: Path, fast_port: int | None = None) -> Path:
-    """examples/simulate.yaml on free ports; with ``fast_port``, a fast mock for least_latency."""
-    cfg = yaml.safe_load((ROOT / "examples" / "simulate.yaml").read_text())
+def simulate_config(tmp: Path) -> Path:
+    """examples/simulate.yaml with every provider on a free port of its own address."""
+    cfg = yaml.safe_load(EXAMPLE.read_text())
     for provider in cfg["providers"]:
         url = urlsplit(provider["base_url"])
-        provider["base_url"] = url._replace(netloc=f"{url.hostname}:{free_port()}").geturl()
-    if fast_port is not None:
-        base = f"http://{FAST_HOST}:{fast_port}/v1"
-        cfg["providers"].append({"name": "fast", "kind": "openai", "base_url": base})
-        for route in cfg["routes"]:
-            if route["strategy"] == "least_latency":  # a new list: the routes share one by alias
-                route["targets"] = [*route["targets"], {"provider": "fast", "model": "m"}]
+        port = free_port_on(url.hostname or "")
+        provider["base_url"] = url._replace(netloc=f"{url.hostname}:{port}").geturl()
     path = tmp / "simulate.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return path
 
 
+def fast_port(config: Path) -> int:
+    """The port of the config's fast provider, on 127.0.0.2."""
+    cfg = yaml.safe_load(config.read_text())
+    url = urlsplit(next(p["base_url"] for p in cfg["providers"] if p["name"] == "fast"))
+    assert url.hostname == FAST_HOST
+    assert url.port is not None
+    return url.port
+
+
+def fast_mock_argv(port: int) -> list[str]:
+    """The command examples/simulate.yaml's comments give for its fast mock, on ``port``."""
+    lines = EXAMPLE.read_text().splitlines()
+    argv = next(line for line in lines if "loadtest.mock_provider" in line).lstrip("# ").split()
+    assert argv[:3] == ["python", "-m", "loadtest.mock_provider"]
+    assert argv[argv.index("--host") + 1] == FAST_HOST
+    argv[argv.index("--port") + 1] = str(port)
+    return [sys.executable, *argv[1:]]
+
+
 def fast_mock(tmp: Path, port: int) -> Proc:
-    """A mock answering in 1 ms, on 127.0.0.2, once it serves."""
-    argv = [sys.executable, "-m", "loadtest.mock_provider", "--host", FAST_HOST, "--port"]
-    argv += [str(port), "--name", "fast", "--latency-ms", "1"]
-    proc = Proc("mock-fast", argv, launcher_env(), tmp)
+    """The config's 1 ms mock, on 127.0.0.2, once it serves."""
+    proc = Proc("mock-fast", fast_mock_argv(port), launcher_env(), tmp)
 
     def ready() -> bool:
         if proc.popen.poll() is not None:
@@ -108,9 +122,8 @@ def fast_mock(tmp: Path, port: int) -> Proc:
 def sim(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sim]:
     """One cluster (launcher, 2 replicas) plus the fast mock, for every strategy."""
     tmp = tmp_path_factory.mktemp("simulate")
-    fast_port = free_port_on(FAST_HOST)
-    config = simulate_config(tmp, fast_port)
-    fast = fast_mock(tmp, fast_port)
+    config = simulate_config(tmp)
+    fast = fast_mock(tmp, fast_port(config))
     try:
         with LocalCluster(config, 2, tmp / "cluster.log", launcher_env()) as gateway:
             yield Sim(gateway, config, tmp)
@@ -226,12 +239,20 @@ def gone(pid: int) -> bool:
 
 
 @pytest.mark.slow
-def test_without_host_it_starts_a_cluster_with_the_strategy_replaced_and_stops_it(
-    tmp_path: Path,
+@pytest.mark.parametrize(
+    ("args", "route", "replaced"),
+    [
+        (("--strategy", "weighted"), "sim-weighted", False),
+        (("--route", "sim-round-robin", "--strategy", "weighted"), "sim-round-robin", True),
+    ],
+    ids=["the-route-of-the-strategy", "a-route-with-its-strategy-replaced"],
+)
+def test_without_host_it_starts_a_cluster_and_stops_it(
+    tmp_path: Path, args: tuple[str, ...], route: str, replaced: bool
 ) -> None:
     config = simulate_config(tmp_path)
-    report = run_simulate(config, tmp_path / "out", "--strategy", "weighted", env=launcher_env())
-    assert (report["route"], report["replaced"]) == ("sim-round-robin", True)
+    report = run_simulate(config, tmp_path / "out", *args, env=launcher_env())
+    assert (report["route"], report["replaced"]) == (route, replaced)
     check_common(report, "weighted")
     assert received(report) == {"alpha": 25, "beta": 50, "gamma": 75}  # a fresh rotation
     log = (tmp_path / "out" / "simulate-weighted-cluster.log").read_text()

@@ -258,8 +258,8 @@ STRATEGIES = "'round_robin', 'weighted', 'least_connections', 'least_latency' or
             id="base-url-space",
         ),
         pytest.param(
-            put("providers", 0, "name", value="bad name"),
-            ("providers[0].name", "does not match ^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$"),
+            put("providers", 1, "name", value="bad name"),  # b: no route uses it
+            ("providers[1].name", "does not match ^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$"),
             id="bad-provider-name",
         ),
         pytest.param(
