@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> None:
     require_shared_store(cfg, path)
 
     from healthd.daemon import HealthDaemon  # after the config, so a bad file fails fast
-    from router.logs import setup_logging
+    from router.telemetry.logs import setup_logging
 
     setup_logging(cfg.log, "healthd")
     daemon = HealthDaemon(cfg, host=args.host, port=args.port)

@@ -29,8 +29,8 @@ from healthd.probe import ProbeResult, probe
 from healthd.server import make_app, start_server
 from router.config import Config, Provider, masked_url
 from router.errors import StoreError
-from router.health_store import HealthStore
-from router.store import Store
+from router.state.health import HealthStore
+from router.state.store import Store
 
 log = logging.getLogger("healthd")
 

@@ -9,7 +9,7 @@ from collections.abc import Callable, Iterable
 
 from opentelemetry.metrics import Observation
 
-from router.telemetry import PROMETHEUS_CONTENT_TYPE, Telemetry
+from router.telemetry.tracing import PROMETHEUS_CONTENT_TYPE, Telemetry
 
 CONTENT_TYPE = PROMETHEUS_CONTENT_TYPE
 RESULTS = ("ok", "fail")

@@ -18,7 +18,7 @@ from typing import Any, NamedTuple
 import httpx
 
 from router.config import Provider, ProviderKind
-from router.providers._common import api_key, api_url
+from router.upstream.providers._common import api_key, api_url
 
 DEFAULT_PATHS = {ProviderKind.OPENAI: "/models", ProviderKind.ANTHROPIC: "/v1/models"}
 """The cheapest authenticated call of each kind: list the models (no tokens spent)."""

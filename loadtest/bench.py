@@ -960,7 +960,7 @@ def store_config(redis_port: int, n_targets: int, pool: int) -> Any:
 
 async def _pair(store: Any, plan: Any, lease_id: str, rand: int) -> bool:
     """One acquire and its release, as a request makes them."""
-    from router.store import Lease, Outcome
+    from router.state.store import Lease, Outcome
 
     n = len(plan.providers)
     d = await store.acquire(plan, lease_id, [32] * n, [False] * n, rand=rand, expected_output=16)
@@ -973,7 +973,7 @@ async def _pair(store: Any, plan: Any, lease_id: str, rand: int) -> bool:
 
 async def pairs_per_second(redis_port: int, seconds: float, tasks: int = 64) -> dict[str, Any]:
     """Many concurrent clients calling acquire+release straight on the store (one Redis)."""
-    from router.store import RoutePlan, Store
+    from router.state.store import RoutePlan, Store
 
     cfg = store_config(redis_port, 3, tasks)
     store = Store.from_config(cfg)
@@ -1027,7 +1027,7 @@ async def _acquire_batch(
     ``busy``: all ``n`` at once, pipelined over the store's one connection, so Redis runs them
     back to back, as under load (the figure that sets a shard's capacity); otherwise one at a
     time, Redis idle between calls (on this VM that costs a cold start per call)."""
-    from router.store import Lease, Outcome
+    from router.state.store import Lease, Outcome
 
     k = len(plan.providers)
 
@@ -1063,7 +1063,7 @@ async def acquire_cost_async(redis_port: int, n: int) -> dict[str, Any]:
     """The acquire script's server-side time with 10 targets in the route, per strategy:
     Redis busy (the target's figure) and one call at a time, the decision log off (the
     router's default: codes only); and busy with the decision log's per-target detail."""
-    from router.store import RoutePlan, Store
+    from router.state.store import RoutePlan, Store
 
     cfg = store_config(redis_port, 10, 4)
     store = Store.from_config(cfg)

@@ -58,8 +58,8 @@ from loadtest.loadrun import (
 )
 from router.config import Config, Route, Strategy, load_config, masked_url
 from router.errors import ConfigError, StoreError
-from router.inspect import ProviderState, read_state
-from router.store import Store
+from router.state.cluster import ProviderState, read_state
+from router.state.store import Store
 from router.tokens import max_output, prompt_tokens, reservation
 
 if TYPE_CHECKING:

@@ -16,8 +16,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from opentelemetry.trace import SpanKind
 
-from router.metrics import RouterMetrics, SharedFigures
-from router.telemetry import Telemetry
+from router.telemetry.metrics import RouterMetrics, SharedFigures
+from router.telemetry.tracing import Telemetry
 
 HEADERS = {"traceparent": "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"}
 

@@ -10,9 +10,9 @@ from typing import Any
 
 import uvicorn
 
+from router.api.server import protocol
 from router.config import Config, load_config
 from router.errors import ConfigError
-from router.httpserver import protocol
 
 
 def config_from_args(path: str | None) -> Config:
@@ -86,8 +86,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     cfg = config_from_args(args.config)
 
-    from router.app import create_app  # after the config, so a bad file fails fast
-    from router.logs import setup_logging
+    from router.api.app import create_app  # after the config, so a bad file fails fast
+    from router.telemetry.logs import setup_logging
 
     setup_logging(cfg.log)
     serve(create_app(cfg), cfg, args.host, args.port, reuse_port=args.reuse_port)

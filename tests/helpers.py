@@ -19,8 +19,8 @@ import httpx
 import yaml
 
 from router.config import load_config
-from router.health_store import HealthStore, ProbeWrite
-from router.store import Store
+from router.state.health import HealthStore, ProbeWrite
+from router.state.store import Store
 
 ROOT = Path(__file__).resolve().parent.parent
 

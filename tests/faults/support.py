@@ -19,7 +19,7 @@ import httpx
 import redis
 from prometheus_client.parser import text_string_to_metric_families
 
-from router.keys import Keys
+from router.state.keys import Keys
 from tests.helpers import (
     ENV,
     Cluster,

@@ -25,7 +25,7 @@ from hypothesis import HealthCheck, Phase, given, settings
 from schemathesis import APIOperation, GenerationMode
 from schemathesis.core.result import Ok
 
-from router.schemas import ChatBody, EmbeddingsBody
+from router.api.schemas import ChatBody, EmbeddingsBody
 from tests.faults.proxy import Proxy, proxies
 from tests.faults.support import CHAT, Via, scrape, start, total
 from tests.helpers import CLIENT_KEY, Cluster, Gateway, Proc, auth, wait_until

@@ -17,8 +17,8 @@ from typing import Any
 import pytest
 
 from router.config import load_config
-from router.dispatch import Operation
-from router.gateway import Gateway as Replica
+from router.replica.dispatch import Operation
+from router.replica.gateway import Gateway as Replica
 from tests.faults.proxy import Proxy, ProxyPool
 from tests.faults.support import (
     CHAT,

@@ -14,7 +14,7 @@ import httpx
 import pytest
 import redis
 
-from router.health_store import ProbeWrite
+from router.state.health import ProbeWrite
 from tests.faults.support import KEYS, Healthd, fields, in_flight, leases, start
 from tests.helpers import Cluster, Mock, auth, wait_until, write_config, write_with_epoch
 

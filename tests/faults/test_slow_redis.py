@@ -16,7 +16,7 @@ import httpx
 import pytest
 from redis import exceptions as rx
 
-from router.muxredis import MuxRedis
+from router.state.muxredis import MuxRedis
 from tests.faults.proxy import Proxy, ProxyPool
 from tests.faults.support import (
     CHAT,

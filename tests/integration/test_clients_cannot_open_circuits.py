@@ -19,7 +19,7 @@ import orjson
 import pytest
 import redis
 
-from router.keys import Keys
+from router.state.keys import Keys
 from tests.helpers import CLIENT_KEY, Cluster, Gateway, write_config
 
 FAILURES = 5  # the default circuit.failures: this many failures in a row open it

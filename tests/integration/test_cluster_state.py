@@ -15,9 +15,9 @@ import httpx
 import redis.asyncio as aioredis
 
 from router.config import parse_config
-from router.inspect import describe_keys, read_state
-from router.keys import Keys
-from router.store import Store
+from router.state.cluster import describe_keys, read_state
+from router.state.keys import Keys
+from router.state.store import Store
 from tests.helpers import (
     ADMIN_TOKEN,
     CLIENT_KEY,

@@ -23,8 +23,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from healthd.probe import probe
 from router.config import Config, parse_config
-from router.health_store import ProbeWrite
-from router.keys import Keys
+from router.state.health import ProbeWrite
+from router.state.keys import Keys
 from tests.helpers import (
     ENV,
     PROVIDER_KEY,

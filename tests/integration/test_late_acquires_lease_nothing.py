@@ -9,7 +9,7 @@ import pytest
 
 from router.config import parse_config
 from router.errors import StoreError
-from router.store import LOST, LostLease, RoutePlan, Store
+from router.state.store import LOST, LostLease, RoutePlan, Store
 
 ENV = {"K": "client-key"}
 CFG = {

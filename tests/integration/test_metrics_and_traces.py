@@ -12,7 +12,7 @@ import pytest
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 from prometheus_client.parser import text_string_to_metric_families
 
-from router.metrics import METRIC_NAMES
+from router.telemetry.metrics import METRIC_NAMES
 from tests.helpers import (
     SECRETS,
     Cluster,

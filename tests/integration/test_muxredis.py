@@ -1,4 +1,4 @@
-"""The scripts' shared pipelined connection (router/muxredis.py) against a real Redis."""
+"""The scripts' shared pipelined connection (router/state/muxredis.py) against a real Redis."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 import redis
 from redis import exceptions as rx
 
-from router.muxredis import MuxRedis
+from router.state.muxredis import MuxRedis
 
 SCRIPT = "return redis.call('INCRBY', KEYS[1], ARGV[1])"
 SHA = hashlib.sha1(SCRIPT.encode()).hexdigest()

@@ -13,9 +13,9 @@ import pytest
 import redis
 
 from router.config import load_config
-from router.health_store import HealthStore
-from router.keys import Keys
-from router.store import Store
+from router.state.health import HealthStore
+from router.state.keys import Keys
+from router.state.store import Store
 from tests.helpers import ADMIN_TOKEN, CLIENT_KEY, ENV, Cluster, Gateway, Mock, start_gateway
 
 KEYS = Keys("rc", "default")

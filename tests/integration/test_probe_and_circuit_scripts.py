@@ -13,8 +13,8 @@ from collections.abc import AsyncIterator
 import pytest
 
 from router.config import Config, parse_config
-from router.health_store import HealthStore
-from router.store import Lease, Outcome, RoutePlan, Store
+from router.state.health import HealthStore
+from router.state.store import Lease, Outcome, RoutePlan, Store
 from router.strategies import Code
 
 COOLDOWN_MS = 60_000

@@ -17,7 +17,7 @@ import httpx
 import pytest
 import redis
 
-from router.keys import Keys
+from router.state.keys import Keys
 from tests.helpers import ENV, Cluster, Gateway, Mock, auth, free_port, start_gateway, wait_until
 
 CHAT = {"model": "chat", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 5}

@@ -16,9 +16,9 @@ import pytest
 import redis
 
 from router.config import Config, load_config
-from router.health_store import HealthStore
-from router.keys import Keys
-from router.store import Store, _SSLConnection
+from router.state.health import HealthStore
+from router.state.keys import Keys
+from router.state.store import Store, _SSLConnection
 from tests.helpers import (
     ENV,
     ROOT,

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import redis
 
-from router.keys import Keys
+from router.state.keys import Keys
 from tests.helpers import ENV, Mock, write_config
 
 KEYS = Keys("rc", "default")

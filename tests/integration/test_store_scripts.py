@@ -9,8 +9,8 @@ import pytest
 import redis.asyncio as aioredis
 
 from router.config import Config, parse_config
-from router.keys import WINDOW_BUCKETS
-from router.store import Lease, Outcome, RoutePlan, Store
+from router.state.keys import WINDOW_BUCKETS
+from router.state.store import Lease, Outcome, RoutePlan, Store
 from router.strategies import Code
 
 ENV = {"K": "client-key"}

@@ -10,8 +10,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from router.config import Strategy
-from router.keys import WINDOW_BUCKETS, Keys
-from router.store import _decode_decision, _script
+from router.state.keys import WINDOW_BUCKETS, Keys
+from router.state.store import _decode_decision, _script
 from router.strategies import Code, TargetView, choose, eligibility
 
 KEYS = Keys("t", "pool")

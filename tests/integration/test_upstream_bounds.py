@@ -1,4 +1,4 @@
-"""What a provider sends is bounded (router/upstream.py): headers, a whole answer, its inflated
+"""What a provider sends is bounded (router/upstream/client.py): headers, a whole answer, its inflated
 size, an error body; a stream's waits end at the deadline its caller sets, however the bytes
 trickle in. A scripted loopback server plays the hostile provider.
 """
@@ -15,8 +15,8 @@ import pytest
 
 from router.config import Bounds, Timeouts
 from router.errors import UpstreamError, UpstreamProtocolError, UpstreamTimeout
-from router.providers.base import UpstreamRequest
-from router.upstream import INFLATE_STEP, Upstream, UpstreamResponse
+from router.upstream.client import INFLATE_STEP, Upstream, UpstreamResponse
+from router.upstream.providers.base import UpstreamRequest
 from tests.faults.hostile import gzip_bomb
 
 MiB = 1 << 20

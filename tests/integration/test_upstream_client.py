@@ -1,4 +1,4 @@
-"""The hot path's HTTP client (router/upstream.py) against real HTTP servers on loopback.
+"""The hot path's HTTP client (router/upstream/client.py) against real HTTP servers on loopback.
 
 A scripted asyncio server answers each request with raw bytes, so framings the mock provider
 never produces (gzip, chunked, close-delimited, malformed) are covered too; the mock provider
@@ -20,8 +20,8 @@ from router.errors import (
     UpstreamProtocolError,
     UpstreamTimeout,
 )
-from router.providers.base import UpstreamRequest
-from router.upstream import Upstream
+from router.upstream.client import Upstream
+from router.upstream.providers.base import UpstreamRequest
 
 Answer = Callable[[bytes], list[bytes] | None]
 """Given the request bytes, what to send back, piece by piece (``None``: close at once; an

@@ -13,10 +13,10 @@ from pydantic import SecretStr
 
 from router.config import Provider, ProviderKind, SecretRef
 from router.errors import BadRequest, UpstreamProtocolError
-from router.providers import anthropic
-from router.providers._common import MAX_MESSAGE
-from router.providers.anthropic import AnthropicAdapter
-from router.providers.base import RateLimitInfo, Usage
+from router.upstream.providers import anthropic
+from router.upstream.providers._common import MAX_MESSAGE
+from router.upstream.providers.anthropic import AnthropicAdapter
+from router.upstream.providers.base import RateLimitInfo, Usage
 
 NOW = 1_700_000_000.0
 ADAPTER = AnthropicAdapter()

@@ -14,8 +14,8 @@ from typing import Any
 import pytest
 import yaml
 
-from router import ctl
 from router.config import _raw_secret_refs, _secret_refs, parse_config
+from router.ctl import cli as ctl
 from router.errors import ConfigError
 
 BAD: dict[str, Any] = {

@@ -365,7 +365,7 @@ def test_counters_are_read_through_rate_and_gauges_are_not() -> None:
 
 # Where the code declares the names it exposes: a ``METRIC_NAMES`` set in any of these.
 CODE_METRIC_MODULES = {
-    "router": ("router.telemetry", "router.metrics"),
+    "router": ("router.telemetry.tracing", "router.telemetry.metrics"),
     "healthd": ("healthd.telemetry", "healthd.metrics"),
 }
 

@@ -11,7 +11,7 @@ import pytest
 
 from router.config import load_config
 from router.errors import ConfigError
-from router.logs import decision_log, decisions_logged, setup_logging
+from router.telemetry.logs import decision_log, decisions_logged, setup_logging
 
 CONFIG = """
 client_keys: [{{env: CK}}]

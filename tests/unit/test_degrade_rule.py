@@ -7,9 +7,9 @@ from typing import Any
 
 import pytest
 
-from router import degraded
-from router.degraded import SharedMode
 from router.errors import StoreError
+from router.replica import degraded
+from router.replica.degraded import SharedMode
 
 
 class Clock:

@@ -9,15 +9,15 @@ import orjson
 import pytest
 
 from router.errors import UpstreamProtocolError
-from router.providers._common import (
+from router.upstream.providers._common import (
     MAX_VALUE,
     parse_duration,
     parse_int,
     parse_retry_after,
     parse_timestamp,
 )
-from router.providers.anthropic import AnthropicAdapter, AnthropicStream
-from router.providers.openai import OpenAIAdapter
+from router.upstream.providers.anthropic import AnthropicAdapter, AnthropicStream
+from router.upstream.providers.openai import OpenAIAdapter
 
 HOSTILE = ["1s" * 32000, "1" * 65000, "1." * 32000, "Mon, " + "1 " * 32000]
 

@@ -7,10 +7,10 @@ from typing import Any
 import pytest
 
 from router.config import Config, parse_config
-from router.fallback import LocalState
-from router.health_store import ProviderHealth
-from router.keys import Keys
-from router.store import RoutePlan
+from router.replica.local import LocalState
+from router.state.health import ProviderHealth
+from router.state.keys import Keys
+from router.state.store import RoutePlan
 from router.strategies import Code
 
 

@@ -14,17 +14,17 @@ from pydantic import SecretStr
 
 from router.config import Provider, ProviderKind, SecretRef
 from router.errors import UpstreamProtocolError
-from router.providers import ADAPTERS, adapter_for, openai
-from router.providers._common import (
+from router.upstream.providers import ADAPTERS, adapter_for, openai
+from router.upstream.providers._common import (
     MAX_MESSAGE,
     client_wants_usage,
     parse_duration,
     parse_retry_after,
     parse_timestamp,
 )
-from router.providers.anthropic import AnthropicAdapter
-from router.providers.base import RateLimitInfo, Usage
-from router.providers.openai import OpenAIAdapter
+from router.upstream.providers.anthropic import AnthropicAdapter
+from router.upstream.providers.base import RateLimitInfo, Usage
+from router.upstream.providers.openai import OpenAIAdapter
 
 NOW = 1_700_000_000.0
 ADAPTER = OpenAIAdapter()

@@ -12,11 +12,11 @@ import pytest
 
 from router.config import parse_config
 from router.errors import RouterError, Saturated, Unavailable, to_openai_error
-from router.fallback import LocalState
-from router.health_store import ProviderHealth
-from router.keys import Keys
-from router.refusal import refusal
-from router.store import Candidate, Decision, RoutePlan
+from router.replica.local import LocalState
+from router.replica.refusal import refusal
+from router.state.health import ProviderHealth
+from router.state.keys import Keys
+from router.state.store import Candidate, Decision, RoutePlan
 from router.strategies import Code
 
 NOW_MS = 1_000_000

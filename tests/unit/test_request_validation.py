@@ -1,4 +1,4 @@
-"""router/schemas.py: the fields we route on are checked, everything else passes through."""
+"""router/api/schemas.py: the fields we route on are checked, everything else passes through."""
 
 from __future__ import annotations
 
@@ -7,8 +7,7 @@ from typing import Any
 
 import pytest
 
-from router.errors import BadRequest
-from router.schemas import (
+from router.api.schemas import (
     MAX_MESSAGES,
     MAX_OUTPUT_TOKENS,
     ChatBody,
@@ -16,6 +15,7 @@ from router.schemas import (
     check,
     parse_json,
 )
+from router.errors import BadRequest
 
 USER = {"role": "user", "content": "hi"}
 

@@ -6,9 +6,9 @@ from __future__ import annotations
 import pytest
 
 from router.errors import UpstreamProtocolError
-from router.providers._common import EventSplitter
-from router.providers.anthropic import AnthropicStream
-from router.providers.openai import OpenAIStream
+from router.upstream.providers._common import EventSplitter
+from router.upstream.providers.anthropic import AnthropicStream
+from router.upstream.providers.openai import OpenAIStream
 
 STREAMS = {
     "lf": b"data: 1\n\ndata: 2\n\n: keep-alive\n\ndata: [DONE]\n\n",

@@ -8,7 +8,8 @@ from dataclasses import replace
 import pytest
 from rich.console import Console, RenderableType
 
-from router.inspect import (
+from router.ctl.tables import humanize, render_keys, render_state
+from router.state.cluster import (
     ClusterState,
     HealthdState,
     KeyInfo,
@@ -18,7 +19,6 @@ from router.inspect import (
     TargetState,
     state_json,
 )
-from router.statetable import humanize, render_keys, render_state
 
 NOW = 1_795_000_000_000
 

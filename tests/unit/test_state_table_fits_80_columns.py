@@ -11,7 +11,8 @@ from dataclasses import replace
 
 from rich.console import Console, RenderableType
 
-from router.inspect import (
+from router.ctl.tables import render_keys, render_state
+from router.state.cluster import (
     ClusterState,
     HealthdState,
     KeyInfo,
@@ -20,7 +21,6 @@ from router.inspect import (
     RouteState,
     TargetState,
 )
-from router.statetable import render_keys, render_state
 
 NOW = 1_795_000_000_000
 AZURE = ProviderState(

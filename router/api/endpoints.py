@@ -1,0 +1,224 @@
+"""The two hot endpoints, ``POST /v1/chat/completions`` and ``POST /v1/embeddings``, as a
+plain ASGI application in front of FastAPI.
+
+Every request a gateway serves goes through here, so it skips FastAPI's and Starlette's
+middleware, routing and dependency layers (they measured about a quarter of a replica's
+CPU under load); everything else (models, health, metrics, admin) stays in FastAPI. The
+body is read, checked and forwarded as it came; a stream is relayed chunk by chunk, and a
+client that goes away cancels the relay, which releases its lease.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import uuid
+from collections.abc import AsyncGenerator, Iterable
+from typing import Any
+
+import orjson
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from router.api.auth import authorization
+from router.api.schemas import ChatBody, EmbeddingsBody, check, parse_json
+from router.errors import (
+    INTERNAL_ERROR,
+    ClientGone,
+    ModelNotFound,
+    PayloadTooLarge,
+    RequestTimeout,
+    RouterError,
+    to_openai_error,
+)
+from router.replica.dispatch import Operation, Reply
+from router.replica.gateway import Gateway
+from router.telemetry.tracing import client_traceparent
+
+log = logging.getLogger("router.endpoints")
+
+PATHS = {"/v1/chat/completions": Operation.CHAT, "/v1/embeddings": Operation.EMBEDDINGS}
+_JSON = (b"content-type", b"application/json")
+_SSE = [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache")]
+_INTERNAL_BODY = orjson.dumps(INTERNAL_ERROR)
+_OUTCOMES = {"ok": "ok", "client_cancelled": "cancelled"}
+
+
+def request_id(raw: bytes) -> str:
+    """The client's ``x-request-id`` when sane (printable, at most 128 bytes), or a new one."""
+    if 0 < len(raw) <= 128 and all(0x21 <= b <= 0x7E for b in raw):
+        return raw.decode()
+    return uuid.uuid4().hex
+
+
+async def read_body(
+    headers: dict[bytes, bytes], receive: Receive, limit: int, within: float
+) -> bytes:
+    """The body, refusing more than ``limit`` bytes before reading them all, or one that has
+    not all come ``within`` seconds (a client trickling it in would hold a slot forever)."""
+    declared = headers.get(b"content-length", b"")
+    if declared.isdigit() and int(declared) > limit:
+        raise PayloadTooLarge(f"the body is over the limit of {limit} bytes")
+    try:
+        async with asyncio.timeout(within):
+            return await _read_all(receive, limit)
+    except TimeoutError:
+        raise RequestTimeout(f"the body did not arrive within {within:g} s") from None
+
+
+async def _read_all(receive: Receive, limit: int) -> bytes:
+    chunks, size, more = [], 0, True
+    while more:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            # the client left while sending: nobody to answer, nothing worth an error log
+            raise ClientGone("the client closed the connection while sending its body")
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > limit:
+            raise PayloadTooLarge(f"the body is over the limit of {limit} bytes")
+        chunks.append(chunk)
+        more = message.get("more_body", False)
+    return b"".join(chunks)
+
+
+class HotPath:
+    """Serves the OpenAI request endpoints itself; hands everything else to ``app``."""
+
+    def __init__(self, app: ASGIApp, gw: Gateway) -> None:
+        self.app = app
+        self.gw = gw
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        op = PATHS.get(scope["path"]) if scope["type"] == "http" else None
+        if op is None or scope["method"] != "POST":
+            await self.app(scope, receive, send)
+            return
+        await _Exchange(self.gw, op, scope, receive, send).run()
+
+
+class _Exchange:
+    """One request on the hot path: its span, its metrics, its answer."""
+
+    def __init__(self, gw: Gateway, op: Operation, scope: Scope, receive: Receive, send: Send):
+        self.gw, self.op, self.scope, self.receive, self.send = gw, op, scope, receive, send
+        self.headers: dict[bytes, bytes] = dict(scope["headers"])
+        self.rid = request_id(self.headers.get(b"x-request-id", b""))
+        traceparent = self.headers.get(b"traceparent")
+        self.traceparent = client_traceparent(traceparent) if traceparent else None
+        self.started = time.perf_counter()
+        self.route, self.provider = "unknown", "none"
+        self.responded = False
+
+    async def run(self) -> None:
+        carrier = {"traceparent": self.traceparent or ""}
+        span, ctx = self.gw.telemetry.start_request(
+            f"POST {self.scope['path']}", carrier, **{"router.request_id": self.rid}
+        )
+        status = 200
+        try:
+            with self.gw.telemetry.attached(ctx):
+                reply = await self._dispatch()
+            self.provider = reply.provider
+            outcome = await self._answer(reply)
+        except RouterError as exc:
+            status, outcome = exc.status, _error_outcome(exc.status)
+            await self._error(exc)
+        except Exception:  # the hot path's one catch-all: a bug still answers, and is logged
+            log.exception("unhandled error", extra={"fields": {"request_id": self.rid}})
+            status, outcome = 500, "failed"
+            if not self.responded:
+                await self._start(500, [_JSON])
+                await self.send(
+                    {"type": "http.response.body", "body": orjson.dumps(INTERNAL_ERROR)}
+                )
+        elapsed = time.perf_counter() - self.started
+        self.gw.metrics.request(self.route, self.provider, status, outcome, elapsed)
+        self.gw.telemetry.end_request(span, status)
+
+    async def _dispatch(self) -> Reply:
+        raw = self.scope["headers"]
+        if len(raw) != len(self.headers):  # some field repeats (rare): the key must not
+            authorization(raw)
+        self.gw.authorize(self.headers.get(b"authorization", b"").decode("latin-1"))
+        cfg = self.gw.cfg
+        body = await read_body(self.headers, self.receive, cfg.max_body_bytes, cfg.read_timeout_s)
+        data = parse_json(body)
+        if self.op is Operation.CHAT:
+            model = check(ChatBody, data).model
+        else:
+            model = check(EmbeddingsBody, data).model
+        route = self.gw.cfg.route(model)
+        if route is None:
+            # (cut short: the name is the client's, up to max_body_bytes long)
+            raise ModelNotFound(f"the model '{model[:200]}' does not exist (see GET /v1/models)")
+        self.route = route.model
+        return await self.gw.dispatcher.serve(self.op, route, data, self.rid, self.traceparent)
+
+    async def _start(self, status: int, headers: Iterable[tuple[bytes, bytes]]) -> None:
+        all_headers = [(b"x-request-id", self.rid.encode()), *headers]
+        self.responded = True
+        await self.send({"type": "http.response.start", "status": status, "headers": all_headers})
+
+    async def _error(self, exc: RouterError) -> None:
+        headers = [_JSON, *((k.lower().encode(), v.encode()) for k, v in exc.headers().items())]
+        attempts = getattr(exc, "attempts", None)
+        if attempts is not None:
+            headers.append((b"x-router-attempts", str(len(attempts)).encode()))
+        await self._start(exc.status, headers)
+        body = orjson.dumps(to_openai_error(exc))
+        await self.send({"type": "http.response.body", "body": body})
+
+    async def _answer(self, reply: Reply) -> str:
+        served = [
+            (b"x-router-provider", reply.provider.encode()),
+            (b"x-router-attempts", str(reply.attempts).encode()),
+        ]
+        if reply.stream is None:
+            await self._start(200, [_JSON, *served])
+            await self.send({"type": "http.response.body", "body": reply.body or b""})
+            return "ok"
+        await self._start(200, [*_SSE, *served])
+        return await self._relay(reply.stream, reply)
+
+    async def _relay(self, stream: AsyncGenerator[bytes, None], reply: Reply) -> str:
+        """Send the stream as it comes; a client that leaves cancels it (and so releases)."""
+        task = asyncio.current_task()
+        gone = asyncio.Event()
+        watcher: asyncio.Task[None] | None = None
+        try:
+            async for chunk in stream:
+                await self.send({"type": "http.response.body", "body": chunk, "more_body": True})
+                if watcher is None:  # after the first frame: it goes out before anything else
+                    watcher = asyncio.create_task(_watch_disconnect(self.receive, gone, task))
+            await self.send({"type": "http.response.body", "body": b""})
+        except asyncio.CancelledError:
+            if not gone.is_set() or task is None:
+                raise
+            task.uncancel()
+        finally:
+            if watcher is not None:
+                watcher.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await watcher
+            await stream.aclose()
+            if reply.close is not None:
+                await reply.close()
+        # the status (200) went out with the first byte; the outcome says how it ended
+        ended = reply.outcome() if reply.outcome is not None else "ok"
+        return _OUTCOMES.get(ended, "failed")
+
+
+async def _watch_disconnect(receive: Receive, gone: asyncio.Event, task: Any) -> None:
+    while (await receive())["type"] != "http.disconnect":
+        pass
+    gone.set()
+    if task is not None:
+        task.cancel()
+
+
+def _error_outcome(status: int) -> str:
+    if status >= 500:
+        return "failed"
+    return "saturated" if status == 429 else "client_error"

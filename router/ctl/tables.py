@@ -1,0 +1,169 @@
+"""Render the cluster state and its keys as rich tables (reading lives in ``router.inspect``)."""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Sequence
+
+from rich.console import Console, ConsoleOptions, Group, RenderableType, RenderResult
+from rich.measure import Measurement
+from rich.table import Table
+from rich.text import Text
+
+from router.config import masked_url
+from router.state.cluster import ClusterState, KeyInfo, ProviderState, ReplicaState, RouteState
+
+_HEALTH_STYLE = {"up": "green", "down": "bold red", "unknown": "dim"}
+
+
+def _row(table: Table, *cells: str | Text, style: str = "") -> None:
+    # names come from the config and Redis: as Text, "[x]" is no markup and ":a:" no emoji
+    table.add_row(*(Text(c) if isinstance(c, str) else c for c in cells), style=style)
+
+
+def _table(title: str, columns: Sequence[str], figures: Collection[str] = ()) -> Table:
+    """A table whose ``figures`` columns are right-aligned and never wrap, so that no number
+    is ever cut; the others wrap at spaces and fold a long name onto more lines when the
+    console is narrow (rich's default cuts both to an ellipsis: ``prov… weig…`` at 80)."""
+    table = Table(title=Text(title), title_justify="left")
+    for name in columns:
+        if name in figures:
+            table.add_column(name, justify="right", no_wrap=True)
+        else:
+            table.add_column(name, overflow="fold")
+    return table
+
+
+def humanize(seconds: float) -> str:
+    """A short duration: ``0.4s``, ``42s``, ``3m``, ``2h``, ``5d``."""
+    s = max(0.0, seconds)
+    if round(s, 1) < 10:
+        return f"{s:.1f}s"
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if s >= size:
+            return f"{int(s // size)}{unit}"
+    return f"{s:.0f}s"
+
+
+def _of(used: int, limit: int | None) -> str:
+    return f"{used}/{limit}" if limit is not None else f"{used}/∞"
+
+
+def _ms(value: float | None) -> str:
+    return "-" if value is None else f"{value:.0f}" if value >= 10 else f"{value:.1f}"
+
+
+def _health(p: ProviderState, now_ms: int) -> Text:
+    label: str = p.health
+    if p.health_since_ms:
+        label += " " + humanize((now_ms - p.health_since_ms) / 1000)
+    return Text(label, style=_HEALTH_STYLE[p.health])
+
+
+def _circuit(p: ProviderState, now_ms: int) -> Text:
+    parts: list[str] = [p.circuit]
+    if p.circuit != "closed" and p.circuit_until_ms:
+        parts[0] += " " + humanize((p.circuit_until_ms - now_ms) / 1000)
+    if p.cooldown_until_ms:
+        parts.append("cooling " + humanize((p.cooldown_until_ms - now_ms) / 1000))
+    style = "" if parts == ["closed"] else "yellow"
+    return Text(", ".join(parts), style=style)
+
+
+_STATUS = ("provider", "weight", "health", "circuit / cooldown", "drained")
+_LOAD = ("in flight", "RPM", "TPM", "TTFT ms", "TPOT ms")
+_FIGURES = frozenset({"weight", *_LOAD})
+
+
+def _status_cells(weight: int, p: ProviderState, now_ms: int) -> tuple[str | Text, ...]:
+    drained = Text("DRAINED", style="bold yellow") if p.drained else Text("no")
+    return p.name, str(weight), _health(p, now_ms), _circuit(p, now_ms), drained
+
+
+def _load_cells(p: ProviderState) -> tuple[str, ...]:
+    return (
+        _of(p.in_flight, p.max_in_flight), _of(p.rpm_used, p.rpm_limit),
+        _of(p.tpm_used, p.tpm_limit), _ms(p.ttft_ewma_ms), _ms(p.tpot_ewma_ms),
+    )  # fmt: skip
+
+
+class _Fitted:
+    """Providers in one table when the console is wide enough for it without wrapping, else
+    in two narrower ones (status, then load) with the provider name in each."""
+
+    def __init__(self, wide: Table, narrow: Sequence[Table]) -> None:
+        self.wide = wide
+        self.narrow = narrow
+
+    def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
+        # measured unclamped: Measurement.get caps the answer at the width it is given;
+        # asked at each render, so --watch follows a resized terminal
+        natural = Measurement.get(console, options.update_width(10_000), self.wide).maximum
+        if natural <= options.max_width:
+            yield self.wide
+        else:
+            yield from self.narrow
+
+
+def _provider_table(
+    title: str, rows: Sequence[tuple[int, ProviderState]], now_ms: int
+) -> RenderableType:
+    wide = _table(title, (*_STATUS, *_LOAD), _FIGURES)
+    status = _table(title + ": status", _STATUS, _FIGURES)
+    load = _table(title + ": load", ("provider", *_LOAD), _FIGURES)
+    for weight, p in rows:
+        status_cells, load_cells = _status_cells(weight, p, now_ms), _load_cells(p)
+        _row(wide, *status_cells, *load_cells)
+        _row(status, *status_cells)
+        _row(load, p.name, *load_cells)
+    return _Fitted(wide, (status, load))
+
+
+def _route_title(route: RouteState) -> str:
+    return f"route {route.model} ({route.strategy})"
+
+
+def _replica_table(replicas: Sequence[ReplicaState], now_ms: int) -> Table:
+    columns = ("replica", "host", "pid", "version", "up", "last heartbeat")
+    table = _table(f"{len(replicas)} live replicas", columns, ("pid", "up", "last heartbeat"))
+    for r in replicas:
+        up = humanize(now_ms / 1000 - r.started) if r.started else "-"
+        _row(table, r.id, r.host, str(r.pid or "-"), r.version, up, humanize(r.age_s) + " ago")
+    return table
+
+
+def render_state(state: ClusterState, redis_url: str | None = None) -> RenderableType:
+    """The state as tables: one per route, then the replicas, then healthd; the header names
+    the Redis it was read from (its user and password masked)."""
+    now = state.taken_at_ms
+    by_name = {p.name: p for p in state.providers}
+    head = f"pool {state.pool} · prefix {state.key_prefix} · health version {state.health_version}"
+    if redis_url:
+        head += f" · {masked_url(redis_url)}"
+    parts: list[RenderableType] = [Text(head, style="bold")]
+    for route in state.routes:
+        rows = [(t.weight, by_name[t.provider]) for t in route.targets]
+        parts.append(_provider_table(_route_title(route), rows, now))
+    routed = {t.provider for r in state.routes for t in r.targets}
+    idle = [(p.weight, p) for p in state.providers if p.name not in routed]
+    if idle:
+        parts.append(_provider_table("providers no route uses", idle, now))
+    parts.append(_replica_table(state.replicas, now))
+    h = state.healthd
+    leader = f"leader {h.leader}" if h.leader else "no leader"
+    parts.append(Text(f"healthd: {leader}, epoch {h.epoch}"))
+    return Group(*parts)
+
+
+def _ttl(info: KeyInfo) -> str:
+    if info.type in ("none", "channel"):
+        return "-"
+    return "none" if info.ttl_ms is None else humanize(info.ttl_ms / 1000)
+
+
+def render_keys(keys: Sequence[KeyInfo]) -> Table:
+    """The deployment's keys: name, Redis type ("none" when absent), TTL, what it holds."""
+    present = sum(k.type not in ("none", "channel") for k in keys)
+    table = _table(f"{present} keys present", ("key", "type", "TTL", "what"), ("TTL",))
+    for k in keys:
+        _row(table, k.key, k.type, _ttl(k), k.what, style="dim" if k.type == "none" else "")
+    return table

@@ -1,0 +1,482 @@
+"""One client request from acquire to release: choose, send, fail over, account.
+
+    acquire (Lua, one round trip) --> send to the chosen provider --> release (Lua)
+        ^                                   | connect error, timeout, 5xx, 429
+        +---------- next untried target <---+  (up to max_attempts, within timeout_s)
+
+A stream fails over only until its first byte has gone to the client; after that a failure
+ends it with an OpenAI-shaped error event. Every lease is released exactly once, on every
+path, including a client that goes away mid-stream.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import itertools
+import logging
+import math
+import random
+import time
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from enum import Enum
+from typing import Any
+
+import orjson
+from opentelemetry.trace import SpanKind
+
+from router.config import Config, Provider, Route, TpmAccounting
+from router.errors import (
+    AllAttemptsFailed,
+    Attempt,
+    ClientError,
+    ProviderClientError,
+    Saturated,
+    StoreError,
+    UpstreamError,
+    UpstreamProtocolError,
+    UpstreamRateLimited,
+    UpstreamStatusError,
+)
+from router.replica.healthview import HealthView
+from router.replica.leases import LeaseKeeper
+from router.replica.refusal import refusal
+from router.state.store import Decision, Lease, LostLease, Outcome, RoutePlan, Store
+from router.telemetry.logs import decisions_logged, log_decision
+from router.telemetry.metrics import RouterMetrics
+from router.telemetry.tracing import Telemetry
+from router.tokens import embedding_tokens, max_output, prompt_tokens, reservation
+from router.upstream.client import Upstream, UpstreamResponse
+from router.upstream.providers import adapter_for
+from router.upstream.providers.base import (
+    Adapter,
+    RateLimitInfo,
+    StreamTranslator,
+    Translated,
+    Usage,
+)
+
+log = logging.getLogger("router.dispatch")
+
+DEFAULT_COOLDOWN_S = 1.0
+"""Cooldown after a 429 that named no Retry-After or reset time."""
+POLL_S = 0.05
+"""How often a queued request looks again when no release time is known."""
+CLIENT_ERRORS = frozenset({400, 413, 414, 422, 431})
+"""Provider statuses that are the request's fault: passed through, never failed over, never
+counted against the provider (its circuit). 414 and 431 are here too: a request line or
+headers too large for a provider are the request's doing, not a sign of the provider's health
+(a client's 32 KiB ``traceparent``, when it was forwarded as it came, opened every circuit)."""
+FIRST_EVENT = "no event within the route's timeout_s"
+STREAM_IDLE = "no event within stream_idle_s"
+STREAM_TOTAL = "the stream ran past stream_total_s"
+"""Why a stream timed out: before its first event, between two, overall."""
+
+
+class Operation(Enum):
+    CHAT = "chat"
+    EMBEDDINGS = "embeddings"
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    """A served request: a whole JSON body or a stream, and who served it."""
+
+    provider: str
+    attempts: int
+    body: bytes | None = None
+    stream: AsyncGenerator[bytes, None] | None = None
+    close: Callable[[], Awaitable[None]] | None = None
+    """For a stream: must be awaited once the response is over, however it ended."""
+    outcome: Callable[[], str] | None = None
+    """For a stream, once closed: how it ended (ok, client_cancelled, a provider failure)."""
+
+
+@dataclass(slots=True)
+class _Job:
+    """One request's state across attempts."""
+
+    op: Operation
+    body: dict[str, Any]
+    request_id: str
+    plan: RoutePlan
+    tokens: list[int]
+    excluded: list[bool]
+    expected_output: int
+    deadline: float
+    attempts: list[Attempt]
+    traceparent: str | None = None
+    retry_after_s: float = 0.0
+    """The longest cooldown a provider's 429 asked for, for the client's Retry-After."""
+
+
+class Dispatcher:
+    """Routes requests over the providers of each route, through the shared store."""
+
+    def __init__(
+        self, cfg: Config, store: Store, upstream: Upstream, leases: LeaseKeeper, replica: str,
+        view: HealthView, tel: Telemetry, metrics: RouterMetrics,
+    ) -> None:  # fmt: skip
+        self.cfg = cfg
+        self.tel = tel
+        self.metrics = metrics
+        self.store = store
+        self.upstream = upstream
+        self.leases = leases
+        self.replica = replica
+        self.view = view
+        self.plans = {r.model: RoutePlan.build(cfg, r, store.keys) for r in cfg.routes}
+        self.providers = {p.name: p for p in cfg.providers}
+        self._rand = random.Random()
+        self._lease_prefix = f"{replica}:"
+        self._lease_numbers = itertools.count(1)
+
+    async def serve(
+        self, op: Operation, route: Route, body: dict[str, Any], rid: str,
+        traceparent: str | None = None,
+    ) -> Reply:  # fmt: skip
+        """Serve one request on ``route``; raise a ``RouterError`` when it cannot be."""
+        job = self._job(op, route, body, rid)
+        job.traceparent = traceparent
+        loop = asyncio.get_running_loop()
+        # once the route's time is spent, a further attempt could only time out, and that
+        # timeout would be counted against a provider that did nothing wrong
+        while len(job.attempts) < route.max_attempts and (
+            not job.attempts or loop.time() < job.deadline
+        ):
+            lease, index = await self._acquire(job)
+            provider = self.providers[lease.provider]
+            try:
+                n = len(job.attempts) + 1
+                with self.tel.span(f"attempt {provider.name}", SpanKind.CLIENT,
+                                   provider=provider.name, attempt=n):  # fmt: skip
+                    return await self._attempt(job, provider, index, lease)
+            except UpstreamError as exc:
+                if isinstance(exc, UpstreamRateLimited):
+                    job.retry_after_s = max(job.retry_after_s, exc.cooldown_s)
+                self.metrics.failover(route.model, provider.name, exc.outcome)
+                self.leases.release_soon(lease, _failed(exc))
+                job.attempts.append(Attempt(provider.name, exc.outcome, str(exc)))
+                job.excluded[index] = True
+                log.info(
+                    "attempt failed, failing over",
+                    extra={"fields": {"request_id": rid, "provider": provider.name,
+                                      "outcome": exc.outcome, "error": str(exc)}},
+                )  # fmt: skip
+            except BaseException as exc:
+                # the client's fault, a cancelled request or a bug: the lease must not outlive it
+                outcome = "client_error" if isinstance(exc, ClientError) else "aborted"
+                self.leases.release_soon(lease, Outcome(outcome))
+                raise
+        raise _gave_up(job.attempts, job.retry_after_s)
+
+    def _job(self, op: Operation, route: Route, body: dict[str, Any], rid: str) -> _Job:
+        plan = self.plans[route.model]
+        max_out = max_output(body, route.default_max_tokens) if op is Operation.CHAT else 0
+        prompt = prompt_tokens(body) if op is Operation.CHAT else embedding_tokens(body)
+        tokens, excluded = [], []
+        for name in plan.providers:
+            p = self.providers[name]
+            tokens.append(reservation(prompt, max_out, p.limits.tpm_accounting))
+            embeds = adapter_for(p.kind).supports_embeddings
+            excluded.append(op is Operation.EMBEDDINGS and not embeds)
+        deadline = asyncio.get_running_loop().time() + route.timeout_s
+        return _Job(op, body, rid, plan, tokens, excluded, min(max_out, 512), deadline, [])
+
+    async def _acquire(self, job: _Job) -> tuple[Lease, int]:
+        """Lease a target, waiting up to the route's queue timeout for room."""
+        loop = asyncio.get_running_loop()
+        route = job.plan.route
+        wait_until = min(loop.time() + route.queue_timeout_s, job.deadline)
+        while True:
+            started = time.perf_counter_ns()
+            with self.tel.span("acquire", attempt=len(job.attempts) + 1):
+                d, lease_id, local = await self._decide(job)
+            elapsed = (time.perf_counter_ns() - started) / 1e9
+            # recorded once this request has gone on its way (a histogram record is not cheap)
+            loop.call_soon(self.metrics.decision, route.model, "local" if local else "shared",
+                           elapsed)  # fmt: skip
+            log_decision(job.request_id, route, d, len(job.attempts) + 1, started)
+            if d.index is not None:
+                provider, tokens = job.plan.providers[d.index], job.tokens[d.index]
+                lease = Lease(lease_id, provider, d.bucket, tokens, local)
+                self.leases.hold(lease)
+                return lease, d.index
+            left = wait_until - loop.time()
+            if d.wait_ms == -2 or left <= 0:
+                raise self._no_room(job, d)
+            hint = d.wait_ms / 1000 if d.wait_ms > 0 else POLL_S
+            await self.leases.changed(within=min(left, hint, 1.0) * self._rand.uniform(0.8, 1.0))
+
+    async def _decide(self, job: _Job) -> tuple[Decision, str, bool]:
+        """One decision, under a lease id of its own: in Redis, or locally while the shared
+        state is away. Returns the decision, the lease id and whether it was local.
+
+        The id is the router's, new for every decision: ``x-request-id`` is the client's
+        choice, and requests sending the same one would otherwise share one lease (a second
+        ZADD of a member adds nothing; the first release frees it for all)."""
+        lease_id = f"{self._lease_prefix}{next(self._lease_numbers)}"
+        rand = self._rand.getrandbits(31)
+        mode, local = self.leases.mode, self.leases.local
+        if not mode.degraded:
+            not_after = self.store.not_after_ms()
+            try:
+                d = await self.store.acquire(
+                    job.plan, lease_id, job.tokens, job.excluded, rand=rand,
+                    expected_output=job.expected_output, detail=decisions_logged(),
+                    not_after_ms=not_after,
+                )  # fmt: skip
+            except StoreError as exc:
+                self._lost(job, lease_id, not_after)
+                mode.enter(exc)
+            except asyncio.CancelledError:  # e.g. the client left: Redis may run it all the same
+                self._lost(job, lease_id, not_after)
+                raise
+            else:
+                if d.index is not None:
+                    local.admitted(job.plan.providers[d.index], job.tokens[d.index])
+                return d, lease_id, False
+        d = local.acquire(
+            job.plan, job.tokens, job.excluded, in_flight=self.leases.in_flight(),
+            health=self.view.snapshot.providers, rand=rand, expected_output=job.expected_output,
+        )  # fmt: skip
+        return d, lease_id, True
+
+    def _lost(self, job: _Job, lease_id: str, not_after_ms: int) -> None:
+        """An acquire whose answer never came may still lease a target: release it then."""
+        targets = tuple(p for p, skip in zip(job.plan.providers, job.excluded, strict=True)
+                        if not skip)  # fmt: skip
+        self.leases.lost(LostLease(lease_id, targets, not_after_ms))
+
+    def _no_room(self, job: _Job, d: Decision) -> Exception:
+        """No target now: what failover found, else a lack of room (429) or an outage (503)."""
+        if job.attempts:
+            return _gave_up(job.attempts, job.retry_after_s)
+        err = refusal(job.plan, job.tokens, d)
+        if isinstance(err, Saturated):
+            self.metrics.saturated(job.plan.route.model)
+        return err
+
+    async def _attempt(self, job: _Job, provider: Provider, index: int, lease: Lease) -> Reply:
+        adapter = adapter_for(provider.kind)
+        model = job.plan.route.targets[index].model
+        if job.op is Operation.EMBEDDINGS:
+            req = adapter.embeddings_request(provider, model, job.body)
+        else:
+            req = adapter.chat_request(provider, model, job.body)
+        self.tel.inject(req.headers, job.traceparent)
+        started = asyncio.get_running_loop().time()
+        resp = await self.upstream.send(req, provider.timeouts, job.deadline, provider.bounds)
+        streaming = job.op is Operation.CHAT and bool(job.body.get("stream"))
+        handed_over = False
+        try:
+            if resp.status != 200:
+                await self._refuse(resp, adapter, provider, job.deadline)
+            if streaming:
+                reply = await self._stream(job, provider, adapter, lease, resp, started)
+                handed_over = True
+                return reply
+            payload = await resp.read(job.deadline)
+        finally:
+            if not handed_over:
+                resp.close()
+        if job.op is Operation.EMBEDDINGS:
+            answer = adapter.embeddings_response(payload)
+        else:
+            answer = adapter.chat_response(payload)
+        self._finish(lease, provider, adapter.rate_limits(resp.headers), answer, started)
+        return Reply(provider.name, len(job.attempts) + 1, body=answer.body)
+
+    async def _refuse(
+        self, resp: UpstreamResponse, adapter: Adapter, provider: Provider, deadline: float
+    ) -> None:
+        """Turn a non-200 answer into the error that decides failover."""
+        try:
+            message = adapter.error_message(await resp.read(deadline))
+        except UpstreamError:
+            message = "(no readable body)"
+        if resp.status == 429:
+            info = adapter.rate_limits(resp.headers)
+            cooldown = info.retry_after_s or info.reset_requests_s or info.reset_tokens_s
+            raise UpstreamRateLimited(f"429 {message}", cooldown or DEFAULT_COOLDOWN_S)
+        if resp.status in CLIENT_ERRORS:
+            raise ProviderClientError(resp.status, message, provider.name)
+        raise UpstreamStatusError(f"{resp.status} {message}", resp.status)
+
+    def _finish(
+        self, lease: Lease, provider: Provider, info: RateLimitInfo, answer: Translated,
+        started: float,
+    ) -> None:  # fmt: skip
+        duration_ms = (asyncio.get_running_loop().time() - started) * 1000
+        out = answer.usage.completion_tokens if answer.usage else 0
+        tpot = duration_ms / out if out > 0 else -1
+        self.leases.release_soon(
+            lease, _outcome(lease, provider, info, answer.usage, ttft_ms=-1, tpot_ms=tpot)
+        )
+
+    async def _stream(
+        self, job: _Job, provider: Provider, adapter: Adapter, lease: Lease,
+        resp: UpstreamResponse, started: float,
+    ) -> Reply:  # fmt: skip
+        """Wait for the first frame (failover is still possible until then), then relay."""
+        include_usage = bool((job.body.get("stream_options") or {}).get("include_usage"))
+        translator = adapter.stream(include_usage, provider.bounds.max_event_bytes)
+        total = provider.timeouts.stream_total_s
+        end = started + total if total is not None else math.inf
+        # the route's time, not the bytes that trickle in, bounds the wait for the first event
+        if end < job.deadline:
+            resp.set_deadline(end, STREAM_TOTAL)
+        else:
+            resp.set_deadline(job.deadline, FIRST_EVENT)
+        chunks = resp.chunks()
+        first = b""
+        async for data in chunks:
+            first = translator.feed(data)
+            if first:
+                break
+        if not first:
+            raise UpstreamProtocolError("the stream ended before any data")
+        relay = _Relay(self, job, provider, adapter, lease, resp, started, end)
+        stream = relay.run(first, chunks, translator)
+        return Reply(
+            provider.name, len(job.attempts) + 1, stream=stream, close=relay.close,
+            outcome=lambda: relay.outcome,
+        )  # fmt: skip
+
+
+class _Relay:
+    """Relays one stream to the client and releases its lease however the stream ends."""
+
+    def __init__(
+        self, d: Dispatcher, job: _Job, provider: Provider, adapter: Adapter, lease: Lease,
+        resp: UpstreamResponse, started: float, end: float,
+    ) -> None:  # fmt: skip
+        self.d, self.job, self.provider, self.adapter = d, job, provider, adapter
+        self.lease, self.resp, self.started = lease, resp, started
+        self.end = end
+        """When the stream must be over (stream_total_s), or inf."""
+        self.events = 0
+        """The translator's event count when the deadline last moved."""
+        self.ttft_ms = -1.0
+        self.released = False
+        self.outcome = "client_cancelled"
+        """How the stream ended: ok, client_cancelled, or the provider's failure."""
+        self.context = contextvars.copy_context()  # the request's trace, for the release
+
+    async def close(self) -> None:
+        """Release the lease if the relay never ran to its end (the client went away early)."""
+        if not self.released:
+            self.resp.close()
+            self.released = True
+            self.d.leases.release_soon(self.lease, Outcome("client_cancelled"), self.context)
+
+    async def run(
+        self, first: bytes, chunks: AsyncIterator[bytes], tr: StreamTranslator
+    ) -> AsyncGenerator[bytes, None]:
+        """Yield the stream to the client; release the lease however it ends."""
+        loop = asyncio.get_running_loop()
+        outcome = "client_cancelled"
+        try:
+            first_at = loop.time()
+            yield first  # the first frame goes out before anything else is done
+            self._mark(tr, first_at)
+            self._pace(tr, first_at)
+            async for data in chunks:
+                out = tr.feed(data)
+                now = loop.time()
+                self._mark(tr, now)
+                if tr.events != self.events:
+                    self._pace(tr, now)
+                if out:
+                    yield out
+            tail = tr.close()
+            if not tr.finished:
+                raise UpstreamProtocolError("the stream ended without its final event")
+            outcome = "ok"
+            if tail:
+                yield tail
+        except UpstreamError as exc:
+            outcome = exc.outcome
+            log.warning("stream failed after its first byte", extra={"fields": {
+                "request_id": self.job.request_id, "provider": self.provider.name,
+                "error": str(exc)}})  # fmt: skip
+            yield _error_event(exc)
+        finally:
+            self.resp.close()
+            self.outcome = outcome
+            if not self.released:
+                self.released = True
+                self._release(outcome, tr.usage, loop.time())
+
+    def _pace(self, tr: StreamTranslator, now: float) -> None:
+        """An event came: the next must come within stream_idle_s (and by the stream's end).
+
+        Counted in events, not bytes: a provider dripping bytes that never finish an event
+        is as idle as a silent one."""
+        self.events = tr.events
+        next_by = now + self.provider.timeouts.stream_idle_s
+        if next_by < self.end:
+            self.resp.set_deadline(next_by, STREAM_IDLE)
+        else:
+            self.resp.set_deadline(self.end, STREAM_TOTAL)
+
+    def _mark(self, tr: StreamTranslator, now: float) -> None:
+        if self.ttft_ms < 0 and tr.content_chunks > 0:
+            self.ttft_ms = (now - self.started) * 1000
+            route = self.job.plan.route.model
+            self.d.metrics.first_token(route, self.provider.name, self.ttft_ms / 1000)
+
+    def _release(self, outcome: str, usage: Usage | None, now: float) -> None:
+        duration_ms = (now - self.started) * 1000
+        out = usage.completion_tokens if usage else 0
+        tpot = (duration_ms - max(self.ttft_ms, 0)) / (out - 1) if out > 1 else -1
+        info = self.adapter.rate_limits(self.resp.headers)
+        result = _outcome(self.lease, self.provider, info, usage, self.ttft_ms, tpot)
+        if outcome != "ok":
+            result = Outcome(outcome, result.token_correction, -1, -1)
+        self.d.leases.release_soon(self.lease, result, self.context)
+
+
+def _outcome(
+    lease: Lease, provider: Provider, info: RateLimitInfo, usage: Usage | None,
+    ttft_ms: float, tpot_ms: float,
+) -> Outcome:  # fmt: skip
+    """A successful attempt's outcome: token correction, latencies, the provider's own view."""
+    correction = 0
+    if usage is not None and provider.limits.tpm_accounting is TpmAccounting.ACTUAL:
+        correction = usage.total_tokens - lease.tokens
+    lim = provider.limits
+    return Outcome(
+        "ok",
+        token_correction=correction,
+        ttft_ms=ttft_ms,
+        tpot_ms=tpot_ms,
+        provider_requests=_used(lim.rpm, info.remaining_requests),
+        provider_tokens=_used(lim.tpm, info.remaining_tokens),
+    )
+
+
+def _used(limit: int | None, remaining: int | None) -> int:
+    return limit - remaining if limit and remaining is not None else -1
+
+
+def _failed(exc: UpstreamError) -> Outcome:
+    cooldown = int(exc.cooldown_s * 1000) if isinstance(exc, UpstreamRateLimited) else 0
+    return Outcome(exc.outcome, cooldown_ms=cooldown)
+
+
+def _gave_up(attempts: list[Attempt], retry_after_s: float = 0.0) -> AllAttemptsFailed:
+    outcomes = {a.outcome for a in attempts}
+    if outcomes == {"http_429"}:
+        return AllAttemptsFailed(attempts, 429, retry_after_s or DEFAULT_COOLDOWN_S)
+    if outcomes == {"timeout"}:
+        return AllAttemptsFailed(attempts, 504)
+    return AllAttemptsFailed(attempts, 502)
+
+
+def _error_event(exc: Exception) -> bytes:
+    code = exc.outcome if isinstance(exc, UpstreamError) else "stream_error"
+    body = {"error": {"message": f"the provider failed mid-stream: {exc}",
+                      "type": "server_error", "code": code}}  # fmt: skip
+    return b"data: " + orjson.dumps(body) + b"\n\n"

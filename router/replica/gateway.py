@@ -1,0 +1,96 @@
+"""A replica's parts, wired together: store, upstream client, leases, health, heartbeat."""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import uuid
+
+from router.api.auth import KeyRing, bearer_token
+from router.config import Config, masked_url
+from router.errors import StoreError, Unauthorized
+from router.replica.degraded import SharedMode
+from router.replica.dispatch import Dispatcher
+from router.replica.healthview import HealthView
+from router.replica.heartbeat import Heartbeat
+from router.replica.leases import LeaseKeeper
+from router.replica.local import LocalState
+from router.replica.poller import StatePoller
+from router.state.health import HealthStore
+from router.state.store import Store
+from router.telemetry.metrics import RouterMetrics, SharedFigures
+from router.telemetry.tracing import Telemetry
+from router.upstream.client import Upstream
+
+log = logging.getLogger("router.gateway")
+
+
+class Gateway:
+    """The parts of a replica, built from its config and started with the app."""
+
+    def __init__(self, cfg: Config, store: Store | None = None) -> None:
+        self.cfg = cfg
+        self.replica = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+        self.store = store or Store.from_config(cfg)
+        self.upstream = Upstream()
+        self.mode = SharedMode(self.store, cfg.redis.degrade_after_ms / 1000)
+        self.local = LocalState(cfg)
+        self.telemetry = Telemetry("router", self.replica)
+        self.shared = SharedFigures()
+        self.metrics = RouterMetrics(
+            self.telemetry, self.shared, lambda: self.mode.degraded, self.mode.seconds
+        )
+        self.store.on_error = self.metrics.redis_error
+        self.poller = StatePoller(self.store, cfg, self.shared, self.mode)
+        self.leases = LeaseKeeper(self.store, self.mode, self.local, self.metrics, self.telemetry)
+        health = HealthStore(self.store)
+        providers = [p.name for p in cfg.providers]
+        self.view = HealthView(health, providers, cfg.replica.resync_s)
+        self.mode.on_recovery += [self.view.resync, self.leases.flush_deferred]
+        self.heartbeat = Heartbeat(
+            health, self.replica, {"host": socket.gethostname(), "pid": str(os.getpid())},
+            cfg.replica.heartbeat_s, self.local, self.mode,
+        )  # fmt: skip
+        self.dispatcher = Dispatcher(
+            cfg, self.store, self.upstream, self.leases, self.replica, self.view,
+            self.telemetry, self.metrics,
+        )  # fmt: skip
+        self.client_keys = KeyRing(cfg.client_keys)
+
+    async def start(self) -> None:
+        """Connect to the store and open the upstream session."""
+        if self.store.embedded:
+            log.warning(
+                "no redis_url or REDIS_URL: running on the embedded in-process store, "
+                "which serves this one replica only; run Redis for more than one"
+            )
+        await self.upstream.start()
+        try:
+            await self.store.start()
+            await self.heartbeat.beat()
+        except StoreError as exc:
+            self.mode.degrade(exc)  # start degraded rather than not at all
+        self.leases.start()
+        self.view.start()
+        self.heartbeat.start()
+        self.poller.start()
+        url = self.cfg.redis_url
+        store = "embedded" if self.store.embedded or not url else masked_url(url)
+        log.info("replica started", extra={"fields": {"replica": self.replica, "store": store}})
+
+    async def stop(self) -> None:
+        """Finish pending releases, then close everything."""
+        await self.poller.stop()
+        await self.heartbeat.stop()
+        await self.view.stop()
+        await self.mode.stop()
+        await self.leases.stop()
+        await self.upstream.close()
+        self.telemetry.shutdown()
+        await self.store.close()
+
+    def authorize(self, header: str) -> None:
+        """Accept only ``Bearer <a known client key>``, compared in constant time to every key."""
+        if not self.client_keys.holds(bearer_token(header)):
+            raise Unauthorized("missing or invalid API key (send Authorization: Bearer <key>)")

@@ -1,0 +1,230 @@
+"""This replica's leases: renewed while in flight, released exactly once, never leaked.
+
+A lease expires in Redis after its TTL unless renewed, so a replica that dies stops counting
+within the TTL. Live leases are renewed in one batched script call every third of the TTL,
+which is how a long stream or a slow answer keeps its slot. Releases run as tracked tasks
+(the client's answer never waits on them) and are retried on a store error; the release
+script is idempotent, so a retry after a timeout cannot count twice.
+
+In degraded mode, leases taken locally are released locally; releases of shared leases are
+deferred and flushed when Redis is back, so nothing is double-counted or left behind. So are
+releases that failed every try, and the leases of acquires whose answer never came (timed
+out, or their caller cancelled, with the command on its way): see ``LostLease``. One
+background task retries them until Redis answers or the replica goes degraded (recovery
+then starts it again).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import contextvars
+import logging
+import random
+from collections import defaultdict
+from collections.abc import Awaitable, Iterable
+from typing import Any, TypeVar
+
+from router.errors import StoreError
+from router.replica.degraded import SharedMode
+from router.replica.local import LocalState
+from router.state.store import Lease, LostLease, Outcome, Store
+from router.telemetry.metrics import RouterMetrics
+from router.telemetry.tracing import Telemetry
+
+log = logging.getLogger("router.leases")
+
+RELEASE_TRIES = 3
+SETTLE_RETRY_S = 0.05
+"""Pause before settling again after a store error. Short, so that leases lost while Redis
+was paused are released right as it resumes (until then they count against the limits);
+no backoff is needed: a Redis that keeps failing soon makes the replica degraded, which
+stops the retries until recovery."""
+SETTLE_BATCH = 256
+"""Releases sent at once while settling (they share the pipelined connection)."""
+
+
+class LeaseKeeper:
+    """Tracks the replica's live leases; renews and releases them."""
+
+    def __init__(
+        self, store: Store, mode: SharedMode, local: LocalState, metrics: RouterMetrics,
+        tel: Telemetry,
+    ) -> None:  # fmt: skip
+        self.store = store
+        self.metrics = metrics
+        self.tel = tel
+        self.mode = mode
+        self.local = local
+        self._deferred: list[tuple[Lease, Outcome]] = []
+        self._lost: list[LostLease] = []
+        self._live: dict[str, dict[str, Lease]] = defaultdict(dict)
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._renewer: asyncio.Task[None] | None = None
+        self._settler: asyncio.Task[None] | None = None
+        self._stopped = False
+        self._changed = asyncio.Event()
+
+    def start(self) -> None:
+        """Start renewing in the background."""
+        self._renewer = asyncio.create_task(self._renew_forever(), name="lease-renewer")
+
+    async def stop(self) -> None:
+        """Wait for pending releases, then stop renewing and settling (what is left
+        unsettled expires with its TTL)."""
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._stopped = True
+        for task in (self._renewer, self._settler):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+
+    def pending(self) -> int:
+        """Releases and lost leases waiting for Redis."""
+        return len(self._deferred) + len(self._lost)
+
+    def hold(self, lease: Lease) -> None:
+        """Remember ``lease`` as in flight on this replica."""
+        self._live[lease.provider][lease.id] = lease
+
+    def count(self) -> int:
+        """Leases this replica holds now."""
+        return sum(len(v) for v in self._live.values())
+
+    def in_flight(self) -> dict[str, int]:
+        """This replica's in-flight requests per provider."""
+        return {p: len(leases) for p, leases in self._live.items()}
+
+    async def release(self, lease: Lease, outcome: Outcome) -> None:
+        """Release ``lease`` now, retrying a failed store call; never raises."""
+        self._live[lease.provider].pop(lease.id, None)
+        if outcome.cooldown_ms:
+            self.local.cool(lease.provider, outcome.cooldown_ms)
+            self.metrics.cooldown(lease.provider)
+        if not lease.local:
+            with self.tel.span("release", provider=lease.provider, outcome=outcome.outcome):
+                await self._release_shared(lease, outcome)
+        self._wake()
+
+    async def _release_shared(self, lease: Lease, outcome: Outcome) -> None:
+        for attempt in range(1, RELEASE_TRIES + 1):
+            if self.mode.degraded:
+                break
+            try:
+                if await self.store.release(lease, outcome) == 2:
+                    self.metrics.circuit_opened(lease.provider)
+                return
+            except StoreError as exc:
+                self.mode.enter(exc)
+                if attempt < RELEASE_TRIES:
+                    await asyncio.sleep(0.02 * attempt)
+        self._deferred.append((lease, outcome))
+        self._settle_soon()
+
+    def lost(self, lease: LostLease) -> None:
+        """Release ``lease`` (if its acquire took it) once Redis answers."""
+        self._lost.append(lease)
+        self._settle_soon()
+
+    async def flush_deferred(self) -> None:
+        """Redis is back: release what waited for it (in the background)."""
+        self._settle_soon()
+
+    def _settle_soon(self) -> None:
+        if self._stopped:
+            return
+        if self._settler is None or self._settler.done():
+            self._settler = asyncio.create_task(self._settle(), name="lease-settler")
+
+    async def _settle(self) -> None:
+        """Settle what waits for Redis, retrying until it is all done or Redis is given up."""
+        while self.pending() and not self.mode.degraded:
+            try:
+                wait = await self._settle_once()
+            except StoreError as exc:
+                self.mode.enter(exc)
+                wait = SETTLE_RETRY_S * random.uniform(0.5, 1.0)
+            if wait > 0:
+                await asyncio.sleep(wait)
+
+    async def _settle_once(self) -> float:
+        """One pass over what waits; the seconds until a lost lease may be settled. Raises
+        ``StoreError`` when a call failed (what it was for waits for the next pass)."""
+        failed = await self._release_deferred()
+        now = await self.store.time_ms()  # Redis's clock, before the lost leases' releases
+        failed += await self._release_lost(now)
+        if failed:
+            raise StoreError(f"{failed} releases failed: they wait for the next pass")
+        if not self._lost:
+            return 0.0
+        return max(0, min(x.not_after_ms for x in self._lost) - now + 5) / 1000
+
+    async def _release_deferred(self) -> int:
+        """Release a batch of the deferred releases; how many failed (they stay)."""
+        batch, self._deferred = self._deferred[:SETTLE_BATCH], self._deferred[SETTLE_BATCH:]
+        results = await _each(self.store.release(lease, outcome) for lease, outcome in batch)
+        for (lease, outcome), r in zip(batch, results, strict=True):
+            if isinstance(r, StoreError):
+                self._deferred.append((lease, outcome))
+            elif r == 2:
+                self.metrics.circuit_opened(lease.provider)
+        return sum(isinstance(r, StoreError) for r in results)
+
+    async def _release_lost(self, now: int) -> int:
+        """Release a batch of lost leases; how many calls failed. One not found stays while
+        its acquire may still run: its deadline had not passed at ``now``, Redis's clock
+        read before these releases."""
+        batch, self._lost = self._lost[:SETTLE_BATCH], self._lost[SETTLE_BATCH:]
+        found = await _each(self.store.release_lost(x) for x in batch)
+        for x, r in zip(batch, found, strict=True):
+            if isinstance(r, StoreError) or (r is False and x.not_after_ms >= now):
+                self._lost.append(x)
+        return sum(isinstance(r, StoreError) for r in found)
+
+    def release_soon(
+        self, lease: Lease, outcome: Outcome, context: contextvars.Context | None = None
+    ) -> None:
+        """Release ``lease`` in a tracked background task (in ``context``: the request's trace)."""
+        task = asyncio.create_task(self.release(lease, outcome), context=context)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def changed(self, within: float) -> None:
+        """Wait until a lease of this replica is released, or ``within`` seconds."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._changed.wait(), within)
+
+    def _wake(self) -> None:
+        self._changed.set()
+        self._changed = asyncio.Event()
+
+    async def _renew_forever(self) -> None:
+        interval = self.store.lease_ttl_ms / 3000
+        while True:
+            await asyncio.sleep(interval)
+            if self.mode.degraded:
+                continue
+            if self.pending():
+                self._settle_soon()
+            ids = {
+                p: [lid for lid, lease in leases.items() if not lease.local]
+                for p, leases in self._live.items()
+            }
+            try:
+                await self.store.renew(ids)
+            except StoreError as exc:
+                self.mode.enter(exc)
+
+
+T = TypeVar("T")
+
+
+async def _each(calls: Iterable[Awaitable[T]]) -> list[T | StoreError]:
+    """Await ``calls`` together; each one's result, or its ``StoreError``."""
+    out: list[Any] = await asyncio.gather(*calls, return_exceptions=True)
+    for r in out:
+        if isinstance(r, BaseException) and not isinstance(r, StoreError):
+            raise r
+    return out

@@ -1,0 +1,68 @@
+"""Reads the cluster's shared state every few seconds for the per-provider gauges.
+
+Metric callbacks cannot wait on Redis, so the figures are read in the background and the
+callbacks report the latest reading. While the replica is degraded there is nothing to read.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from router.config import Config
+from router.errors import StoreError
+from router.replica.background import Background
+from router.replica.degraded import SharedMode
+from router.state.cluster import ClusterState, read_state
+from router.state.store import Store
+from router.telemetry.metrics import ProviderFigures, SharedFigures
+
+log = logging.getLogger("router.poller")
+
+INTERVAL_S = 5.0
+
+
+def figures(state: ClusterState) -> dict[str, ProviderFigures]:
+    """The gauges' view of one cluster state reading."""
+    return {
+        p.name: ProviderFigures(
+            in_flight=p.in_flight,
+            rpm_used=p.rpm_used,
+            rpm_limit=p.rpm_limit,
+            tpm_used=p.tpm_used,
+            tpm_limit=p.tpm_limit,
+            healthy=p.health != "down",
+            circuit_open=p.circuit != "closed",
+            drained=p.drained,
+            ttft_ewma_s=p.ttft_ewma_ms / 1000 if p.ttft_ewma_ms is not None else None,
+            tpot_ewma_s=p.tpot_ewma_ms / 1000 if p.tpot_ewma_ms is not None else None,
+        )
+        for p in state.providers
+    }
+
+
+class StatePoller(Background):
+    """Keeps ``shared`` current from Redis, every ``interval_s``."""
+
+    name = "state-poller"
+
+    def __init__(
+        self, store: Store, cfg: Config, shared: SharedFigures, mode: SharedMode,
+        interval_s: float = INTERVAL_S,
+    ) -> None:  # fmt: skip
+        self.store, self.cfg, self.shared, self.mode = store, cfg, shared, mode
+        self.interval_s = interval_s
+
+    async def poll(self) -> None:
+        """Read the shared state once (raises ``StoreError``)."""
+        self.shared.providers = figures(await read_state(self.store, self.cfg))
+
+    async def run(self) -> None:
+        """Poll until stopped."""
+        while True:
+            if not self.mode.degraded:
+                try:
+                    await self.poll()
+                except StoreError as exc:
+                    log.debug("state poll failed: %s", exc)  # counted as a Redis error
+            await asyncio.sleep(self.interval_s)

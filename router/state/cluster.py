@@ -1,0 +1,291 @@
+"""See the cluster: its whole shared state in one consistent read, and every key it lives in.
+
+The state is read by one script call (``read_state.lua``) after one ``ZRANGE`` that names
+the replicas: Redis Cluster needs every key a script touches in ``KEYS``, and the replica
+ids are known only once their index is read. Nothing here is ever a secret: no keys, no
+tokens, no URLs. Rendering lives in ``router.statetable``; the JSON schema is ``state_json``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any, Literal
+
+from redis.exceptions import RedisError
+
+from router.config import Config, Provider, Strategy, Target
+from router.errors import StoreError
+from router.state.keys import WINDOW_BUCKETS, Keys
+from router.state.store import Store, decode_text
+
+SCHEMA = 1
+"""Version of the JSON schema of ``state_json``; bumped on any incompatible change."""
+
+Health = Literal["up", "down", "unknown"]
+CircuitState = Literal["closed", "open", "half"]
+_HEALTH: dict[str | None, Health] = {"up": "up", "down": "down"}
+_CIRCUIT: dict[str | None, CircuitState] = {"open": "open", "half": "half"}
+
+
+@dataclass(frozen=True, slots=True)
+class ProviderState:
+    """One provider as every replica sees it: health, circuit, limits, load, latency."""
+
+    name: str
+    kind: str
+    weight: int
+    health: Health
+    health_since_ms: int | None
+    last_error: str | None
+    probe_latency_ms: float | None
+    circuit: CircuitState
+    circuit_until_ms: int | None
+    cooldown_until_ms: int
+    drained: bool
+    in_flight: int
+    max_in_flight: int | None
+    rpm_used: int
+    rpm_limit: int | None
+    tpm_used: int
+    tpm_limit: int | None
+    ttft_ewma_ms: float | None
+    tpot_ewma_ms: float | None
+    outcomes: dict[str, int]
+
+
+@dataclass(frozen=True, slots=True)
+class TargetState:
+    """One target of a route: the provider, the model it is asked for, its weight there."""
+
+    provider: str
+    model: str
+    weight: int
+
+
+@dataclass(frozen=True, slots=True)
+class RouteState:
+    """A route as configured (routes hold no shared state of their own worth showing)."""
+
+    model: str
+    strategy: str
+    targets: tuple[TargetState, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class ReplicaState:
+    """A live replica, from its heartbeat record."""
+
+    id: str
+    host: str
+    pid: int | None
+    version: str
+    started: int | None
+    last_seen_ms: int
+    age_s: float  # since the last heartbeat
+
+
+@dataclass(frozen=True, slots=True)
+class HealthdState:
+    """Who leads the health daemons, and the fencing epoch."""
+
+    leader: str | None
+    epoch: int
+
+
+@dataclass(frozen=True, slots=True)
+class ClusterState:
+    """The whole cluster at one instant of Redis time."""
+
+    schema: int
+    taken_at_ms: int
+    pool: str
+    key_prefix: str
+    health_version: int
+    providers: tuple[ProviderState, ...]
+    routes: tuple[RouteState, ...]
+    replicas: tuple[ReplicaState, ...]
+    healthd: HealthdState
+
+
+@contextlib.contextmanager
+def _reading() -> Iterator[None]:
+    # plain reads bypass Store._call, so they translate redis' errors themselves
+    try:
+        yield
+    except RedisError as exc:
+        raise StoreError(f"read failed: {exc}") from exc
+
+
+async def read_state(store: Store, cfg: Config) -> ClusterState:
+    """The whole cluster state: one ``ZRANGE``, then one consistent script call."""
+    k = store.keys
+    with _reading():
+        ids = [decode_text(i) for i in await store.client.zrange(k.replicas(), 0, -1)]
+    keys = [k.leader(), k.epoch(), k.health_version(), k.replicas()]
+    for p in cfg.providers:
+        keys += [k.provider(p.name), k.leases(p.name)]
+    keys += [k.replica(i) for i in ids]
+    raw = await store.call("read_state", keys, (len(cfg.providers),))
+    return decode_state(raw, cfg, ids)
+
+
+def decode_state(raw: Sequence[Any], cfg: Config, ids: Sequence[str]) -> ClusterState:
+    """``read_state.lua``'s answer as a ``ClusterState``."""
+    sec = int(raw[0])
+    now_ms = sec * 1000 + int(raw[1]) // 1000
+    n = len(cfg.providers)
+    providers = tuple(
+        _provider(p, _hash(raw[6 + 2 * i]), int(raw[7 + 2 * i]), sec, now_ms)
+        for i, p in enumerate(cfg.providers)
+    )
+    beats = _hash(raw[5])
+    records = zip(ids, raw[6 + 2 * n :], strict=False)
+    # a replica whose record expired is gone, whatever the index still says
+    replicas = tuple(_replica(i, _hash(r), beats, now_ms) for i, r in records if r)
+    leader = decode_text(raw[2]) if raw[2] else None
+    return ClusterState(
+        SCHEMA, now_ms, cfg.pool, cfg.key_prefix, int(raw[4]), providers, _routes(cfg),
+        replicas, HealthdState(leader, int(raw[3])),
+    )  # fmt: skip
+
+
+def _provider(
+    p: Provider, h: dict[str, str], in_flight: int, sec: int, now_ms: int
+) -> ProviderState:
+    oldest = sec - WINDOW_BUCKETS + 1
+    cool = _int(h.get("cool"))
+    circuit = _CIRCUIT.get(h.get("circ"), "closed")
+    return ProviderState(
+        name=p.name, kind=p.kind.value, weight=p.weight,
+        health=_HEALTH.get(h.get("health"), "unknown"),
+        health_since_ms=_int(h.get("h_since")) or None,
+        last_error=h.get("h_error") or None,
+        probe_latency_ms=_float(h.get("h_latency")),
+        circuit=circuit,
+        circuit_until_ms=_int(h.get("circ_until")) if circuit != "closed" else None,
+        cooldown_until_ms=cool if cool > now_ms else 0,
+        drained=h.get("drain") == "1",
+        in_flight=in_flight, max_in_flight=p.limits.max_in_flight,
+        rpm_used=_window(h, "r:", oldest, sec), rpm_limit=p.limits.rpm,
+        tpm_used=_window(h, "t:", oldest, sec), tpm_limit=p.limits.tpm,
+        ttft_ewma_ms=_float(h.get("ttft")), tpot_ewma_ms=_float(h.get("tpot")),
+        outcomes={f[2:]: int(v) for f, v in sorted(h.items()) if f.startswith("o:")},
+    )  # fmt: skip
+
+
+def _window(h: Mapping[str, str], prefix: str, oldest: int, sec: int) -> int:
+    """The buckets inside the window ending now: the running total may still hold stale ones
+    (only an acquire slides it)."""
+    buckets = ((f[len(prefix) :], v) for f, v in h.items() if f.startswith(prefix))
+    return sum(int(v) for b, v in buckets if b.isdigit() and oldest <= int(b) <= sec)
+
+
+def _replica(rid: str, h: dict[str, str], beats: Mapping[str, str], now_ms: int) -> ReplicaState:
+    seen = _int(h.get("last_seen")) or int(float(beats.get(rid, "0")))
+    return ReplicaState(
+        id=rid, host=h.get("host", ""), pid=_int(h.get("pid")) or None,
+        version=h.get("version", ""), started=_int(h.get("started")) or None,
+        last_seen_ms=seen, age_s=round(max(0, now_ms - seen) / 1000, 3),
+    )  # fmt: skip
+
+
+def _routes(cfg: Config) -> tuple[RouteState, ...]:
+    def target(t: Target) -> TargetState:
+        return TargetState(t.provider, t.model, t.weight or cfg.provider(t.provider).weight)
+
+    return tuple(
+        RouteState(r.model, r.strategy.value, tuple(target(t) for t in r.targets))
+        for r in cfg.routes
+    )
+
+
+def state_json(state: ClusterState) -> dict[str, Any]:
+    """The documented, stable JSON form of ``state`` (see README, "See the cluster")."""
+    return dict(_plain(asdict(state)))
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    return [_plain(v) for v in value] if isinstance(value, list | tuple) else value
+
+
+@dataclass(frozen=True, slots=True)
+class KeyInfo:
+    """One key of the deployment: its Redis type ("none" when absent), TTL, what it holds."""
+
+    key: str
+    type: str
+    ttl_ms: int | None  # None: no expiry, or absent
+    what: str
+
+
+def expected_keys(keys: Keys, cfg: Config, replica_ids: Sequence[str]) -> dict[str, str]:
+    """Every key this config and these replicas use, in display order, with what it holds."""
+    out: dict[str, str] = {}
+    for p in cfg.providers:
+        out[keys.provider(p.name)] = f"provider {p.name}: windows, cooldown, health, circuit, EWMAs"
+        out[keys.leases(p.name)] = f"provider {p.name}: in-flight leases (id -> expiry ms)"
+    for r in cfg.routes:
+        if r.strategy is Strategy.ROUND_ROBIN:
+            out[keys.rotation(r.model)] = f"route {r.model}: the shared rotation counter"
+        if r.strategy is Strategy.WEIGHTED:
+            out[keys.swrr(r.model)] = f"route {r.model}: smooth weighted round-robin weights"
+    out[keys.health_version()] = "health version, bumped on every transition"
+    out[keys.leader()] = "healthd leader lease (the leader's id)"
+    out[keys.epoch()] = "healthd fencing epoch"
+    out[keys.replicas()] = "replica index (id -> last heartbeat ms)"
+    for rid in replica_ids:
+        out[keys.replica(rid)] = f"replica {rid}: heartbeat record"
+    return out
+
+
+async def describe_keys(store: Store, cfg: Config) -> list[KeyInfo]:
+    """Every key of the deployment, expected or found by SCAN, with its type and TTL."""
+    k = store.keys
+    with _reading():
+        ids = [decode_text(i) for i in await store.client.zrange(k.replicas(), 0, -1)]
+        expected = expected_keys(k, cfg, ids)
+        found = {
+            decode_text(key) async for key in store.client.scan_iter(match=k.pattern(), count=500)
+        }
+        names = [*expected, *sorted(found - set(expected))]
+        pipe = store.client.pipeline(transaction=False)
+        for name in names:
+            pipe.type(name)
+            pipe.pttl(name)
+        raw = await pipe.execute()
+    stray = "not named by this config: a removed provider or route?"
+    replica_prefix = k.replica("")
+    out = []
+    for i, name in enumerate(names):
+        kind, ttl = decode_text(raw[2 * i]), int(raw[2 * i + 1])
+        what = expected.get(name) or stray
+        if name not in expected and name.startswith(replica_prefix):
+            what = "a replica record missing from the index (it expires by itself)"
+        out.append(KeyInfo(name, kind, ttl if ttl >= 0 else None, what))
+    return [*out, await _channel(store)]
+
+
+async def _channel(store: Store) -> KeyInfo:
+    """The health channel: not a key, but part of the deployment's Redis footprint."""
+    channel = store.keys.health_channel()
+    with _reading():
+        [(_, subscribers)] = await store.client.pubsub_numsub(channel)
+    what = f"pub/sub channel of health transitions ({subscribers} subscribers)"
+    return KeyInfo(channel, "channel", None, what)
+
+
+def _hash(raw: Any) -> dict[str, str]:
+    items = [decode_text(x) for x in (raw or [])]
+    return dict(zip(items[::2], items[1::2], strict=True))
+
+
+def _int(value: str | None) -> int:
+    return int(float(value)) if value else 0
+
+
+def _float(value: str | None) -> float | None:
+    return round(float(value), 3) if value else None

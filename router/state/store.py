@@ -1,0 +1,498 @@
+"""The one module that talks to Redis: scripts registered once, results decoded in one place.
+
+The scripts, two per request, and the recovery probe (``TIME``) run over one shared pipelined
+connection (``router.muxredis``); pub/sub, inspection and ``/readyz`` use redis-py's pool
+(over TLS the scripts too). Every Redis failure becomes a
+``StoreError`` here, so callers never see redis-py's errors. With no Redis URL the store
+runs on an in-process fakeredis with the same Lua scripts: one replica only, said loudly at
+start-up.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from importlib import resources
+from typing import Any
+
+import hiredis
+import redis.asyncio as aioredis
+from redis.asyncio.connection import parse_url
+from redis.exceptions import RedisError
+
+from router.config import Circuit, Config, Route
+from router.errors import StoreError
+from router.state.keys import WINDOW_BUCKETS, Keys
+from router.state.muxredis import MuxRedis
+from router.strategies import Code
+
+log = logging.getLogger("router.store")
+
+EWMA_TAU_MS = 10_000
+"""Time constant of the latency EWMAs: a sample's weight halves in about 7 s."""
+
+
+LATE = -3
+"""``Decision.wait_ms`` of an acquire Redis ran after its deadline (it leased nothing)."""
+LOST = "lost"
+"""The outcome recorded for a lease released by ``release_lost``."""
+DEFAULT_CIRCUIT = Circuit()
+POOL_WAIT_S = 2.0
+"""Longest wait for a free connection of the pool (Redis calls themselves time out sooner)."""
+SCRIPTS = (
+    "acquire", "release", "renew", "report_probe", "take_lead", "resign", "heartbeat",
+    "read_health", "set_drain", "read_state",
+)  # fmt: skip
+
+
+class _HiredisPacking:
+    """Packs commands with hiredis (C) instead of redis-py's Python encoder.
+
+    Over TLS every request's two script calls, a dozen or more arguments each, go through the
+    pool (not the shared connection); packing them in Python was about 6 % of a replica's CPU.
+    """
+
+    def pack_command(self, *args: Any) -> list[bytes]:
+        if isinstance(args[0], str) and " " in args[0]:  # e.g. "SCRIPT LOAD": separate words
+            args = (*args[0].split(), *args[1:])
+        return [hiredis.pack_command(args)]
+
+
+class _SSLConnection(_HiredisPacking, aioredis.SSLConnection):
+    pass
+
+
+def _pool(
+    url: str, size: int, timeout: float, connect_timeout_ms: int
+) -> aioredis.BlockingConnectionPool:
+    """A blocking pool for ``url`` whose TLS connections are ``_SSLConnection``.
+
+    Not ``from_url``: it lets the URL's scheme choose the connection class (redis-py's own
+    ``SSLConnection`` for rediss://), silently dropping the one passed in."""
+    kwargs: dict[str, Any] = {
+        "max_connections": size,
+        # waiting for a free pooled connection is local contention, not a dead Redis:
+        # a loaded event loop must not be mistaken for an outage (degraded mode)
+        "timeout": max(timeout, POOL_WAIT_S),
+        "socket_timeout": timeout,
+        "socket_connect_timeout": connect_timeout_ms / 1000,
+        **parse_url(url),  # the URL's own arguments win, as with from_url
+    }
+    if kwargs.get("connection_class") is aioredis.SSLConnection:
+        kwargs["connection_class"] = _SSLConnection
+    return aioredis.BlockingConnectionPool(**kwargs)
+
+
+def _script(name: str) -> str:
+    return (
+        resources.files("router.state").joinpath("lua", f"{name}.lua").read_text(encoding="utf-8")
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class Candidate:
+    """One target as the acquire script saw it (figures after the decision)."""
+
+    provider: str
+    code: Code
+    in_flight: int
+    rpm_used: int
+    tpm_used: int
+    score: str
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """The outcome of one acquire: the chosen target (or none) and what was seen."""
+
+    index: int | None
+    now_ms: int
+    bucket: int
+    wait_ms: int
+    """When none was chosen: ms until one may have room; -1 unknown, -2 never."""
+    candidates: tuple[Candidate, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Lease:
+    """A target's capacity held by one in-flight request."""
+
+    id: str
+    provider: str
+    bucket: int
+    tokens: int
+    local: bool = False
+    """Taken in degraded mode: it exists only in this replica's local state."""
+
+
+@dataclass(frozen=True, slots=True)
+class LostLease:
+    """A lease an acquire may have taken without its caller learning of it.
+
+    The call timed out, or its caller was cancelled, with the command already on its way:
+    Redis may have run it, or may still run it (it was in a socket buffer while Redis was
+    paused). Every acquire carries a deadline in Redis time and leases nothing past it, so
+    a release run after that deadline (or one that finds the lease) settles it for good."""
+
+    id: str
+    providers: tuple[str, ...]
+    """The targets the acquire could have chosen: one of them holds the lease, if any does."""
+    not_after_ms: int
+    """The acquire's deadline, in Redis time."""
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """How an attempt ended, as the release script records it."""
+
+    outcome: str
+    token_correction: int = 0
+    ttft_ms: float = -1
+    tpot_ms: float = -1
+    cooldown_ms: int = 0
+    provider_requests: int = -1
+    provider_tokens: int = -1
+
+
+@dataclass(frozen=True, slots=True)
+class RoutePlan:
+    """A route's keys and per-target script arguments, computed once at start-up."""
+
+    route: Route
+    providers: tuple[str, ...]
+    keys: tuple[str, ...]
+    static: tuple[tuple[int, int, int, int], ...]
+    """Per target: rpm, tpm, max_in_flight (0 = unlimited), weight."""
+
+    @classmethod
+    def build(cls, cfg: Config, route: Route, keys: Keys) -> RoutePlan:
+        """Lay out the script's KEYS and the static part of its ARGV for ``route``."""
+        names, ks, static = [], [keys.rotation(route.model), keys.swrr(route.model)], []
+        for t in route.targets:
+            p = cfg.provider(t.provider)
+            lim = p.limits
+            names.append(p.name)
+            ks += [keys.provider(p.name), keys.leases(p.name)]
+            static.append(
+                (lim.rpm or 0, lim.tpm or 0, lim.max_in_flight or 0, t.weight or p.weight)
+            )
+        return cls(route, tuple(names), tuple(ks), tuple(static))
+
+
+class Store:
+    """Shared state: acquire, release and renew leases through the Lua scripts."""
+
+    def __init__(
+        self,
+        client: Any,
+        keys: Keys,
+        lease_ttl_ms: int,
+        *,
+        embedded: bool,
+        circuits: Mapping[str, Circuit] | None = None,
+        mux: MuxRedis | None = None,
+        late_ms: int = 1000,
+    ) -> None:
+        self.client = client
+        self.mux = mux
+        """The scripts' shared pipelined connection (``None``: they go through ``client``)."""
+        self.keys = keys
+        self.lease_ttl_ms = lease_ttl_ms
+        self.embedded = embedded
+        self.circuits = dict(circuits or {})
+        self.on_error: Callable[[str], None] = lambda operation: None
+        """Called with the operation's name on every failed call (metrics hook)."""
+        self.answered = 0
+        """Calls Redis answered, ever: degraded mode reads whether one was since a failure."""
+        self.late_ms = late_ms
+        """Longest time from taking an acquire's deadline to Redis running it, for a caller
+        still waiting (connecting, a free pooled connection, the reply's timeout)."""
+        self._skew_ms = 0
+        """Redis's clock minus ours plus the one-way trip, as last seen: never less than the
+        clocks' true difference, so a deadline computed with it is never too early."""
+        self._scripts = {name: client.register_script(_script(name)) for name in SCRIPTS}
+
+    @classmethod
+    def from_config(cls, cfg: Config) -> Store:
+        """A store for ``cfg``: a blocking pool on Redis, or the embedded fakeredis."""
+        keys = Keys(cfg.key_prefix, cfg.pool)
+        ttl = int(cfg.lease_ttl_s * 1000)
+        circuits = {p.name: p.circuit for p in cfg.providers}
+        if not cfg.redis_url:
+            import fakeredis  # only the embedded mode needs it
+
+            return cls(fakeredis.FakeAsyncRedis(), keys, ttl, embedded=True, circuits=circuits)
+        timeout = cfg.redis.timeout_ms / 1000
+        pool = _pool(cfg.redis_url, cfg.redis.pool_size, timeout, cfg.redis.connect_timeout_ms)
+        client = aioredis.Redis(connection_pool=pool)
+        # TLS (rediss://) keeps redis-py's pooled connections for the scripts too
+        tls = pool.connection_class is _SSLConnection
+        mux = None if tls else MuxRedis(cfg.redis_url, timeout)
+        # How long after its deadline was taken an acquire may run for a caller still
+        # waiting. Shared connection: the call's timeout, and a fifth more for connecting
+        # first (a millisecond on a LAN) or a busy event loop. Pool: the wait for a free
+        # connection, connecting, then the call. Tighter is better: an acquire run past it
+        # leases nothing, while one run before it for a caller that gave up holds a lease
+        # (counted against the limits) until the replica releases it. Too tight only turns
+        # a late answer into a local decision.
+        call_ms = cfg.redis.timeout_ms
+        if mux is None:
+            late = int(POOL_WAIT_S * 1000) + cfg.redis.connect_timeout_ms + 2 * call_ms
+        else:
+            late = call_ms + max(10, call_ms // 5)
+        return cls(client, keys, ttl, embedded=False, circuits=circuits, mux=mux, late_ms=late)
+
+    async def start(self, warm: int = 8) -> None:
+        """Open ``warm`` connections and load the scripts, so the first requests wait on neither."""
+        try:
+            await asyncio.gather(*(self.client.ping() for _ in range(warm)))
+            if self.mux is not None:
+                await self.mux.execute("PING")
+            await self.load_scripts()
+            await self.time_ms()  # the clocks' difference, for the acquires' deadlines
+        except RedisError as exc:
+            raise StoreError(f"shared store unavailable: {exc}") from exc
+
+    async def load_scripts(self) -> None:
+        """(Re)load every script, e.g. after Redis restarted empty."""
+        for script in self._scripts.values():
+            script.sha = await self.client.script_load(script.script)
+
+    async def call(self, name: str, keys: Sequence[str], args: Sequence[Any]) -> Any:
+        """Run the registered script ``name``; a Redis failure becomes ``StoreError``."""
+        try:
+            if self.mux is not None:
+                script = self._scripts[name]
+                result = await self.mux.evalsha(script.sha, script.script, keys, args)
+            else:
+                result = await self._scripts[name](keys=keys, args=args)
+        except RedisError as exc:
+            self.on_error(name)
+            raise StoreError(f"{name} failed: {exc}") from exc
+        self.answered += 1
+        return result
+
+    async def time_ms(self) -> int:
+        """Redis's clock (ms); on the scripts' connection, so after every script sent on it
+        before. Also learns the clocks' difference (see ``not_after_ms``)."""
+        sent = _wall_ms()
+        try:
+            if self.mux is not None:
+                sec, usec = await self.mux.execute("TIME")
+            else:
+                sec, usec = await self.client.time()
+        except RedisError as exc:
+            self.on_error("time")
+            raise StoreError(f"shared store unavailable: {exc}") from exc
+        self.answered += 1
+        now = int(sec) * 1000 + int(usec) // 1000
+        self._skew_ms = now - sent
+        return now
+
+    def not_after_ms(self) -> int:
+        """The deadline, in Redis time, of an acquire about to be sent: a caller still
+        waiting for it cannot have it run later."""
+        return _wall_ms() + self._skew_ms + self.late_ms
+
+    async def subscribe(self, channel: str) -> Subscription:
+        """Subscribe to ``channel`` on a connection of its own (no read timeout)."""
+        if self.embedded:
+            client = self.client
+        else:
+            # the pool's connection class and settings (TLS, password, db): a connection
+            # made by hand here once went plain to a rediss:// server, and failed every time
+            pool = self.client.connection_pool
+            kwargs = {**pool.connection_kwargs, "socket_timeout": None}
+            own = aioredis.ConnectionPool(pool.connection_class, max_connections=1, **kwargs)
+            client = aioredis.Redis.from_pool(own)  # closing the client closes its pool
+        pubsub = client.pubsub(ignore_subscribe_messages=True)
+        try:
+            await pubsub.subscribe(channel)
+        except RedisError as exc:
+            await pubsub.aclose()
+            if client is not self.client:
+                await client.aclose()
+            raise StoreError(f"subscribe failed: {exc}") from exc
+        return Subscription(pubsub, None if self.embedded else client)
+
+    async def close(self) -> None:
+        """Close the connections (the pool too: a client given a pool does not own it)."""
+        if self.mux is not None:
+            await self.mux.close()
+        await self.client.aclose()
+        await self.client.connection_pool.disconnect()
+
+    async def ping(self) -> None:
+        """Raise ``StoreError`` unless Redis answers."""
+        try:
+            await self.client.ping()
+        except RedisError as exc:
+            raise StoreError(f"shared store unavailable: {exc}") from exc
+        self.answered += 1
+
+    async def acquire(
+        self,
+        plan: RoutePlan,
+        lease_id: str,
+        tokens: Sequence[int],
+        excluded: Sequence[bool],
+        *,
+        rand: int,
+        expected_output: int,
+        detail: bool = True,
+        not_after_ms: int | None = None,
+    ) -> Decision:
+        """Choose a target of ``plan`` for one request and lease it (one round trip).
+
+        Without ``detail`` the script returns only each target's code (the figures cost
+        Redis time and only the decision log reads them); the others are then -1 and ''.
+        ``not_after_ms`` is the deadline (``not_after_ms()`` when not given) that the
+        caller keeps, should the answer never come (``LostLease``)."""
+        sent = _wall_ms()
+        args: list[Any] = [
+            plan.route.strategy.value,
+            lease_id,
+            self.lease_ttl_ms,
+            rand,
+            expected_output,
+            len(plan.providers),
+            WINDOW_BUCKETS,
+            1 if detail else 0,
+            not_after_ms or sent + self._skew_ms + self.late_ms,
+        ]
+        for i, (rpm, tpm, maxf, weight) in enumerate(plan.static):
+            args += (rpm, tpm, maxf, weight, tokens[i], 1 if excluded[i] else 0)
+        d = _decode_decision(await self.call("acquire", plan.keys, args), plan.providers)
+        self._skew_ms = d.now_ms - sent
+        if d.wait_ms == LATE:  # answered, yet run past its deadline: it leased nothing
+            # (a slow reconnect first, a stalled event loop, or our clock stepped back)
+            raise StoreError("the acquire reached Redis after its deadline")
+        return d
+
+    async def release_lost(self, lost: LostLease) -> bool:
+        """Release ``lost`` on whichever of its targets holds it; whether one did."""
+        for provider in lost.providers:
+            if await self.release(Lease(lost.id, provider, 0, 0), Outcome(LOST)):
+                return True
+        return False
+
+    async def release(self, lease: Lease, outcome: Outcome) -> int:
+        """End ``lease`` and record ``outcome``: 0 when it was already released, 1 when
+        released now, 2 when released and its failure opened the provider's circuit."""
+        circuit = self.circuits.get(lease.provider, DEFAULT_CIRCUIT)
+        args = (
+            lease.id,
+            outcome.outcome,
+            lease.bucket,
+            outcome.token_correction,
+            outcome.ttft_ms,
+            outcome.tpot_ms,
+            EWMA_TAU_MS,
+            outcome.cooldown_ms,
+            outcome.provider_requests,
+            outcome.provider_tokens,
+            circuit.failures,
+            int(circuit.cooldown_s * 1000),
+            int(circuit.max_cooldown_s * 1000),
+            self.keys.health_channel(),
+            lease.provider,
+            self.keys.pool,
+        )
+        keys = (
+            self.keys.provider(lease.provider),
+            self.keys.leases(lease.provider),
+            self.keys.health_version(),
+        )
+        return int(await self.call("release", keys, args))
+
+    async def renew(self, leases: Mapping[str, Sequence[str]]) -> int:
+        """Push back the expiry of the given leases (provider -> lease ids); how many renewed."""
+        keys: list[str] = []
+        args: list[Any] = [self.lease_ttl_ms]
+        for provider, ids in leases.items():
+            if ids:
+                keys.append(self.keys.leases(provider))
+                args += [len(ids), *ids]
+        if not keys:
+            return 0
+        return int(await self.call("renew", keys, args))
+
+    async def in_flight(self, provider: str) -> int:
+        """Requests the cluster has in flight on ``provider`` now (unexpired leases)."""
+        try:
+            t, _ = await self.client.time()
+            return int(await self.client.zcount(self.keys.leases(provider), f"({t * 1000}", "+inf"))
+        except RedisError as exc:
+            raise StoreError(f"read failed: {exc}") from exc
+
+    async def provider_fields(self, provider: str) -> dict[str, str]:
+        """The provider's raw shared fields (for inspection and tests)."""
+        try:
+            raw = await self.client.hgetall(self.keys.provider(provider))
+        except RedisError as exc:
+            raise StoreError(f"read failed: {exc}") from exc
+        return {k.decode(): v.decode() for k, v in raw.items()}
+
+
+class Subscription:
+    """A pub/sub subscription; Redis errors surface as ``StoreError``."""
+
+    def __init__(self, pubsub: Any, client: Any) -> None:
+        self._pubsub = pubsub
+        self._client = client
+
+    async def next(self, within: float) -> bytes | None:
+        """The next message's data, or ``None`` when none came ``within`` seconds."""
+        try:
+            msg = await self._pubsub.get_message(timeout=within)
+        except (RedisError, OSError) as exc:
+            raise StoreError(f"subscription lost: {exc}") from exc
+        if msg is None or msg.get("type") != "message":
+            return None
+        data = msg["data"]
+        return data if isinstance(data, bytes) else str(data).encode()
+
+    async def close(self) -> None:
+        """Unsubscribe and close the connection."""
+        try:
+            await self._pubsub.aclose()
+            if self._client is not None:
+                await self._client.aclose()
+        except (RedisError, OSError):
+            pass  # closing a connection that is already gone
+
+
+def _wall_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+def _decode_decision(raw: Sequence[Any], providers: Sequence[str]) -> Decision:
+    chosen, now_ms, bucket, wait_ms = (int(x) for x in raw[:4])
+    if wait_ms == LATE:
+        return Decision(None, now_ms, bucket, wait_ms, ())
+    if len(raw) == 4 + len(providers):  # codes only
+        candidates = tuple(
+            Candidate(name, Code(int(raw[4 + i])), -1, -1, -1, "")
+            for i, name in enumerate(providers)
+        )
+        return Decision(chosen - 1 if chosen else None, now_ms, bucket, wait_ms, candidates)
+    candidates = tuple(
+        Candidate(
+            provider=name,
+            code=Code(int(raw[4 + 5 * i])),
+            in_flight=int(raw[5 + 5 * i]),
+            rpm_used=int(raw[6 + 5 * i]),
+            tpm_used=int(raw[7 + 5 * i]),
+            score=decode_text(raw[8 + 5 * i]),
+        )
+        for i, name in enumerate(providers)
+    )
+    return Decision(chosen - 1 if chosen else None, now_ms, bucket, wait_ms, candidates)
+
+
+def decode_text(value: Any) -> str:
+    """A Redis reply as text (bytes decoded as UTF-8)."""
+    return value.decode() if isinstance(value, bytes) else str(value)

@@ -1,0 +1,480 @@
+"""The upstream HTTP client on the hot path: HTTP/1.1 keep-alive over asyncio, httptools' parser.
+
+Chosen by measurement (loadtest/bench.py, one core): a proxy hop through ``httpx.AsyncClient``
+reached about 420 req/s, through aiohttp about 3,700 (FastAPI in front) to 7,100 (bare ASGI),
+and in the router aiohttp's request machinery (timeouts, tracing hooks, cookie jar, URL and
+header objects) was still a third of the replica's CPU. A provider call needs little of it:
+one POST with a few headers, an answer read whole or relayed as it streams, connections kept
+alive per origin. That is what this module does, on ``asyncio.Protocol`` with the same C
+parser uvicorn uses (httptools), and nothing else. httpx stays for probes, the CLI and tests.
+
+Everything a provider sends is bounded here (``Provider.bounds``): the status line and
+headers, a whole answer's body as received and once inflated, an error answer's body. Past a
+bound the attempt fails as ``bad_response`` and the connection is dropped, so a provider
+cannot make a replica hold more than about one bound per attempt in flight (unbounded, a
+1 GiB answer took the replica to 2.2 GB RSS, a 2 MB gzip bomb to 2.3 to 4.2 GB).
+
+Errors become ``UpstreamError``s here, with messages that name no URL or header (no secret).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+import time
+import zlib
+from collections import deque
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from types import TracebackType
+from typing import cast
+from urllib.parse import urlsplit
+
+import httptools
+
+from router.config import Bounds, Timeouts
+from router.errors import (
+    UpstreamConnectError,
+    UpstreamError,
+    UpstreamProtocolError,
+    UpstreamTimeout,
+)
+from router.upstream.providers.base import UpstreamRequest
+
+KEEPALIVE_S = 30.0
+"""An idle pooled connection older than this is closed rather than reused."""
+HIGH_WATER = 256 * 1024
+"""Buffered body bytes at which the connection stops reading until the consumer catches up."""
+INFLATE_STEP = HIGH_WATER
+"""The most one inflate call of a stream produces: a compressed stream (or bomb) is inflated
+as it is consumed, a step at a time, never a received chunk at once (up to ~1000x its size)."""
+DEFAULT_BOUNDS = Bounds()
+
+
+@dataclass(frozen=True, slots=True)
+class _Target:
+    """Where a URL goes: its origin (pool key), the request line's path, the Host header."""
+
+    scheme: str
+    host: str
+    port: int
+    path: bytes
+    host_header: bytes
+
+
+def _target(url: str) -> _Target:
+    u = urlsplit(url)
+    if u.scheme not in ("http", "https") or not u.hostname:
+        raise UpstreamProtocolError("the provider's URL is not http(s)")
+    default = 443 if u.scheme == "https" else 80
+    port = u.port or default
+    path = (u.path or "/") + (f"?{u.query}" if u.query else "")
+    host = u.hostname if ":" not in u.hostname else f"[{u.hostname}]"
+    host_header = host if port == default else f"{host}:{port}"
+    return _Target(u.scheme, u.hostname, port, path.encode("ascii"), host_header.encode("ascii"))
+
+
+class _Connection(asyncio.Protocol):
+    """One keep-alive connection; at most one exchange at a time."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.transport: asyncio.Transport | None = None
+        self.parser = httptools.HttpResponseParser(self)
+        self.closed = False
+        self.idle_since = 0.0
+        self.resp: UpstreamResponse | None = None
+
+    # asyncio.Protocol
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
+
+    def data_received(self, data: bytes) -> None:
+        resp = self.resp
+        if resp is None:  # bytes nobody asked for: the connection is unusable
+            self.abort()
+            return
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            resp._fail(UpstreamProtocolError("the provider switched protocols"))
+            self.abort()
+        except httptools.HttpParserError as exc:
+            if isinstance(exc.__context__, UpstreamError):  # a callback refused: past a bound
+                self._refuse(resp, exc.__context__)
+            else:
+                resp._fail(UpstreamProtocolError("the provider sent malformed HTTP"))
+                self.abort()
+        else:
+            if not resp._headed:  # every byte so far is status line and headers
+                resp._head_bytes += len(data)
+                if resp._head_bytes > resp._bounds.max_header_bytes:
+                    limit = resp._bounds.max_header_bytes
+                    self._refuse(resp, UpstreamProtocolError(f"the headers are over {limit} bytes"))
+
+    def _refuse(self, resp: UpstreamResponse, error: UpstreamError) -> None:
+        """Fail an answer past a bound: drop what it buffered, and the connection."""
+        resp._fail(error)
+        resp._chunks.clear()
+        resp._buffered = 0
+        self.abort()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        if self.resp is not None:
+            self.resp._lost()
+
+    # httptools callbacks
+    def on_header(self, name: bytes, value: bytes) -> None:
+        assert self.resp is not None
+        headers = self.resp._raw_headers
+        if len(headers) >= self.resp._bounds.max_headers:
+            raise UpstreamProtocolError(f"the provider sent over {len(headers)} headers")
+        headers.append((name, value))
+
+    def on_headers_complete(self) -> None:
+        assert self.resp is not None
+        self.resp._head(self.parser.get_status_code())
+
+    def on_body(self, body: bytes) -> None:
+        assert self.resp is not None
+        self.resp._data(body)
+
+    def on_message_complete(self) -> None:
+        assert self.resp is not None
+        self.resp._complete(self.parser.should_keep_alive())
+
+    def abort(self) -> None:
+        self.closed = True
+        if self.transport is not None:
+            self.transport.abort()
+
+
+_CORRUPT = "the provider's compressed body is corrupt"
+
+
+def _inflate(decoder: zlib._Decompress, data: bytes) -> Iterator[bytes]:
+    """``data`` inflated a step at a time (the consumer pulls the next step)."""
+    while data:
+        try:
+            out = decoder.decompress(data, INFLATE_STEP)
+        except zlib.error:
+            raise UpstreamProtocolError(_CORRUPT) from None
+        data = decoder.unconsumed_tail
+        if out:
+            yield out
+
+
+class UpstreamResponse:
+    """A provider's answer whose headers have arrived; the body is read on demand."""
+
+    def __init__(
+        self, conn: _Connection, pool: _Pool, read_timeout: float, bounds: Bounds, until: float
+    ) -> None:
+        self._conn = conn
+        self._pool = pool
+        self._read_timeout = read_timeout
+        self._bounds = bounds
+        self._cap = bounds.max_answer_bytes
+        self._head_bytes = 0
+        self._until = until
+        self._until_error = "the route's timeout ran out"
+        self._raw_headers: list[tuple[bytes, bytes]] = []
+        self._chunks: deque[bytes] = deque()
+        self._buffered = 0
+        self._waiter: asyncio.Future[None] | None = None
+        self._error: UpstreamError | None = None
+        self._headed = False
+        self._done = False
+        self._keep_alive = False
+        self._released = False
+        self._decoder: zlib._Decompress | None = None
+        self._paused = False
+        self._streaming = False
+        self.status = 0
+        self.headers: dict[str, str] = {}
+
+    # from the connection
+    def _head(self, status: int) -> None:
+        self.status = status
+        self.headers = {k.decode("latin-1").lower(): v.decode("latin-1")
+                        for k, v in self._raw_headers}  # fmt: skip
+        if not 200 <= status < 300:
+            self._cap = self._bounds.max_error_bytes
+        encoding = self.headers.get("content-encoding", "identity").strip().lower()
+        if encoding in ("gzip", "x-gzip", "deflate"):
+            self._decoder = zlib.decompressobj(wbits=zlib.MAX_WBITS | 32)  # gzip or zlib
+        elif encoding not in ("identity", ""):
+            self._fail(UpstreamProtocolError(f"unsupported content-encoding {encoding!r}"))
+            return
+        self._headed = True
+        self._wake()
+
+    def _data(self, body: bytes) -> None:
+        """Buffer body bytes as received (still compressed: they are inflated when read)."""
+        self._chunks.append(body)
+        self._buffered += len(body)
+        if self._buffered > self._cap:  # unread bytes: a whole answer, or a stream's backlog
+            raise UpstreamProtocolError(f"the answer is over {self._cap} bytes")
+        if self._streaming and self._buffered > HIGH_WATER and not self._paused:
+            assert self._conn.transport is not None
+            self._paused = True
+            self._conn.transport.pause_reading()
+        self._wake()
+
+    def _complete(self, keep_alive: bool) -> None:
+        self._done, self._keep_alive = True, keep_alive
+        self._wake()
+
+    def _lost(self) -> None:
+        if self._done or self._error is not None:
+            return
+        if not self._headed:
+            self._fail(UpstreamConnectError("connection lost sending the request"))
+        elif "content-length" not in self.headers and "transfer-encoding" not in self.headers:
+            self._complete(False)  # a body delimited by the connection's end
+        else:
+            self._fail(UpstreamProtocolError("the answer was cut off reading the answer"))
+
+    def _fail(self, error: UpstreamError) -> None:
+        if self._error is None and not self._done:
+            self._error = error
+        self._wake()
+
+    def _wake(self) -> None:
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
+    async def _wait(self, until: float, timeout_error: str) -> None:
+        """Wait for news from the connection until ``until`` (loop time)."""
+        self._waiter = self._conn.loop.create_future()
+        try:
+            async with asyncio.timeout_at(until):
+                await self._waiter
+        except TimeoutError:
+            self._conn.abort()
+            raise UpstreamTimeout(timeout_error) from None
+        finally:
+            self._waiter = None
+
+    # for the caller
+    async def _headers(self, until: float) -> None:
+        while not self._headed and self._error is None:
+            await self._wait(until, "no answer before the timeout")
+        # once headed, the status stands: a body that fails (past its bound, cut) says so
+        # when read, so that a 5xx is still a 5xx
+        if not self._headed and self._error is not None:
+            raise self._error
+
+    async def read(self, deadline: float) -> bytes:
+        """The whole body, within ``deadline`` (loop time) and the answer's size bound."""
+        loop = self._conn.loop
+        while not self._done and self._error is None:
+            until = min(deadline, loop.time() + self._read_timeout)
+            await self._wait(until, "timed out reading the answer")
+        if self._error is not None:
+            raise self._error
+        body = b"".join(self._chunks)
+        self._chunks.clear()
+        self._buffered = 0
+        return body if self._decoder is None else self._inflate_whole(self._decoder, body)
+
+    def set_deadline(self, until: float, error: str) -> None:
+        """End the waits of ``chunks`` at ``until`` (loop time) with an ``UpstreamTimeout``
+        saying ``error``: the caller moves it as a stream goes (its first event, the next)."""
+        self._until, self._until_error = until, error
+
+    async def chunks(self) -> AsyncIterator[bytes]:
+        """The body as the provider sends it, chunk by chunk (never buffered whole).
+
+        A wait ends after the read timeout's silence or at the deadline (``set_deadline``;
+        at first the one ``Upstream.send`` was given), whichever comes first.
+        """
+        loop = self._conn.loop
+        self._streaming = True
+        while True:
+            if self._chunks:
+                data = b"".join(self._chunks)
+                self._chunks.clear()
+                self._buffered = 0
+                if self._paused and self._conn.transport is not None:
+                    self._paused = False
+                    self._conn.transport.resume_reading()
+                if self._decoder is None:
+                    yield data
+                else:
+                    for piece in _inflate(self._decoder, data):
+                        yield piece
+                continue
+            if self._error is not None:
+                raise self._error
+            if self._done:
+                tail = self._flush_decoder()
+                if tail:
+                    yield tail
+                return
+            stall = loop.time() + self._read_timeout
+            if self._until <= stall:
+                await self._wait(self._until, self._until_error)
+            else:
+                await self._wait(stall, "the stream stalled past the read timeout")
+
+    def _inflate_whole(self, decoder: zlib._Decompress, data: bytes) -> bytes:
+        """A whole compressed body inflated, never past the answer's bound."""
+        cap = self._cap
+        try:
+            out = decoder.decompress(data, cap + 1)
+        except zlib.error:
+            raise UpstreamProtocolError(_CORRUPT) from None
+        if len(out) > cap:
+            raise UpstreamProtocolError(f"the answer inflates to over {cap} bytes")
+        tail = self._flush_decoder()  # all input is consumed: at most what zlib still holds
+        return out + tail if tail else out
+
+    def _flush_decoder(self) -> bytes:
+        if self._decoder is None:
+            return b""
+        try:
+            tail = self._decoder.flush()
+        except zlib.error:
+            raise UpstreamProtocolError(_CORRUPT) from None
+        self._decoder = None
+        return tail
+
+    def close(self) -> None:
+        """Give the connection back (or drop it when the body was not read to the end)."""
+        if self._released:
+            return
+        self._released = True
+        conn = self._conn
+        conn.resp = None
+        if self._done and self._keep_alive and self._error is None and not conn.closed:
+            self._pool.put(conn)
+        else:
+            conn.abort()
+
+    async def __aenter__(self) -> UpstreamResponse:
+        return self
+
+    async def __aexit__(
+        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+
+class _Pool:
+    """Idle keep-alive connections of one origin, most recently used first."""
+
+    def __init__(self) -> None:
+        self.idle: deque[_Connection] = deque()
+
+    def take(self) -> _Connection | None:
+        now = time.monotonic()
+        while self.idle:
+            conn = self.idle.pop()
+            if not conn.closed and now - conn.idle_since < KEEPALIVE_S:
+                return conn
+            conn.abort()
+        return None
+
+    def put(self, conn: _Connection) -> None:
+        conn.idle_since = time.monotonic()
+        self.idle.append(conn)
+
+    def close(self) -> None:
+        while self.idle:
+            self.idle.pop().abort()
+
+
+class Upstream:
+    """Sends provider requests over keep-alive connections pooled per origin."""
+
+    def __init__(self) -> None:
+        self._pools: dict[tuple[str, str, int], _Pool] = {}
+        self._targets: dict[str, _Target] = {}
+        self._tls: ssl.SSLContext | None = None
+        self._started = False
+
+    async def start(self) -> None:
+        """Get ready to send (inside the running event loop)."""
+        self._started = True
+
+    async def close(self) -> None:
+        """Close every pooled connection."""
+        for pool in self._pools.values():
+            pool.close()
+        self._pools.clear()
+
+    async def send(
+        self, req: UpstreamRequest, timeouts: Timeouts, deadline: float,
+        bounds: Bounds = DEFAULT_BOUNDS,
+    ) -> UpstreamResponse:  # fmt: skip
+        """POST ``req``; return once the status and headers arrived, by ``deadline`` at latest.
+
+        The answer's waits end by ``deadline`` too (until moved); ``bounds`` caps what it may hold.
+        """
+        if not self._started:
+            raise RuntimeError("Upstream.start() was not awaited")
+        loop = asyncio.get_running_loop()
+        left = deadline - loop.time()
+        if left <= 0:
+            raise UpstreamTimeout("the route's time ran out before this attempt")
+        target = self._targets.get(req.url)
+        if target is None:
+            target = self._targets[req.url] = _target(req.url)
+        key = (target.scheme, target.host, target.port)
+        pool = self._pools.get(key)
+        if pool is None:
+            pool = self._pools[key] = _Pool()
+        head_and_body = _request_bytes(target, req)
+        conn = pool.take() or await self._connect(loop, target, min(timeouts.connect_s, left))
+        resp = UpstreamResponse(conn, pool, timeouts.read_s, bounds, deadline)
+        conn.resp = resp
+        assert conn.transport is not None
+        conn.transport.write(head_and_body)
+        try:
+            await resp._headers(min(deadline, loop.time() + timeouts.read_s))
+        except BaseException:
+            resp.close()
+            raise
+        return resp
+
+    async def _connect(
+        self, loop: asyncio.AbstractEventLoop, target: _Target, within: float
+    ) -> _Connection:
+        tls = None
+        if target.scheme == "https":
+            if self._tls is None:
+                self._tls = ssl.create_default_context()
+            tls = self._tls
+        try:
+            async with asyncio.timeout(within):
+                _, conn = await loop.create_connection(
+                    lambda: _Connection(loop), target.host, target.port, ssl=tls,
+                    server_hostname=target.host if tls else None,
+                )  # fmt: skip
+        except TimeoutError:
+            raise UpstreamTimeout("timed out connecting") from None
+        except ssl.SSLError as exc:
+            raise UpstreamConnectError(f"TLS handshake failed ({exc.reason})") from None
+        except OSError as exc:
+            raise UpstreamConnectError(f"could not connect ({exc.strerror or 'refused'})") from None
+        return conn
+
+
+def _request_bytes(target: _Target, req: UpstreamRequest) -> bytes:
+    """The request head and body; a header that would split the head is refused."""
+    lines = [
+        b"POST " + target.path + b" HTTP/1.1",
+        b"Host: " + target.host_header,
+        b"Content-Length: " + str(len(req.body)).encode(),
+        b"Accept-Encoding: gzip, deflate",
+    ]
+    for name, value in req.headers.items():
+        if "\r" in value or "\n" in value or "\r" in name or "\n" in name or ":" in name:
+            raise UpstreamProtocolError("a request header holds a line break")
+        try:
+            lines.append(f"{name}: {value}".encode("latin-1"))
+        except UnicodeEncodeError:
+            raise UpstreamProtocolError("a request header is not latin-1 text") from None
+    return b"\r\n".join(lines) + b"\r\n\r\n" + req.body
