@@ -240,8 +240,9 @@ def _add_cluster_options(cmd: argparse.ArgumentParser, config: str, what: str) -
     cmd.set_defaults(default_config=config)
     cmd.add_argument(
         "--host",
-        help="a running cluster's URL (http://H:P); default: start one with routerctl up "
-        "(the config's mock providers, a private redis-server) and stop it at the end",
+        help="a running cluster's URL (http://H:P); default: the local cluster of routerctl up "
+        "running the config, else start one (the config's mock providers, a private "
+        "redis-server) and stop it at the end",
     )
     cmd.add_argument(
         "--replicas", type=_at_least_one, default=2,
