@@ -107,14 +107,14 @@ class PayloadTooLarge(ClientError):
     code = "request_too_large"
 
     def headers(self) -> dict[str, str]:
-        # the rest of the body may still come: read and thrown away (router.httpserver), then
+        # the rest of the body may still come: read and thrown away (router.api.server), then
         # the connection is closed rather than reading an unbounded body for nobody
         return {"Connection": "close"}
 
 
 class HeadersTooLarge(ClientError):
     """The request line and headers are over ``max_head_bytes`` or ``max_header_count``;
-    answered by the HTTP server itself (``router.httpserver``), before any application."""
+    answered by the HTTP server itself (``router.api.server``), before any application."""
 
     status = 431
     code = "request_header_fields_too_large"

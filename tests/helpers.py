@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import os
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
@@ -321,4 +323,13 @@ def launcher_env(**extra: str) -> dict[str, str]:
     """Our environment without Redis or secrets: the launcher must provide both."""
     drop = {"REDIS_URL", "ROUTER_CLIENT_KEY", "ROUTER_ADMIN_TOKEN", "ROUTERCTL_REDIS_SERVER"}
     env = {k: v for k, v in os.environ.items() if k not in drop}
-    return {**env, "PYTHONUNBUFFERED": "1", **extra}
+    # the launchers' port locks and state files go to a directory of this test run, never
+    # to the user's own (~/.cache/router-cluster or $XDG_RUNTIME_DIR)
+    return {**env, "PYTHONUNBUFFERED": "1", "XDG_RUNTIME_DIR": _runtime_dir(), **extra}
+
+
+@functools.cache
+def _runtime_dir() -> str:
+    path = tempfile.mkdtemp(prefix="router-tests-runtime-")
+    os.chmod(path, 0o700)
+    return path

@@ -18,5 +18,6 @@ if [ ! -x .venv/bin/python ]; then
     exit 1
   fi
 fi
-.venv/bin/python -m pip install -q --disable-pip-version-check -e .
+# with the load extra (Locust, matplotlib), so `routerctl loadtest` and `simulate` work too
+.venv/bin/python -m pip install -q --disable-pip-version-check -e '.[load]'
 exec .venv/bin/routerctl up "$@"

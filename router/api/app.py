@@ -1,4 +1,4 @@
-"""The HTTP API of one replica: the hot OpenAI endpoints (``router.endpoints``) in front of
+"""The HTTP API of one replica: the hot OpenAI endpoints (``router.api.endpoints``) in front of
 FastAPI, which serves the rest (models, health, readiness, metrics, admin).
 
 Errors of every kind reach one exception handler per path that answers in OpenAI's shape.

@@ -7,7 +7,7 @@ refusals that the client can read.
   thousand of them hold a thousand sockets: slowloris). Here a request's line and headers must
   arrive within ``read_timeout_s`` of the connection opening or of the previous request's end,
   else the connection is closed. The body has its own deadline in the hot path
-  (``router.endpoints.read_body``: 408), and so has the rest of a body whose answer did not
+  (``router.api.endpoints.read_body``: 408), and so has the rest of a body whose answer did not
   wait for it (a 401, say): else a client could stream a body nobody reads for ever.
 - **Size.** uvicorn keeps the whole head in memory until it is complete, and only then does the
   application check the key: four connections without a key, each sending one endless header,

@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib.util
 import json
 import os
 import sys
+from pathlib import Path
 
 from rich.console import Console
 from rich.live import Live
 from rich.text import Text
 
 from router.config import Config, Strategy, load_config, masked_url, secret_variables
+from router.ctl.local import ClusterRecord, Registry
 from router.ctl.tables import render_keys, render_state
 from router.ctl.up import DEFAULT_CONFIG, REPO_ROOT
 from router.ctl.up import add_arguments as add_up_arguments
@@ -44,13 +47,74 @@ def check_config(path: str, *, env: bool = True) -> int:
     return 0
 
 
-def _cluster_config(path: str | None) -> Config:
-    from router.cli import config_from_args  # exits 2 with every problem
+def _fail(text: str) -> None:
+    print(f"routerctl: {text}", file=sys.stderr)
 
-    cfg = config_from_args(path)
-    if not cfg.redis_url:
-        sys.exit("routerctl: the config names no Redis (redis_url or REDIS_URL)")
-    return cfg
+
+def _unresolved_config(path: str) -> Config | None:
+    """``path`` with its secrets left unresolved: client keys, the admin token and provider
+    keys are the replicas' business, not that of a command reading or changing the shared
+    state. ``REDIS_URL`` still replaces ``redis_url``."""
+    try:
+        return load_config(path, resolve=False)
+    except ConfigError as exc:
+        _fail(f"{path}: invalid configuration:")
+        for field, message in exc.problems:
+            print(f"  {field}: {message}" if field else f"  {message}", file=sys.stderr)
+        return None
+
+
+def _recorded_config(record: ClusterRecord, cfg: Config | None = None) -> Config | None:
+    """The config of a local cluster of ``routerctl up``, on the Redis it runs on."""
+    if cfg is None:
+        cfg = _unresolved_config(record.config)
+        if cfg is None:
+            return None
+    if record.redis_url is None:
+        _fail(f"{record.describe()} keeps its state inside its one replica, not in a Redis: "
+              "install redis-server and start it again")  # fmt: skip
+        return None
+    print(f"routerctl: {record.describe()}", file=sys.stderr)
+    return cfg.model_copy(update={"redis_url": record.redis_url})
+
+
+def _named_config(path: str) -> Config | None:
+    """``--config``'s file; with no Redis named there or in REDIS_URL, the Redis of the
+    local cluster that runs this very file."""
+    cfg = _unresolved_config(path)
+    if cfg is None or cfg.redis_url:
+        return cfg
+    mine = str(Path(path).resolve())
+    same = [r for r in Registry.for_user(os.environ).running() if r.config == mine]
+    if len(same) == 1:
+        return _recorded_config(same[0], cfg)
+    _fail("the config names no Redis (redis_url or REDIS_URL), and the cluster state lives there")
+    return None
+
+
+def _no_cluster(records: list[ClusterRecord]) -> str:
+    if not records:
+        return ("no config file: pass --config FILE or set ROUTER_CONFIG (and no local "
+                "cluster of `routerctl up` is running)")  # fmt: skip
+    ports = ", ".join(f"port {r.port} ({r.config})" for r in records)
+    return f"several local clusters are running ({ports}): pass --config FILE"
+
+
+def _shared_state_config(path: str | None) -> Config | None:
+    """The config of the cluster whose shared state ``state``, ``keys``, ``drain`` and
+    ``enable`` read or change: ``--config`` (or ROUTER_CONFIG), else the one local cluster
+    ``routerctl up`` runs. ``None`` once the reason is printed."""
+    if path:
+        return _named_config(path)
+    if os.environ.get("REDIS_URL"):
+        _fail("no config file: pass --config FILE or set ROUTER_CONFIG (REDIS_URL is set: "
+              "unset it to use a local cluster of `routerctl up`)")  # fmt: skip
+        return None
+    records = Registry.for_user(os.environ).running()
+    if len(records) != 1:
+        _fail(_no_cluster(records))
+        return None
+    return _recorded_config(records[0])
 
 
 async def _set_drain(cfg: Config, provider: str, drained: bool) -> int:
@@ -64,7 +128,9 @@ async def _set_drain(cfg: Config, provider: str, drained: bool) -> int:
 
 def drain(path: str | None, provider: str, drained: bool) -> int:
     """Drain (or enable) ``provider`` for every replica. Exit status 0, 1 or 2."""
-    cfg = _cluster_config(path)
+    cfg = _shared_state_config(path)
+    if cfg is None:
+        return 2
     if provider not in {p.name for p in cfg.providers}:
         print(f"routerctl: no provider named {provider!r} in the config", file=sys.stderr)
         return 2
@@ -76,20 +142,6 @@ def drain(path: str | None, provider: str, drained: bool) -> int:
     verb = "drained" if drained else "enabled"
     print(f"{provider}: {verb} for every replica (health version {version})")
     return 0
-
-
-def _inspected_config(path: str | None) -> Config | None:
-    from router.cli import config_from_args  # exits 2 with every problem
-
-    if not (path or os.environ.get("ROUTER_CONFIG")):
-        print("routerctl: no config file: pass --config FILE or set ROUTER_CONFIG", file=sys.stderr)
-        return None
-    cfg = config_from_args(path)
-    if not cfg.redis_url:
-        print("routerctl: the config names no Redis (redis_url or REDIS_URL), and the cluster "
-              "state lives there", file=sys.stderr)  # fmt: skip
-        return None
-    return cfg
 
 
 async def _show_state(store: Store, cfg: Config, as_json: bool, watch: float | None) -> None:
@@ -146,7 +198,7 @@ def inspect_cluster(
     path: str | None, command: str, as_json: bool = False, watch: float | None = None
 ) -> int:
     """Show the cluster state (``state``) or its Redis keys (``keys``). Exit status 0, 1 or 2."""
-    cfg = _inspected_config(path)
+    cfg = _shared_state_config(path)
     if cfg is None:
         return 2
     try:
@@ -184,11 +236,16 @@ def _at_least_one(text: str) -> int:
 
 def _add_cluster_options(cmd: argparse.ArgumentParser, config: str, what: str) -> None:
     """Options shared by ``simulate`` and ``loadtest``: the config, the cluster, the output."""
-    cmd.add_argument("--config", default=config, help=f"router config (default: {config})")
+    cmd.add_argument(
+        "--config", help=f"router config (default: {config}; a local cluster of `routerctl up` "
+        "running it is used, not started again)",
+    )  # fmt: skip
+    cmd.set_defaults(default_config=config)
     cmd.add_argument(
         "--host",
-        help="a running cluster's URL (http://H:P); default: start one with routerctl up "
-        "(the config's mock providers, a private redis-server) and stop it at the end",
+        help="a running cluster's URL (http://H:P); default: the local cluster of routerctl up "
+        "running the config, else start one (the config's mock providers, a private "
+        "redis-server) and stop it at the end",
     )
     cmd.add_argument(
         "--replicas", type=_at_least_one, default=2,
@@ -229,8 +286,67 @@ def _add_load_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser])
     load.add_argument("--duration", type=_at_least_one, default=60, help="seconds (default: 60)")
 
 
+LOAD_MODULES = {"loadtest": ("locust",), "simulate": ("matplotlib",)}
+"""What each load command needs from the ``load`` extra, checked before it starts anything."""
+
+
+def _missing(modules: tuple[str, ...]) -> list[str]:
+    missing = []
+    for name in modules:
+        try:
+            found = importlib.util.find_spec(name) is not None
+        except (ImportError, ValueError):
+            found = False
+        if not found:
+            missing.append(name)
+    return missing
+
+
+def _install_load_extra() -> str:
+    """The command that installs the ``load`` extra into the Python running us."""
+    if not (REPO_ROOT / "pyproject.toml").exists():  # installed from a wheel
+        return f"{sys.executable} -m pip install 'router-cluster[load]'"
+    if Path(sys.prefix).resolve() == (REPO_ROOT / ".venv").resolve():
+        return f"cd {REPO_ROOT} && .venv/bin/pip install -e '.[load]'"
+    return f"{sys.executable} -m pip install -e '{REPO_ROOT}[load]'"
+
+
+def _load_target(args: argparse.Namespace) -> None:
+    """Point ``loadtest``/``simulate`` without ``--host`` at the local cluster that runs the
+    config they would start (another would find its mock ports taken); ``loadtest`` without
+    ``--config`` at the one local cluster that is up, whatever its config."""
+    explicit = args.config is not None
+    args.config = args.config or args.default_config
+    if args.host:
+        return
+    records = Registry.for_user(os.environ).running()
+    mine = [r for r in records if r.config == str(Path(args.config).resolve())]
+    if not mine and not explicit and args.command == "loadtest" and len(records) == 1:
+        mine = records
+    if len(mine) != 1:
+        return  # none: the command starts its own
+    record = mine[0]
+    args.config, args.host = record.config, record.endpoint
+    if args.command == "simulate":
+        args.redis_url = args.redis_url or os.environ.get("REDIS_URL") or record.redis_url
+    if record.client_key:  # generated by that launcher: nobody has it in the environment
+        try:
+            name = load_config(record.config, resolve=False).client_keys[0].env
+        except ConfigError:
+            name = ""  # the command reports the config's problems itself
+        if name and not os.environ.get(name):
+            os.environ[name] = record.client_key  # read there by the command and by Locust
+    print(f"routerctl {args.command}: {record.describe()}", flush=True)
+
+
 def _run_load(args: argparse.Namespace) -> int:
     """``simulate`` or ``loadtest``: their code (matplotlib, Locust) is imported only here."""
+    missing = _missing(LOAD_MODULES[args.command])
+    if missing:
+        _fail(f"{args.command} needs {', '.join(missing)} (the load extra), which is not "
+              f"installed: {_install_load_extra()}")  # fmt: skip
+        return 2
+    _load_target(args)
     if args.command == "simulate":
         from loadtest.simulate import simulate
 

@@ -1,4 +1,4 @@
-"""Render the cluster state and its keys as rich tables (reading lives in ``router.inspect``)."""
+"""Render the cluster state and its keys as rich tables (read by ``router.state.cluster``)."""
 
 from __future__ import annotations
 

@@ -1,8 +1,11 @@
 """``routerctl up``: a whole local cluster in one command (mock providers, Redis, replicas).
 
-Everything is checked before anything starts (config, secrets, ports, Redis); then the
-children start, the banner says how to call the gateway, and every child's output is
-streamed with a prefix until Ctrl-C, SIGTERM or the death of a child stops them all.
+Everything is checked before anything starts (config, secrets, ports, Redis); the ports are
+claimed first (``router.ctl.local``), so of two launchers started at once on one port
+exactly one goes on. Then the children start; once the gateway answering the port is ours
+(replicas we started, accepting our client key) the cluster is recorded for the other
+``routerctl`` commands and the banner says how to call and inspect it; every child's output
+is streamed with a prefix until Ctrl-C, SIGTERM or the death of a child stops them all.
 """
 
 from __future__ import annotations
@@ -19,7 +22,9 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
+from contextlib import ExitStack
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from functools import partial
 from pathlib import Path
 from types import FrameType
@@ -29,6 +34,7 @@ import httpx
 from pydantic import BaseModel
 
 from router.config import Config, Provider, SecretRef, load_config, masked_url
+from router.ctl.local import ClusterRecord, PortTaken, Registry
 from router.errors import ConfigError
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -99,6 +105,8 @@ class Plan:
     replicas: int
     host: str
     port: int
+    registry: Registry
+    """Where the ports are claimed and the running cluster is recorded."""
 
 
 @dataclass
@@ -202,8 +210,8 @@ backend routers
 """
 
 
-def ensure_port_free(host: str, port: int, what: str) -> None:
-    """Fail clearly when something already listens on ``host:port``."""
+def ensure_port_free(host: str, port: int, what: str, remedy: str) -> None:
+    """Fail clearly when something already listens on ``host:port``, saying ``remedy``."""
     try:
         family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
         # create_server sets SO_REUSEADDR, so only a live listener (not TIME_WAIT) fails it
@@ -214,12 +222,43 @@ def ensure_port_free(host: str, port: int, what: str) -> None:
     except OSError as exc:
         raise LaunchError(
             f"{what}: cannot listen on {host}:{port} ({os.strerror(exc.errno or 0)}): stop "
-            f"whatever listens there (another `routerctl up`?) or change the port"
+            f"whatever listens there, or {remedy}"
         ) from None
 
 
-def make_plan(args: argparse.Namespace, environ: Mapping[str, str]) -> Plan:
-    """Load the config and check that everything can start; raise ``LaunchError`` if not."""
+def _held_by(exc: PortTaken) -> str:
+    pid = f" (pid {exc.holder})" if exc.holder else ""
+    return f"port {exc.port} is taken by another `routerctl up`{pid}, starting or running"
+
+
+def claim_ports(registry: Registry, port: int, mocks: list[MockPlan], held: ExitStack) -> None:
+    """Claim the gateway's port, then each mock's, until ``held`` closes; the claim, not the
+    port check after it, is what two launchers started at once cannot both pass."""
+    if port in {m.port for m in mocks}:
+        raise LaunchError(f"a mock provider of the config listens on port {port} too: pick "
+                          "another port with --port")  # fmt: skip
+    try:
+        try:
+            held.enter_context(registry.claim(port))
+        except PortTaken as exc:
+            raise LaunchError(
+                f"{_held_by(exc)}: stop it, or pick another port with --port"
+            ) from None
+        for mock in mocks:
+            try:
+                held.enter_context(registry.claim(mock.port))
+            except PortTaken as exc:
+                raise LaunchError(
+                    f"mock provider {mock.provider.name}: {_held_by(exc)}: stop it, or move "
+                    "the provider to another port in the config"
+                ) from None
+    except OSError as exc:
+        raise LaunchError(f"cannot claim ports in {registry.directory}: {exc.strerror}") from None
+
+
+def make_plan(args: argparse.Namespace, environ: Mapping[str, str], held: ExitStack) -> Plan:
+    """Load the config, claim the ports (until ``held`` closes) and check that everything
+    can start; raise ``LaunchError`` if not."""
     path = Path(args.config).resolve()
     cfg, env, generated = prepare_config(path, environ)
     redis_server = None if cfg.redis_url else find_redis_server(env)
@@ -229,10 +268,15 @@ def make_plan(args: argparse.Namespace, environ: Mapping[str, str]) -> Plan:
             f"was not found: install it ({INSTALL_REDIS}), or set REDIS_URL"
         )
     mocks = mock_plans(cfg)
+    registry = Registry.for_user(environ)
+    claim_ports(registry, args.port, mocks, held)
     for mock in mocks:
-        ensure_port_free(mock.host, mock.port, f"mock provider {mock.provider.name}")
-    ensure_port_free(args.host, args.port, "router")
-    return Plan(path, cfg, env, generated, mocks, redis_server, args.replicas, args.host, args.port)
+        name = mock.provider.name
+        remedy = f"move {name} to another port in the config"
+        ensure_port_free(mock.host, mock.port, f"mock provider {name}", remedy)
+    ensure_port_free(args.host, args.port, "router", "pick another port with --port")
+    return Plan(path, cfg, env, generated, mocks, redis_server, args.replicas, args.host,
+                args.port, registry)  # fmt: skip
 
 
 def _client_host(host: str) -> str:
@@ -251,6 +295,22 @@ def _exit_text(code: int) -> str:
     if code < 0:
         return f"was killed by {signal.Signals(-code).name}"
     return f"exited with code {code}"
+
+
+def _replica_pid(replica: str) -> int | None:
+    """The PID in a replica's id (``host-PID-suffix``, see ``router.replica.gateway``)."""
+    parts = replica.rsplit("-", 2)
+    return int(parts[1]) if len(parts) == 3 and parts[1].isdigit() else None
+
+
+def ctl_command(environ: Mapping[str, str]) -> str:
+    """How to run this ``routerctl`` from a shell: bare when ``PATH`` finds this one (``up.sh``
+    does not activate ``.venv``, so there it is the script's path)."""
+    script = Path(sys.executable).parent / "routerctl"
+    if not script.exists():
+        return f"{sys.executable} -m router.ctl"
+    found = shutil.which("routerctl", path=environ.get("PATH"))
+    return "routerctl" if found and Path(found).resolve() == script.resolve() else str(script)
 
 
 def _accepts(host: str, port: int) -> bool:
@@ -275,6 +335,7 @@ class Launcher:
         self._out = threading.Lock()
         self.tmpdir = Path(tempfile.mkdtemp(prefix="routerctl-up-"))
         self.front = ""
+        self.published = False
 
     def run(self) -> int:
         """Start everything, then supervise until a signal (0) or a child's death (1)."""
@@ -282,6 +343,8 @@ class Launcher:
         try:
             self.say(f"config {self.plan.config_path}; temp dir {self.tmpdir}")
             self._start_all()
+            self._verify_ours()
+            self._publish()
             self._banner()
             return self._supervise()
         except Stopped:
@@ -291,6 +354,7 @@ class Launcher:
             self.say(f"error: {exc}")
             return 1
         finally:
+            self._withdraw()
             self._stop_all()
             shutil.rmtree(self.tmpdir, ignore_errors=True)
             self.say(f"stopped; removed {self.tmpdir}")
@@ -386,10 +450,11 @@ class Launcher:
                 self._spawn(f"router-{i}", argv, first_to_stop=True) for i in range(1, n + 1)
             ]
         seen: set[str] = set()
+        ours = {c.popen.pid for c in routers if c.name.startswith("router-")}
         what = f"{n} ready replica(s) at {self.base_url}/readyz ({self.store})"
-        self._wait(routers, lambda: self._replicas_ready(seen), what)
+        self._wait(routers, lambda: self._replicas_ready(seen, ours), what)
 
-    def _replicas_ready(self, seen: set[str]) -> bool:
+    def _replicas_ready(self, seen: set[str], ours: set[int]) -> bool:
         # A new connection per poll, so the kernel may hand it to any replica on the port.
         try:
             with httpx.Client(base_url=self.base_url, timeout=2.0, trust_env=False) as client:
@@ -398,10 +463,56 @@ class Launcher:
                     return False
                 # one request per poll: a front balancing per request would otherwise send
                 # a readyz/healthz pair to two replicas in lockstep, the same ones every time
-                seen.add(str(ready.json()["replica"]))
+                replica = str(ready.json()["replica"])
         except (httpx.HTTPError, ValueError, KeyError):
             return False
+        if _replica_pid(replica) not in ours:
+            raise LaunchError(
+                f"{self.base_url} is answered by replica {replica}, which we did not start: "
+                "stop whatever else serves that port, or pick another port with --port"
+            )
+        seen.add(replica)
         return len(seen) >= self.plan.replicas
+
+    def _verify_ours(self) -> None:
+        """The banner is only for the gateway that answers: it must accept our client key."""
+        key = self.plan.cfg.client_keys[0].value.get_secret_value()
+        try:
+            with httpx.Client(base_url=self.base_url, timeout=5.0, trust_env=False) as client:
+                status = client.get("/v1/models", headers={"Authorization": f"Bearer {key}"})
+        except httpx.HTTPError as exc:
+            raise LaunchError(f"{self.base_url}/v1/models: {type(exc).__name__}: {exc}") from None
+        if status.status_code != 200:
+            raise LaunchError(
+                f"{self.base_url}/v1/models answered {status.status_code} to our client key: "
+                "the gateway there is not the one we started; pick another port with --port"
+            )
+
+    def _redis_url(self) -> str | None:
+        """The Redis the replicas share: the private one, REDIS_URL, or the config's."""
+        return self.env.get("REDIS_URL") or self.plan.cfg.redis_url
+
+    def _publish(self) -> None:
+        """Record the running cluster, for ``routerctl state`` and the others to find."""
+        key = self.plan.cfg.client_keys[0]
+        record = ClusterRecord(
+            port=self.plan.port, endpoint=f"{self.base_url}/v1", config=str(self.plan.config_path),
+            redis_url=self._redis_url(), pid=os.getpid(),
+            started=datetime.now(UTC).isoformat(timespec="seconds"),
+            client_key=key.value.get_secret_value() if key.env in self.plan.generated else None,
+        )  # fmt: skip
+        try:
+            self.plan.registry.publish(record)
+        except OSError as exc:
+            self.say(f"WARNING: cannot record the cluster in {self.plan.registry.directory} "
+                     f"({exc.strerror}): other routerctl commands need --config")  # fmt: skip
+            return
+        self.published = True
+
+    def _withdraw(self) -> None:
+        if self.published:
+            self.plan.registry.withdraw(self.plan.port)
+            self.published = False
 
     def _spawn(self, name: str, argv: list[str], *, first_to_stop: bool = False) -> Child:
         popen = subprocess.Popen(
@@ -445,7 +556,8 @@ class Launcher:
         admin = self.plan.cfg.admin_token
         if admin is not None and admin.env in self.plan.generated:
             lines.append(f"  admin token  {admin.value.get_secret_value()}")
-        lines += [f"  store        {self.store}", *self._route_lines(), *self._curl(key)]
+        lines += [f"  store        {self.store}", *self._route_lines(), *self._inspect_lines()]
+        lines += self._curl(key)
         lines += ["  Ctrl-C stops everything.", ""]
         self.say("\n".join(lines) + "\n", prefix="")
 
@@ -461,6 +573,19 @@ class Launcher:
             label = "  routes       " if n == 0 else " " * 15
             lines.append(f"{label}{route.model} ({route.strategy.value}: {targets})")
         return lines
+
+    def _inspect_lines(self) -> list[str]:
+        """Ready-to-paste commands that read the shared state (no password: a URL is masked,
+        and the private redis-server has none)."""
+        redis_url = self._redis_url()
+        if redis_url is None:
+            return []  # the embedded store: the state is inside the replica
+        state = f"{ctl_command(self.env)} state"
+        if not self.published:
+            state = f"REDIS_URL={masked_url(redis_url)} {state} --config {self.plan.config_path}"
+        elif len(self.plan.registry.running()) > 1:
+            state += f" --config {self.plan.config_path}"  # several are up: say which
+        return [f"  inspect      {state}", f"               redis-cli -u {masked_url(redis_url)}"]
 
     def _curl(self, key: str) -> list[str]:
         model = self.plan.cfg.routes[0].model
@@ -541,14 +666,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def up(args: argparse.Namespace, environ: Mapping[str, str] | None = None) -> int:
     """Run ``routerctl up`` with parsed ``args``; return its exit status."""
-    try:
-        plan = make_plan(args, os.environ if environ is None else environ)
-    except ConfigError as exc:
-        print(f"routerctl up: {args.config}: invalid configuration:", file=sys.stderr)
-        for where, message in exc.problems:
-            print(f"  {where}: {message}" if where else f"  {message}", file=sys.stderr)
-        return 2
-    except LaunchError as exc:
-        print(f"routerctl up: {exc}", file=sys.stderr)
-        return 1
-    return Launcher(plan).run()
+    # the ports stay claimed until every child has stopped
+    with ExitStack() as held:
+        try:
+            plan = make_plan(args, os.environ if environ is None else environ, held)
+        except ConfigError as exc:
+            print(f"routerctl up: {args.config}: invalid configuration:", file=sys.stderr)
+            for where, message in exc.problems:
+                print(f"  {where}: {message}" if where else f"  {message}", file=sys.stderr)
+            return 2
+        except LaunchError as exc:
+            print(f"routerctl up: {exc}", file=sys.stderr)
+            return 1
+        return Launcher(plan).run()

@@ -3,7 +3,7 @@
 The state is read by one script call (``read_state.lua``) after one ``ZRANGE`` that names
 the replicas: Redis Cluster needs every key a script touches in ``KEYS``, and the replica
 ids are known only once their index is read. Nothing here is ever a secret: no keys, no
-tokens, no URLs. Rendering lives in ``router.statetable``; the JSON schema is ``state_json``.
+tokens, no URLs. Rendering lives in ``router.ctl.tables``; the JSON schema is ``state_json``.
 """
 
 from __future__ import annotations

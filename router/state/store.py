@@ -1,7 +1,7 @@
 """The one module that talks to Redis: scripts registered once, results decoded in one place.
 
 The scripts, two per request, and the recovery probe (``TIME``) run over one shared pipelined
-connection (``router.muxredis``); pub/sub, inspection and ``/readyz`` use redis-py's pool
+connection (``router.state.muxredis``); pub/sub, inspection and ``/readyz`` use redis-py's pool
 (over TLS the scripts too). Every Redis failure becomes a
 ``StoreError`` here, so callers never see redis-py's errors. With no Redis URL the store
 runs on an in-process fakeredis with the same Lua scripts: one replica only, said loudly at

@@ -119,7 +119,7 @@ PIN_MODEL = {"type": "string", "enum": ["chat"]}
 
 def documented_schema(url: str) -> dict[str, Any]:
     """The replica's own /openapi.json, with ``model`` pinned to our one route in the two
-    request bodies (filled in from ``router.schemas`` if the schema does not document them:
+    request bodies (filled in from ``router.api.schemas`` if the schema does not document them:
     the handlers parse their bodies themselves)."""
     raw: dict[str, Any] = httpx.get(f"{url}/openapi.json", timeout=5).json()
     defs: dict[str, Any] = raw.setdefault("components", {}).setdefault("schemas", {})

@@ -1,6 +1,6 @@
-"""What a provider sends is bounded (router/upstream/client.py): headers, a whole answer, its inflated
-size, an error body; a stream's waits end at the deadline its caller sets, however the bytes
-trickle in. A scripted loopback server plays the hostile provider.
+"""What a provider sends is bounded (router/upstream/client.py): headers, a whole answer, its
+inflated size, an error body; a stream's waits end at the deadline its caller sets, however the
+bytes trickle in. A scripted loopback server plays the hostile provider.
 """
 
 from __future__ import annotations

@@ -15,7 +15,7 @@ import pytest
 import yaml
 
 from router.config import _raw_secret_refs, _secret_refs, parse_config
-from router.ctl import cli as ctl
+from router.ctl.cli import cli as ctl
 from router.errors import ConfigError
 
 BAD: dict[str, Any] = {

@@ -2,7 +2,8 @@
 
 An adapter is pure translation: it builds the upstream request from the client's
 OpenAI-shaped body, and turns the provider's answer (whole or streamed) back into
-OpenAI's shape. It never does I/O: ``router.upstream`` sends, ``router.dispatch`` decides.
+OpenAI's shape. It never does I/O: ``router.upstream.client`` sends,
+``router.replica.dispatch`` decides.
 """
 
 from __future__ import annotations
