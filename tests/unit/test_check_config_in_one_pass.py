@@ -14,8 +14,8 @@ from typing import Any
 import pytest
 import yaml
 
+import router.ctl.cli as ctl
 from router.config import _raw_secret_refs, _secret_refs, parse_config
-from router.ctl.cli import cli as ctl
 from router.errors import ConfigError
 
 BAD: dict[str, Any] = {
