@@ -17,11 +17,8 @@ from typing import Any, NamedTuple
 
 import httpx
 
-from router.config import Provider, ProviderKind
-from router.upstream.providers._common import api_key, api_url
-
-DEFAULT_PATHS = {ProviderKind.OPENAI: "/models", ProviderKind.ANTHROPIC: "/v1/models"}
-"""The cheapest authenticated call of each kind: list the models (no tokens spent)."""
+from router.config import Provider
+from router.upstream.providers import adapter_for, api_url
 
 
 class ProbeResult(NamedTuple):
@@ -43,17 +40,12 @@ class ProbeRequest:
 
 
 def probe_request(provider: Provider) -> ProbeRequest:
-    """The provider's configured probe, or ``GET`` of its kind's model list."""
+    """The provider's configured probe, or ``GET`` of its kind's model list (the adapter's
+    ``probe_path``), with the headers the adapter sends on every request."""
     configured = provider.health.probe
-    path = configured.path or DEFAULT_PATHS[provider.kind]
-    headers: dict[str, str] = {}
-    key = api_key(provider)
-    if provider.kind is ProviderKind.ANTHROPIC:
-        headers["anthropic-version"] = provider.anthropic_version
-        if key is not None:
-            headers["x-api-key"] = key
-    elif key is not None:
-        headers["authorization"] = f"Bearer {key}"
+    adapter = adapter_for(provider.kind)
+    path = configured.path or adapter.probe_path
+    headers = adapter.headers(provider)
     return ProbeRequest(configured.method, api_url(provider, path), headers, configured.body)
 
 

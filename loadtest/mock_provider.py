@@ -204,6 +204,8 @@ class Stats:
     tokens_charged: int = 0
     models: dict[str, int] = field(default_factory=dict)
     last_traceparent: str | None = None
+    last_max_tokens: int | None = None
+    """The completion budget the last request named, to check what gateways send."""
     """The W3C trace context of the last request, to check that gateways pass it on."""
 
     def record(self, counter: str | None, status: int | None) -> None:
@@ -681,6 +683,7 @@ class MockProvider:
         self._check_headers(request)
         call = PARSERS[kind](self._decode(raw))
         self.stats.models[call.model] = self.stats.models.get(call.model, 0) + 1
+        self.stats.last_max_tokens = call.max_tokens
         if self.cfg.error_rate and self.rng.random() < self.cfg.error_rate:
             raise ApiError(
                 self.cfg.error_status, "The server had an error (injected by error rate)"

@@ -61,6 +61,7 @@ from router.errors import ConfigError, StoreError
 from router.state.cluster import ProviderState, read_state
 from router.state.store import Store
 from router.tokens import max_output, prompt_tokens, reservation
+from router.upstream.providers import adapter_for
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -104,8 +105,10 @@ class Plan:
 
     def tokens(self, name: str) -> int:
         """Tokens one request reserves in the provider's TPM window."""
-        budget = max_output(self.body, self.route.default_max_tokens)
-        accounting = self.cfg.provider(name).limits.tpm_accounting
+        provider = self.cfg.provider(name)
+        default = self.route.default_max_tokens or adapter_for(provider.kind).default_max_tokens
+        budget = max_output(self.body, default)
+        accounting = provider.limits.tpm_accounting
         return reservation(prompt_tokens(self.body), budget, accounting)
 
 

@@ -16,6 +16,7 @@ from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import (
+    AfterValidator,
     BaseModel,
     BeforeValidator,
     ConfigDict,
@@ -80,9 +81,21 @@ def _masked_param(param: str) -> str:
     return param if name in SAFE_QUERY or not eq else f"{name}=***"
 
 
-class ProviderKind(StrEnum):
-    OPENAI = "openai"
-    ANTHROPIC = "anthropic"
+def _registered_kind(kind: str) -> str:
+    """A provider kind is the name of an adapter (``router.upstream.providers``): a new kind
+    is one adapter module and its registration line, nothing here."""
+    from router.upstream.providers import ADAPTERS  # the adapters import this module
+
+    if kind not in ADAPTERS:
+        names = list(ADAPTERS)
+        raise ValueError(
+            f"must be one of {', '.join(repr(n) for n in names[:-1])} or {names[-1]!r}"
+        )
+    return kind
+
+
+ProviderKind = Annotated[str, AfterValidator(_registered_kind)]
+"""The name of a registered provider adapter (``openai``, ``anthropic``)."""
 
 
 class TpmAccounting(StrEnum):
@@ -124,8 +137,9 @@ class Timeouts(_Model):
 
 
 class Probe(_Model):
-    """The request healthd sends; by default ``GET {base_url}/models`` (anthropic:
-    ``GET {base_url}/v1/models``). A cheap completion can be named instead.
+    """The request healthd sends; by default ``GET`` of the provider kind's model list (the
+    adapter's ``probe_path``: ``/models`` for openai, ``/v1/models`` for anthropic), with the
+    headers every request to the provider carries. A cheap completion can be named instead.
 
     A good probe of the model list says nothing of completions (a provider often keeps
     listing its models while every completion fails): it never closes a circuit that failed
@@ -187,6 +201,8 @@ class Bounds(_Model):
 class Provider(_Model):
     name: Annotated[str, Field(pattern=NAME_PATTERN)]
     kind: ProviderKind
+    """Which adapter talks to it (``router.upstream.providers``): its request and answer
+    shapes, its probe and its default completion budget."""
     base_url: Annotated[str, Field(pattern=r"^https?://[^\s]+$")]
     api_key: SecretRef | None = None
     weight: Annotated[int, Field(ge=1, le=1000)] = 1
@@ -210,7 +226,11 @@ class Route(_Model):
     max_attempts: Annotated[int, Field(ge=1, le=10)] = 3
     queue_timeout_s: Annotated[float, Field(ge=0, le=600)] = 0.0
     timeout_s: Annotated[float, Field(gt=0)] = 300.0
-    default_max_tokens: Annotated[int, Field(gt=0)] = 1024
+    default_max_tokens: Annotated[int, Field(gt=0)] | None = None
+    """The completion budget of a request that names none: reserved in the TPM window and,
+    for kinds that must send one (anthropic), sent. None: each target's adapter's own
+    (``default_max_tokens``: openai 1024, anthropic 4096), so what is reserved is what is
+    sent."""
     targets: Annotated[list[Target], Field(min_length=1, max_length=64)]
 
 
@@ -338,6 +358,8 @@ def _problems(exc: ValidationError) -> list[tuple[str, str]]:
         msg = template.format(**ctx) if template else e["msg"]
         if e["type"] == "enum" and ctx:
             msg = f"must be one of {ctx.get('expected')}"
+        elif e["type"] == "value_error":  # our own validators' messages, as written
+            msg = str(ctx.get("error", msg))
         # pydantic puts the failing union arm in loc ("int", "function-after"); drop it
         loc = tuple(p for p in e["loc"] if not (isinstance(p, str) and p in {"int", "float"}))
         problems.append((field_path(loc), msg))

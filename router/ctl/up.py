@@ -81,7 +81,7 @@ class MockPlan:
         """The command line of this mock, with the provider's key and limits."""
         p = self.provider
         argv = [sys.executable, "-m", "loadtest.mock_provider", "--host", self.host]
-        argv += ["--port", str(self.port), "--name", p.name, "--api", p.kind.value, *MOCK_PACING]
+        argv += ["--port", str(self.port), "--name", p.name, "--api", p.kind, *MOCK_PACING]
         argv += ["--tpm-accounting", p.limits.tpm_accounting.value]
         if p.api_key is not None:
             argv += ["--api-key", p.api_key.value.get_secret_value()]

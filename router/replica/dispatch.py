@@ -102,6 +102,8 @@ class _Job:
     request_id: str
     plan: RoutePlan
     tokens: list[int]
+    budgets: list[int]
+    """Each target's completion budget: the body's, else the route's, else its adapter's."""
     excluded: list[bool]
     expected_output: int
     deadline: float
@@ -173,16 +175,19 @@ class Dispatcher:
 
     def _job(self, op: Operation, route: Route, body: dict[str, Any], rid: str) -> _Job:
         plan = self.plans[route.model]
-        max_out = max_output(body, route.default_max_tokens) if op is Operation.CHAT else 0
-        prompt = prompt_tokens(body) if op is Operation.CHAT else embedding_tokens(body)
-        tokens, excluded = [], []
+        chat = op is Operation.CHAT
+        prompt = prompt_tokens(body) if chat else embedding_tokens(body)
+        tokens, budgets, excluded = [], [], []
         for name in plan.providers:
             p = self.providers[name]
-            tokens.append(reservation(prompt, max_out, p.limits.tpm_accounting))
-            embeds = adapter_for(p.kind).supports_embeddings
-            excluded.append(op is Operation.EMBEDDINGS and not embeds)
+            adapter = adapter_for(p.kind)
+            budget = max_output(body, route.default_max_tokens or adapter.default_max_tokens)
+            budgets.append(budget if chat else 0)
+            tokens.append(reservation(prompt, budgets[-1], p.limits.tpm_accounting))
+            excluded.append(op is Operation.EMBEDDINGS and not adapter.supports_embeddings)
         deadline = asyncio.get_running_loop().time() + route.timeout_s
-        return _Job(op, body, rid, plan, tokens, excluded, min(max_out, 512), deadline, [])
+        expected = min(max(budgets), 512)
+        return _Job(op, body, rid, plan, tokens, budgets, excluded, expected, deadline, [])
 
     async def _acquire(self, job: _Job) -> tuple[Lease, int]:
         """Lease a target, waiting up to the route's queue timeout for room."""
@@ -264,7 +269,7 @@ class Dispatcher:
         if job.op is Operation.EMBEDDINGS:
             req = adapter.embeddings_request(provider, model, job.body)
         else:
-            req = adapter.chat_request(provider, model, job.body)
+            req = adapter.chat_request(provider, model, job.body, job.budgets[index])
         self.tel.inject(req.headers, job.traceparent)
         started = asyncio.get_running_loop().time()
         resp = await self.upstream.send(req, provider.timeouts, job.deadline, provider.bounds)

@@ -158,7 +158,7 @@ def _provider(
     cool = _int(h.get("cool"))
     circuit = _CIRCUIT.get(h.get("circ"), "closed")
     return ProviderState(
-        name=p.name, kind=p.kind.value, weight=p.weight,
+        name=p.name, kind=p.kind, weight=p.weight,
         health=_HEALTH.get(h.get("health"), "unknown"),
         health_since_ms=_int(h.get("h_since")) or None,
         last_error=h.get("h_error") or None,

@@ -11,7 +11,7 @@ import orjson
 import pytest
 from pydantic import SecretStr
 
-from router.config import Provider, ProviderKind, SecretRef
+from router.config import Provider, SecretRef
 from router.errors import BadRequest, UpstreamProtocolError
 from router.upstream.providers import anthropic
 from router.upstream.providers._common import MAX_MESSAGE
@@ -34,7 +34,7 @@ def provider(base_url: str = "https://api.anthropic.com", key: str | None = None
     if key is not None:
         ref = SecretRef(env="PROVIDER_KEY")
         ref._value = SecretStr(key)
-    return Provider(name="p", kind=ProviderKind.ANTHROPIC, base_url=base_url, api_key=ref)
+    return Provider(name="p", kind="anthropic", base_url=base_url, api_key=ref)
 
 
 def translate(body: dict[str, Any]) -> dict[str, Any]:

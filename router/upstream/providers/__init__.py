@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from router.upstream.providers._common import api_url
 from router.upstream.providers.anthropic import AnthropicAdapter
 from router.upstream.providers.base import Adapter
 from router.upstream.providers.openai import OpenAIAdapter
@@ -10,6 +11,9 @@ ADAPTERS: dict[str, Adapter] = {
     OpenAIAdapter.kind: OpenAIAdapter(),
     AnthropicAdapter.kind: AnthropicAdapter(),
 }
+
+
+__all__ = ["ADAPTERS", "Adapter", "adapter_for", "api_url"]
 
 
 def adapter_for(kind: str) -> Adapter:

@@ -71,17 +71,25 @@ class AnthropicAdapter:
 
     kind: ClassVar[str] = "anthropic"
     supports_embeddings: ClassVar[bool] = False
+    probe_path: ClassVar[str] = "/v1/models"
+    default_max_tokens: ClassVar[int] = DEFAULT_MAX_TOKENS
+    """Anthropic requires a budget: a body without one is sent with this (or the route's)."""
 
-    def chat_request(self, provider: Provider, model: str, body: dict[str, Any]) -> UpstreamRequest:
-        """A ``/v1/messages`` request equivalent to the OpenAI chat ``body``."""
-        headers = {
-            "content-type": "application/json",
-            "anthropic-version": provider.anthropic_version,
-        }
+    def headers(self, provider: Provider) -> dict[str, str]:
+        """``anthropic-version``, and ``x-api-key`` when the provider has a key."""
+        headers = {"anthropic-version": provider.anthropic_version}
         key = _common.api_key(provider)
         if key is not None:
             headers["x-api-key"] = key
-        payload = _common.dump_json(translate_request(model, body))
+        return headers
+
+    def chat_request(
+        self, provider: Provider, model: str, body: dict[str, Any], max_tokens: int | None = None
+    ) -> UpstreamRequest:
+        """A ``/v1/messages`` request equivalent to the OpenAI chat ``body``."""
+        headers = {"content-type": "application/json", **self.headers(provider)}
+        request = translate_request(model, body, max_tokens or DEFAULT_MAX_TOKENS)
+        payload = _common.dump_json(request)
         return UpstreamRequest(_common.api_url(provider, "/v1/messages"), headers, payload)
 
     def embeddings_request(
@@ -139,13 +147,17 @@ def _min(values: Iterable[int | None]) -> int | None:
 # --- request ---------------------------------------------------------------------------
 
 
-def translate_request(model: str, body: dict[str, Any]) -> dict[str, Any]:
-    """The Messages API body for an OpenAI chat body; raises ``BadRequest``."""
+def translate_request(
+    model: str, body: dict[str, Any], default_max_tokens: int = DEFAULT_MAX_TOKENS
+) -> dict[str, Any]:
+    """The Messages API body for an OpenAI chat body; raises ``BadRequest``.
+    ``default_max_tokens`` is sent when the body names no budget (the one reserved for it)."""
     for name, unsupported, what in _UNSUPPORTED:
         if unsupported(body.get(name)):
             raise BadRequest(f"anthropic providers do not support {what}", name)
     system, messages = _messages(body.get("messages"))
-    out: dict[str, Any] = {"model": model, "max_tokens": _max_tokens(body), "messages": messages}
+    budget = _max_tokens(body) or default_max_tokens
+    out: dict[str, Any] = {"model": model, "max_tokens": budget, "messages": messages}
     if system:
         out["system"] = system
     for name in ("temperature", "top_p", "stream"):
@@ -160,7 +172,7 @@ def translate_request(model: str, body: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _max_tokens(body: dict[str, Any]) -> int:
+def _max_tokens(body: dict[str, Any]) -> int | None:
     for name in ("max_completion_tokens", "max_tokens"):
         value = body.get(name)
         if value is None:
@@ -168,7 +180,7 @@ def _max_tokens(body: dict[str, Any]) -> int:
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise BadRequest(f"{name} must be a positive integer", name)
         return value
-    return DEFAULT_MAX_TOKENS
+    return None
 
 
 def _messages(messages: Any) -> tuple[str, list[dict[str, Any]]]:

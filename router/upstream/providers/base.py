@@ -84,9 +84,24 @@ class Adapter(Protocol):
 
     kind: ClassVar[str]
     supports_embeddings: ClassVar[bool]
+    probe_path: ClassVar[str]
+    """What healthd probes by default, relative to ``base_url``: the cheapest authenticated
+    call of the kind (its model list: no tokens spent)."""
+    default_max_tokens: ClassVar[int]
+    """The completion budget of a request that names none (a route may set its own): what
+    is reserved in the TPM window, and what is sent where the kind needs one."""
 
-    def chat_request(self, provider: Provider, model: str, body: dict[str, Any]) -> UpstreamRequest:
-        """The upstream request for an OpenAI chat-completions body (``model`` replaced)."""
+    def headers(self, provider: Provider) -> dict[str, str]:
+        """What every request to ``provider`` carries (its key, its API version): requests
+        and healthd's probes alike."""
+        ...
+
+    def chat_request(
+        self, provider: Provider, model: str, body: dict[str, Any], max_tokens: int | None = None
+    ) -> UpstreamRequest:
+        """The upstream request for an OpenAI chat-completions body (``model`` replaced);
+        ``max_tokens``: the budget to send when the body names none and the kind needs one
+        (default ``default_max_tokens``)."""
         ...
 
     def embeddings_request(

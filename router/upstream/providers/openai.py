@@ -33,9 +33,20 @@ class OpenAIAdapter:
 
     kind: ClassVar[str] = "openai"
     supports_embeddings: ClassVar[bool] = True
+    probe_path: ClassVar[str] = "/models"
+    default_max_tokens: ClassVar[int] = 1024
+    """Reserved only: a body without a budget is passed on without one."""
 
-    def chat_request(self, provider: Provider, model: str, body: dict[str, Any]) -> UpstreamRequest:
-        """The client's body for ``/chat/completions``, forcing usage on streams."""
+    def headers(self, provider: Provider) -> dict[str, str]:
+        """``Authorization: Bearer`` with the provider's key, when it has one."""
+        key = _common.api_key(provider)
+        return {} if key is None else {"authorization": f"Bearer {key}"}
+
+    def chat_request(
+        self, provider: Provider, model: str, body: dict[str, Any], max_tokens: int | None = None
+    ) -> UpstreamRequest:
+        """The client's body for ``/chat/completions``, forcing usage on streams (a missing
+        budget stays missing: the provider's own default applies)."""
         out = {**body, "model": model}
         if out.get("stream") is True:
             opts = out.get("stream_options")
@@ -43,13 +54,13 @@ class OpenAIAdapter:
                 **(opts if isinstance(opts, dict) else {}),
                 "include_usage": True,
             }
-        return _request(provider, "/chat/completions", out)
+        return self._request(provider, "/chat/completions", out)
 
     def embeddings_request(
         self, provider: Provider, model: str, body: dict[str, Any]
     ) -> UpstreamRequest:
         """The client's body for ``/embeddings``."""
-        return _request(provider, "/embeddings", {**body, "model": model})
+        return self._request(provider, "/embeddings", {**body, "model": model})
 
     def chat_response(self, payload: bytes) -> Translated:
         """The answer unchanged, once checked to be a chat completion."""
@@ -85,13 +96,9 @@ class OpenAIAdapter:
         """``error.message`` of an OpenAI error body, else the body's text; capped."""
         return _common.error_message(payload)
 
-
-def _request(provider: Provider, path: str, body: dict[str, Any]) -> UpstreamRequest:
-    headers = {"content-type": "application/json"}
-    key = _common.api_key(provider)
-    if key is not None:
-        headers["authorization"] = f"Bearer {key}"
-    return UpstreamRequest(_common.api_url(provider, path), headers, _common.dump_json(body))
+    def _request(self, provider: Provider, path: str, body: dict[str, Any]) -> UpstreamRequest:
+        headers = {"content-type": "application/json", **self.headers(provider)}
+        return UpstreamRequest(_common.api_url(provider, path), headers, _common.dump_json(body))
 
 
 def _checked(payload: bytes, field: str) -> Translated:
