@@ -36,7 +36,6 @@ import platform
 import re
 import resource
 import shutil
-import signal
 import socket
 import statistics
 import subprocess
@@ -56,6 +55,8 @@ import orjson
 import redis
 import uvloop
 import yaml
+
+from loadtest.procs import Proc, free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
@@ -104,13 +105,6 @@ UPSTREAM_ANSWER = {
 # ---------------------------------------------------------------------------- processes
 
 
-def free_port() -> int:
-    """A TCP port on loopback that nobody listens on right now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def port_open(port: int) -> bool:
     """True when something accepts connections on 127.0.0.1:``port``."""
     with socket.socket() as s:
@@ -152,39 +146,6 @@ def child_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     return {**env, "PYTHONUNBUFFERED": "1", **(extra or {})}
 
 
-class Proc:
-    """A child process we started, its output kept in a log file; stopped by its PID."""
-
-    def __init__(self, name: str, argv: list[str], log_dir: Path, env: dict[str, str]) -> None:
-        self.name = name
-        self.log_path = log_dir / f"{name}.log"
-        with self.log_path.open("wb") as log:
-            self.popen = subprocess.Popen(
-                argv, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT
-            )
-
-    @property
-    def pid(self) -> int:
-        return self.popen.pid
-
-    def alive(self) -> bool:
-        return self.popen.poll() is None
-
-    def output(self, tail: int = 4000) -> str:
-        """The end of what the process printed."""
-        return self.log_path.read_text(errors="replace")[-tail:]
-
-    def stop(self, timeout: float = 10.0) -> None:
-        """SIGTERM, then SIGKILL if it has not exited within ``timeout``."""
-        if self.alive():
-            os.kill(self.pid, signal.SIGTERM)
-            try:
-                self.popen.wait(timeout)
-            except subprocess.TimeoutExpired:
-                os.kill(self.pid, signal.SIGKILL)
-                self.popen.wait(timeout)
-
-
 class Rig:
     """The processes of one run, all stopped (by PID, newest first) when it ends."""
 
@@ -207,7 +168,7 @@ class Rig:
     ) -> Proc:
         """Start ``argv`` (pinned to ``cpus`` with taskset when given)."""
         pin = ["taskset", "-c", cpus] if cpus is not None else []
-        proc = Proc(name, [*pin, *argv], self.dir, child_env(env))
+        proc = Proc(name, [*pin, *argv], child_env(env), self.dir)
         self.procs.append(proc)
         return proc
 
@@ -221,9 +182,11 @@ def wait_until(cond: Callable[[], bool], what: str, proc: Proc, timeout: float =
     deadline = time.monotonic() + timeout
     while not cond():
         if not proc.alive():
-            raise RuntimeError(f"{proc.name} exited while waiting for {what}:\n{proc.output()}")
+            raise RuntimeError(
+                f"{proc.name} exited while waiting for {what}:\n{proc.output(tail=4000)}"
+            )
         if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out waiting for {what}:\n{proc.output()}")
+            raise TimeoutError(f"timed out waiting for {what}:\n{proc.output(tail=4000)}")
         time.sleep(0.05)
 
 
@@ -1150,7 +1113,7 @@ def decision_log_cost(rig: Rig, up: Upstreams, opts: Options) -> dict[str, Any]:
     sut.label += ", decision log at INFO"
     out = measure(sut, opts.duration)
     rig.stop(proc)
-    lines = proc.output(tail=10**9).count('"router.decision"')
+    lines = proc.output().count('"router.decision"')
     out["decision_log_bytes_per_line"] = round(proc.log_path.stat().st_size / max(lines, 1))
     return out
 

@@ -31,7 +31,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -44,6 +43,7 @@ from urllib.parse import urlsplit
 
 import httpx
 
+from loadtest.procs import free_port
 from router.config import Config, load_config, masked_url
 from router.errors import ConfigError
 
@@ -69,13 +69,6 @@ class Gateway:
     root: str
     key: str | None
     redis_url: str | None
-
-
-def free_port() -> int:
-    """A TCP port nobody listens on right now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def gateway_root(host: str) -> str:

@@ -33,6 +33,7 @@ from urllib.parse import urlsplit
 import httpx
 from pydantic import BaseModel
 
+from loadtest.procs import free_port
 from router.config import Config, Provider, SecretRef, load_config, masked_url
 from router.ctl.local import ClusterRecord, PortTaken, Registry
 from router.errors import ConfigError
@@ -285,12 +286,6 @@ def _client_host(host: str) -> str:
     return f"[{host}]" if ":" in host else host
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def _exit_text(code: int) -> str:
     if code < 0:
         return f"was killed by {signal.Signals(-code).name}"
@@ -391,7 +386,7 @@ class Launcher:
         if not (self.plan.cfg.redis_url or self.env.get("REDIS_URL")):
             return  # healthd cannot share the embedded store
         for n in (1, 2):
-            port = _free_port()
+            port = free_port()
             argv = [sys.executable, "-m", "healthd.cli", "--config", str(self.plan.config_path)]
             child = self._spawn(f"healthd-{n}", [*argv, "--port", str(port)], first_to_stop=True)
             self._wait([child], partial(_accepts, "127.0.0.1", port), f"healthd on port {port}")
@@ -417,7 +412,7 @@ class Launcher:
             )
             self.store = "embedded in-process store (one replica only)"
             return []
-        port = _free_port()
+        port = free_port()
         argv = [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", ""]
         argv += ["--appendonly", "no", "--dir", str(self.tmpdir)]
         child = self._spawn("redis", argv)
@@ -431,7 +426,7 @@ class Launcher:
         haproxy = find_haproxy(self.env) if n > 1 else None
         if haproxy:
             # A real front load balancer: each replica on a port of its own, health-checked.
-            ports = [_free_port() for _ in range(n)]
+            ports = [free_port() for _ in range(n)]
             routers = [
                 self._spawn(f"router-{i}", [*argv, "--host", "127.0.0.1", "--port", str(port)],
                             first_to_stop=True)

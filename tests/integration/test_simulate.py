@@ -15,7 +15,6 @@ import contextlib
 import json
 import os
 import re
-import socket
 import subprocess
 import sys
 from collections.abc import Callable, Iterator, Mapping
@@ -29,6 +28,7 @@ import pytest
 import yaml
 
 from loadtest.loadrun import Gateway, LocalCluster
+from loadtest.procs import free_port
 from tests.helpers import ROOT, Proc, wait_until
 
 REQUESTS = 150  # a multiple of 6: whole rounds of round robin (3) and of weights 1, 2, 3
@@ -65,19 +65,12 @@ def launcher_env(**extra: str) -> dict[str, str]:
     return {**env, "PYTHONUNBUFFERED": "1", **extra}
 
 
-def free_port_on(host: str) -> int:
-    """A free TCP port on ``host``."""
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
-
-
 def simulate_config(tmp: Path) -> Path:
     """examples/simulate.yaml with every provider on a free port of its own address."""
     cfg = yaml.safe_load(EXAMPLE.read_text())
     for provider in cfg["providers"]:
         url = urlsplit(provider["base_url"])
-        port = free_port_on(url.hostname or "")
+        port = free_port(url.hostname or "")
         provider["base_url"] = url._replace(netloc=f"{url.hostname}:{port}").geturl()
     path = tmp / "simulate.yaml"
     path.write_text(yaml.safe_dump(cfg))

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 import pytest
 
+from loadtest.procs import free_port
 from router.config import Timeouts
 from router.errors import (
     UpstreamConnectError,
@@ -199,7 +200,7 @@ async def test_streams_chunks_as_they_come(upstream: Upstream, server: Server) -
 async def test_refused_hung_cut_and_malformed_answers_are_upstream_errors(
     upstream: Upstream, server: Server
 ) -> None:
-    closed = Server(port=_free_port())
+    closed = Server(port=free_port())
     with pytest.raises(UpstreamConnectError, match="could not connect"):
         await upstream.send(request(closed), TIMEOUTS, deadline())
 
@@ -237,12 +238,3 @@ async def test_a_header_with_a_line_break_is_refused_before_sending(
             request(server, headers={"traceparent": "x\r\nX-Injected: 1"}), TIMEOUTS, deadline()
         )
     assert server.requests == []
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
