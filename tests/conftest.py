@@ -33,3 +33,13 @@ def cluster(tmp_path: Path) -> Iterator[Cluster]:
     c = Cluster(tmp_path)
     yield c
     c.stop_all()
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Every test that starts processes or waits on real time (tests/integration and
+    tests/faults) is ``slow``: ``pytest -m "not slow"`` is the developers' fast loop (the pure
+    unit tests, a few seconds), the whole suite is what CI runs."""
+    for item in items:
+        parts = item.path.parts
+        if "integration" in parts or "faults" in parts:
+            item.add_marker(pytest.mark.slow)

@@ -39,7 +39,7 @@ REFUSED_FOR_S = 0.5
 RELEASED_WITHIN_S = 5.0
 """Far below the TTL: the leases must be released, not expire."""
 ACQUIRE_SHA = (
-    hashlib.sha1(resources.files("router").joinpath("lua", "acquire.lua").read_bytes())
+    hashlib.sha1(resources.files("router.state").joinpath("lua", "acquire.lua").read_bytes())
     .hexdigest()
     .encode()
 )

@@ -41,7 +41,7 @@ LEASE_TTL_S = 2
 SLACK_S = 3.0
 """Margin on timing deadlines for a loaded 2-core CI machine; measured figures are printed."""
 ACQUIRE_SHA = hashlib.sha1(
-    resources.files("router").joinpath("lua", "acquire.lua").read_bytes()
+    resources.files("router.state").joinpath("lua", "acquire.lua").read_bytes()
 ).hexdigest()
 HOLD_S = 1.5
 """How long a pause or a blackhole lasts at least: 15 store timeouts."""
