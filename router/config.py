@@ -16,6 +16,7 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import (
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     PrivateAttr,
@@ -76,6 +77,19 @@ def masked_url(url: str) -> str:
 def _masked_param(param: str) -> str:
     name, eq, _ = param.partition("=")
     return param if name in SAFE_QUERY or not eq else f"{name}=***"
+
+
+def _access_level(value: Any) -> Any:
+    """``log.access`` as YAML may spell it: ``OFF``/``off``/``false`` (YAML reads a bare
+    ``off`` as false) silence it, ``true`` is ``INFO``, a level in any case."""
+    if isinstance(value, bool):
+        return "INFO" if value else "OFF"
+    return value.upper() if isinstance(value, str) else value
+
+
+AccessLevel = Annotated[
+    str, BeforeValidator(_access_level), Field(pattern=r"^(DEBUG|INFO|WARNING|ERROR|OFF)$")
+]
 
 
 class ProviderKind(StrEnum):
@@ -224,6 +238,14 @@ class RedisSettings(_Model):
     """How long Redis calls must keep failing, with none answered in between, before the
     replica goes degraded (decides alone). A failed call meanwhile only makes its own request
     decide locally; one answered probe brings the replica back."""
+    startup_timeout_s: Annotated[float, Field(ge=0, le=600)] = 5.0
+    """At start-up, how long a replica (and healthd) keeps trying to reach Redis, so that one
+    started alongside Redis waits for it; past it, it exits non-zero naming the (masked) URL,
+    unless ``start_degraded``. (A later outage never stops a replica: it goes degraded.)"""
+    start_degraded: bool = False
+    """Start even when Redis does not answer at start-up: a replica serves degraded (deciding
+    alone) at once, healthd stands by, both until Redis answers. Off by default: a mistyped
+    ``redis_url`` would otherwise give a gateway that reports ready and never shares state."""
 
 
 class HealthdSettings(_Model):
@@ -238,6 +260,10 @@ class ReplicaSettings(_Model):
 class LogSettings(_Model):
     level: Annotated[str, Field(pattern=r"^(DEBUG|INFO|WARNING|ERROR)$")] = "INFO"
     decisions: Annotated[str, Field(pattern=r"^(DEBUG|INFO|WARNING|ERROR|OFF)$")] = "INFO"
+    access: AccessLevel = "INFO"
+    """The access log (logger ``router.access``): one line per request at ``INFO``, health
+    probes and scrapes (``/healthz``, ``/readyz``, ``/metrics``) at ``DEBUG``; ``OFF`` (or
+    ``false``) silences it, ``DEBUG`` shows the probes too."""
 
 
 class Config(_Model):
@@ -264,6 +290,10 @@ class Config(_Model):
     max_pipelined_requests: Annotated[int, Field(ge=1)] = 16
     """Requests a client may send on one connection ahead of the answers (HTTP pipelining);
     past it the connection is closed. Each waits in memory with its head."""
+    api_docs: bool = False
+    """Serve FastAPI's ``/docs`` (Swagger UI), ``/redoc`` and ``/openapi.json`` (the schema of
+    every endpoint, the two hot ones included), without a key: they hold no secret, but name
+    the admin API. Off: those paths are 404s like any unknown path."""
     lease_ttl_s: Annotated[float, Field(ge=1, le=3600)] = 30.0
     redis: RedisSettings = RedisSettings()
     healthd: HealthdSettings = HealthdSettings()
