@@ -90,7 +90,13 @@ def main(argv: list[str] | None = None) -> None:
     from router.logs import setup_logging
 
     setup_logging(cfg.log)
-    serve(create_app(cfg), cfg, args.host, args.port, reuse_port=args.reuse_port)
+    app = create_app(cfg)
+    try:
+        serve(app, cfg, args.host, args.port, reuse_port=args.reuse_port)
+    except SystemExit:
+        if app.gw.start_error:  # the server exits 3 on any failed start-up; say which
+            sys.exit(f"router: cannot start: {app.gw.start_error}")
+        raise
 
 
 if __name__ == "__main__":
