@@ -8,7 +8,7 @@ import os
 import sys
 
 from router.cli import config_from_args
-from router.config import Config
+from router.config import Config, masked_url
 from router.errors import StoreError
 
 EXIT_CONFIG = 2
@@ -50,7 +50,11 @@ def main(argv: list[str] | None = None) -> None:
     try:
         asyncio.run(daemon.serve())
     except StoreError as exc:
-        sys.exit(f"healthd: cannot start: {exc}")
+        where = masked_url(cfg.redis_url or "")
+        sys.exit(
+            f"healthd: cannot start: {exc}. Redis at {where}: check redis_url (or REDIS_URL), "
+            "or set redis.start_degraded: true to stand by until it answers"
+        )
     except OSError as exc:
         sys.exit(f"healthd: cannot serve on {args.host}:{args.port}: {exc.strerror or exc}")
     if daemon.failed:

@@ -108,7 +108,7 @@ class HealthDaemon:
 
     async def _startup(self) -> tuple[web.AppRunner, httpx.AsyncClient]:
         try:
-            await self._store.start()
+            await self._reach_store()
             runner = await start_server(make_app(self), self.host, self.port)
         except (StoreError, OSError):
             await self._store.close()
@@ -124,6 +124,24 @@ class HealthDaemon:
                                           lease_s=self.cfg.healthd.lease_s,
                                           store=masked_url(self.cfg.redis_url or "")))  # fmt: skip
         return runner, client
+
+    async def _reach_store(self) -> None:
+        """Reach Redis within ``redis.startup_timeout_s``, as a replica does: past it the
+        daemon does not start (a wrong URL fails loudly), unless ``redis.start_degraded``:
+        then it starts standing by, and its ticks try Redis until it answers."""
+        settings = self.cfg.redis
+        if not settings.start_degraded:
+            await self._store.start_within(settings.startup_timeout_s, self._not_yet)
+            return
+        try:
+            await self._store.start()
+        except StoreError as exc:
+            self._store_health(False, str(exc))
+
+    def _not_yet(self, exc: StoreError) -> None:
+        log.warning("shared store does not answer yet: trying again", extra=_fields(
+            store=masked_url(self.cfg.redis_url or ""), within_s=self.cfg.redis.startup_timeout_s,
+            error=str(exc)))  # fmt: skip
 
     async def _main_loop(self) -> None:
         loop = asyncio.get_running_loop()

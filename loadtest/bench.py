@@ -420,7 +420,7 @@ def redis_counters(r: redis.Redis) -> dict[str, int]:
 
 
 def router_config(
-    redis_port: int, upstream: Sequence[int], mock_port: int, decisions: str
+    redis_port: int, upstream: Sequence[int], mock_port: int, decisions: str, access: str = "OFF"
 ) -> dict[str, Any]:
     """Three openai providers at the nginx ports, one route per strategy, plus a stream route."""
     providers: list[dict[str, Any]] = [
@@ -445,7 +445,7 @@ def router_config(
         "redis_url": f"redis://127.0.0.1:{redis_port}/0",
         "key_prefix": "bench",
         "client_keys": [{"env": KEY_ENV}],
-        "log": {"level": "WARNING", "decisions": decisions},
+        "log": {"level": "WARNING", "decisions": decisions, "access": access},
         "providers": providers,
         "routes": routes,
     }
@@ -715,9 +715,9 @@ def router_sut(rig: Rig, key: str, model: str, port: int, pids: list[int], up: U
     return Sut(key, label, load, up.stub_port, pids, up.redis_port, up.redis_pid, placement)
 
 
-def write_config(rig: Rig, name: str, up: Upstreams, decisions: str) -> Path:
+def write_config(rig: Rig, name: str, up: Upstreams, decisions: str, access: str = "OFF") -> Path:
     path = rig.dir / name
-    cfg = router_config(up.redis_port, up.ports, up.mock_port, decisions)
+    cfg = router_config(up.redis_port, up.ports, up.mock_port, decisions, access)
     path.write_text(yaml.safe_dump(cfg))
     return path
 
@@ -1118,6 +1118,20 @@ def decision_log_cost(rig: Rig, up: Upstreams, opts: Options) -> dict[str, Any]:
     return out
 
 
+def access_log_cost(rig: Rig, up: Upstreams, opts: Options) -> dict[str, Any]:
+    """(c) again with the access log at INFO, the default (one JSON line per request)."""
+    config = write_config(rig, "router-access.yaml", up, "OFF", "INFO")
+    port = free_port()
+    proc = start_router(rig, config, port, SUT_CPU, "router-access")
+    sut = router_sut(rig, "c-access", "round_robin", port, [proc.pid], up)
+    sut.label += ", access log at INFO"
+    out = measure(sut, opts.duration)
+    rig.stop(proc)
+    lines = proc.output().count('"router.access"')
+    out["access_log_bytes_per_line"] = round(proc.log_path.stat().st_size / max(lines, 1))
+    return out
+
+
 def replicas_seen(port: int, tries: int = 20) -> set[str]:
     """The replica ids answering ``/healthz`` on ``port`` over new connections."""
     seen = set()
@@ -1157,6 +1171,7 @@ def run_all(rig: Rig, opts: Options) -> dict[str, Any]:
     res["profile"] = single.pop("profile", None)
     res["scenarios"].update(single)
     res["scenarios"]["c-info"] = decision_log_cost(rig, up, opts)
+    res["scenarios"]["c-access"] = access_log_cost(rig, up, opts)
     res["scenarios"]["e"] = two_replicas(rig, up, opts)
     print("  one Redis shard: acquire+release pairs/s; acquire cost with 10 targets", flush=True)
     res.update(redis_alone(up, opts))
@@ -1273,6 +1288,17 @@ def _other_checks(res: dict[str, Any]) -> list[Check]:
     ]  # fmt: skip
 
 
+def _access_line(sc: dict[str, Any]) -> list[str]:
+    if "c-access" not in sc:  # results of a bench from before the access log
+        return []
+    c, acc = sc["c"], sc["c-access"]
+    return [
+        f"- access log at INFO (the default): {acc['c32']['rps']:,.0f} vs {c['c32']['rps']:,.0f} "
+        f"req/s; CPU {acc['cpu_s_per_1k']:.3f} vs {c['cpu_s_per_1k']:.3f} s/1k req; "
+        f"{acc['access_log_bytes_per_line']} bytes per line"
+    ]
+
+
 def target_checks(res: dict[str, Any]) -> list[Check]:
     """(figure, target, measured, met?) for every target of the brief."""
     return [*_strategy_checks(res), *_other_checks(res)]
@@ -1286,6 +1312,7 @@ def other_lines(res: dict[str, Any]) -> list[str]:
         f"- decision log at INFO: {info['c32']['rps']:,.0f} vs {c['c32']['rps']:,.0f} req/s; "
         f"CPU {info['cpu_s_per_1k']:.3f} vs {c['cpu_s_per_1k']:.3f} s/1k req; "
         f"{info['decision_log_bytes_per_line']} bytes per line",
+        *_access_line(sc),
         f"- one Redis shard, acquire+release from {st['tasks']} asyncio tasks: "
         f"{st['pairs_per_s']:,} pairs/s with Redis at {st['redis_cpu_pct']}% of a core (client "
         f"{st['client_cpu_pct']}%); ~{st['pairs_per_s_at_full_redis_core'] or 0:,} pairs/s at a "

@@ -47,7 +47,7 @@ def reuse_port_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
-# As they were before --reuse-port existed: the JSON logs come from router.logs, not uvicorn.
+# As they were before --reuse-port existed: the JSON logs come from router.telemetry.logs, not uvicorn.
 UVICORN_SETTINGS: dict[str, Any] = {
     "loop": "uvloop",
     "http": "httptools",
@@ -90,7 +90,13 @@ def main(argv: list[str] | None = None) -> None:
     from router.telemetry.logs import setup_logging
 
     setup_logging(cfg.log)
-    serve(create_app(cfg), cfg, args.host, args.port, reuse_port=args.reuse_port)
+    app = create_app(cfg)
+    try:
+        serve(app, cfg, args.host, args.port, reuse_port=args.reuse_port)
+    except SystemExit:
+        if app.gw.start_error:  # the server exits 3 on any failed start-up; say which
+            sys.exit(f"router: cannot start: {app.gw.start_error}")
+        raise
 
 
 if __name__ == "__main__":

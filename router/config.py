@@ -246,6 +246,14 @@ class RedisSettings(_Model):
     """How long Redis calls must keep failing, with none answered in between, before the
     replica goes degraded (decides alone). A failed call meanwhile only makes its own request
     decide locally; one answered probe brings the replica back."""
+    startup_timeout_s: Annotated[float, Field(ge=0, le=600)] = 5.0
+    """At start-up, how long a replica (and healthd) keeps trying to reach Redis, so that one
+    started alongside Redis waits for it; past it, it exits non-zero naming the (masked) URL,
+    unless ``start_degraded``. (A later outage never stops a replica: it goes degraded.)"""
+    start_degraded: bool = False
+    """Start even when Redis does not answer at start-up: a replica serves degraded (deciding
+    alone) at once, healthd stands by, both until Redis answers. Off by default: a mistyped
+    ``redis_url`` would otherwise give a gateway that reports ready and never shares state."""
 
 
 class HealthdSettings(_Model):
@@ -257,27 +265,37 @@ class ReplicaSettings(_Model):
     resync_s: Annotated[float, Field(gt=0, le=3600)] = 30.0
 
 
-_DECISION_WORDS = {"FALSE": "OFF", "NO": "OFF", "TRUE": "INFO", "YES": "INFO", "ON": "INFO"}
+_LEVEL_WORDS = {"FALSE": "OFF", "NO": "OFF", "TRUE": "INFO", "YES": "INFO", "ON": "INFO"}
 
 
-def _decision_level(value: object) -> object:
-    """``decisions`` in one form, upper case. YAML reads an unquoted ``OFF`` (or ``off``,
-    ``no``) as false: false means ``OFF``, true the default ``INFO``; names in any case."""
+def _log_level(value: object) -> object:
+    """A log setting in one form, upper case. YAML reads an unquoted ``OFF`` (or ``off``,
+    ``no``) as false: false means ``OFF``, true ``INFO``; names in any case."""
     if isinstance(value, bool):
         value = "INFO" if value else "OFF"
     if isinstance(value, str):
         upper = value.strip().upper()
-        return _DECISION_WORDS.get(upper, upper)
+        return _LEVEL_WORDS.get(upper, upper)
     return value
 
 
+LogLevel = Annotated[
+    str, BeforeValidator(_log_level), Field(pattern=r"^(DEBUG|INFO|WARNING|ERROR|OFF)$")
+]
+"""A level of one of the logs, or ``OFF``, spelled in any case (``off``, ``false`` alike)."""
+
+
 class LogSettings(_Model):
-    level: Annotated[str, Field(pattern=r"^(DEBUG|INFO|WARNING|ERROR)$")] = "INFO"
-    decisions: Annotated[
-        str, BeforeValidator(_decision_level), Field(pattern=r"^(DEBUG|INFO|WARNING|ERROR|OFF)$")
+    level: Annotated[
+        str, BeforeValidator(_log_level), Field(pattern=r"^(DEBUG|INFO|WARNING|ERROR)$")
     ] = "INFO"
+    decisions: LogLevel = "INFO"
     """The decision log's level, or ``OFF`` (``off``, ``false`` and YAML's unquoted ``OFF``,
     which is false, alike): off, the acquire script skips the per-candidate figures."""
+    access: LogLevel = "INFO"
+    """The access log (logger ``router.access``): one line per request at ``INFO``, health
+    probes and scrapes (``/healthz``, ``/readyz``, ``/metrics``) at ``DEBUG``; ``OFF`` (or
+    ``false``) silences it, ``DEBUG`` shows the probes too."""
 
 
 class Config(_Model):
@@ -304,6 +322,10 @@ class Config(_Model):
     max_pipelined_requests: Annotated[int, Field(ge=1)] = 16
     """Requests a client may send on one connection ahead of the answers (HTTP pipelining);
     past it the connection is closed. Each waits in memory with its head."""
+    api_docs: bool = False
+    """Serve FastAPI's ``/docs`` (Swagger UI), ``/redoc`` and ``/openapi.json`` (the schema of
+    every endpoint, the two hot ones included), without a key: they hold no secret, but name
+    the admin API. Off: those paths are 404s like any unknown path."""
     lease_ttl_s: Annotated[float, Field(ge=1, le=3600)] = 30.0
     redis: RedisSettings = RedisSettings()
     healthd: HealthdSettings = HealthdSettings()

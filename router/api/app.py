@@ -1,14 +1,14 @@
 """The HTTP API of one replica: the hot OpenAI endpoints (``router.api.endpoints``) in front of
-FastAPI, which serves the rest (models, health, readiness, metrics, admin).
+FastAPI, which serves the rest (models, health, readiness, metrics, admin, and with
+``api_docs`` its own ``/docs``, ``/redoc`` and ``/openapi.json``).
 
-Errors of every kind reach one exception handler per path that answers in OpenAI's shape.
+Errors of every kind reach one exception handler per path that answers in OpenAI's shape;
+so do an unknown path (404) and a wrong method (405).
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from functools import partial
 from typing import Any
 
@@ -17,17 +17,17 @@ from fastapi import FastAPI, Request
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import Response
 from starlette.exceptions import HTTPException
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from router import __version__
+from router.api.access import RequestLog, set_outcome
 from router.api.admin import admin_router
 from router.api.auth import authorization
-from router.api.endpoints import HotPath
-from router.api.endpoints import request_id as request_id_of
-from router.api.schemas import ChatBody, EmbeddingsBody
 from router.config import Config
+from router.api.endpoints import PATHS, HotPath
 from router.errors import (
     INTERNAL_ERROR,
+    ModelNotFound,
     RouterError,
     StoreError,
     to_openai_error,
@@ -38,57 +38,62 @@ from router.telemetry.tracing import PROMETHEUS_CONTENT_TYPE
 
 log = logging.getLogger("router.app")
 JSON = "application/json"
+OWNER = "router-cluster"
+"""The ``owned_by`` of every model a replica lists."""
 
 
-class RequestIdMiddleware:
-    """Gives every request an id (the client's, or a new one) and every response the header.
+class Lifespan:
+    """Starts the gateway before the server listens and stops it after; when it cannot
+    start (Redis away, see ``Gateway.start``) tells the server so with a logged reason, not
+    a traceback, and the server exits (``router.cli`` then says why, exit status 1)."""
 
-    A plain ASGI middleware: Starlette's ``BaseHTTPMiddleware`` costs far more per request.
-    """
-
-    def __init__(self, app: ASGIApp) -> None:
+    def __init__(self, app: ASGIApp, gw: Gateway) -> None:
         self.app = app
+        self.gw = gw
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
+        if scope["type"] != "lifespan":
             await self.app(scope, receive, send)
             return
-        raw = next((v for k, v in scope["headers"] if k == b"x-request-id"), b"")
-        rid = request_id_of(raw)
-        scope.setdefault("state", {})["rid"] = rid
-        header = (b"x-request-id", rid.encode())
-
-        async def send_with_id(message: Message) -> None:
-            if message["type"] == "http.response.start":
-                message["headers"] = [*message.get("headers", []), header]
-            await send(message)
-
-        await self.app(scope, receive, send_with_id)
+        await receive()  # lifespan.startup
+        try:
+            await self.gw.start()
+        except StoreError as exc:
+            log.error("cannot start", extra={"fields": {"error": str(exc)}})
+            await send({"type": "lifespan.startup.failed", "message": ""})
+            return
+        await send({"type": "lifespan.startup.complete"})
+        await receive()  # lifespan.shutdown
+        await self.gw.stop()
+        await send({"type": "lifespan.shutdown.complete"})
 
 
 def request_id(request: Request) -> str:
-    """The id ``RequestIdMiddleware`` gave this request."""
+    """The id ``RequestLog`` gave this request."""
     return str(request.state.rid)
 
 
 def create_app(cfg: Config, store: Store | None = None) -> HotPath:
     """The ASGI application of one replica: the hot endpoints, then FastAPI for the rest."""
     gw = Gateway(cfg, store)
-
-    @asynccontextmanager
-    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
-        await gw.start()
-        try:
-            yield
-        finally:
-            await gw.stop()
-
-    app = FastAPI(title="router-cluster", version=__version__, lifespan=lifespan)
+    docs = cfg.api_docs
+    app = FastAPI(
+        title="router-cluster", version=__version__, docs_url="/docs" if docs else None,
+        redoc_url="/redoc" if docs else None, openapi_url="/openapi.json" if docs else None,
+    )  # fmt: skip
     app.state.gateway = gw
-    app.add_middleware(RequestIdMiddleware)
+    _add_error_handlers(app)
+    app.include_router(admin_router(gw))
+    _add_openai_routes(app, gw)
+    _add_health_routes(app, gw)
+    app.openapi = partial(_openapi, app)  # type: ignore[method-assign]
+    return HotPath(Lifespan(RequestLog(app), gw), gw)
 
+
+def _add_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(RouterError)
     async def on_error(request: Request, exc: RouterError) -> Response:
+        set_outcome(request.scope, exc.code)
         headers = exc.headers()
         attempts = getattr(exc, "attempts", None)
         if attempts is not None:
@@ -97,8 +102,10 @@ def create_app(cfg: Config, store: Store | None = None) -> HotPath:
 
     @app.exception_handler(HTTPException)
     async def on_http_error(request: Request, exc: HTTPException) -> Response:
-        body = {"error": {"message": str(exc.detail), "type": "invalid_request_error",
-                          "code": f"http_{exc.status_code}", "param": None}}  # fmt: skip
+        code, message = _http_error(request, exc)
+        set_outcome(request.scope, code)
+        body = {"error": {"message": message, "type": "invalid_request_error", "code": code,
+                          "param": None}}  # fmt: skip
         return Response(orjson.dumps(body), exc.status_code, exc.headers, JSON)
 
     @app.exception_handler(Exception)
@@ -107,11 +114,18 @@ def create_app(cfg: Config, store: Store | None = None) -> HotPath:
         log.exception("unhandled error", extra={"fields": {"rid": request_id(request)}})
         return Response(orjson.dumps(INTERNAL_ERROR), 500, media_type=JSON)
 
-    app.include_router(admin_router(gw))
-    _add_openai_routes(app, gw)
-    _add_health_routes(app, gw)
-    app.openapi = partial(_openapi, app)  # type: ignore[method-assign]
-    return HotPath(app, gw)
+
+def _http_error(request: Request, exc: HTTPException) -> tuple[str, str]:
+    """The code and message of an error Starlette raised: no route for the path (404), or
+    not for the method (405), as OpenAI words them; any other keeps Starlette's words."""
+    # (cut short: a path may be as long as the request head)
+    method, path = request.method, request.url.path[:200]
+    if exc.status_code == 404:
+        return "unknown_url", f"Invalid URL ({method} {path})"
+    if exc.status_code == 405:
+        allowed = (exc.headers or {}).get("Allow", "")
+        return "method_not_allowed", f"{method} is not allowed on {path} (only {allowed})"
+    return f"http_{exc.status_code}", str(exc.detail)
 
 
 def _openapi(app: FastAPI) -> dict[str, Any]:
@@ -138,16 +152,34 @@ def _openapi(app: FastAPI) -> dict[str, Any]:
     return schema
 
 
+def _model(name: str, gw: Gateway) -> dict[str, Any]:
+    """A route as OpenAI describes a model; ``created`` is when this replica loaded its config
+    (a route has no other date: replicas loaded at other times tell other dates)."""
+    return {"id": name, "object": "model", "created": gw.loaded_at, "owned_by": OWNER}
+
+
 def _add_openai_routes(app: FastAPI, gw: Gateway) -> None:
     @app.get("/v1/models")
     async def models(request: Request) -> Response:
         gw.authorize(authorization(request.headers.raw))
-        data = [
-            {"id": r.model, "object": "model", "created": 0, "owned_by": "router-cluster"}
-            for r in gw.cfg.routes
-        ]
+        data = [_model(r.model, gw) for r in gw.cfg.routes]
         body = orjson.dumps({"object": "list", "data": data})
         return Response(body, 200, media_type=JSON)
+
+    @app.get("/v1/models/{model:path}")  # (a model's name may hold a "/": org/model)
+    async def model(request: Request, model: str) -> Response:
+        gw.authorize(authorization(request.headers.raw))
+        if gw.cfg.route(model) is None:
+            raise ModelNotFound(f"The model '{model[:200]}' does not exist (see GET /v1/models)")
+        return Response(orjson.dumps(_model(model, gw)), 200, media_type=JSON)
+
+    async def hot_path_only() -> Response:
+        raise RuntimeError("POST on this path is served by router.api.endpoints.HotPath")
+
+    # The hot path serves POST on these paths before FastAPI sees it; routed here too, another
+    # method is a 405 that names POST (else a 404, as if the path did not exist).
+    for path in PATHS:
+        app.add_api_route(path, hot_path_only, methods=["POST"], include_in_schema=False)
 
 
 def _add_health_routes(app: FastAPI, gw: Gateway) -> None:

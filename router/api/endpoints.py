@@ -5,7 +5,8 @@ Every request a gateway serves goes through here, so it skips FastAPI's and Star
 middleware, routing and dependency layers (they measured about a quarter of a replica's
 CPU under load); everything else (models, health, metrics, admin) stays in FastAPI. The
 body is read, checked and forwarded as it came; a stream is relayed chunk by chunk, and a
-client that goes away cancels the relay, which releases its lease.
+client that goes away cancels the relay, which releases its lease. Each request ends with
+its access line (``router.telemetry.logs.log_access``; a stream's when it ends).
 """
 
 from __future__ import annotations
@@ -32,8 +33,9 @@ from router.errors import (
     RouterError,
     to_openai_error,
 )
-from router.replica.dispatch import Operation, Reply
 from router.replica.gateway import Gateway
+from router.telemetry.logs import access_logged, log_access
+from router.api.schemas import ChatBody, EmbeddingsBody, check, parse_json
 from router.telemetry.tracing import client_traceparent
 
 log = logging.getLogger("router.endpoints")
@@ -43,6 +45,9 @@ _JSON = (b"content-type", b"application/json")
 _SSE = [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache")]
 _INTERNAL_BODY = orjson.dumps(INTERNAL_ERROR)
 _OUTCOMES = {"ok": "ok", "client_cancelled": "cancelled"}
+"""The metrics' outcome of a stream's ending; any other ending (a provider's failure after the
+first byte) is ``failed``, and an error answer's is told by its status."""
+_BUG = INTERNAL_ERROR["error"]["code"]
 
 
 def request_id(raw: bytes) -> str:
@@ -108,7 +113,11 @@ class _Exchange:
         traceparent = self.headers.get(b"traceparent")
         self.traceparent = client_traceparent(traceparent) if traceparent else None
         self.started = time.perf_counter()
-        self.route, self.provider = "unknown", "none"
+        self.route: str | None = None
+        self.provider: str | None = None
+        self.attempts: int | None = None
+        self.sent = 0
+        """Body bytes sent to the client."""
         self.responded = False
 
     async def run(self) -> None:
@@ -120,22 +129,28 @@ class _Exchange:
         try:
             with self.gw.telemetry.attached(ctx):
                 reply = await self._dispatch()
-            self.provider = reply.provider
-            outcome = await self._answer(reply)
+            self.provider, self.attempts = reply.provider, reply.attempts
+            ended = await self._answer(reply)
         except RouterError as exc:
-            status, outcome = exc.status, _error_outcome(exc.status)
+            status, ended = exc.status, exc.code
             await self._error(exc)
         except Exception:  # the hot path's one catch-all: a bug still answers, and is logged
             log.exception("unhandled error", extra={"fields": {"request_id": self.rid}})
-            status, outcome = 500, "failed"
+            status, ended = 500, _BUG
             if not self.responded:
                 await self._start(500, [_JSON])
-                await self.send(
-                    {"type": "http.response.body", "body": orjson.dumps(INTERNAL_ERROR)}
-                )
+                await self._body(_INTERNAL_BODY)
         elapsed = time.perf_counter() - self.started
-        self.gw.metrics.request(self.route, self.provider, status, outcome, elapsed)
+        outcome = _OUTCOMES.get(ended, "failed") if status == 200 else _error_outcome(status)
+        self.gw.metrics.request(
+            self.route or "unknown", self.provider or "none", status, outcome, elapsed
+        )
         self.gw.telemetry.end_request(span, status)
+        if access_logged():
+            log_access(
+                "POST", self.scope["path"], status, self.route, self.provider, self.attempts,
+                elapsed, self.rid, ended, self.sent,
+            )  # fmt: skip
 
     async def _dispatch(self) -> Reply:
         raw = self.scope["headers"]
@@ -161,14 +176,20 @@ class _Exchange:
         self.responded = True
         await self.send({"type": "http.response.start", "status": status, "headers": all_headers})
 
+    async def _body(self, body: bytes, more: bool = False) -> None:
+        self.sent += len(body)
+        await self.send({"type": "http.response.body", "body": body, "more_body": more})
+
     async def _error(self, exc: RouterError) -> None:
         headers = [_JSON, *((k.lower().encode(), v.encode()) for k, v in exc.headers().items())]
         attempts = getattr(exc, "attempts", None)
         if attempts is not None:
-            headers.append((b"x-router-attempts", str(len(attempts)).encode()))
+            self.attempts = len(attempts)
+            headers.append((b"x-router-attempts", str(self.attempts).encode()))
+            self.provider = attempts[-1].provider if attempts else None  # the last one tried
+        self.provider = getattr(exc, "provider", self.provider)  # a provider's own 4xx
         await self._start(exc.status, headers)
-        body = orjson.dumps(to_openai_error(exc))
-        await self.send({"type": "http.response.body", "body": body})
+        await self._body(orjson.dumps(to_openai_error(exc)))
 
     async def _answer(self, reply: Reply) -> str:
         served = [
@@ -177,7 +198,7 @@ class _Exchange:
         ]
         if reply.stream is None:
             await self._start(200, [_JSON, *served])
-            await self.send({"type": "http.response.body", "body": reply.body or b""})
+            await self._body(reply.body or b"")
             return "ok"
         await self._start(200, [*_SSE, *served])
         return await self._relay(reply.stream, reply)
@@ -189,10 +210,11 @@ class _Exchange:
         watcher: asyncio.Task[None] | None = None
         try:
             async for chunk in stream:
+                self.sent += len(chunk)
                 await self.send({"type": "http.response.body", "body": chunk, "more_body": True})
                 if watcher is None:  # after the first frame: it goes out before anything else
                     watcher = asyncio.create_task(_watch_disconnect(self.receive, gone, task))
-            await self.send({"type": "http.response.body", "body": b""})
+            await self._body(b"")
         except asyncio.CancelledError:
             if not gone.is_set() or task is None:
                 raise
@@ -206,8 +228,7 @@ class _Exchange:
             if reply.close is not None:
                 await reply.close()
         # the status (200) went out with the first byte; the outcome says how it ended
-        ended = reply.outcome() if reply.outcome is not None else "ok"
-        return _OUTCOMES.get(ended, "failed")
+        return reply.outcome() if reply.outcome is not None else "ok"
 
 
 async def _watch_disconnect(receive: Receive, gone: asyncio.Event, task: Any) -> None:

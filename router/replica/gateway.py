@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import time
 import uuid
 
 from router.api.auth import KeyRing, bearer_token
@@ -57,9 +58,17 @@ class Gateway:
             self.telemetry, self.metrics,
         )  # fmt: skip
         self.client_keys = KeyRing(cfg.client_keys)
+        self.loaded_at = int(time.time())
+        """When this replica loaded its config (Unix time): the ``created`` of its models."""
+        url = cfg.redis_url
+        self.store_name = "embedded" if self.store.embedded or not url else masked_url(url)
+        """The store as it may be printed: ``embedded``, or Redis's URL masked."""
+        self.start_error = ""
+        """Why ``start`` failed, if it did (the command line says it on exit)."""
 
     async def start(self) -> None:
-        """Connect to the store and open the upstream session."""
+        """Connect to the store and open the upstream session; raise ``StoreError`` when Redis
+        does not answer within ``redis.startup_timeout_s`` (unless ``redis.start_degraded``)."""
         if self.store.embedded:
             log.warning(
                 "no redis_url or REDIS_URL: running on the embedded in-process store, "
@@ -67,17 +76,43 @@ class Gateway:
             )
         await self.upstream.start()
         try:
-            await self.store.start()
-            await self.heartbeat.beat()
+            await self._connect()
         except StoreError as exc:
-            self.mode.degrade(exc)  # start degraded rather than not at all
+            self.start_error = str(exc)
+            await self.upstream.close()
+            await self.store.close()
+            raise
         self.leases.start()
         self.view.start()
         self.heartbeat.start()
         self.poller.start()
-        url = self.cfg.redis_url
-        store = "embedded" if self.store.embedded or not url else masked_url(url)
-        log.info("replica started", extra={"fields": {"replica": self.replica, "store": store}})
+        fields = {"replica": self.replica, "store": self.store_name}
+        log.info("replica started", extra={"fields": fields})
+
+    async def _connect(self) -> None:
+        """Reach Redis, or start degraded if the operator chose to: a replica that cannot
+        reach Redis at start-up is most often misconfigured (a mistyped ``redis_url``), and
+        one that reports ready while deciding alone hides it (a later outage is different:
+        the replica had a working Redis, and goes degraded until it is back)."""
+        settings = self.cfg.redis
+        try:
+            if settings.start_degraded:
+                await self.store.start()
+            else:
+                await self.store.start_within(settings.startup_timeout_s, self._not_yet)
+            await self.heartbeat.beat()
+        except StoreError as exc:
+            if not settings.start_degraded:
+                raise StoreError(
+                    f"Redis at {self.store_name} did not answer: {exc}. Check redis_url (or "
+                    "REDIS_URL), or set redis.start_degraded: true to start without it"
+                ) from exc
+            self.mode.degrade(exc)  # the operator's choice: serve, deciding alone
+
+    def _not_yet(self, exc: StoreError) -> None:
+        log.warning("Redis does not answer yet: trying again", extra={"fields": {
+            "store": self.store_name, "within_s": self.cfg.redis.startup_timeout_s,
+            "error": str(exc)}})  # fmt: skip
 
     async def stop(self) -> None:
         """Finish pending releases, then close everything."""

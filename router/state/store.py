@@ -11,6 +11,7 @@ start-up.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -42,6 +43,8 @@ LOST = "lost"
 DEFAULT_CIRCUIT = Circuit()
 POOL_WAIT_S = 2.0
 """Longest wait for a free connection of the pool (Redis calls themselves time out sooner)."""
+STARTUP_RETRY_S = 0.25
+"""How often a process starting up tries Redis again (``Store.start_within``)."""
 SCRIPTS = (
     "acquire", "release", "renew", "report_probe", "take_lead", "resign", "heartbeat",
     "read_health", "set_drain", "read_state",
@@ -255,6 +258,28 @@ class Store:
             await self.time_ms()  # the clocks' difference, for the acquires' deadlines
         except RedisError as exc:
             raise StoreError(f"shared store unavailable: {exc}") from exc
+
+    async def start_within(self, seconds: float, on_retry: Callable[[StoreError], None]) -> None:
+        """``start``, tried again every ``STARTUP_RETRY_S`` until Redis answers or ``seconds``
+        have passed (then the last failure is raised): a process started alongside Redis
+        waits for it, one given a wrong URL fails. ``on_retry`` hears the first failure.
+
+        An attempt runs to its end (each call is bounded by the connect and call timeouts),
+        so the wait may pass ``seconds`` by one attempt: cut short, the error would only say
+        it was cut, not why Redis did not answer."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + seconds
+        for attempt in itertools.count(1):
+            try:
+                await self.start()
+                return
+            except StoreError as exc:
+                if loop.time() + STARTUP_RETRY_S > deadline:
+                    tries = f"{attempt} attempt{'s' if attempt > 1 else ''} in {seconds:g} s"
+                    raise StoreError(f"{exc} ({tries})") from exc
+                if attempt == 1:
+                    on_retry(exc)
+            await asyncio.sleep(STARTUP_RETRY_S)
 
     async def load_scripts(self) -> None:
         """(Re)load every script, e.g. after Redis restarted empty."""

@@ -70,7 +70,8 @@ def rig(tmp_path_factory: pytest.TempPathFactory, redis_port: int) -> Iterator[R
         proxy = pool(mock.port)
         mock.proxy_port = proxy.port
         try:
-            gw = start(cluster, tmp, f"redis://127.0.0.1:{redis_port}/0", [mock], routes)
+            url = f"redis://127.0.0.1:{redis_port}/0"
+            gw = start(cluster, tmp, url, [mock], routes, api_docs=True)  # the schema to fuzz
             yield Rig(gw, mock, proxy)
         finally:
             cluster.stop_all()

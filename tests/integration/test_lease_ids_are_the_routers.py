@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 from pathlib import Path
+from typing import Any
 
 import openai
 import pytest
@@ -37,11 +38,11 @@ async def ten_at_once(url: str) -> list[int]:
         await client.close()
 
 
-def gateway(cluster: Cluster, tmp: Path, redis_url: str) -> Gateway:
+def gateway(cluster: Cluster, tmp: Path, redis_url: str, **extra: Any) -> Gateway:
     slow = Mock("p", "--latency-ms", "300", limits={"max_in_flight": MAX_IN_FLIGHT})
     # the queue lets every request wait for a slot rather than be refused
     route = {"model": "chat", "queue_timeout_s": 20, "targets": [{"provider": "p", "model": "m"}]}
-    return start_gateway(cluster, tmp, redis_url, [slow], [route], replicas=1)
+    return start_gateway(cluster, tmp, redis_url, [slow], [route], replicas=1, **extra)
 
 
 @pytest.mark.parametrize("store", ["redis", "degraded"])
@@ -51,7 +52,7 @@ def test_one_request_id_sent_ten_times_still_gets_max_in_flight(
     # degraded: the configured Redis never answers (nothing listens there), so the replica
     # decides from its local lease table
     url = redis_url if store == "redis" else f"redis://127.0.0.1:{free_port()}/0"
-    gw = gateway(cluster, tmp_path, url)
+    gw = gateway(cluster, tmp_path, url, redis={"start_degraded": store == "degraded"})
     statuses = asyncio.run(ten_at_once(gw.urls[0]))
     stats = gw.mocks["p"].stats()
     assert statuses == [200] * REQUESTS
