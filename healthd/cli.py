@@ -7,8 +7,7 @@ import asyncio
 import os
 import sys
 
-from router.cli import config_from_args
-from router.config import Config, masked_url
+from router.config import Config, config_from_args, masked_url
 from router.errors import StoreError
 
 EXIT_CONFIG = 2
@@ -37,9 +36,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--port", type=int, required=True, help="port of /healthz and /metrics")
     args = parser.parse_args(argv)
     path = args.config or os.environ.get("ROUTER_CONFIG")
-    if not path:
-        sys.exit("healthd: no config file: pass --config FILE or set ROUTER_CONFIG")
-    cfg = config_from_args(path)
+    cfg = config_from_args(path, "healthd")
     require_shared_store(cfg, path)
 
     from healthd.daemon import HealthDaemon  # after the config, so a bad file fails fast

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import sys
 from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -497,6 +498,27 @@ def parse_config(
     if env.get("REDIS_URL"):
         cfg = cfg.model_copy(update={"redis_url": env["REDIS_URL"]})
     return cfg
+
+
+def print_problems(exc: ConfigError, header: str) -> None:
+    """``exc``'s problems on stderr as every command prints them: ``header``, then one
+    indented line each, with its field path."""
+    print(header, file=sys.stderr)
+    for field, message in exc.problems:
+        print(f"  {field}: {message}" if field else f"  {message}", file=sys.stderr)
+
+
+def config_from_args(path: str | None, program: str = "router") -> Config:
+    """Load the config named by ``--config`` or ``ROUTER_CONFIG``; exit 2 with every problem
+    (``program`` names the command in the messages)."""
+    path = path or os.environ.get("ROUTER_CONFIG")
+    if not path:
+        sys.exit(f"{program}: no config file: pass --config FILE or set ROUTER_CONFIG")
+    try:
+        return load_config(path)
+    except ConfigError as exc:
+        print_problems(exc, f"{path}: invalid configuration:")
+        sys.exit(2)
 
 
 def load_config(

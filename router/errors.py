@@ -36,6 +36,8 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+import orjson
+
 
 class RouterError(Exception):
     """Base of every error the router raises on purpose."""
@@ -263,6 +265,16 @@ def to_openai_error(err: RouterError) -> dict[str, Any]:
     body: dict[str, Any] = {"message": str(err), "type": err.type, "code": err.code}
     body["param"] = getattr(err, "param", None)
     return {"error": body}
+
+
+def error_response(err: RouterError) -> tuple[int, dict[str, str], bytes]:
+    """``err`` as every endpoint answers it: its status; its headers (``Retry-After``,
+    ``Connection``) and, once providers were tried, ``x-router-attempts``; its JSON body."""
+    headers = err.headers()
+    attempts = getattr(err, "attempts", None)
+    if attempts is not None:
+        headers["x-router-attempts"] = str(len(attempts))
+    return err.status, headers, orjson.dumps(to_openai_error(err))
 
 
 INTERNAL_ERROR = to_openai_error(RouterError("internal error"))

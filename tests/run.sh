@@ -27,4 +27,5 @@ PY=${PYTHON:-python3}
 .venv/bin/ruff check router healthd loadtest tests
 .venv/bin/ruff format --check router healthd loadtest tests
 .venv/bin/mypy
+.venv/bin/lint-imports  # the layout's import rules ([tool.importlinter] in pyproject.toml)
 exec .venv/bin/pytest "$@"

@@ -14,7 +14,7 @@ import orjson
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
-from router.api.auth import KeyRing, authorization, bearer_token
+from router.api.auth import ClientKeys, KeyRing, authorization, bearer_token
 from router.config import Config
 from router.errors import Forbidden, ProviderNotFound, StoreError, Unauthorized
 from router.replica.gateway import Gateway
@@ -60,10 +60,10 @@ async def _shared(gw: Gateway, call: Callable[[], Awaitable[T]]) -> T:
         raise
 
 
-def admin_router(gw: Gateway) -> APIRouter:
+def admin_router(gw: Gateway, keys: ClientKeys) -> APIRouter:
     """``GET /admin/state`` and ``POST /admin/providers/{name}/drain|enable``."""
     router = APIRouter(prefix="/admin")
-    guard = AdminGuard(gw.cfg, gw.client_keys)
+    guard = AdminGuard(gw.cfg, keys.ring)
     names = {p.name for p in gw.cfg.providers}
 
     @router.get("/state")

@@ -22,15 +22,16 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from router import __version__
 from router.api.access import RequestLog, set_outcome
 from router.api.admin import admin_router
-from router.api.auth import authorization
-from router.config import Config
+from router.api.auth import ClientKeys, authorization
 from router.api.endpoints import PATHS, HotPath
+from router.api.schemas import ChatBody, EmbeddingsBody
+from router.config import Config
 from router.errors import (
     INTERNAL_ERROR,
     ModelNotFound,
     RouterError,
     StoreError,
-    to_openai_error,
+    error_response,
 )
 from router.replica.gateway import Gateway
 from router.state.store import Store
@@ -76,6 +77,7 @@ def request_id(request: Request) -> str:
 def create_app(cfg: Config, store: Store | None = None) -> HotPath:
     """The ASGI application of one replica: the hot endpoints, then FastAPI for the rest."""
     gw = Gateway(cfg, store)
+    keys = ClientKeys(cfg)
     docs = cfg.api_docs
     app = FastAPI(
         title="router-cluster", version=__version__, docs_url="/docs" if docs else None,
@@ -83,22 +85,19 @@ def create_app(cfg: Config, store: Store | None = None) -> HotPath:
     )  # fmt: skip
     app.state.gateway = gw
     _add_error_handlers(app)
-    app.include_router(admin_router(gw))
-    _add_openai_routes(app, gw)
+    app.include_router(admin_router(gw, keys))
+    _add_openai_routes(app, gw, keys)
     _add_health_routes(app, gw)
     app.openapi = partial(_openapi, app)  # type: ignore[method-assign]
-    return HotPath(Lifespan(RequestLog(app), gw), gw)
+    return HotPath(Lifespan(RequestLog(app), gw), gw, keys)
 
 
 def _add_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(RouterError)
     async def on_error(request: Request, exc: RouterError) -> Response:
         set_outcome(request.scope, exc.code)
-        headers = exc.headers()
-        attempts = getattr(exc, "attempts", None)
-        if attempts is not None:
-            headers["x-router-attempts"] = str(len(attempts))
-        return Response(orjson.dumps(to_openai_error(exc)), exc.status, headers, JSON)
+        status, headers, body = error_response(exc)
+        return Response(body, status, headers, JSON)
 
     @app.exception_handler(HTTPException)
     async def on_http_error(request: Request, exc: HTTPException) -> Response:
@@ -158,17 +157,17 @@ def _model(name: str, gw: Gateway) -> dict[str, Any]:
     return {"id": name, "object": "model", "created": gw.loaded_at, "owned_by": OWNER}
 
 
-def _add_openai_routes(app: FastAPI, gw: Gateway) -> None:
+def _add_openai_routes(app: FastAPI, gw: Gateway, keys: ClientKeys) -> None:
     @app.get("/v1/models")
     async def models(request: Request) -> Response:
-        gw.authorize(authorization(request.headers.raw))
+        keys.check(authorization(request.headers.raw))
         data = [_model(r.model, gw) for r in gw.cfg.routes]
         body = orjson.dumps({"object": "list", "data": data})
         return Response(body, 200, media_type=JSON)
 
     @app.get("/v1/models/{model:path}")  # (a model's name may hold a "/": org/model)
     async def model(request: Request, model: str) -> Response:
-        gw.authorize(authorization(request.headers.raw))
+        keys.check(authorization(request.headers.raw))
         if gw.cfg.route(model) is None:
             raise ModelNotFound(f"The model '{model[:200]}' does not exist (see GET /v1/models)")
         return Response(orjson.dumps(_model(model, gw)), 200, media_type=JSON)

@@ -5,8 +5,8 @@ from __future__ import annotations
 import hmac
 from collections.abc import Iterable
 
-from router.config import SecretRef
-from router.errors import BadRequest
+from router.config import Config, SecretRef
+from router.errors import BadRequest, Unauthorized
 
 
 def authorization(headers: Iterable[tuple[bytes, bytes]]) -> str:
@@ -40,3 +40,16 @@ class KeyRing:
         for key in self._keys:
             found |= hmac.compare_digest(candidate, key)
         return found and bool(candidate)
+
+
+class ClientKeys:
+    """Who may call the API: the config's client keys. The API checks them before a request
+    reaches the replica's parts, which never see a key."""
+
+    def __init__(self, cfg: Config) -> None:
+        self.ring = KeyRing(cfg.client_keys)
+
+    def check(self, header: str) -> None:
+        """Raise ``Unauthorized`` unless ``header`` is ``Bearer`` and one of the keys."""
+        if not self.ring.holds(bearer_token(header)):
+            raise Unauthorized("missing or invalid API key (send Authorization: Bearer <key>)")

@@ -22,7 +22,7 @@ from typing import Any
 import orjson
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from router.api.auth import authorization
+from router.api.auth import ClientKeys, authorization
 from router.api.schemas import ChatBody, EmbeddingsBody, check, parse_json
 from router.errors import (
     INTERNAL_ERROR,
@@ -31,11 +31,11 @@ from router.errors import (
     PayloadTooLarge,
     RequestTimeout,
     RouterError,
-    to_openai_error,
+    error_response,
 )
+from router.replica.dispatch import Operation, Reply
 from router.replica.gateway import Gateway
 from router.telemetry.logs import access_logged, log_access
-from router.api.schemas import ChatBody, EmbeddingsBody, check, parse_json
 from router.telemetry.tracing import client_traceparent
 
 log = logging.getLogger("router.endpoints")
@@ -91,23 +91,28 @@ async def _read_all(receive: Receive, limit: int) -> bytes:
 class HotPath:
     """Serves the OpenAI request endpoints itself; hands everything else to ``app``."""
 
-    def __init__(self, app: ASGIApp, gw: Gateway) -> None:
+    def __init__(self, app: ASGIApp, gw: Gateway, keys: ClientKeys) -> None:
         self.app = app
         self.gw = gw
+        self.keys = keys
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         op = PATHS.get(scope["path"]) if scope["type"] == "http" else None
         if op is None or scope["method"] != "POST":
             await self.app(scope, receive, send)
             return
-        await _Exchange(self.gw, op, scope, receive, send).run()
+        await _Exchange(self.gw, self.keys, op, scope, receive, send).run()
 
 
 class _Exchange:
     """One request on the hot path: its span, its metrics, its answer."""
 
-    def __init__(self, gw: Gateway, op: Operation, scope: Scope, receive: Receive, send: Send):
-        self.gw, self.op, self.scope, self.receive, self.send = gw, op, scope, receive, send
+    def __init__(
+        self, gw: Gateway, keys: ClientKeys, op: Operation, scope: Scope, receive: Receive,
+        send: Send,
+    ) -> None:  # fmt: skip
+        self.gw, self.keys, self.op = gw, keys, op
+        self.scope, self.receive, self.send = scope, receive, send
         self.headers: dict[bytes, bytes] = dict(scope["headers"])
         self.rid = request_id(self.headers.get(b"x-request-id", b""))
         traceparent = self.headers.get(b"traceparent")
@@ -156,7 +161,7 @@ class _Exchange:
         raw = self.scope["headers"]
         if len(raw) != len(self.headers):  # some field repeats (rare): the key must not
             authorization(raw)
-        self.gw.authorize(self.headers.get(b"authorization", b"").decode("latin-1"))
+        self.keys.check(self.headers.get(b"authorization", b"").decode("latin-1"))
         cfg = self.gw.cfg
         body = await read_body(self.headers, self.receive, cfg.max_body_bytes, cfg.read_timeout_s)
         data = parse_json(body)
@@ -181,15 +186,15 @@ class _Exchange:
         await self.send({"type": "http.response.body", "body": body, "more_body": more})
 
     async def _error(self, exc: RouterError) -> None:
-        headers = [_JSON, *((k.lower().encode(), v.encode()) for k, v in exc.headers().items())]
+        status, fields, body = error_response(exc)
         attempts = getattr(exc, "attempts", None)
-        if attempts is not None:
+        if attempts is not None:  # for the access line
             self.attempts = len(attempts)
-            headers.append((b"x-router-attempts", str(self.attempts).encode()))
             self.provider = attempts[-1].provider if attempts else None  # the last one tried
         self.provider = getattr(exc, "provider", self.provider)  # a provider's own 4xx
-        await self._start(exc.status, headers)
-        await self._body(orjson.dumps(to_openai_error(exc)))
+        headers = [_JSON, *((k.lower().encode(), v.encode()) for k, v in fields.items())]
+        await self._start(status, headers)
+        await self._body(body)
 
     async def _answer(self, reply: Reply) -> str:
         served = [

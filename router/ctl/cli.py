@@ -14,7 +14,14 @@ from rich.console import Console
 from rich.live import Live
 from rich.text import Text
 
-from router.config import Config, Strategy, load_config, masked_url, secret_variables
+from router.config import (
+    Config,
+    Strategy,
+    load_config,
+    masked_url,
+    print_problems,
+    secret_variables,
+)
 from router.ctl.local import ClusterRecord, Registry
 from router.ctl.tables import render_keys, render_state
 from router.ctl.up import DEFAULT_CONFIG, REPO_ROOT
@@ -58,9 +65,7 @@ def _unresolved_config(path: str) -> Config | None:
     try:
         return load_config(path, resolve=False)
     except ConfigError as exc:
-        _fail(f"{path}: invalid configuration:")
-        for field, message in exc.problems:
-            print(f"  {field}: {message}" if field else f"  {message}", file=sys.stderr)
+        print_problems(exc, f"routerctl: {path}: invalid configuration:")
         return None
 
 

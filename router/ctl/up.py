@@ -34,7 +34,7 @@ import httpx
 from pydantic import BaseModel
 
 from loadtest.procs import free_port
-from router.config import Config, Provider, SecretRef, load_config, masked_url
+from router.config import Config, Provider, SecretRef, load_config, masked_url, print_problems
 from router.ctl.local import ClusterRecord, PortTaken, Registry
 from router.errors import ConfigError
 
@@ -666,9 +666,7 @@ def up(args: argparse.Namespace, environ: Mapping[str, str] | None = None) -> in
         try:
             plan = make_plan(args, os.environ if environ is None else environ, held)
         except ConfigError as exc:
-            print(f"routerctl up: {args.config}: invalid configuration:", file=sys.stderr)
-            for where, message in exc.problems:
-                print(f"  {where}: {message}" if where else f"  {message}", file=sys.stderr)
+            print_problems(exc, f"routerctl up: {args.config}: invalid configuration:")
             return 2
         except LaunchError as exc:
             print(f"routerctl up: {exc}", file=sys.stderr)

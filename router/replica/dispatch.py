@@ -39,11 +39,12 @@ from router.errors import (
     UpstreamRateLimited,
     UpstreamStatusError,
 )
+from router.replica.decisions import log_decision
 from router.replica.healthview import HealthView
 from router.replica.leases import LeaseKeeper
 from router.replica.refusal import refusal
 from router.state.store import Decision, Lease, LostLease, Outcome, RoutePlan, Store
-from router.telemetry.logs import decisions_logged, log_decision
+from router.telemetry.logs import decisions_logged
 from router.telemetry.metrics import RouterMetrics
 from router.telemetry.tracing import Telemetry
 from router.tokens import embedding_tokens, max_output, prompt_tokens, reservation

@@ -8,9 +8,8 @@ import socket
 import time
 import uuid
 
-from router.api.auth import KeyRing, bearer_token
 from router.config import Config, masked_url
-from router.errors import StoreError, Unauthorized
+from router.errors import StoreError
 from router.replica.degraded import SharedMode
 from router.replica.dispatch import Dispatcher
 from router.replica.healthview import HealthView
@@ -57,7 +56,6 @@ class Gateway:
             cfg, self.store, self.upstream, self.leases, self.replica, self.view,
             self.telemetry, self.metrics,
         )  # fmt: skip
-        self.client_keys = KeyRing(cfg.client_keys)
         self.loaded_at = int(time.time())
         """When this replica loaded its config (Unix time): the ``created`` of its models."""
         url = cfg.redis_url
@@ -124,8 +122,3 @@ class Gateway:
         await self.upstream.close()
         self.telemetry.shutdown()
         await self.store.close()
-
-    def authorize(self, header: str) -> None:
-        """Accept only ``Bearer <a known client key>``, compared in constant time to every key."""
-        if not self.client_keys.holds(bearer_token(header)):
-            raise Unauthorized("missing or invalid API key (send Authorization: Bearer <key>)")

@@ -13,8 +13,7 @@ from typing import Any
 import pytest
 
 import router.ctl.cli as ctl
-from router.cli import config_from_args
-from router.config import Config, load_config, parse_config
+from router.config import Config, config_from_args, load_config, parse_config
 from router.errors import ConfigError
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "local.yaml"

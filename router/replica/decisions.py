@@ -1,0 +1,57 @@
+"""The decision log: one JSON line per balancing decision (logger ``router.decision``, set by
+``log.decisions``), with every candidate's figures as the acquire script saw them."""
+
+from __future__ import annotations
+
+import time
+
+from router.config import Route
+from router.state.store import Decision
+from router.telemetry.logs import decision_log, decisions_logged
+
+
+def log_decision(
+    request_id: str, route: Route, decision: Decision, attempt: int, started_ns: int
+) -> None:
+    """Log one decision: every candidate's figures, the choice and why, and its cost."""
+    if not decisions_logged():
+        return
+    chosen = decision.candidates[decision.index] if decision.index is not None else None
+    fields = {
+        "request_id": request_id,
+        "route": route.model,
+        "strategy": route.strategy.value,
+        "attempt": attempt,
+        "chosen": chosen.provider if chosen else None,
+        "reason": _reason(route, decision),
+        "wait_ms": decision.wait_ms if chosen is None else 0,
+        "decision_us": (time.perf_counter_ns() - started_ns) // 1000,
+        "candidates": [
+            {
+                "provider": c.provider,
+                "state": c.code.name.lower(),
+                "in_flight": c.in_flight,
+                "rpm": c.rpm_used,
+                "tpm": c.tpm_used,
+                "score": c.score,
+            }
+            for c in decision.candidates
+        ],
+    }
+    decision_log.info("decision", extra={"fields": fields})
+
+
+_WHY = {
+    "round_robin": "next in the shared rotation with room",
+    "weighted": "largest smooth weighted round-robin weight",
+    "least_connections": "fewest in flight per weight",
+    "least_latency": "lowest expected latency x (in flight + 1)",
+    "headroom": "most limit left",
+}
+
+
+def _reason(route: Route, decision: Decision) -> str:
+    if decision.index is not None:
+        return _WHY[route.strategy.value]
+    states = sorted({c.code.name.lower() for c in decision.candidates})
+    return "no target has room: " + ", ".join(states)
