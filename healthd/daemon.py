@@ -119,10 +119,17 @@ class HealthDaemon:
             task = asyncio.create_task(self._probe_loop(client, p), name=f"probe {p.name}")
             task.add_done_callback(self._task_done)
             self._tasks.append(task)
-        log.info("started", extra=_fields(id=self.id, host=self.host, port=self.port,
-                                          providers=len(self.cfg.providers),
-                                          lease_s=self.cfg.healthd.lease_s,
-                                          store=masked_url(self.cfg.redis_url or "")))  # fmt: skip
+        log.info(
+            "started",
+            extra=_fields(
+                id=self.id,
+                host=self.host,
+                port=self.port,
+                providers=len(self.cfg.providers),
+                lease_s=self.cfg.healthd.lease_s,
+                store=masked_url(self.cfg.redis_url or ""),
+            ),
+        )
         return runner, client
 
     async def _reach_store(self) -> None:
@@ -139,9 +146,14 @@ class HealthDaemon:
             self._store_health(False, str(exc))
 
     def _not_yet(self, exc: StoreError) -> None:
-        log.warning("shared store does not answer yet: trying again", extra=_fields(
-            store=masked_url(self.cfg.redis_url or ""), within_s=self.cfg.redis.startup_timeout_s,
-            error=str(exc)))  # fmt: skip
+        log.warning(
+            "shared store does not answer yet: trying again",
+            extra=_fields(
+                store=masked_url(self.cfg.redis_url or ""),
+                within_s=self.cfg.redis.startup_timeout_s,
+                error=str(exc),
+            ),
+        )
 
     async def _main_loop(self) -> None:
         loop = asyncio.get_running_loop()
@@ -217,9 +229,15 @@ class HealthDaemon:
         hc = provider.health
         try:
             write = await self._health.report_probe(
-                provider.name, epoch, result.ok, result.latency_ms, result.error, hc.rise, hc.fall,
+                provider.name,
+                epoch,
+                result.ok,
+                result.latency_ms,
+                result.error,
+                hc.rise,
+                hc.fall,
                 real=hc.probe.real_request,
-            )  # fmt: skip
+            )
         except StoreError as exc:
             # the next tick decides about leadership; this one result is lost
             log.warning("probe not recorded", extra=_fields(provider=provider.name, error=str(exc)))
@@ -235,10 +253,17 @@ class HealthDaemon:
         if not state or state == previous:
             return
         self.metrics.transitioned(name, state)
-        log.info("health transition", extra=_fields(
-            provider=name, previous=previous or "unknown", health=state, epoch=epoch,
-            error=result.error, latency_ms=round(result.latency_ms, 1),
-        ))  # fmt: skip
+        log.info(
+            "health transition",
+            extra=_fields(
+                provider=name,
+                previous=previous or "unknown",
+                health=state,
+                epoch=epoch,
+                error=result.error,
+                latency_ms=round(result.latency_ms, 1),
+            ),
+        )
 
     def _task_done(self, task: asyncio.Task[None]) -> None:
         if task.cancelled():
@@ -258,8 +283,9 @@ class HealthDaemon:
         try:
             resigned = await self._health.resign(self.id)
         except StoreError as exc:
-            log.warning("could not resign: the lease will run out instead",
-                        extra=_fields(error=str(exc)))  # fmt: skip
+            log.warning(
+                "could not resign: the lease will run out instead", extra=_fields(error=str(exc))
+            )
         else:
             if resigned:
                 log.info("resigned", extra=_fields(id=self.id, epoch=self.epoch))

@@ -30,9 +30,12 @@ class Metrics:
     """Probe counts and latencies, transitions, and leadership."""
 
     def __init__(
-        self, providers: Iterable[str], instance: str, leading: Callable[[], bool],
+        self,
+        providers: Iterable[str],
+        instance: str,
+        leading: Callable[[], bool],
         epoch: Callable[[], int],
-    ) -> None:  # fmt: skip
+    ) -> None:
         self.tel = Telemetry("healthd", instance)
         m = self.tel.meter
         self._probes = m.create_counter("healthd_probes", description="Probes sent, by result")
@@ -43,13 +46,15 @@ class Metrics:
             "healthd_health_transitions", description="Health transitions recorded, by new state"
         )
         m.create_observable_gauge(
-            "healthd_leader", [lambda _: [Observation(int(leading()))]],
+            "healthd_leader",
+            [lambda _: [Observation(int(leading()))]],
             description="1 while this daemon holds the leader lease",
-        )  # fmt: skip
+        )
         m.create_observable_gauge(
-            "healthd_epoch", [lambda _: [Observation(epoch())]],
+            "healthd_epoch",
+            [lambda _: [Observation(epoch())]],
             description="The healthd epoch (fencing token) last seen",
-        )  # fmt: skip
+        )
         for p in providers:  # every series starts at 0, so a rate() over the first scrape is right
             for r in RESULTS:
                 self._probes.add(0, {"provider": p, "result": r})

@@ -51,9 +51,20 @@ class SecretRef(_Model):
         return self._value
 
 
-SAFE_QUERY = frozenset({"db", "protocol", "ssl_cert_reqs", "ssl_ca_certs", "ssl_certfile",
-                        "ssl_keyfile", "ssl_check_hostname", "socket_timeout",
-                        "socket_connect_timeout", "health_check_interval"})  # fmt: skip
+SAFE_QUERY = frozenset(
+    {
+        "db",
+        "protocol",
+        "ssl_cert_reqs",
+        "ssl_ca_certs",
+        "ssl_certfile",
+        "ssl_keyfile",
+        "ssl_check_hostname",
+        "socket_timeout",
+        "socket_connect_timeout",
+        "health_check_interval",
+    }
+)
 """URL query parameters whose values are shown; any other value is masked (a Redis URL may
 carry ``?password=``)."""
 

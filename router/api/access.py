@@ -63,13 +63,23 @@ class RequestLog:
             _log(scope, state, answer[0], answer[1], started, rid)
 
 
-def _log(scope: Scope, state: dict[str, Any], status: int, sent: int, started: float,
-         rid: str) -> None:  # fmt: skip
+def _log(
+    scope: Scope, state: dict[str, Any], status: int, sent: int, started: float, rid: str
+) -> None:
     level = logging.DEBUG if scope["path"] in QUIET_PATHS else logging.INFO
     if not access_logged(level):
         return
     outcome = state.get("outcome") or ("ok" if status < 400 else f"http_{status}")
     log_access(
-        scope["method"], scope["path"], status, None, None, None, perf_counter() - started, rid,
-        outcome, sent, level,
-    )  # fmt: skip
+        scope["method"],
+        scope["path"],
+        status,
+        None,
+        None,
+        None,
+        perf_counter() - started,
+        rid,
+        outcome,
+        sent,
+        level,
+    )

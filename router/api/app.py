@@ -80,9 +80,12 @@ def create_app(cfg: Config, store: Store | None = None) -> HotPath:
     keys = ClientKeys(cfg)
     docs = cfg.api_docs
     app = FastAPI(
-        title="router-cluster", version=__version__, docs_url="/docs" if docs else None,
-        redoc_url="/redoc" if docs else None, openapi_url="/openapi.json" if docs else None,
-    )  # fmt: skip
+        title="router-cluster",
+        version=__version__,
+        docs_url="/docs" if docs else None,
+        redoc_url="/redoc" if docs else None,
+        openapi_url="/openapi.json" if docs else None,
+    )
     app.state.gateway = gw
     _add_error_handlers(app)
     app.include_router(admin_router(gw, keys))
@@ -103,8 +106,14 @@ def _add_error_handlers(app: FastAPI) -> None:
     async def on_http_error(request: Request, exc: HTTPException) -> Response:
         code, message = _http_error(request, exc)
         set_outcome(request.scope, code)
-        body = {"error": {"message": message, "type": "invalid_request_error", "code": code,
-                          "param": None}}  # fmt: skip
+        body = {
+            "error": {
+                "message": message,
+                "type": "invalid_request_error",
+                "code": code,
+                "param": None,
+            }
+        }
         return Response(orjson.dumps(body), exc.status_code, exc.headers, JSON)
 
     @app.exception_handler(Exception)
@@ -138,13 +147,17 @@ def _openapi(app: FastAPI) -> dict[str, Any]:
         components.update(body.pop("$defs", {}))
         components[model.__name__] = body
         ref = {"$ref": f"#/components/schemas/{model.__name__}"}
-        schema["paths"][path] = {"post": {
-            "summary": f"OpenAI-compatible {path.rsplit('/', 1)[-1]}",
-            "security": [{"bearer": []}],
-            "requestBody": {"required": True, "content": {"application/json": {"schema": ref}}},
-            "responses": {"200": {"description": "the provider's answer, OpenAI-shaped"},
-                          "default": {"description": "an OpenAI-shaped error"}},
-        }}  # fmt: skip
+        schema["paths"][path] = {
+            "post": {
+                "summary": f"OpenAI-compatible {path.rsplit('/', 1)[-1]}",
+                "security": [{"bearer": []}],
+                "requestBody": {"required": True, "content": {"application/json": {"schema": ref}}},
+                "responses": {
+                    "200": {"description": "the provider's answer, OpenAI-shaped"},
+                    "default": {"description": "an OpenAI-shaped error"},
+                },
+            }
+        }
     components_security = schema["components"].setdefault("securitySchemes", {})
     components_security["bearer"] = {"type": "http", "scheme": "bearer"}
     app.openapi_schema = schema

@@ -108,9 +108,14 @@ class _Exchange:
     """One request on the hot path: its span, its metrics, its answer."""
 
     def __init__(
-        self, gw: Gateway, keys: ClientKeys, op: Operation, scope: Scope, receive: Receive,
+        self,
+        gw: Gateway,
+        keys: ClientKeys,
+        op: Operation,
+        scope: Scope,
+        receive: Receive,
         send: Send,
-    ) -> None:  # fmt: skip
+    ) -> None:
         self.gw, self.keys, self.op = gw, keys, op
         self.scope, self.receive, self.send = scope, receive, send
         self.headers: dict[bytes, bytes] = dict(scope["headers"])
@@ -153,9 +158,17 @@ class _Exchange:
         self.gw.telemetry.end_request(span, status)
         if access_logged():
             log_access(
-                "POST", self.scope["path"], status, self.route, self.provider, self.attempts,
-                elapsed, self.rid, ended, self.sent,
-            )  # fmt: skip
+                "POST",
+                self.scope["path"],
+                status,
+                self.route,
+                self.provider,
+                self.attempts,
+                elapsed,
+                self.rid,
+                ended,
+                self.sent,
+            )
 
     async def _dispatch(self) -> Reply:
         raw = self.scope["headers"]

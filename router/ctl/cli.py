@@ -49,8 +49,10 @@ def check_config(path: str, *, env: bool = True) -> int:
     print(f"{path}: ok ({len(cfg.providers)} providers, {len(cfg.routes)} routes, {store})")
     if not env:
         names = ", ".join(secret_variables(cfg))
-        print(f"environment not checked (--no-env): {names} must be set where it runs; "
-              "REDIS_URL, if set there, replaces redis_url")  # fmt: skip
+        print(
+            f"environment not checked (--no-env): {names} must be set where it runs; "
+            "REDIS_URL, if set there, replaces redis_url"
+        )
     return 0
 
 
@@ -76,8 +78,10 @@ def _recorded_config(record: ClusterRecord, cfg: Config | None = None) -> Config
         if cfg is None:
             return None
     if record.redis_url is None:
-        _fail(f"{record.describe()} keeps its state inside its one replica, not in a Redis: "
-              "install redis-server and start it again")  # fmt: skip
+        _fail(
+            f"{record.describe()} keeps its state inside its one replica, not in a Redis: "
+            "install redis-server and start it again"
+        )
         return None
     print(f"routerctl: {record.describe()}", file=sys.stderr)
     return cfg.model_copy(update={"redis_url": record.redis_url})
@@ -99,8 +103,10 @@ def _named_config(path: str) -> Config | None:
 
 def _no_cluster(records: list[ClusterRecord]) -> str:
     if not records:
-        return ("no config file: pass --config FILE or set ROUTER_CONFIG (and no local "
-                "cluster of `routerctl up` is running)")  # fmt: skip
+        return (
+            "no config file: pass --config FILE or set ROUTER_CONFIG (and no local "
+            "cluster of `routerctl up` is running)"
+        )
     ports = ", ".join(f"port {r.port} ({r.config})" for r in records)
     return f"several local clusters are running ({ports}): pass --config FILE"
 
@@ -112,8 +118,10 @@ def _shared_state_config(path: str | None) -> Config | None:
     if path:
         return _named_config(path)
     if os.environ.get("REDIS_URL"):
-        _fail("no config file: pass --config FILE or set ROUTER_CONFIG (REDIS_URL is set: "
-              "unset it to use a local cluster of `routerctl up`)")  # fmt: skip
+        _fail(
+            "no config file: pass --config FILE or set ROUTER_CONFIG (REDIS_URL is set: "
+            "unset it to use a local cluster of `routerctl up`)"
+        )
         return None
     records = Registry.for_user(os.environ).running()
     if len(records) != 1:
@@ -152,8 +160,11 @@ def drain(path: str | None, provider: str, drained: bool) -> int:
 async def _show_state(store: Store, cfg: Config, as_json: bool, watch: float | None) -> None:
     state = await read_state(store, cfg)
     if not as_json and not Console().is_terminal:  # a pipe or a log: a script may be reading
-        print("routerctl: this table is for people; scripts read the JSON form: "
-              "routerctl state --json", file=sys.stderr)  # fmt: skip
+        print(
+            "routerctl: this table is for people; scripts read the JSON form: "
+            "routerctl state --json",
+            file=sys.stderr,
+        )
     if watch is None and as_json:
         print(json.dumps(state_json(state), indent=2))
     elif watch is None:
@@ -242,9 +253,10 @@ def _at_least_one(text: str) -> int:
 def _add_cluster_options(cmd: argparse.ArgumentParser, config: str, what: str) -> None:
     """Options shared by ``simulate`` and ``loadtest``: the config, the cluster, the output."""
     cmd.add_argument(
-        "--config", help=f"router config (default: {config}; a local cluster of `routerctl up` "
+        "--config",
+        help=f"router config (default: {config}; a local cluster of `routerctl up` "
         "running it is used, not started again)",
-    )  # fmt: skip
+    )
     cmd.set_defaults(default_config=config)
     cmd.add_argument(
         "--host",
@@ -253,9 +265,11 @@ def _add_cluster_options(cmd: argparse.ArgumentParser, config: str, what: str) -
         "redis-server) and stop it at the end",
     )
     cmd.add_argument(
-        "--replicas", type=_at_least_one, default=2,
+        "--replicas",
+        type=_at_least_one,
+        default=2,
         help="replicas of the cluster started without --host (default: 2)",
-    )  # fmt: skip
+    )
     cmd.add_argument(
         "--out", default="loadtest/results", help=f"{what} (default: loadtest/results)"
     )
@@ -269,20 +283,23 @@ def _add_load_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser])
         sim, str(REPO_ROOT / "examples" / "simulate.yaml"), "where the JSON and PNG go"
     )
     sim.add_argument(
-        "--strategy", choices=[s.value for s in Strategy],
+        "--strategy",
+        choices=[s.value for s in Strategy],
         help="drive the first route using it (default: the --route's own; without --host, "
         "with --route, a different one replaces the route's in a copy of the config)",
-    )  # fmt: skip
+    )
     sim.add_argument("--requests", type=_at_least_one, default=300, help="(default: 300)")
     sim.add_argument("--concurrency", type=_at_least_one, default=8, help="(default: 8)")
     sim.add_argument(
-        "--route", metavar="MODEL",
+        "--route",
+        metavar="MODEL",
         help="the route to drive (default: the first using --strategy)",
-    )  # fmt: skip
+    )
     sim.add_argument(
-        "--redis-url", help="the cluster's Redis, to sample its state (default: REDIS_URL, "
+        "--redis-url",
+        help="the cluster's Redis, to sample its state (default: REDIS_URL, "
         "the config's, or the started cluster's)",
-    )  # fmt: skip
+    )
     sim.add_argument("--max-tokens", type=_at_least_one, default=16, help="(default: 16)")
     load = sub.add_parser("loadtest", help="a headless Locust run, then the providers' counts")
     _add_cluster_options(load, str(DEFAULT_CONFIG), "where Locust's CSV and HTML go")
@@ -348,8 +365,10 @@ def _run_load(args: argparse.Namespace) -> int:
     """``simulate`` or ``loadtest``: their code (matplotlib, Locust) is imported only here."""
     missing = _missing(LOAD_MODULES[args.command])
     if missing:
-        _fail(f"{args.command} needs {', '.join(missing)} (the load extra), which is not "
-              f"installed: {_install_load_extra()}")  # fmt: skip
+        _fail(
+            f"{args.command} needs {', '.join(missing)} (the load extra), which is not "
+            f"installed: {_install_load_extra()}"
+        )
         return 2
     _load_target(args)
     if args.command == "simulate":
@@ -368,10 +387,11 @@ def main(argv: list[str] | None = None) -> None:
     check = sub.add_parser("check-config", help="validate a config file")
     check.add_argument("file")
     check.add_argument(
-        "--no-env", action="store_true",
+        "--no-env",
+        action="store_true",
         help="check the file alone: do not read the environment (secrets, REDIS_URL), e.g. "
         "in a CI pipeline without the production secrets",
-    )  # fmt: skip
+    )
     up = sub.add_parser(
         "up", help="run a local cluster: mock providers, Redis and replicas, until Ctrl-C"
     )

@@ -81,9 +81,12 @@ def _status_cells(weight: int, p: ProviderState, now_ms: int) -> tuple[str | Tex
 
 def _load_cells(p: ProviderState) -> tuple[str, ...]:
     return (
-        _of(p.in_flight, p.max_in_flight), _of(p.rpm_used, p.rpm_limit),
-        _of(p.tpm_used, p.tpm_limit), _ms(p.ttft_ewma_ms), _ms(p.tpot_ewma_ms),
-    )  # fmt: skip
+        _of(p.in_flight, p.max_in_flight),
+        _of(p.rpm_used, p.rpm_limit),
+        _of(p.tpm_used, p.tpm_limit),
+        _ms(p.ttft_ewma_ms),
+        _ms(p.tpot_ewma_ms),
+    )
 
 
 class _Fitted:

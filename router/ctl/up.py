@@ -43,8 +43,15 @@ DEFAULT_CONFIG = REPO_ROOT / "examples" / "local.yaml"
 LOOPBACK = frozenset({"127.0.0.1", "localhost", "::1"})
 # Paced like a real provider, so latency-aware strategies and streams have something to show.
 MOCK_PACING = (
-    "--latency-ms", "40", "--jitter-ms", "20", "--ttft-ms", "30", "--chunk-interval-ms", "15",
-)  # fmt: skip
+    "--latency-ms",
+    "40",
+    "--jitter-ms",
+    "20",
+    "--ttft-ms",
+    "30",
+    "--chunk-interval-ms",
+    "15",
+)
 START_TIMEOUT_S = 60.0
 STOP_GRACE_S = 10.0
 POLL_S = 0.05
@@ -236,8 +243,10 @@ def claim_ports(registry: Registry, port: int, mocks: list[MockPlan], held: Exit
     """Claim the gateway's port, then each mock's, until ``held`` closes; the claim, not the
     port check after it, is what two launchers started at once cannot both pass."""
     if port in {m.port for m in mocks}:
-        raise LaunchError(f"a mock provider of the config listens on port {port} too: pick "
-                          "another port with --port")  # fmt: skip
+        raise LaunchError(
+            f"a mock provider of the config listens on port {port} too: pick "
+            "another port with --port"
+        )
     try:
         try:
             held.enter_context(registry.claim(port))
@@ -276,8 +285,18 @@ def make_plan(args: argparse.Namespace, environ: Mapping[str, str], held: ExitSt
         remedy = f"move {name} to another port in the config"
         ensure_port_free(mock.host, mock.port, f"mock provider {name}", remedy)
     ensure_port_free(args.host, args.port, "router", "pick another port with --port")
-    return Plan(path, cfg, env, generated, mocks, redis_server, args.replicas, args.host,
-                args.port, registry)  # fmt: skip
+    return Plan(
+        path,
+        cfg,
+        env,
+        generated,
+        mocks,
+        redis_server,
+        args.replicas,
+        args.host,
+        args.port,
+        registry,
+    )
 
 
 def _client_host(host: str) -> str:
@@ -428,10 +447,13 @@ class Launcher:
             # A real front load balancer: each replica on a port of its own, health-checked.
             ports = [free_port() for _ in range(n)]
             routers = [
-                self._spawn(f"router-{i}", [*argv, "--host", "127.0.0.1", "--port", str(port)],
-                            first_to_stop=True)
+                self._spawn(
+                    f"router-{i}",
+                    [*argv, "--host", "127.0.0.1", "--port", str(port)],
+                    first_to_stop=True,
+                )
                 for i, port in enumerate(ports, 1)
-            ]  # fmt: skip
+            ]
             cfg = self.tmpdir / "haproxy.cfg"
             cfg.write_text(haproxy_config(self.plan.host, self.plan.port, ports))
             routers.append(self._spawn("haproxy", [haproxy, "-f", str(cfg), "-db"]))
@@ -491,16 +513,21 @@ class Launcher:
         """Record the running cluster, for ``routerctl state`` and the others to find."""
         key = self.plan.cfg.client_keys[0]
         record = ClusterRecord(
-            port=self.plan.port, endpoint=f"{self.base_url}/v1", config=str(self.plan.config_path),
-            redis_url=self._redis_url(), pid=os.getpid(),
+            port=self.plan.port,
+            endpoint=f"{self.base_url}/v1",
+            config=str(self.plan.config_path),
+            redis_url=self._redis_url(),
+            pid=os.getpid(),
             started=datetime.now(UTC).isoformat(timespec="seconds"),
             client_key=key.value.get_secret_value() if key.env in self.plan.generated else None,
-        )  # fmt: skip
+        )
         try:
             self.plan.registry.publish(record)
         except OSError as exc:
-            self.say(f"WARNING: cannot record the cluster in {self.plan.registry.directory} "
-                     f"({exc.strerror}): other routerctl commands need --config")  # fmt: skip
+            self.say(
+                f"WARNING: cannot record the cluster in {self.plan.registry.directory} "
+                f"({exc.strerror}): other routerctl commands need --config"
+            )
             return
         self.published = True
 

@@ -80,8 +80,10 @@ class SharedMode:
         self.episodes += 1
         if self.since - self._recovered_at >= CALM_S:
             self._probe_s = FIRST_PROBE_S
-        log.warning("shared state unreachable: serving from local state (degraded)",
-                    extra={"fields": {"reason": self.reason}})  # fmt: skip
+        log.warning(
+            "shared state unreachable: serving from local state (degraded)",
+            extra={"fields": {"reason": self.reason}},
+        )
         if not self._stopped:  # shutting down: a release failing now starts nothing
             self._task = asyncio.create_task(self._recover(), name="store-recovery")
 
@@ -110,8 +112,10 @@ class SharedMode:
         spent = self._recovered_at - self.since
         self.degraded_s += spent
         self.degraded, self._answered = False, -1
-        log.warning("shared state reachable again: back to shared decisions",
-                    extra={"fields": {"degraded_s": round(spent, 3)}})  # fmt: skip
+        log.warning(
+            "shared state reachable again: back to shared decisions",
+            extra={"fields": {"degraded_s": round(spent, 3)}},
+        )
         # scripts need no reload: a script Redis lacks is sent in full on first use
         for hook in self.on_recovery:
             try:

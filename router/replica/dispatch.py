@@ -118,9 +118,16 @@ class Dispatcher:
     """Routes requests over the providers of each route, through the shared store."""
 
     def __init__(
-        self, cfg: Config, store: Store, upstream: Upstream, leases: LeaseKeeper, replica: str,
-        view: HealthView, tel: Telemetry, metrics: RouterMetrics,
-    ) -> None:  # fmt: skip
+        self,
+        cfg: Config,
+        store: Store,
+        upstream: Upstream,
+        leases: LeaseKeeper,
+        replica: str,
+        view: HealthView,
+        tel: Telemetry,
+        metrics: RouterMetrics,
+    ) -> None:
         self.cfg = cfg
         self.tel = tel
         self.metrics = metrics
@@ -136,9 +143,13 @@ class Dispatcher:
         self._lease_numbers = itertools.count(1)
 
     async def serve(
-        self, op: Operation, route: Route, body: dict[str, Any], rid: str,
+        self,
+        op: Operation,
+        route: Route,
+        body: dict[str, Any],
+        rid: str,
         traceparent: str | None = None,
-    ) -> Reply:  # fmt: skip
+    ) -> Reply:
         """Serve one request on ``route``; raise a ``RouterError`` when it cannot be."""
         job = self._job(op, route, body, rid)
         job.traceparent = traceparent
@@ -152,8 +163,9 @@ class Dispatcher:
             provider = self.providers[lease.provider]
             try:
                 n = len(job.attempts) + 1
-                with self.tel.span(f"attempt {provider.name}", SpanKind.CLIENT,
-                                   provider=provider.name, attempt=n):  # fmt: skip
+                with self.tel.span(
+                    f"attempt {provider.name}", SpanKind.CLIENT, provider=provider.name, attempt=n
+                ):
                     return await self._attempt(job, provider, index, lease)
             except UpstreamError as exc:
                 if isinstance(exc, UpstreamRateLimited):
@@ -164,9 +176,15 @@ class Dispatcher:
                 job.excluded[index] = True
                 log.info(
                     "attempt failed, failing over",
-                    extra={"fields": {"request_id": rid, "provider": provider.name,
-                                      "outcome": exc.outcome, "error": str(exc)}},
-                )  # fmt: skip
+                    extra={
+                        "fields": {
+                            "request_id": rid,
+                            "provider": provider.name,
+                            "outcome": exc.outcome,
+                            "error": str(exc),
+                        }
+                    },
+                )
             except BaseException as exc:
                 # the client's fault, a cancelled request or a bug: the lease must not outlive it
                 outcome = "client_error" if isinstance(exc, ClientError) else "aborted"
@@ -201,8 +219,9 @@ class Dispatcher:
                 d, lease_id, local = await self._decide(job)
             elapsed = (time.perf_counter_ns() - started) / 1e9
             # recorded once this request has gone on its way (a histogram record is not cheap)
-            loop.call_soon(self.metrics.decision, route.model, "local" if local else "shared",
-                           elapsed)  # fmt: skip
+            loop.call_soon(
+                self.metrics.decision, route.model, "local" if local else "shared", elapsed
+            )
             log_decision(job.request_id, route, d, len(job.attempts) + 1, started)
             if d.index is not None:
                 provider, tokens = job.plan.providers[d.index], job.tokens[d.index]
@@ -229,10 +248,15 @@ class Dispatcher:
             not_after = self.store.not_after_ms()
             try:
                 d = await self.store.acquire(
-                    job.plan, lease_id, job.tokens, job.excluded, rand=rand,
-                    expected_output=job.expected_output, detail=decisions_logged(),
+                    job.plan,
+                    lease_id,
+                    job.tokens,
+                    job.excluded,
+                    rand=rand,
+                    expected_output=job.expected_output,
+                    detail=decisions_logged(),
                     not_after_ms=not_after,
-                )  # fmt: skip
+                )
             except StoreError as exc:
                 self._lost(job, lease_id, not_after)
                 mode.enter(exc)
@@ -244,15 +268,21 @@ class Dispatcher:
                     local.admitted(job.plan.providers[d.index], job.tokens[d.index])
                 return d, lease_id, False
         d = local.acquire(
-            job.plan, job.tokens, job.excluded, in_flight=self.leases.in_flight(),
-            health=self.view.snapshot.providers, rand=rand, expected_output=job.expected_output,
-        )  # fmt: skip
+            job.plan,
+            job.tokens,
+            job.excluded,
+            in_flight=self.leases.in_flight(),
+            health=self.view.snapshot.providers,
+            rand=rand,
+            expected_output=job.expected_output,
+        )
         return d, lease_id, True
 
     def _lost(self, job: _Job, lease_id: str, not_after_ms: int) -> None:
         """An acquire whose answer never came may still lease a target: release it then."""
-        targets = tuple(p for p, skip in zip(job.plan.providers, job.excluded, strict=True)
-                        if not skip)  # fmt: skip
+        targets = tuple(
+            p for p, skip in zip(job.plan.providers, job.excluded, strict=True) if not skip
+        )
         self.leases.lost(LostLease(lease_id, targets, not_after_ms))
 
     def _no_room(self, job: _Job, d: Decision) -> Exception:
@@ -311,9 +341,13 @@ class Dispatcher:
         raise UpstreamStatusError(f"{resp.status} {message}", resp.status)
 
     def _finish(
-        self, lease: Lease, provider: Provider, info: RateLimitInfo, answer: Translated,
+        self,
+        lease: Lease,
+        provider: Provider,
+        info: RateLimitInfo,
+        answer: Translated,
         started: float,
-    ) -> None:  # fmt: skip
+    ) -> None:
         duration_ms = (asyncio.get_running_loop().time() - started) * 1000
         out = answer.usage.completion_tokens if answer.usage else 0
         tpot = duration_ms / out if out > 0 else -1
@@ -322,9 +356,14 @@ class Dispatcher:
         )
 
     async def _stream(
-        self, job: _Job, provider: Provider, adapter: Adapter, lease: Lease,
-        resp: UpstreamResponse, started: float,
-    ) -> Reply:  # fmt: skip
+        self,
+        job: _Job,
+        provider: Provider,
+        adapter: Adapter,
+        lease: Lease,
+        resp: UpstreamResponse,
+        started: float,
+    ) -> Reply:
         """Wait for the first frame (failover is still possible until then), then relay."""
         include_usage = bool((job.body.get("stream_options") or {}).get("include_usage"))
         translator = adapter.stream(include_usage, provider.bounds.max_event_bytes)
@@ -346,18 +385,28 @@ class Dispatcher:
         relay = _Relay(self, job, provider, adapter, lease, resp, started, end)
         stream = relay.run(first, chunks, translator)
         return Reply(
-            provider.name, len(job.attempts) + 1, stream=stream, close=relay.close,
+            provider.name,
+            len(job.attempts) + 1,
+            stream=stream,
+            close=relay.close,
             outcome=lambda: relay.outcome,
-        )  # fmt: skip
+        )
 
 
 class _Relay:
     """Relays one stream to the client and releases its lease however the stream ends."""
 
     def __init__(
-        self, d: Dispatcher, job: _Job, provider: Provider, adapter: Adapter, lease: Lease,
-        resp: UpstreamResponse, started: float, end: float,
-    ) -> None:  # fmt: skip
+        self,
+        d: Dispatcher,
+        job: _Job,
+        provider: Provider,
+        adapter: Adapter,
+        lease: Lease,
+        resp: UpstreamResponse,
+        started: float,
+        end: float,
+    ) -> None:
         self.d, self.job, self.provider, self.adapter = d, job, provider, adapter
         self.lease, self.resp, self.started = lease, resp, started
         self.end = end
@@ -404,9 +453,16 @@ class _Relay:
                 yield tail
         except UpstreamError as exc:
             outcome = exc.outcome
-            log.warning("stream failed after its first byte", extra={"fields": {
-                "request_id": self.job.request_id, "provider": self.provider.name,
-                "error": str(exc)}})  # fmt: skip
+            log.warning(
+                "stream failed after its first byte",
+                extra={
+                    "fields": {
+                        "request_id": self.job.request_id,
+                        "provider": self.provider.name,
+                        "error": str(exc),
+                    }
+                },
+            )
             yield _error_event(exc)
         finally:
             self.resp.close()
@@ -445,9 +501,13 @@ class _Relay:
 
 
 def _outcome(
-    lease: Lease, provider: Provider, info: RateLimitInfo, usage: Usage | None,
-    ttft_ms: float, tpot_ms: float,
-) -> Outcome:  # fmt: skip
+    lease: Lease,
+    provider: Provider,
+    info: RateLimitInfo,
+    usage: Usage | None,
+    ttft_ms: float,
+    tpot_ms: float,
+) -> Outcome:
     """A successful attempt's outcome: token correction, latencies, the provider's own view."""
     correction = 0
     if usage is not None and provider.limits.tpm_accounting is TpmAccounting.ACTUAL:
@@ -483,6 +543,11 @@ def _gave_up(attempts: list[Attempt], retry_after_s: float = 0.0) -> AllAttempts
 
 def _error_event(exc: Exception) -> bytes:
     code = exc.outcome if isinstance(exc, UpstreamError) else "stream_error"
-    body = {"error": {"message": f"the provider failed mid-stream: {exc}",
-                      "type": "server_error", "code": code}}  # fmt: skip
+    body = {
+        "error": {
+            "message": f"the provider failed mid-stream: {exc}",
+            "type": "server_error",
+            "code": code,
+        }
+    }
     return b"data: " + orjson.dumps(body) + b"\n\n"

@@ -49,13 +49,23 @@ class Gateway:
         self.view = HealthView(health, providers, cfg.replica.resync_s)
         self.mode.on_recovery += [self.view.resync, self.leases.flush_deferred]
         self.heartbeat = Heartbeat(
-            health, self.replica, {"host": socket.gethostname(), "pid": str(os.getpid())},
-            cfg.replica.heartbeat_s, self.local, self.mode,
-        )  # fmt: skip
+            health,
+            self.replica,
+            {"host": socket.gethostname(), "pid": str(os.getpid())},
+            cfg.replica.heartbeat_s,
+            self.local,
+            self.mode,
+        )
         self.dispatcher = Dispatcher(
-            cfg, self.store, self.upstream, self.leases, self.replica, self.view,
-            self.telemetry, self.metrics,
-        )  # fmt: skip
+            cfg,
+            self.store,
+            self.upstream,
+            self.leases,
+            self.replica,
+            self.view,
+            self.telemetry,
+            self.metrics,
+        )
         self.loaded_at = int(time.time())
         """When this replica loaded its config (Unix time): the ``created`` of its models."""
         url = cfg.redis_url
@@ -108,9 +118,16 @@ class Gateway:
             self.mode.degrade(exc)  # the operator's choice: serve, deciding alone
 
     def _not_yet(self, exc: StoreError) -> None:
-        log.warning("Redis does not answer yet: trying again", extra={"fields": {
-            "store": self.store_name, "within_s": self.cfg.redis.startup_timeout_s,
-            "error": str(exc)}})  # fmt: skip
+        log.warning(
+            "Redis does not answer yet: trying again",
+            extra={
+                "fields": {
+                    "store": self.store_name,
+                    "within_s": self.cfg.redis.startup_timeout_s,
+                    "error": str(exc),
+                }
+            },
+        )
 
     async def stop(self) -> None:
         """Finish pending releases, then close everything."""

@@ -47,8 +47,15 @@ class HealthView(Background):
         self.resyncs += 1
         if changed:
             states = {p: snap.providers[p] for p in changed}
-            log.info("health changed", extra={"fields": {"version": snap.version,
-                     "providers": {p: _describe(h) for p, h in states.items()}}})  # fmt: skip
+            log.info(
+                "health changed",
+                extra={
+                    "fields": {
+                        "version": snap.version,
+                        "providers": {p: _describe(h) for p, h in states.items()},
+                    }
+                },
+            )
 
     def apply(self, data: bytes) -> bool:
         """Whether an event is newer than the snapshot (and so calls for a re-read)."""
@@ -65,8 +72,10 @@ class HealthView(Background):
             try:
                 await self._session()
             except StoreError as exc:
-                log.warning("health subscription lost, retrying", extra={"fields": {
-                    "error": str(exc), "retry_s": round(delay, 2)}})  # fmt: skip
+                log.warning(
+                    "health subscription lost, retrying",
+                    extra={"fields": {"error": str(exc), "retry_s": round(delay, 2)}},
+                )
                 await asyncio.sleep(delay * random.uniform(0.5, 1.0))
                 delay = min(delay * 2, 5.0)
 

@@ -25,9 +25,14 @@ class Heartbeat(Background):
     name = "heartbeat"
 
     def __init__(
-        self, health: HealthStore, replica: str, record: dict[str, str], interval_s: float,
-        local: LocalState, mode: SharedMode,
-    ) -> None:  # fmt: skip
+        self,
+        health: HealthStore,
+        replica: str,
+        record: dict[str, str],
+        interval_s: float,
+        local: LocalState,
+        mode: SharedMode,
+    ) -> None:
         self.health = health
         self.replica = replica
         self.record = {**record, "version": __version__, "started": str(int(time.time()))}

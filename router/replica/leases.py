@@ -48,9 +48,13 @@ class LeaseKeeper:
     """Tracks the replica's live leases; renews and releases them."""
 
     def __init__(
-        self, store: Store, mode: SharedMode, local: LocalState, metrics: RouterMetrics,
+        self,
+        store: Store,
+        mode: SharedMode,
+        local: LocalState,
+        metrics: RouterMetrics,
         tel: Telemetry,
-    ) -> None:  # fmt: skip
+    ) -> None:
         self.store = store
         self.metrics = metrics
         self.tel = tel

@@ -94,10 +94,16 @@ class LocalState:
         self._cooldowns[provider] = max(self._cooldowns.get(provider, 0), until)
 
     def acquire(
-        self, plan: RoutePlan, tokens: Sequence[int], excluded: Sequence[bool], *,
-        in_flight: Mapping[str, int], health: Mapping[str, ProviderHealth], rand: int,
+        self,
+        plan: RoutePlan,
+        tokens: Sequence[int],
+        excluded: Sequence[bool],
+        *,
+        in_flight: Mapping[str, int],
+        health: Mapping[str, ProviderHealth],
+        rand: int,
         expected_output: int,
-    ) -> Decision:  # fmt: skip
+    ) -> Decision:
         """Choose a target locally; record the admission like the acquire script would."""
         now = self.now_ms()
         views = [
@@ -109,9 +115,14 @@ class LocalState:
             self._rotation[route] += 1
         swrr = self._swrr.setdefault(route, [0] * len(views))
         choice = choose(
-            plan.route.strategy, views, now, rotation=self._rotation[route], rand=rand,
-            swrr=swrr, expected_output=expected_output,
-        )  # fmt: skip
+            plan.route.strategy,
+            views,
+            now,
+            rotation=self._rotation[route],
+            rand=rand,
+            swrr=swrr,
+            expected_output=expected_output,
+        )
         if choice.index is not None:
             self._swrr[route] = list(choice.swrr) or swrr
             self.admitted(plan.providers[choice.index], tokens[choice.index])
@@ -123,9 +134,16 @@ class LocalState:
         return Decision(choice.index, now, now // 1000, wait, candidates)
 
     def _view(
-        self, name: str, plan: RoutePlan, i: int, tokens: int, excluded: bool,
-        in_flight: Mapping[str, int], health: Mapping[str, ProviderHealth], now: int,
-    ) -> TargetView:  # fmt: skip
+        self,
+        name: str,
+        plan: RoutePlan,
+        i: int,
+        tokens: int,
+        excluded: bool,
+        in_flight: Mapping[str, int],
+        health: Mapping[str, ProviderHealth],
+        now: int,
+    ) -> TargetView:
         limits = self.cfg.provider(name).limits
         window = self._windows[name]
         window.prune(now)

@@ -47,9 +47,13 @@ class StatePoller(Background):
     name = "state-poller"
 
     def __init__(
-        self, store: Store, cfg: Config, shared: SharedFigures, mode: SharedMode,
+        self,
+        store: Store,
+        cfg: Config,
+        shared: SharedFigures,
+        mode: SharedMode,
         interval_s: float = INTERVAL_S,
-    ) -> None:  # fmt: skip
+    ) -> None:
         self.store, self.cfg, self.shared, self.mode = store, cfg, shared, mode
         self.interval_s = interval_s
 

@@ -146,9 +146,16 @@ def decode_state(raw: Sequence[Any], cfg: Config, ids: Sequence[str]) -> Cluster
     replicas = tuple(_replica(i, _hash(r), beats, now_ms) for i, r in records if r)
     leader = decode_text(raw[2]) if raw[2] else None
     return ClusterState(
-        SCHEMA, now_ms, cfg.pool, cfg.key_prefix, int(raw[4]), providers, _routes(cfg),
-        replicas, HealthdState(leader, int(raw[3])),
-    )  # fmt: skip
+        SCHEMA,
+        now_ms,
+        cfg.pool,
+        cfg.key_prefix,
+        int(raw[4]),
+        providers,
+        _routes(cfg),
+        replicas,
+        HealthdState(leader, int(raw[3])),
+    )
 
 
 def _provider(
@@ -158,7 +165,9 @@ def _provider(
     cool = _int(h.get("cool"))
     circuit = _CIRCUIT.get(h.get("circ"), "closed")
     return ProviderState(
-        name=p.name, kind=p.kind, weight=p.weight,
+        name=p.name,
+        kind=p.kind,
+        weight=p.weight,
         health=_HEALTH.get(h.get("health"), "unknown"),
         health_since_ms=_int(h.get("h_since")) or None,
         last_error=h.get("h_error") or None,
@@ -167,12 +176,16 @@ def _provider(
         circuit_until_ms=_int(h.get("circ_until")) if circuit != "closed" else None,
         cooldown_until_ms=cool if cool > now_ms else 0,
         drained=h.get("drain") == "1",
-        in_flight=in_flight, max_in_flight=p.limits.max_in_flight,
-        rpm_used=_window(h, "r:", oldest, sec), rpm_limit=p.limits.rpm,
-        tpm_used=_window(h, "t:", oldest, sec), tpm_limit=p.limits.tpm,
-        ttft_ewma_ms=_float(h.get("ttft")), tpot_ewma_ms=_float(h.get("tpot")),
+        in_flight=in_flight,
+        max_in_flight=p.limits.max_in_flight,
+        rpm_used=_window(h, "r:", oldest, sec),
+        rpm_limit=p.limits.rpm,
+        tpm_used=_window(h, "t:", oldest, sec),
+        tpm_limit=p.limits.tpm,
+        ttft_ewma_ms=_float(h.get("ttft")),
+        tpot_ewma_ms=_float(h.get("tpot")),
         outcomes={f[2:]: int(v) for f, v in sorted(h.items()) if f.startswith("o:")},
-    )  # fmt: skip
+    )
 
 
 def _window(h: Mapping[str, str], prefix: str, oldest: int, sec: int) -> int:
@@ -185,10 +198,14 @@ def _window(h: Mapping[str, str], prefix: str, oldest: int, sec: int) -> int:
 def _replica(rid: str, h: dict[str, str], beats: Mapping[str, str], now_ms: int) -> ReplicaState:
     seen = _int(h.get("last_seen")) or int(float(beats.get(rid, "0")))
     return ReplicaState(
-        id=rid, host=h.get("host", ""), pid=_int(h.get("pid")) or None,
-        version=h.get("version", ""), started=_int(h.get("started")) or None,
-        last_seen_ms=seen, age_s=round(max(0, now_ms - seen) / 1000, 3),
-    )  # fmt: skip
+        id=rid,
+        host=h.get("host", ""),
+        pid=_int(h.get("pid")) or None,
+        version=h.get("version", ""),
+        started=_int(h.get("started")) or None,
+        last_seen_ms=seen,
+        age_s=round(max(0, now_ms - seen) / 1000, 3),
+    )
 
 
 def _routes(cfg: Config) -> tuple[RouteState, ...]:

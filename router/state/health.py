@@ -83,9 +83,17 @@ class HealthStore:
         self.keys = store.keys
 
     async def report_probe(
-        self, provider: str, epoch: int, ok: bool, latency_ms: float, error: str, rise: int,
-        fall: int, *, real: bool = False,
-    ) -> ProbeWrite:  # fmt: skip
+        self,
+        provider: str,
+        epoch: int,
+        ok: bool,
+        latency_ms: float,
+        error: str,
+        rise: int,
+        fall: int,
+        *,
+        real: bool = False,
+    ) -> ProbeWrite:
         """Record one probe (fenced by ``epoch``); publishes a transition if there is one.
 
         ``real``: the probe is a real request (``Probe.real_request``), so its success closes
@@ -94,17 +102,28 @@ class HealthStore:
         raw = await self.store.call(
             "report_probe",
             (k.provider(provider), k.epoch(), k.health_version()),
-            (epoch, 1 if ok else 0, round(latency_ms, 3), error[:300], rise, fall,
-             k.health_channel(), provider, k.pool, 1 if real else 0),
-        )  # fmt: skip
+            (
+                epoch,
+                1 if ok else 0,
+                round(latency_ms, 3),
+                error[:300],
+                rise,
+                fall,
+                k.health_channel(),
+                provider,
+                k.pool,
+                1 if real else 0,
+            ),
+        )
         if int(raw[0]) == 0:
             return ProbeWrite(False, "", 0)
         return ProbeWrite(True, decode_text(raw[1]), int(raw[2]))
 
     async def take_lead(self, me: str, lease_ms: int) -> Leadership:
         """Take or keep the healthd leader lease."""
-        raw = await self.store.call("take_lead", (self.keys.leader(), self.keys.epoch()),
-                                     (me, lease_ms))  # fmt: skip
+        raw = await self.store.call(
+            "take_lead", (self.keys.leader(), self.keys.epoch()), (me, lease_ms)
+        )
         holder = decode_text(raw[2]) if len(raw) > 2 else None
         return Leadership(bool(int(raw[0])), int(raw[1]), holder)
 
@@ -129,5 +148,6 @@ class HealthStore:
         """Drain (or re-enable) ``provider`` for every replica; return the new version."""
         k = self.keys
         args = (1 if drained else 0, k.health_channel(), provider, k.pool)
-        return int(await self.store.call("set_drain", (k.provider(provider), k.health_version()),
-                                          args))  # fmt: skip
+        return int(
+            await self.store.call("set_drain", (k.provider(provider), k.health_version()), args)
+        )

@@ -46,9 +46,17 @@ POOL_WAIT_S = 2.0
 STARTUP_RETRY_S = 0.25
 """How often a process starting up tries Redis again (``Store.start_within``)."""
 SCRIPTS = (
-    "acquire", "release", "renew", "report_probe", "take_lead", "resign", "heartbeat",
-    "read_health", "set_drain", "read_state",
-)  # fmt: skip
+    "acquire",
+    "release",
+    "renew",
+    "report_probe",
+    "take_lead",
+    "resign",
+    "heartbeat",
+    "read_health",
+    "set_drain",
+    "read_state",
+)
 
 
 class _HiredisPacking:

@@ -100,10 +100,18 @@ def access_logged(level: int = logging.INFO) -> bool:
 
 
 def log_access(
-    method: str, path: str, status: int, route: str | None, provider: str | None,
-    attempts: int | None, duration_s: float, request_id: str, outcome: str, sent: int,
+    method: str,
+    path: str,
+    status: int,
+    route: str | None,
+    provider: str | None,
+    attempts: int | None,
+    duration_s: float,
+    request_id: str,
+    outcome: str,
+    sent: int,
     level: int = logging.INFO,
-) -> None:  # fmt: skip
+) -> None:
     """Write one access line (the caller checked ``access_logged``): what was asked, how it
     was answered, by whom, how long it took. Never a header, a query string or a body."""
     path = path[:MAX_LOGGED_PATH]
@@ -112,10 +120,22 @@ def log_access(
         # (and str.splitlines) take for the end of a line
         path = quote(path, safe=_PRINTABLE)
     now = time.time()
-    line = orjson.dumps({
-        "ts": now, "level": _LEVEL_NAMES[level], "logger": "router.access", "msg": "access",
-        "method": method, "path": path, "status": status, "route": route,
-        "provider": provider, "attempts": attempts, "duration_ms": round(duration_s * 1000, 3),
-        "request_id": request_id, "outcome": outcome, "bytes": sent,
-    })  # fmt: skip
+    line = orjson.dumps(
+        {
+            "ts": now,
+            "level": _LEVEL_NAMES[level],
+            "logger": "router.access",
+            "msg": "access",
+            "method": method,
+            "path": path,
+            "status": status,
+            "route": route,
+            "provider": provider,
+            "attempts": attempts,
+            "duration_ms": round(duration_s * 1000, 3),
+            "request_id": request_id,
+            "outcome": outcome,
+            "bytes": sent,
+        }
+    )
     access_log.handle(_RECORDS[level](now, line.decode()))

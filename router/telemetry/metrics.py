@@ -70,9 +70,12 @@ class RouterMetrics:
     """The replica's instruments, with one method per thing worth counting."""
 
     def __init__(
-        self, tel: Telemetry, shared: SharedFigures, degraded: Callable[[], bool],
+        self,
+        tel: Telemetry,
+        shared: SharedFigures,
+        degraded: Callable[[], bool],
         degraded_s: Callable[[], float],
-    ) -> None:  # fmt: skip
+    ) -> None:
         m = tel.meter
         self.shared = shared
         self._requests = _Counter(tel, "router_requests", "Requests answered")
@@ -95,13 +98,16 @@ class RouterMetrics:
         )
         self._redis_errors = _Counter(tel, "router_redis_errors", "Failed shared-store calls")
         m.create_observable_gauge(
-            "router_degraded", [lambda _: [Observation(int(degraded()))]],
+            "router_degraded",
+            [lambda _: [Observation(int(degraded()))]],
             description="1 while the replica serves from local state",
-        )  # fmt: skip
+        )
         m.create_observable_counter(
-            "router_degraded_seconds", [lambda _: [Observation(degraded_s())]], unit="s",
+            "router_degraded_seconds",
+            [lambda _: [Observation(degraded_s())]],
+            unit="s",
             description="Time spent in degraded mode",
-        )  # fmt: skip
+        )
         self._shared_gauges(tel)
 
     def _shared_gauges(self, tel: Telemetry) -> None:

@@ -30,12 +30,30 @@ from prometheus_client import CollectorRegistry, generate_latest
 from router import __version__
 
 LATENCY_BUCKETS = (
-    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120,
-)  # fmt: skip
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1,
+    2.5,
+    5,
+    10,
+    30,
+    60,
+    120,
+)
 DECISION_BUCKETS = (0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.05, 0.1)
 LATENCY_HISTOGRAMS = (
-    "router_request_duration", "router_time_to_first_token", "healthd_probe_duration",
-)  # fmt: skip
+    "router_request_duration",
+    "router_time_to_first_token",
+    "healthd_probe_duration",
+)
 PROMETHEUS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 _TRACEPARENT = re.compile(
     rb"(?!ff)[0-9a-f]{2}-(?!0{32})[0-9a-f]{32}-(?!0{16})[0-9a-f]{16}-[0-9a-f]{2}"
@@ -69,9 +87,12 @@ class Telemetry:
     def __init__(self, service: str, instance: str, env: Mapping[str, str] | None = None) -> None:
         env = os.environ if env is None else env
         resource = Resource.create(
-            {"service.name": service, "service.instance.id": instance,
-             "service.version": __version__}
-        )  # fmt: skip
+            {
+                "service.name": service,
+                "service.instance.id": instance,
+                "service.version": __version__,
+            }
+        )
         self.registry = CollectorRegistry()
         readers: list[MetricReader] = [
             PrometheusMetricReader(

@@ -197,8 +197,9 @@ class UpstreamResponse:
     # from the connection
     def _head(self, status: int) -> None:
         self.status = status
-        self.headers = {k.decode("latin-1").lower(): v.decode("latin-1")
-                        for k, v in self._raw_headers}  # fmt: skip
+        self.headers = {
+            k.decode("latin-1").lower(): v.decode("latin-1") for k, v in self._raw_headers
+        }
         if not 200 <= status < 300:
             self._cap = self._bounds.max_error_bytes
         encoding = self.headers.get("content-encoding", "identity").strip().lower()
@@ -406,9 +407,12 @@ class Upstream:
         self._pools.clear()
 
     async def send(
-        self, req: UpstreamRequest, timeouts: Timeouts, deadline: float,
+        self,
+        req: UpstreamRequest,
+        timeouts: Timeouts,
+        deadline: float,
         bounds: Bounds = DEFAULT_BOUNDS,
-    ) -> UpstreamResponse:  # fmt: skip
+    ) -> UpstreamResponse:
         """POST ``req``; return once the status and headers arrived, by ``deadline`` at latest.
 
         The answer's waits end by ``deadline`` too (until moved); ``bounds`` caps what it may hold.
@@ -450,9 +454,12 @@ class Upstream:
         try:
             async with asyncio.timeout(within):
                 _, conn = await loop.create_connection(
-                    lambda: _Connection(loop), target.host, target.port, ssl=tls,
+                    lambda: _Connection(loop),
+                    target.host,
+                    target.port,
+                    ssl=tls,
                     server_hostname=target.host if tls else None,
-                )  # fmt: skip
+                )
         except TimeoutError:
             raise UpstreamTimeout("timed out connecting") from None
         except ssl.SSLError as exc:
