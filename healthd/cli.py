@@ -36,8 +36,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--port", type=int, required=True, help="port of /healthz and /metrics")
     args = parser.parse_args(argv)
     path = args.config or os.environ.get("ROUTER_CONFIG")
-    cfg = config_from_args(path, "healthd")
-    require_shared_store(cfg, path)
+    cfg = config_from_args(path, "healthd")  # exits without a path
+    require_shared_store(cfg, path or "the config")
 
     from healthd.daemon import HealthDaemon  # after the config, so a bad file fails fast
     from router.telemetry.logs import setup_logging
