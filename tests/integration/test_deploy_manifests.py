@@ -268,7 +268,7 @@ def test_each_provider_is_a_mock_service_on_its_port(
     assert url.hostname in services, f"{p.base_url}: no service {url.hostname}"
     mock = mock_of(services[url.hostname])
     assert (mock.host, mock.port) == ("0.0.0.0", url.port)
-    assert (mock.api, mock.name) == (p.kind.value, p.name)
+    assert (mock.api, mock.name) == (p.kind, p.name)
     # the adapters append /chat/completions (openai) or /v1/messages (anthropic)
     assert url.path == ("/v1" if mock.api == "openai" else "")
     assert p.api_key is not None
