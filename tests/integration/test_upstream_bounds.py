@@ -18,6 +18,7 @@ from router.errors import UpstreamError, UpstreamProtocolError, UpstreamTimeout
 from router.upstream.client import INFLATE_STEP, Upstream, UpstreamResponse
 from router.upstream.providers.base import UpstreamRequest
 from tests.faults.hostile import gzip_bomb
+from tests.integration.scripted import read_request, scripted_server
 
 MiB = 1 << 20
 BLOCK = b"x" * 65536
@@ -40,17 +41,11 @@ class Hostile:
 @pytest.fixture
 async def hostile() -> AsyncIterator[Hostile]:
     srv = Hostile()
-    tasks: set[asyncio.Task[None]] = set()
 
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        assert task is not None
-        tasks.add(task)
         try:
-            head = await reader.readuntil(b"\r\n\r\n")
-            length = next(int(line.split(b":")[1]) for line in head.split(b"\r\n")
-                          if line.lower().startswith(b"content-length:"))  # fmt: skip
-            await reader.readexactly(length)
+            if await read_request(reader) is None:
+                return
             srv.sent = 0
             assert srv.script is not None
             await srv.script(writer)
@@ -59,21 +54,9 @@ async def hostile() -> AsyncIterator[Hostile]:
         finally:
             writer.close()
 
-    server = await asyncio.start_server(handle, "127.0.0.1", 0)
-    srv.port = server.sockets[0].getsockname()[1]
-    yield srv
-    server.close()
-    for task in tasks:
-        task.cancel()
-    await asyncio.gather(*tasks, return_exceptions=True)
-
-
-@pytest.fixture
-async def upstream() -> AsyncIterator[Upstream]:
-    u = Upstream()
-    await u.start()
-    yield u
-    await u.close()
+    async with scripted_server(handle) as port:
+        srv.port = port
+        yield srv
 
 
 TIMEOUTS = Timeouts(connect_s=1.0, read_s=2.0)

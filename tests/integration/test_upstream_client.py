@@ -23,6 +23,7 @@ from router.errors import (
 )
 from router.upstream.client import Upstream
 from router.upstream.providers.base import UpstreamRequest
+from tests.integration.scripted import read_request, scripted_server
 
 Answer = Callable[[bytes], list[bytes] | None]
 """Given the request bytes, what to send back, piece by piece (``None``: close at once; an
@@ -46,30 +47,14 @@ def ok_response(body: bytes, *extra: bytes) -> bytes:
     return b"\r\n".join(head) + b"\r\n\r\n" + body
 
 
-async def _read_request(reader: asyncio.StreamReader) -> bytes | None:
-    try:
-        head = await reader.readuntil(b"\r\n\r\n")
-    except (asyncio.IncompleteReadError, ConnectionError):
-        return None
-    length = 0
-    for line in head.split(b"\r\n"):
-        if line.lower().startswith(b"content-length:"):
-            length = int(line.split(b":", 1)[1])
-    return head + await reader.readexactly(length)
-
-
 @pytest.fixture
 async def server() -> AsyncIterator[Server]:
     srv = Server()
-    handlers: set[asyncio.Task[None]] = set()
 
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        assert task is not None
-        handlers.add(task)
         srv.connections += 1
         try:
-            while (req := await _read_request(reader)) is not None:
+            while (req := await read_request(reader)) is not None:
                 srv.requests.append(req)
                 if srv.hang:
                     await asyncio.sleep(30)
@@ -89,22 +74,9 @@ async def server() -> AsyncIterator[Server]:
         finally:
             writer.close()
 
-    s = await asyncio.start_server(handle, "127.0.0.1", 0)
-    srv.port = s.sockets[0].getsockname()[1]
-    yield srv
-    s.close()
-    for task in handlers:
-        task.cancel()
-    await asyncio.gather(*handlers, return_exceptions=True)
-    await s.wait_closed()
-
-
-@pytest.fixture
-async def upstream() -> AsyncIterator[Upstream]:
-    u = Upstream()
-    await u.start()
-    yield u
-    await u.close()
+    async with scripted_server(handle) as port:
+        srv.port = port
+        yield srv
 
 
 def request(srv: Server, headers: dict[str, str] | None = None) -> UpstreamRequest:
