@@ -226,10 +226,20 @@ class Provider(_Model):
     anthropic_version: str = "2023-06-01"
 
 
+class Price(_Model):
+    """What a target charges, in US dollars per million tokens: a served request costs
+    ``prompt tokens x input_per_mtok + completion tokens x output_per_mtok`` (/ 1e6),
+    by the usage the provider reported. A target without a price costs nothing."""
+
+    input_per_mtok: Annotated[float, Field(ge=0, le=1_000_000)] = 0.0
+    output_per_mtok: Annotated[float, Field(ge=0, le=1_000_000)] = 0.0
+
+
 class Target(_Model):
     provider: str
     model: Annotated[str, Field(min_length=1)]
     weight: Annotated[int, Field(ge=1, le=1000)] | None = None
+    price: Price | None = None
 
 
 class Route(_Model):
@@ -244,6 +254,58 @@ class Route(_Model):
     (``default_max_tokens``: openai 1024, anthropic 4096), so what is reserved is what is
     sent."""
     targets: Annotated[list[Target], Field(min_length=1, max_length=64)]
+
+
+TENANT_NAME = r"^[A-Za-z0-9._-]{1,64}$"
+DEFAULT_TENANT = "default"
+"""The tenant of the ``client_keys``: every key the config lists there belongs to it."""
+
+
+class TenantLimits(_Model):
+    """A tenant's own limits, summed over every replica; ``None`` means unlimited. RPM and
+    TPM are sliding 60 s windows like a provider's; TPM reserves ``prompt + max tokens`` at
+    admission and is corrected to the provider's reported usage when the request ends."""
+
+    rpm: Annotated[int, Field(gt=0)] | None = None
+    tpm: Annotated[int, Field(gt=0)] | None = None
+    max_in_flight: Annotated[int, Field(gt=0)] | None = None
+
+
+class BudgetPeriod(StrEnum):
+    DAY = "day"
+    WEEK = "week"
+    MONTH = "month"
+
+
+class Budget(_Model):
+    """A spend cap per calendar period (UTC; a week starts on Monday), in US dollars."""
+
+    usd: Annotated[float, Field(gt=0, le=1_000_000_000)]
+    period: BudgetPeriod = BudgetPeriod.MONTH
+
+
+class TenantSpec(_Model):
+    """A tenant without its keys: what the admin API takes and stores."""
+
+    name: Annotated[str, Field(pattern=TENANT_NAME)]
+    limits: TenantLimits = TenantLimits()
+    budget: Budget | None = None
+    routes: (
+        Annotated[list[Annotated[str, Field(min_length=1, max_length=200)]], Field(max_length=1000)]
+        | None
+    ) = None
+    """The route models the tenant may use (None: every route)."""
+
+    def allows(self, model: str) -> bool:
+        """Whether the tenant may use the route serving ``model``."""
+        return self.routes is None or model in self.routes
+
+
+class Tenant(TenantSpec):
+    """A tenant named in the config (config-owned: the admin API cannot change it)."""
+
+    keys: Annotated[list[SecretRef], Field(max_length=1000)] = []
+    """Its bearer keys, each read from an environment variable."""
 
 
 class RedisSettings(_Model):
@@ -317,7 +379,16 @@ class Config(_Model):
     """May carry a password: kept out of the model's repr (a test failure printed it)."""
     key_prefix: Annotated[str, Field(pattern=r"^[A-Za-z0-9_-]{1,32}$")] = "rc"
     pool: Annotated[str, Field(pattern=r"^[A-Za-z0-9_-]{1,32}$")] = "default"
-    client_keys: Annotated[list[SecretRef], Field(min_length=1)]
+    client_keys: list[SecretRef] = []
+    """The keys of the implicit tenant ``default`` (a ``tenants`` entry of that name sets
+    its limits and budget, and may list more keys)."""
+    tenants: Annotated[list[Tenant], Field(max_length=10_000)] = []
+    max_tenants: Annotated[int, Field(ge=1, le=10_000)] = 256
+    """The most tenants there may be, the config's, ``default`` and the admin API's
+    together: each is one value of the metrics' ``tenant`` label."""
+    max_tenant_keys: Annotated[int, Field(ge=1, le=1_000_000)] = 10_000
+    """The most keys the admin API may issue, over every tenant (each replica holds every
+    key's hash in memory)."""
     admin_token: SecretRef | None = None
     max_body_bytes: Annotated[int, Field(gt=0)] = 4 * 1024 * 1024
     """A larger body is refused (413, connection closed). What the client still sends of it,
@@ -352,6 +423,13 @@ class Config(_Model):
             if p.name == name:
                 return p
         raise KeyError(name)
+
+    def tenant(self, name: str) -> Tenant | None:
+        """The config's tenant called ``name``, if any."""
+        for t in self.tenants:
+            if t.name == name:
+                return t
+        return None
 
     def route(self, model: str) -> Route | None:
         """The route serving ``model``, if any."""
@@ -429,11 +507,38 @@ def _cross_check(data: dict[str, Any]) -> list[tuple[str, str]]:
             # with no provider at all, that one problem says it: not one per target
             if names and isinstance(t.get("provider"), str) and t["provider"] not in names
         ]
+    tenants = _dicts(data.get("tenants"))
+    tenant_names = [t.get("name") for _, t in tenants]
+    for k, (i, t) in enumerate(tenants):
+        if isinstance(t.get("name"), str) and t["name"] in tenant_names[:k]:
+            problems.append((f"tenants[{i}].name", f"duplicate tenant name {t['name']!r}"))
+        allowed = t.get("routes")
+        if isinstance(allowed, list):
+            problems += [
+                (f"tenants[{i}].routes[{j}]", f"no route serves model {m!r}")
+                for j, m in enumerate(allowed)
+                if isinstance(m, str) and models and m not in models
+            ]
+    keyed = bool(data.get("client_keys")) or bool(data.get("admin_token"))
+    keyed = keyed or any(t.get("keys") for _, t in tenants)
+    if not keyed:
+        message = "required field missing"
+        if "client_keys" in data or "tenants" in data:
+            message = (
+                "no key can call the API: list client_keys, a tenant's keys, or set an "
+                "admin_token (to issue keys at run time)"
+            )
+        problems.append(("client_keys", message))
     return problems
 
 
 def _secret_refs(cfg: Config) -> list[tuple[str, SecretRef]]:
     refs = [(f"client_keys[{i}]", ref) for i, ref in enumerate(cfg.client_keys)]
+    refs += [
+        (f"tenants[{i}].keys[{j}]", ref)
+        for i, t in enumerate(cfg.tenants)
+        for j, ref in enumerate(t.keys)
+    ]
     if cfg.admin_token is not None:
         refs.append(("admin_token", cfg.admin_token))
     refs += [
@@ -469,6 +574,11 @@ def _raw_secret_refs(data: dict[str, Any]) -> list[tuple[str, SecretRef]]:
     variables of a file the model rejects are reported with its other problems (a unit test
     holds the two lists equal)."""
     raw = [(f"client_keys[{i}]", ref) for i, ref in _dicts(data.get("client_keys"))]
+    raw += [
+        (f"tenants[{i}].keys[{j}]", ref)
+        for i, t in _dicts(data.get("tenants"))
+        for j, ref in _dicts(t.get("keys"))
+    ]
     raw += [("admin_token", ref) for _, ref in _dicts([data.get("admin_token")])]
     raw += [
         (f"providers[{i}].api_key", ref)

@@ -14,7 +14,15 @@ shared by every route that uses it, so provider keys are named by the pool, not 
     <prefix>:{<pool>}:healthd:epoch            string, the fencing token, bumped per new leader
     <prefix>:{<pool>}:replicas                 zset replica id -> last heartbeat (ms)
     <prefix>:{<pool>}:replica:<id>             hash with expiry: one replica's heartbeat record
+    <prefix>:{<pool>}:tenant:<name>            hash, bounded: see TENANT_FIELDS
+    <prefix>:{<pool>}:tenant:<name>:leases     zset lease id -> expiry (ms): its requests in flight
+    <prefix>:{<pool>}:tenants                  hash tenant name -> JSON spec (admin-created ones)
+    <prefix>:{<pool>}:tenant-keys              hash sha256(key) hex -> JSON {tenant, id, created}
+    <prefix>:{<pool>}:tenants:version          string, bumped on every change of the two above
+    <prefix>:{<pool>}:usage:day:<YYYY-MM-DD>   hash "<tenant>|<route>|<provider>|<figure>" -> int
+    <prefix>:{<pool>}:usage:month:<YYYY-MM>    the same per month (figures: see USAGE_FIGURES)
     <prefix>:health                            pub/sub channel of health transitions (JSON)
+    <prefix>:tenants                           pub/sub channel of tenant and key changes (JSON)
 """
 
 from __future__ import annotations
@@ -53,6 +61,31 @@ PROVIDER_FIELDS = {
     "fails": "consecutive failed outcomes",
     "o:<outcome>": "outcome counters (ok, http_5xx, http_429, timeout, ...)",
 }
+
+
+TENANT_FIELDS = {
+    "wh": "oldest window bucket still held (unix second)",
+    "rpm": "requests admitted in the window (sum of the r:<second> fields)",
+    "tpm": "tokens reserved (then corrected to the reported usage) in the window",
+    "r:<second>": "requests admitted in that second (at most WINDOW_BUCKETS fields)",
+    "t:<second>": "tokens in that second (at most WINDOW_BUCKETS fields)",
+    "inf": "requests in flight: the size of the tenant's lease zset",
+    "nm": "next maintenance (unix ms), as the provider hash's",
+    "per": "the budget period the spend is of (a number: see router.budgets.period_id)",
+    "sp": "spend in that period, nano-USD: the served requests' cost by their reported "
+    "usage, plus the worst-case cost of those in flight",
+}
+
+USAGE_FIGURES = {
+    "req": "requests served (answered by the provider, successfully or not)",
+    "in": "prompt tokens, as the provider reported them",
+    "out": "completion tokens, as the provider reported them",
+    "cost": "cost in nano-USD (1e-9 USD): the tokens times the target's price",
+}
+USAGE_DAY_TTL_S = 62 * 86_400
+"""How long a day's usage hash is kept (it expires this long after its first write)."""
+USAGE_MONTH_TTL_S = 400 * 86_400
+"""How long a month's usage hash is kept."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,6 +138,35 @@ class Keys:
     def health_channel(self) -> str:
         """The pub/sub channel of health transitions."""
         return f"{self.prefix}:health"
+
+    def tenant(self, name: str) -> str:
+        """Hash with the tenant's windows and its spend this budget period."""
+        return f"{self._base}:tenant:{name}"
+
+    def tenant_leases(self, name: str) -> str:
+        """Sorted set of the tenant's in-flight leases, scored by expiry (ms)."""
+        return f"{self._base}:tenant:{name}:leases"
+
+    def tenants(self) -> str:
+        """Hash of the tenants created through the admin API: name -> JSON spec."""
+        return f"{self._base}:tenants"
+
+    def tenant_keys(self) -> str:
+        """Hash of the keys issued through the admin API: sha256 hex -> JSON record."""
+        return f"{self._base}:tenant-keys"
+
+    def tenants_version(self) -> str:
+        """Counter bumped on every change of the tenants or their issued keys."""
+        return f"{self._base}:tenants:version"
+
+    def tenants_channel(self) -> str:
+        """The pub/sub channel of tenant and key changes."""
+        return f"{self.prefix}:tenants"
+
+    def usage(self, period: str, label: str) -> str:
+        """Usage hash of one day (``period="day"``, label ``YYYY-MM-DD``) or month
+        (``"month"``, ``YYYY-MM``)."""
+        return f"{self._base}:usage:{period}:{label}"
 
     def pattern(self) -> str:
         """A SCAN pattern matching every key of this deployment and pool."""

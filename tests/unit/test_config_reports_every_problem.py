@@ -298,7 +298,11 @@ STRATEGIES = "'round_robin', 'weighted', 'least_connections', 'least_latency' or
         ),
         pytest.param(
             put("client_keys", value=[]),
-            ("client_keys", "must have at least 1 item(s)"),
+            (
+                "client_keys",
+                "no key can call the API: list client_keys, a tenant's keys, or set an "
+                "admin_token (to issue keys at run time)",
+            ),
             id="no-client-keys",
         ),
         pytest.param(
