@@ -24,7 +24,8 @@ import redis.asyncio as aioredis
 from redis.asyncio.connection import parse_url
 from redis.exceptions import RedisError
 
-from router.config import Circuit, Config, Route
+from router.budgets import NANO, PERIOD_CODES
+from router.config import DEFAULT_TENANT, BudgetPeriod, Circuit, Config, Route, TenantSpec
 from router.errors import StoreError
 from router.state.keys import WINDOW_BUCKETS, Keys
 from router.state.muxredis import MuxRedis
@@ -191,6 +192,58 @@ class RoutePlan:
                 (lim.rpm or 0, lim.tpm or 0, lim.max_in_flight or 0, t.weight or p.weight)
             )
         return cls(route, tuple(names), tuple(ks), tuple(static))
+
+
+@dataclass(frozen=True, slots=True)
+class TenantPlan:
+    """A tenant as a decision needs it: its keys, limits and budget, computed once per
+    version of its spec."""
+
+    name: str
+    keys: tuple[str, str]
+    """Its hash and its lease zset."""
+    rpm: int = 0
+    tpm: int = 0
+    max_in_flight: int = 0
+    """Limits; 0 means unlimited."""
+    budget_nano: int = 0
+    """Spend cap per period in nano-dollars; 0 means none."""
+    period: BudgetPeriod | None = None
+    routes: frozenset[str] | None = None
+    """The route models it may use (None: every one)."""
+    owner: str = "config"
+    """Who owns its spec: ``config`` (the file; the admin API cannot change it) or ``api``."""
+
+    @classmethod
+    def build(cls, spec: TenantSpec, keys: Keys, owner: str = "config") -> TenantPlan:
+        """The plan of ``spec``."""
+        lim, budget = spec.limits, spec.budget
+        return cls(
+            name=spec.name,
+            keys=(keys.tenant(spec.name), keys.tenant_leases(spec.name)),
+            rpm=lim.rpm or 0,
+            tpm=lim.tpm or 0,
+            max_in_flight=lim.max_in_flight or 0,
+            budget_nano=round(budget.usd * NANO) if budget else 0,
+            period=budget.period if budget else None,
+            routes=frozenset(spec.routes) if spec.routes is not None else None,
+            owner=owner,
+        )
+
+    @classmethod
+    def default(cls, cfg: Config, keys: Keys) -> TenantPlan:
+        """The tenant of ``client_keys``: the config's ``default`` entry, else unlimited."""
+        spec = cfg.tenant(DEFAULT_TENANT) or TenantSpec(name=DEFAULT_TENANT)
+        return cls.build(spec, keys)
+
+    @property
+    def period_code(self) -> int:
+        """The budget period as the acquire script is told it (0: no budget)."""
+        return PERIOD_CODES[self.period] if self.period is not None and self.budget_nano else 0
+
+    def allows(self, model: str) -> bool:
+        """Whether the tenant may use the route serving ``model``."""
+        return self.routes is None or model in self.routes
 
 
 class Store:
