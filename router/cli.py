@@ -6,7 +6,8 @@ import argparse
 import sys
 
 from router.api.server import serve
-from router.config import config_from_args
+from router.config import config_from_args, print_problems
+from router.errors import ConfigError
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -27,7 +28,11 @@ def main(argv: list[str] | None = None) -> None:
     from router.telemetry.logs import setup_logging
 
     setup_logging(cfg.log)
-    app = create_app(cfg)
+    try:
+        app = create_app(cfg)
+    except ConfigError as exc:  # what only the resolved secrets show: a key of two tenants
+        print_problems(exc, f"{args.config or 'the config'}: invalid configuration:")
+        sys.exit(2)
     try:
         serve(app, cfg, args.host, args.port, reuse_port=args.reuse_port)
     except SystemExit:

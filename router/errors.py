@@ -7,8 +7,14 @@
     │   ├── BadRequest               400 malformed or invalid body
     │   ├── Unauthorized             401 missing or wrong bearer key
     │   ├── Forbidden                403 a valid key without the right to do this
+    │   │   └── ConfigOwned          403 the config names this tenant: the admin API
+    │   │                            cannot change it
     │   ├── ModelNotFound            404 no route serves this model
     │   ├── ProviderNotFound         404 the config names no such provider (admin API)
+    │   ├── TenantNotFound           404 no such tenant (admin API)
+    │   ├── KeyNotFound              404 the tenant has no issued key of that id (admin API)
+    │   ├── Conflict                 409 the change clashes with what exists: the tenant
+    │   │                            exists, or max_tenants / max_tenant_keys is reached
     │   ├── PayloadTooLarge          413 body over the configured limit
     │   ├── HeadersTooLarge          431 request line and headers over the configured limits
     │   ├── RequestTimeout           408 the body did not arrive within read_timeout_s
@@ -94,6 +100,12 @@ class Forbidden(ClientError):
     code = "forbidden"
 
 
+class ConfigOwned(Forbidden):
+    """The tenant is named in the config (or is ``default``): only the file changes it."""
+
+    code = "config_owned"
+
+
 class ModelNotFound(ClientError):
     status = 404
     code = "model_not_found"
@@ -102,6 +114,27 @@ class ModelNotFound(ClientError):
 class ProviderNotFound(ClientError):
     status = 404
     code = "provider_not_found"
+
+
+class TenantNotFound(ClientError):
+    status = 404
+    code = "tenant_not_found"
+
+
+class KeyNotFound(ClientError):
+    status = 404
+    code = "key_not_found"
+
+
+class Conflict(ClientError):
+    """The change clashes with the shared state; ``code`` says how: ``tenant_exists``,
+    ``too_many_tenants`` (``max_tenants``) or ``too_many_keys`` (``max_tenant_keys``)."""
+
+    status = 409
+
+    def __init__(self, message: str, code: str) -> None:
+        super().__init__(message)
+        self.code = code
 
 
 class PayloadTooLarge(ClientError):

@@ -1,8 +1,9 @@
 """The admin API of a replica: the cluster state, and drains, behind the admin token.
 
 Only ``Authorization: Bearer <admin_token>`` passes, compared in constant time; a client key
-is recognised (403, not 401) so a misdirected call says what is wrong. Without an
-``admin_token`` in the config the admin API is off (403). Nothing here shows a secret.
+(any tenant's, issued ones too) is recognised (403, not 401) so a misdirected call says what
+is wrong. Without an ``admin_token`` in the config the admin API is off (403). Nothing here
+shows a secret. The tenants and their keys are ``router.api.tenants_admin``.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ T = TypeVar("T")
 class AdminGuard:
     """Checks the admin bearer token, telling a client key apart from a wrong token."""
 
-    def __init__(self, cfg: Config, client_keys: KeyRing) -> None:
+    def __init__(self, cfg: Config, client_keys: ClientKeys) -> None:
         self._admin = KeyRing([cfg.admin_token]) if cfg.admin_token else None
         self._client_keys = client_keys
 
@@ -46,7 +47,7 @@ class AdminGuard:
         raise Unauthorized("invalid admin token")
 
 
-async def _shared(gw: Gateway, call: Callable[[], Awaitable[T]]) -> T:
+async def shared(gw: Gateway, call: Callable[[], Awaitable[T]]) -> T:
     """Run ``call`` on the shared store; a failure makes the replica degraded, as anywhere."""
     if gw.mode.degraded:
         raise StoreError(
@@ -63,20 +64,20 @@ async def _shared(gw: Gateway, call: Callable[[], Awaitable[T]]) -> T:
 def admin_router(gw: Gateway, keys: ClientKeys) -> APIRouter:
     """``GET /admin/state`` and ``POST /admin/providers/{name}/drain|enable``."""
     router = APIRouter(prefix="/admin")
-    guard = AdminGuard(gw.cfg, keys.ring)
+    guard = AdminGuard(gw.cfg, keys)
     names = {p.name for p in gw.cfg.providers}
 
     @router.get("/state")
     async def state(request: Request) -> Response:
         guard.check(request)
-        current = await _shared(gw, lambda: read_state(gw.store, gw.cfg))
+        current = await shared(gw, lambda: read_state(gw.store, gw.cfg))
         return Response(orjson.dumps(state_json(current)), 200, media_type=JSON)
 
     async def set_drain(request: Request, name: str, drained: bool) -> Response:
         guard.check(request)
         if name not in names:
             raise ProviderNotFound(f"no provider named '{name[:100]}' in the config")
-        version = await _shared(gw, lambda: HealthStore(gw.store).set_drain(name, drained))
+        version = await shared(gw, lambda: HealthStore(gw.store).set_drain(name, drained))
         body = {"provider": name, "drained": drained, "version": version}
         return Response(orjson.dumps(body), 200, media_type=JSON)
 

@@ -23,12 +23,12 @@ from router import __version__
 from router.api.access import RequestLog, set_outcome
 from router.api.admin import admin_router
 from router.api.auth import ClientKeys, authorization
-from router.api.endpoints import PATHS, HotPath
+from router.api.endpoints import PATHS, HotPath, model_not_found
 from router.api.schemas import ChatBody, EmbeddingsBody
+from router.api.tenants_admin import tenants_router
 from router.config import Config
 from router.errors import (
     INTERNAL_ERROR,
-    ModelNotFound,
     RouterError,
     StoreError,
     error_response,
@@ -77,7 +77,7 @@ def request_id(request: Request) -> str:
 def create_app(cfg: Config, store: Store | None = None) -> HotPath:
     """The ASGI application of one replica: the hot endpoints, then FastAPI for the rest."""
     gw = Gateway(cfg, store)
-    keys = ClientKeys(cfg)
+    keys = ClientKeys(gw.tenants)
     docs = cfg.api_docs
     app = FastAPI(
         title="router-cluster",
@@ -89,6 +89,7 @@ def create_app(cfg: Config, store: Store | None = None) -> HotPath:
     app.state.gateway = gw
     _add_error_handlers(app)
     app.include_router(admin_router(gw, keys))
+    app.include_router(tenants_router(gw, keys))
     _add_openai_routes(app, gw, keys)
     _add_health_routes(app, gw)
     app.openapi = partial(_openapi, app)  # type: ignore[method-assign]
@@ -173,16 +174,16 @@ def _model(name: str, gw: Gateway) -> dict[str, Any]:
 def _add_openai_routes(app: FastAPI, gw: Gateway, keys: ClientKeys) -> None:
     @app.get("/v1/models")
     async def models(request: Request) -> Response:
-        keys.check(authorization(request.headers.raw))
-        data = [_model(r.model, gw) for r in gw.cfg.routes]
+        tenant = keys.tenant(authorization(request.headers.raw))
+        data = [_model(r.model, gw) for r in gw.cfg.routes if tenant.allows(r.model)]
         body = orjson.dumps({"object": "list", "data": data})
         return Response(body, 200, media_type=JSON)
 
     @app.get("/v1/models/{model:path}")  # (a model's name may hold a "/": org/model)
     async def model(request: Request, model: str) -> Response:
-        keys.check(authorization(request.headers.raw))
-        if gw.cfg.route(model) is None:
-            raise ModelNotFound(f"The model '{model[:200]}' does not exist (see GET /v1/models)")
+        tenant = keys.tenant(authorization(request.headers.raw))
+        if gw.cfg.route(model) is None or not tenant.allows(model):
+            raise model_not_found(model, tenant)
         return Response(orjson.dumps(_model(model, gw)), 200, media_type=JSON)
 
     async def hot_path_only() -> Response:

@@ -1,12 +1,15 @@
-"""Bearer tokens and the keys they are checked against, in constant time."""
+"""Bearer tokens, and who they are: the admin token compared in constant time, a client key
+resolved to its tenant by its hash (``router.replica.tenants``)."""
 
 from __future__ import annotations
 
 import hmac
 from collections.abc import Iterable
 
-from router.config import Config, SecretRef
+from router.config import SecretRef
 from router.errors import BadRequest, Unauthorized
+from router.replica.tenants import TenantView
+from router.state.store import TenantPlan
 
 
 def authorization(headers: Iterable[tuple[bytes, bytes]]) -> str:
@@ -43,13 +46,25 @@ class KeyRing:
 
 
 class ClientKeys:
-    """Who may call the API: the config's client keys. The API checks them before a request
-    reaches the replica's parts, which never see a key."""
+    """Who may call the API: the tenants' keys (the config's ``client_keys`` are the
+    ``default`` tenant's). The API resolves a key to its tenant before a request reaches the
+    replica's parts, which never see a key, only the tenant's plan."""
 
-    def __init__(self, cfg: Config) -> None:
-        self.ring = KeyRing(cfg.client_keys)
+    def __init__(self, view: TenantView) -> None:
+        self.view = view
+        """Its ``directory`` is swapped whole on every change: read it once per request."""
+
+    def tenant(self, header: str) -> TenantPlan:
+        """The tenant of ``header``'s bearer key; ``Unauthorized`` unless it is one."""
+        plan = self.view.directory.resolve(bearer_token(header))
+        if plan is None:
+            raise Unauthorized("missing or invalid API key (send Authorization: Bearer <key>)")
+        return plan
 
     def check(self, header: str) -> None:
-        """Raise ``Unauthorized`` unless ``header`` is ``Bearer`` and one of the keys."""
-        if not self.ring.holds(bearer_token(header)):
-            raise Unauthorized("missing or invalid API key (send Authorization: Bearer <key>)")
+        """Raise ``Unauthorized`` unless ``header`` is ``Bearer`` and a tenant's key."""
+        self.tenant(header)
+
+    def holds(self, token: bytes) -> bool:
+        """Whether ``token`` is a tenant's key (the admin API tells it from a wrong token)."""
+        return self.view.directory.resolve(token) is not None

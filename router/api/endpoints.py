@@ -35,6 +35,7 @@ from router.errors import (
 )
 from router.replica.dispatch import Operation, Reply
 from router.replica.gateway import Gateway
+from router.state.store import TenantPlan
 from router.telemetry.logs import access_logged, log_access
 from router.telemetry.tracing import client_traceparent
 
@@ -88,6 +89,15 @@ async def _read_all(receive: Receive, limit: int) -> bytes:
     return b"".join(chunks)
 
 
+def model_not_found(model: str, tenant: TenantPlan) -> ModelNotFound:
+    """No route serves ``model``, or ``tenant`` may not use it: a tenant with an allow-list
+    is told the same in both cases, so it cannot learn which routes exist."""
+    name = model[:200]  # (cut short: the name is the client's, up to max_body_bytes long)
+    if tenant.routes is None:
+        return ModelNotFound(f"the model '{name}' does not exist (see GET /v1/models)")
+    return ModelNotFound(f"The model '{name}' does not exist or you do not have access to it")
+
+
 class HotPath:
     """Serves the OpenAI request endpoints itself; hands everything else to ``app``."""
 
@@ -124,6 +134,8 @@ class _Exchange:
         self.traceparent = client_traceparent(traceparent) if traceparent else None
         self.started = time.perf_counter()
         self.route: str | None = None
+        self.tenant: TenantPlan | None = None
+        """Whose key the request carries, once checked."""
         self.provider: str | None = None
         self.attempts: int | None = None
         self.sent = 0
@@ -174,7 +186,8 @@ class _Exchange:
         raw = self.scope["headers"]
         if len(raw) != len(self.headers):  # some field repeats (rare): the key must not
             authorization(raw)
-        self.keys.check(self.headers.get(b"authorization", b"").decode("latin-1"))
+        tenant = self.keys.tenant(self.headers.get(b"authorization", b"").decode("latin-1"))
+        self.tenant = tenant
         cfg = self.gw.cfg
         body = await read_body(self.headers, self.receive, cfg.max_body_bytes, cfg.read_timeout_s)
         data = parse_json(body)
@@ -183,9 +196,8 @@ class _Exchange:
         else:
             model = check(EmbeddingsBody, data).model
         route = self.gw.cfg.route(model)
-        if route is None:
-            # (cut short: the name is the client's, up to max_body_bytes long)
-            raise ModelNotFound(f"the model '{model[:200]}' does not exist (see GET /v1/models)")
+        if route is None or not tenant.allows(route.model):
+            raise model_not_found(model, tenant)
         self.route = route.model
         return await self.gw.dispatcher.serve(self.op, route, data, self.rid, self.traceparent)
 

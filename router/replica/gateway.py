@@ -17,8 +17,10 @@ from router.replica.heartbeat import Heartbeat
 from router.replica.leases import LeaseKeeper
 from router.replica.local import LocalState
 from router.replica.poller import StatePoller
+from router.replica.tenants import TenantDirectory, TenantView
 from router.state.health import HealthStore
 from router.state.store import Store
+from router.state.tenants import TenantStore
 from router.telemetry.metrics import RouterMetrics, SharedFigures
 from router.telemetry.tracing import Telemetry
 from router.upstream.client import Upstream
@@ -47,7 +49,17 @@ class Gateway:
         health = HealthStore(self.store)
         providers = [p.name for p in cfg.providers]
         self.view = HealthView(health, providers, cfg.replica.resync_s)
-        self.mode.on_recovery += [self.view.resync, self.leases.flush_deferred]
+        self.tenants = TenantView(
+            TenantStore(self.store),
+            TenantDirectory.from_config(cfg, self.store.keys),
+            cfg.replica.resync_s,
+        )
+        """Who each bearer key is: the config's tenants and keys, and the admin API's."""
+        self.mode.on_recovery += [
+            self.view.resync,
+            self.tenants.resync,
+            self.leases.flush_deferred,
+        ]
         self.heartbeat = Heartbeat(
             health,
             self.replica,
@@ -90,8 +102,10 @@ class Gateway:
             await self.upstream.close()
             await self.store.close()
             raise
+        await self._read_tenants()
         self.leases.start()
         self.view.start()
+        self.tenants.start()
         self.heartbeat.start()
         self.poller.start()
         fields = {"replica": self.replica, "store": self.store_name}
@@ -117,6 +131,17 @@ class Gateway:
                 ) from exc
             self.mode.degrade(exc)  # the operator's choice: serve, deciding alone
 
+    async def _read_tenants(self) -> None:
+        """Read the issued keys before serving: a replica (re)started must honour them from its
+        first request, not from its view's first read. Without Redis, the view reads them
+        once it answers."""
+        if self.mode.degraded:
+            return
+        try:
+            await self.tenants.resync()
+        except StoreError as exc:
+            log.warning("cannot read the tenants yet", extra={"fields": {"error": str(exc)}})
+
     def _not_yet(self, exc: StoreError) -> None:
         log.warning(
             "Redis does not answer yet: trying again",
@@ -134,6 +159,7 @@ class Gateway:
         await self.poller.stop()
         await self.heartbeat.stop()
         await self.view.stop()
+        await self.tenants.stop()
         await self.mode.stop()
         await self.leases.stop()
         await self.upstream.close()

@@ -57,6 +57,12 @@ SCRIPTS = (
     "read_health",
     "set_drain",
     "read_state",
+    "read_tenants",
+    "put_tenant",
+    "delete_tenant",
+    "issue_key",
+    "revoke_key",
+    "read_tenant_load",
 )
 
 
