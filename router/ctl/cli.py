@@ -24,6 +24,8 @@ from router.config import (
 )
 from router.ctl.local import ClusterRecord, Registry
 from router.ctl.tables import render_keys, render_state
+from router.ctl.tenants import add_arguments as add_tenant_arguments
+from router.ctl.tenants import run as run_tenants
 from router.ctl.up import DEFAULT_CONFIG, REPO_ROOT
 from router.ctl.up import add_arguments as add_up_arguments
 from router.ctl.up import up as run_up
@@ -401,8 +403,11 @@ def main(argv: list[str] | None = None) -> None:
         cmd.add_argument("provider")
         cmd.add_argument("--config", default=os.environ.get("ROUTER_CONFIG"))
     _add_inspect_commands(sub)
+    add_tenant_arguments(sub)
     _add_load_commands(sub)
     args = parser.parse_args(argv)
+    if args.command in ("tenants", "tenant"):
+        sys.exit(run_tenants(args))
     if args.command in ("simulate", "loadtest"):
         sys.exit(_run_load(args))
     if args.command in ("state", "keys"):

@@ -1,8 +1,10 @@
-"""Render the cluster state and its keys as rich tables (read by ``router.state.cluster``)."""
+"""Render the cluster state and its keys as rich tables (read by ``router.state.cluster``), and
+the tenants as the admin API lists them."""
 
 from __future__ import annotations
 
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Mapping, Sequence
+from typing import Any
 
 from rich.console import Console, ConsoleOptions, Group, RenderableType, RenderResult
 from rich.measure import Measurement
@@ -169,4 +171,42 @@ def render_keys(keys: Sequence[KeyInfo]) -> Table:
     table = _table(f"{present} keys present", ("key", "type", "TTL", "what"), ("TTL",))
     for k in keys:
         _row(table, k.key, k.type, _ttl(k), k.what, style="dim" if k.type == "none" else "")
+    return table
+
+
+_TENANT_COLUMNS = ("tenant", "owner", "keys", "RPM", "TPM", "in flight", "spend")
+
+
+def _keys_cell(t: Mapping[str, Any]) -> str:
+    ids = [str(k["id"]) for k in t.get("keys", [])]
+    if t.get("config_keys"):
+        ids.insert(0, f"{t['config_keys']} in config")
+    return ", ".join(ids) or "-"
+
+
+def _spend(t: Mapping[str, Any]) -> str:
+    budget, use = t.get("budget"), t.get("usage", {})
+    if not budget:
+        return "-"
+    return f"${use.get('spend_usd', 0):.4f}/${budget['usd']:g} {use.get('period') or ''}".strip()
+
+
+def render_tenants(data: Mapping[str, Any]) -> Table:
+    """``GET /admin/tenants`` as a table: each tenant's owner, its keys' ids, its use against
+    its limits now (``∞``: none) and its spend this period against its budget."""
+    tenants = data.get("tenants", [])
+    title = f"{len(tenants)} tenants · version {data.get('version', 0)}"
+    table = _table(title, _TENANT_COLUMNS, ("RPM", "TPM", "in flight", "spend"))
+    for t in tenants:
+        lim, use = t.get("limits", {}), t.get("usage", {})
+        _row(
+            table,
+            t["name"],
+            t["owner"],
+            _keys_cell(t),
+            _of(use.get("rpm", 0), lim.get("rpm")),
+            _of(use.get("tpm", 0), lim.get("tpm")),
+            _of(use.get("in_flight", 0), lim.get("max_in_flight")),
+            _spend(t),
+        )
     return table
