@@ -35,6 +35,7 @@ from router.errors import (
 )
 from router.replica.dispatch import Operation, Reply
 from router.replica.gateway import Gateway
+from router.state.store import TenantPlan
 from router.telemetry.logs import access_logged, log_access
 from router.telemetry.tracing import client_traceparent
 
@@ -126,6 +127,8 @@ class _Exchange:
         self.route: str | None = None
         self.provider: str | None = None
         self.attempts: int | None = None
+        self.tenant: TenantPlan | None = None
+        """Whose request it is, once its key is checked."""
         self.sent = 0
         """Body bytes sent to the client."""
         self.responded = False
@@ -187,7 +190,9 @@ class _Exchange:
             # (cut short: the name is the client's, up to max_body_bytes long)
             raise ModelNotFound(f"the model '{model[:200]}' does not exist (see GET /v1/models)")
         self.route = route.model
-        return await self.gw.dispatcher.serve(self.op, route, data, self.rid, self.traceparent)
+        return await self.gw.dispatcher.serve(
+            self.op, route, data, self.rid, self.traceparent, self.tenant
+        )
 
     async def _start(self, status: int, headers: Iterable[tuple[bytes, bytes]]) -> None:
         all_headers = [(b"x-request-id", self.rid.encode()), *headers]

@@ -19,6 +19,19 @@
 -- ARGV[12]  circuit: first cooldown (ms), doubled on each reopening
 -- ARGV[13]  circuit: longest cooldown (ms)
 -- ARGV[14]  health channel, ARGV[15] provider name, ARGV[16] pool (for the published event)
+-- The tenant (when KEYS holds 7 keys):
+-- KEYS[4]   tenant hash         Keys.tenant
+-- KEYS[5]   tenant lease zset   Keys.tenant_leases
+-- KEYS[6]   usage of the day the lease was taken     Keys.usage('day', ...)
+-- KEYS[7]   usage of its month                       Keys.usage('month', ...)
+-- ARGV[17]  tenant token correction: actual minus reserved (in bucket ARGV[3])
+-- ARGV[18]  spend correction (nano-USD): actual cost minus the reserved cost
+-- ARGV[19]  the period number the cost was reserved in (corrected only while it lasts)
+-- ARGV[20]  usage field prefix '<tenant>|<route>|<provider>|'
+-- ARGV[21]  prompt tokens, ARGV[22] completion tokens, ARGV[23] cost (nano-USD): the usage
+-- ARGV[24]  1 = record the usage (the provider served the request), 0 = not
+-- ARGV[25]  day usage TTL (s), ARGV[26] month usage TTL (s)
+-- The tenant's part is idempotent on its own lease: applied once, by the call that removes it.
 -- Returns 1 when the lease was released by this call, 2 when it was and its failure opened
 -- the circuit, 0 when it was already gone.
 -- Circuit: connect errors, timeouts, 5xx and bad answers in a row open it; the half-open
@@ -49,6 +62,35 @@ for k = 1, 2 do
     redis.call('HINCRBY', pk, totals[k], theirs[k] - ours[k])
     if redis.call('HSETNX', pk, 'wh', sec) == 1 then
       redis.call('HDEL', pk, 'nm')  -- a new window: acquire.lua must look at it (see 'nm')
+    end
+  end
+end
+
+if #KEYS >= 7 and redis.call('ZREM', KEYS[5], ARGV[1]) == 1 then
+  local tk = KEYS[4]
+  redis.call('ZREMRANGEBYSCORE', KEYS[5], '-inf', now)
+  local t = redis.call('HMGET', tk, 'wh', 'per')
+  redis.call('HSET', tk, 'inf', redis.call('ZCARD', KEYS[5]))
+  local bucket, correction = tonumber(ARGV[3]), tonumber(ARGV[17])
+  if correction ~= 0 and bucket >= (tonumber(t[1]) or bucket) then
+    local held = tonumber(redis.call('HGET', tk, 't:' .. bucket))
+    if held then
+      correction = math.max(correction, -held)
+      redis.call('HINCRBY', tk, 't:' .. bucket, correction)
+      redis.call('HINCRBY', tk, 'tpm', correction)
+    end
+  end
+  local spend = tonumber(ARGV[18])
+  if spend ~= 0 and t[2] == ARGV[19] then redis.call('HINCRBY', tk, 'sp', spend) end
+  if ARGV[24] == '1' then
+    local p = ARGV[20]
+    for k = 6, 7 do
+      local uk = KEYS[k]
+      redis.call('HINCRBY', uk, p .. 'req', 1)
+      redis.call('HINCRBY', uk, p .. 'in', ARGV[21])
+      redis.call('HINCRBY', uk, p .. 'out', ARGV[22])
+      redis.call('HINCRBY', uk, p .. 'cost', ARGV[23])
+      redis.call('EXPIRE', uk, ARGV[19 + k], 'NX')
     end
   end
 end
