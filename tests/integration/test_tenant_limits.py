@@ -49,10 +49,9 @@ def client(url: str, tenant: str) -> openai.AsyncOpenAI:
 
 async def ask(c: openai.AsyncOpenAI, **body: Any) -> Any:
     """The completion, or the SDK's error."""
+    body.setdefault("messages", [{"role": "user", "content": "hello"}])
     try:
-        return await c.chat.completions.create(
-            model="chat", messages=[{"role": "user", "content": "hello"}], **body
-        )
+        return await c.chat.completions.create(model="chat", **body)
     except openai.APIStatusError as exc:
         return exc
 
@@ -222,3 +221,30 @@ def test_streams_are_charged_by_their_usage(
         r.close()
     assert usage["team-a|chat|a|out"] == 7
     assert usage["team-a|chat|a|cost"] == usage["team-a|chat|a|in"] * 1000 + 7 * 2000
+
+
+def test_budget_overshoot_when_the_prompt_is_underestimated(
+    cluster: Cluster, tmp_path: Path, redis_url: str
+) -> None:
+    """The one way spend passes a budget: a provider counting more prompt tokens than the
+    estimate reserved (here 4 times as many). The overshoot is at most what the requests
+    in flight at the crossing under-reserved: concurrency x (actual - reserved) cost."""
+    gw = gateway(cluster, tmp_path, redis_url, "--prompt-token-scale", "4",
+                 "--completion-tokens", "10", "--latency-ms", "300",
+                 budget={"usd": 0.002, "period": "day"})  # fmt: skip
+    text = "hello " * 100  # 600 characters: the router's estimate is 157 tokens
+    concurrency = 6
+    results = fire(gw, "team-a", 30, concurrency, max_tokens=10,
+                   messages=[{"role": "user", "content": text}])  # fmt: skip
+    served = [x for x in results if not isinstance(x, openai.APIStatusError)]
+    assert {x.usage.prompt_tokens for x in served} == {600}
+    reserved, actual = 157 * 1000 + 10 * 2000, 600 * 1000 + 10 * 2000
+    spent = len(served) * actual
+    overshoot = spent - 2_000_000
+    bound = concurrency * (actual - reserved)
+    print(
+        f"\nbudget 2,000,000 nano-USD: {len(served)} served, spent {spent}, overshoot "
+        f"{max(0, overshoot)} (bound {bound}: {concurrency} x {actual - reserved})"
+    )
+    assert overshoot <= bound
+    assert set(codes(results)) == {"ok", "insufficient_quota"}
