@@ -171,6 +171,7 @@ class _Exchange:
                 self.rid,
                 ended,
                 self.sent,
+                tenant=self.tenant.name if self.tenant is not None else None,
             )
 
     async def _dispatch(self) -> Reply:

@@ -269,7 +269,8 @@ class Dispatcher:
             loop.call_soon(
                 self.metrics.decision, route.model, "local" if local else "shared", elapsed
             )
-            log_decision(job.request_id, route, d, len(job.attempts) + 1, started)
+            tenant = job.tenant.name if job.tenant is not None else None
+            log_decision(job.request_id, route, d, len(job.attempts) + 1, started, tenant)
             if d.index is not None:
                 provider, tokens = job.plan.providers[d.index], job.tokens[d.index]
                 lease = Lease(lease_id, provider, d.bucket, tokens, local)
