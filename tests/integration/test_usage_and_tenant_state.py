@@ -16,9 +16,10 @@ import redis.asyncio as aioredis
 from prometheus_client.parser import text_string_to_metric_families
 
 from router.budgets import period_id, period_label
-from router.config import BudgetPeriod, Config, parse_config
-from router.state.keys import Keys
-from router.state.store import Store
+from router.config import BudgetPeriod, Config, TenantSpec, parse_config
+from router.state import tenantstate
+from router.state.keys import WINDOW_BUCKETS, Keys
+from router.state.store import Store, TenantPlan
 from router.state.tenantstate import config_plans, read_tenants
 from router.state.usage import read_usage
 from tests.helpers import (
@@ -102,23 +103,19 @@ async def test_read_usage_of_a_day_a_month_and_a_tenant(redis_url: str) -> None:
     assert [r.tenant for r in team_b.rows] == ["team.b"]
 
 
-async def test_read_tenants_counts_the_window_live_leases_and_this_periods_spend(
-    redis_url: str,
-) -> None:
+async def test_read_tenants_counts_live_leases_and_this_periods_spend(redis_url: str) -> None:
     cfg = config(redis_url)
     client = aioredis.Redis.from_url(redis_url)
     sec, _ = await client.time()
     now_ms = sec * 1000
     month = period_id(BudgetPeriod.MONTH, sec)
-    # a stale running total and a bucket out of the window: neither may count
     await client.hset(KEYS.tenant("team-a"), mapping={
-        "rpm": 999, "tpm": 99_999, f"r:{sec - 62}": 50, f"t:{sec - 62}": 5000,
-        f"r:{sec - 61}": 1, f"t:{sec - 61}": 100, f"r:{sec}": 2, f"t:{sec}": 250,
+        "wh": sec, "rpm": 3, "tpm": 350, f"r:{sec}": 3, f"t:{sec}": 350,
         "per": month, "sp": 12_500_000_000,
     })  # fmt: skip
     await client.zadd(KEYS.tenant_leases("team-a"), {"x": now_ms + 60_000, "y": now_ms - 1})
     # last month's spend: this month's is 0
-    await client.hset(KEYS.tenant("default"), mapping={"per": month - 1, "sp": 7, f"r:{sec}": 1})
+    await client.hset(KEYS.tenant("default"), mapping={"per": month - 1, "sp": 7})
     await client.aclose()
     store = Store.from_config(cfg)
     await store.start(warm=1)
@@ -137,9 +134,67 @@ async def test_read_tenants_counts_the_window_live_leases_and_this_periods_spend
         12_500_000_000, 12.5, 50.0, "month"
     )  # fmt: skip
     d = by_name["default"]
-    assert (d.rpm_used, d.spend_nano, d.budget_nano) == (1, 0, None)
+    assert (d.rpm_used, d.spend_nano, d.budget_nano) == (0, 0, None)
     b = by_name["team.b"]
     assert (b.rpm_used, b.tpm_used, b.in_flight, b.spend_nano) == (0, 0, 0, 0)
+
+
+# How long ago the window's head ('wh') was, in seconds: slid this second, at the window's
+# oldest bucket, a few buckets out, more than half out (the buckets left in it are summed),
+# exactly out, long out; and a tenant that never had a request (no fields at all).
+HEADS = [0, 61, 62, 65, 100, 122, 123, 500, None]
+
+
+def window_fields(sec: int, ago: int | None) -> dict[str, int]:
+    """A tenant hash as acquire.lua leaves it: buckets only in [wh, wh + W - 1], some empty,
+    and the running totals their sums."""
+    if ago is None:
+        return {}
+    head = sec - ago
+    fields: dict[str, int] = {"wh": head}
+    for b in range(head, min(sec, head + WINDOW_BUCKETS - 1) + 1):
+        if b % 3 or b == head:  # some seconds had no request; the first one had
+            fields[f"r:{b}"], fields[f"t:{b}"] = b % 5 + 1, (b % 7) * 100 + 10
+    fields["rpm"] = sum(v for k, v in fields.items() if k.startswith("r:"))
+    fields["tpm"] = sum(v for k, v in fields.items() if k.startswith("t:"))
+    return fields
+
+
+def in_window(fields: dict[str, int], prefix: str, sec: int) -> int:
+    """The specification: the buckets of the window ending at ``sec``."""
+    oldest = sec - WINDOW_BUCKETS + 1
+    return sum(v for k, v in fields.items()
+               if k.startswith(prefix) and oldest <= int(k[2:]) <= sec)  # fmt: skip
+
+
+async def test_read_tenants_sums_exactly_the_buckets_in_the_window(
+    redis_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(tenantstate, "TENANTS_PER_CALL", 4)  # three calls, in order
+    cfg = config(redis_url)
+    names = [f"t{i}" for i in range(len(HEADS))]
+    plans = [TenantPlan.build(TenantSpec(name=n), KEYS) for n in names]
+    client = aioredis.Redis.from_url(redis_url)
+    store = Store.from_config(cfg)
+    await store.start(warm=1)
+    try:
+        for _ in range(5):  # again if Redis's clock turned a second in between
+            await client.flushall()
+            sec, _ = await client.time()
+            written = [window_fields(sec, ago) for ago in HEADS]
+            for name, fields in zip(names, written, strict=True):
+                if fields:
+                    await client.hset(KEYS.tenant(name), mapping=fields)
+            states = await read_tenants(store, plans)
+            if (await client.time())[0] == sec:
+                break
+    finally:
+        await store.close()
+        await client.aclose()
+    got = [(t.rpm_used, t.tpm_used) for t in states]
+    want = [(in_window(f, "r:", sec), in_window(f, "t:", sec)) for f in written]
+    assert got == want
+    assert want[0][0] > 0 and want[4][0] > 0 and want[6] == (0, 0)  # noqa: PT018
 
 
 def gateway(cluster: Cluster, tmp_path: Path, redis_url: str) -> Gateway:
@@ -244,7 +299,8 @@ async def test_tenant_gauges_show_the_shared_state(
     sec, _ = await client.time()
     month = period_id(BudgetPeriod.MONTH, sec)
     await client.hset(KEYS.tenant("team-a"), mapping={
-        f"r:{sec}": 4, f"t:{sec}": 400, "per": month, "sp": 2_500_000_000,
+        "wh": sec, "rpm": 4, "tpm": 400, f"r:{sec}": 4, f"t:{sec}": 400,
+        "per": month, "sp": 2_500_000_000,
     })  # fmt: skip
     await client.zadd(KEYS.tenant_leases("team-a"), {"x": sec * 1000 + 120_000})
     await client.aclose()
