@@ -57,6 +57,7 @@ SCRIPTS = (
     "read_health",
     "set_drain",
     "read_state",
+    "read_tenants",
 )
 
 
