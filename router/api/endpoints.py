@@ -158,6 +158,9 @@ class _Exchange:
         self.gw.metrics.request(
             self.route or "unknown", self.provider or "none", status, outcome, elapsed
         )
+        if self.tenant is not None:
+            ended_as = "ok" if status == 200 else "failed" if self.attempts else "refused"
+            self.gw.metrics.tenant_request(self.tenant.name, self.route or "unknown", ended_as)
         self.gw.telemetry.end_request(span, status)
         if access_logged():
             log_access(

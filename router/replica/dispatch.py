@@ -295,7 +295,9 @@ class Dispatcher:
             if d.tenant_code is not TenantCode.OK and job.tenant is not None:
                 # the tenant's own limit: no queueing (its window frees on its own schedule,
                 # and a queued request would only hold a client who can retry by Retry-After)
-                raise tenant_refusal(job.tenant, d)
+                err = tenant_refusal(job.tenant, d)
+                self.metrics.tenant_rejected(job.tenant.name, err.code)
+                raise err
             left = wait_until - loop.time()
             if d.wait_ms == -2 or left <= 0:
                 raise self._no_room(job, d)
@@ -449,7 +451,22 @@ class Dispatcher:
         out = answer.usage.completion_tokens if answer.usage else 0
         tpot = duration_ms / out if out > 0 else -1
         result = _outcome(lease, provider, info, answer.usage, ttft_ms=-1, tpot_ms=tpot)
-        self.leases.release_soon(lease, _charged(result, job, index, lease, answer.usage))
+        self.release_charged(lease, _charged(result, job, index, lease, answer.usage))
+
+    def release_charged(
+        self, lease: Lease, outcome: Outcome, context: contextvars.Context | None = None
+    ) -> None:
+        """Release a served attempt's lease, and count what its tenant was charged."""
+        if outcome.served:
+            self.metrics.tenant_served(
+                lease.tenant,
+                lease.route,
+                lease.provider,
+                outcome.prompt_tokens,
+                outcome.completion_tokens,
+                outcome.cost_nano,
+            )
+        self.leases.release_soon(lease, outcome, context)
 
     async def _stream(
         self,
@@ -526,7 +543,7 @@ class _Relay:
             # the provider has started answering: what it generated is charged (the
             # reservation, with no usage reported)
             result = _charged(Outcome("client_cancelled"), self.job, self.index, self.lease, None)
-            self.d.leases.release_soon(self.lease, result, self.context)
+            self.d.release_charged(self.lease, result, self.context)
 
     async def run(
         self, first: bytes, chunks: AsyncIterator[bytes], tr: StreamTranslator
@@ -600,7 +617,7 @@ class _Relay:
         if outcome != "ok":
             result = Outcome(outcome, result.token_correction, -1, -1)
         result = _charged(result, self.job, self.index, self.lease, usage)
-        self.d.leases.release_soon(self.lease, result, self.context)
+        self.d.release_charged(self.lease, result, self.context)
 
 
 def _outcome(
