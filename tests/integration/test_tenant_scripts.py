@@ -136,7 +136,8 @@ async def test_a_failed_attempt_refunds_the_tenant(store: Store) -> None:
         Outcome("http_5xx", tenant_token_correction=-300, spend_correction=-5000),
     )
     f = await fields(store, t.keys[0])
-    assert (f["tpm"], f["sp"], f["inf"], f["rpm"]) == ("0", "0", "0", "1")
+    assert (f["tpm"], f["sp"], f["rpm"]) == ("0", "0", "1")
+    assert "inf" not in f  # no max_in_flight: in flight is not counted
     assert await store.client.keys(store.keys.usage("*", "*")) == []  # nothing served
 
 

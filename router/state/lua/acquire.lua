@@ -23,7 +23,8 @@
 --               tokens to reserve, excluded (1 = skip)
 -- The tenant (when KEYS holds more than 2 + 2n keys):
 -- KEYS[3+2n]    the tenant's hash (windows, spend)          Keys.tenant
--- KEYS[4+2n]    the tenant's lease zset                     Keys.tenant_leases
+-- KEYS[4+2n]    the tenant's lease zset (used only with a max_in_flight: a tenant without one
+--               costs one HMGET and one HSET)             Keys.tenant_leases
 -- ARGV[10+6n ..] its rpm, tpm, max_in_flight (0 = unlimited), tokens to reserve, budget
 --               (nano-USD, 0 = none), its period (1 day, 2 week, 3 month: spend is kept per
 --               period, with a budget or not), cost to
@@ -204,12 +205,15 @@ if tenant then
   local a, tk, tl = 10 + 6 * n, KEYS[3 + 2 * n], KEYS[4 + 2 * n]
   local rpmL, tpmL, maxf, tokens = N[ARGV[a]], N[ARGV[a + 1]], N[ARGV[a + 2]], N[ARGV[a + 3]]
   local budget, pcode, cost, counted = N[ARGV[a + 4]], N[ARGV[a + 5]], N[ARGV[a + 6]], ARGV[a + 7] == '1'
-  local f = call('HMGET', tk, 'rpm', 'tpm', 'inf', 'nm', 'per', 'sp')
-  local rpm, tpm, inflight, nm = N[f[1]] or 0, N[f[2]] or 0, N[f[3]], N[f[4]]
+  -- this second's buckets are read here so that one HSET writes every figure at admission
+  local rk, tb = 'r:' .. sec, 't:' .. sec
+  local f = call('HMGET', tk, 'rpm', 'tpm', 'inf', 'nm', 'per', 'sp', rk, tb)
+  local rpm, tpm, inflight, nm = N[f[1]] or 0, N[f[2]] or 0, N[f[3]] or 0, N[f[4]]
   local fresh = false
-  if nm == nil or nm <= now or inflight == nil then
+  if nm == nil or nm <= now then
     local head, first = N[call('HGET', tk, 'wh')], nil
-    if inflight ~= 0 then inflight, first = purge(tk, tl) end
+    -- in flight is counted (a lease zset) only for a tenant with a max_in_flight
+    if maxf > 0 or inflight ~= 0 then inflight, first = purge(tk, tl) end
     rpm, tpm = slide(tk, head, rpm, tpm)
     fresh = head == nil
     nm = FAR
@@ -245,7 +249,8 @@ if tenant then
     return out
   end
   U = {tk = tk, tl = tl, rpm = rpm, tpm = tpm, inflight = inflight, nm = nm, fresh = fresh,
-    tokens = tokens, counted = counted, pid = pid, same = same, spent = spent, cost = cost}
+    tokens = tokens, counted = counted, pid = pid, same = same, spent = spent, cost = cost,
+    maxf = maxf, rk = rk, tb = tb, r0 = N[f[7]] or 0, t0 = N[f[8]] or 0}
 end
 
 local best, any = nil, false
@@ -317,24 +322,28 @@ if best then
   if t.circ then call('HSET', pk, 'circ', 'half', 'circ_until', now + ttl, 'circ_trial', lease) end
   T[best].inflight, T[best].rpm, T[best].tpm = t.inflight + added, t.rpm + 1, t.tpm + t.tokens
   wait = 0
-  if U then  -- the tenant's share of the same admission
-    local added = call('ZADD', U.tl, now + ttl, lease)
+  if U then  -- the tenant's share of the same admission, in one write (two with in flight)
     local r = U.counted and 1 or 0
-    if r ~= 0 then call('HINCRBY', U.tk, 'r:' .. sec, 1) end
-    if U.tokens ~= 0 then call('HINCRBY', U.tk, 't:' .. sec, U.tokens) end
-    local w = {'rpm', U.rpm + r, 'tpm', U.tpm + U.tokens, 'inf', U.inflight + added}
-    local nm = min(U.nm, now + ttl)
+    local w = {'rpm', U.rpm + r, 'tpm', U.tpm + U.tokens}
+    if r ~= 0 then w[#w + 1], w[#w + 2] = U.rk, U.r0 + 1 end
+    if U.tokens ~= 0 then w[#w + 1], w[#w + 2] = U.tb, U.t0 + U.tokens end
+    local nm = U.nm
+    if U.maxf > 0 then
+      w[#w + 1], w[#w + 2] = 'inf', U.inflight + call('ZADD', U.tl, now + ttl, lease)
+      nm = min(nm, now + ttl)
+    end
     if U.fresh then
       w[#w + 1], w[#w + 2] = 'wh', sec
       nm = min(nm, (sec + W) * 1000)
     end
     if nm ~= U.nm then w[#w + 1], w[#w + 2] = 'nm', nm end
-    if not U.same then  -- a new period: its spend starts from nothing
-      w[#w + 1], w[#w + 2], w[#w + 3], w[#w + 4] = 'per', U.pid, 'sp', 0
+    if not U.same then w[#w + 1], w[#w + 2] = 'per', U.pid end  -- a new period
+    U.spent = U.spent + U.cost
+    if U.cost ~= 0 or not U.same then
+      -- as an integer's text: a Lua number written as text keeps only 14 digits
+      w[#w + 1], w[#w + 2] = 'sp', string.format('%d', U.spent)
     end
     call('HSET', U.tk, unpack(w))
-    -- spend in Redis's integers: a Lua number written as text keeps only 14 digits
-    if U.cost ~= 0 then U.spent = call('HINCRBY', U.tk, 'sp', U.cost) end
   end
 else
   -- When will one target have room? The window part frees as its oldest buckets leave.

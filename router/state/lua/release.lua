@@ -31,7 +31,7 @@
 -- ARGV[21]  prompt tokens, ARGV[22] completion tokens, ARGV[23] cost (nano-USD): the usage
 -- ARGV[24]  1 = record the usage (the provider served the request), 0 = not
 -- ARGV[25]  day usage TTL (s), ARGV[26] month usage TTL (s)
--- The tenant's part is idempotent on its own lease: applied once, by the call that removes it.
+-- The tenant's part is applied once per lease, by the call that removes the provider lease.
 -- Returns 1 when the lease was released by this call, 2 when it was and its failure opened
 -- the circuit, 0 when it was already gone.
 -- Circuit: connect errors, timeouts, 5xx and bad answers in a row open it; the half-open
@@ -66,11 +66,18 @@ for k = 1, 2 do
   end
 end
 
-if #KEYS >= 7 and redis.call('ZREM', KEYS[5], ARGV[1]) == 1 then
+if redis.call('ZREM', lk, ARGV[1]) == 0 then return 0 end
+redis.call('ZREMRANGEBYSCORE', lk, '-inf', now)
+redis.call('HSET', pk, 'inf', redis.call('ZCARD', lk))  -- acquire.lua reads the count here
+
+if #KEYS >= 7 then
   local tk = KEYS[4]
-  redis.call('ZREMRANGEBYSCORE', KEYS[5], '-inf', now)
-  local t = redis.call('HMGET', tk, 'wh', 'per')
-  redis.call('HSET', tk, 'inf', redis.call('ZCARD', KEYS[5]))
+  local t = redis.call('HMGET', tk, 'wh', 'per', 'inf')
+  -- in flight is counted only for a tenant with a max_in_flight (see acquire.lua)
+  if t[3] and redis.call('ZREM', KEYS[5], ARGV[1]) == 1 then
+    redis.call('ZREMRANGEBYSCORE', KEYS[5], '-inf', now)
+    redis.call('HSET', tk, 'inf', redis.call('ZCARD', KEYS[5]))
+  end
   local bucket, correction = tonumber(ARGV[3]), tonumber(ARGV[17])
   if correction ~= 0 and bucket >= (tonumber(t[1]) or bucket) then
     local held = tonumber(redis.call('HGET', tk, 't:' .. bucket))
@@ -86,18 +93,16 @@ if #KEYS >= 7 and redis.call('ZREM', KEYS[5], ARGV[1]) == 1 then
     local p = ARGV[20]
     for k = 6, 7 do
       local uk = KEYS[k]
-      redis.call('HINCRBY', uk, p .. 'req', 1)
+      -- a hash's first field is some field's first write: the expiry is set then
+      if redis.call('HINCRBY', uk, p .. 'req', 1) == 1 then
+        redis.call('EXPIRE', uk, ARGV[19 + k], 'NX')
+      end
       redis.call('HINCRBY', uk, p .. 'in', ARGV[21])
       redis.call('HINCRBY', uk, p .. 'out', ARGV[22])
       redis.call('HINCRBY', uk, p .. 'cost', ARGV[23])
-      redis.call('EXPIRE', uk, ARGV[19 + k], 'NX')
     end
   end
 end
-
-if redis.call('ZREM', lk, ARGV[1]) == 0 then return 0 end
-redis.call('ZREMRANGEBYSCORE', lk, '-inf', now)
-redis.call('HSET', pk, 'inf', redis.call('ZCARD', lk))  -- acquire.lua reads the count here
 
 local bucket, correction = tonumber(ARGV[3]), tonumber(ARGV[4])
 if correction ~= 0 and bucket >= (tonumber(f[3]) or bucket) then
