@@ -982,23 +982,35 @@ def store_throughput(redis_port: int, redis_pid: int, seconds: float) -> dict[st
 
 
 async def _acquire_batch(
-    store: Any, plan: Any, r: redis.Redis, n: int, *, busy: bool, detail: bool = False
-) -> dict[str, Any]:
+    store: Any, plan: Any, r: redis.Redis, n: int, *, busy: bool, detail: bool = False,
+    tenant: Any = None,
+) -> dict[str, Any]:  # fmt: skip
     """``n`` acquires, their leases held until after the reading: the acquire script's
     server-side time alone (INFO commandstats, and latencystats for percentiles).
 
     ``busy``: all ``n`` at once, pipelined over the store's one connection, so Redis runs them
     back to back, as under load (the figure that sets a shard's capacity); otherwise one at a
-    time, Redis idle between calls (on this VM that costs a cold start per call)."""
+    time, Redis idle between calls (on this VM that costs a cold start per call).
+    ``tenant``: each acquire also checks and charges it (limits and a budget that never
+    refuse: the cost of the tenant's part, not of a refusal)."""
+    from router.budgets import period_id
+    from router.config import BudgetPeriod
     from router.state.store import Lease, Outcome
 
     k = len(plan.providers)
 
     async def one(i: int) -> Any:
-        lid = f"{plan.route.model}:{busy}:{detail}:{i}"
+        lid = f"{plan.route.model}:{busy}:{detail}:{tenant is not None}:{i}"
         d = await store.acquire(plan, lid, [32] * k, [False] * k, rand=i, expected_output=16,
-                                detail=detail)  # fmt: skip
-        return Lease(lid, plan.providers[d.index], d.bucket, 32) if d.index is not None else None
+                                detail=detail, tenant=tenant, tenant_tokens=48,
+                                cost_nano=1000)  # fmt: skip
+        if d.index is None:
+            return None
+        if tenant is None:
+            return Lease(lid, plan.providers[d.index], d.bucket, 32)
+        pid = period_id(tenant.period or BudgetPeriod.MONTH, d.bucket)
+        return Lease(lid, plan.providers[d.index], d.bucket, 32, False, tenant.name,
+                     plan.route.model, 48, 1000, pid)  # fmt: skip
 
     r.config_resetstat()
     if busy:
@@ -1025,24 +1037,39 @@ async def _acquire_batch(
 async def acquire_cost_async(redis_port: int, n: int) -> dict[str, Any]:
     """The acquire script's server-side time with 10 targets in the route, per strategy:
     Redis busy (the target's figure) and one call at a time, the decision log off (the
-    router's default: codes only); and busy with the decision log's per-target detail."""
-    from router.state.store import RoutePlan, Store
+    router's default: codes only); and busy with the decision log's per-target detail; and
+    busy with a tenant (limits and a budget), in runs paired with those without."""
+    from router.config import TenantSpec
+    from router.state.store import RoutePlan, Store, TenantPlan
 
     cfg = store_config(redis_port, 10, 4)
     store = Store.from_config(cfg)
     await store.start(warm=1)
     r = redis.Redis(port=redis_port)
     out: dict[str, Any] = {}
+    spec = TenantSpec.model_validate({
+        "name": "bench", "budget": {"usd": 1_000_000, "period": "month"},
+        "limits": {"rpm": 10**9, "tpm": 10**12, "max_in_flight": 10**6},
+    })  # fmt: skip
+    tenant = TenantPlan.build(spec, store.keys)
     try:
         for route in cfg.routes:
             plan = RoutePlan.build(cfg, route, store.keys)
             await _acquire_batch(store, plan, r, 200, busy=True)  # windows and counters exist
+            await _acquire_batch(store, plan, r, 200, busy=True, tenant=tenant)
             # the best of BUSY_RUNS: on a shared VM a neighbour's burst can slow a whole run;
-            # the least disturbed run is the nearest to the script's own cost
-            runs = [await _acquire_batch(store, plan, r, n, busy=True) for _ in range(BUSY_RUNS)]
+            # the least disturbed run is the nearest to the script's own cost. With and without
+            # a tenant alternate, so that both see the same machine.
+            runs, truns = [], []
+            for _ in range(BUSY_RUNS):
+                runs.append(await _acquire_batch(store, plan, r, n, busy=True))
+                truns.append(await _acquire_batch(store, plan, r, n, busy=True, tenant=tenant))
             best = min(runs, key=lambda x: float(x["mean_us"]))
+            tbest = min(truns, key=lambda x: float(x["mean_us"]))
             best["busy_runs"] = BUSY_RUNS
             best["busy_median_us"] = statistics.median(float(x["mean_us"]) for x in runs)
+            best["busy_with_tenant"] = tbest
+            best["tenant_cost_ratio"] = round(float(tbest["mean_us"]) / float(best["mean_us"]), 3)
             best["one_at_a_time"] = await _acquire_batch(store, plan, r, n // 2, busy=False)
             best["busy_with_detail"] = await _acquire_batch(store, plan, r, n, busy=True,
                                                             detail=True)  # fmt: skip
@@ -1083,6 +1110,7 @@ class Options:
     stream_requests: int
     store_seconds: float
     acquire_n: int
+    acquire_only: bool = False
 
 
 def one_replica(rig: Rig, up: Upstreams, opts: Options) -> dict[str, Any]:
@@ -1375,6 +1403,11 @@ def parse_args(argv: list[str] | None) -> Options:
     p.add_argument("--quick", action="store_true", help="3 s runs, fewer samples (debugging)")
     p.add_argument("--duration", type=float, default=None, help="seconds per wrk run (10)")
     p.add_argument("--profile", action="store_true", help="also sample the router with py-spy")
+    p.add_argument(
+        "--acquire-only",
+        action="store_true",
+        help="only the acquire script's cost with 10 targets (printed, not written)",
+    )
     a = p.parse_args(argv)
     duration = a.duration or (3.0 if a.quick else 10.0)
     return Options(
@@ -1384,6 +1417,7 @@ def parse_args(argv: list[str] | None) -> Options:
         stream_requests=20 if a.quick else 50,
         store_seconds=3.0 if a.quick else 10.0,
         acquire_n=500 if a.quick else 2000,
+        acquire_only=a.acquire_only,
     )
 
 
@@ -1393,6 +1427,13 @@ def main(argv: list[str] | None = None) -> int:
     if (os.cpu_count() or 1) < 2:
         sys.exit("bench: needs at least 2 CPUs (the router on core 0, the load on core 1)")
     env = environment()
+    if opts.acquire_only:
+        with tempfile.TemporaryDirectory(prefix="router-bench-") as tmp, Rig(Path(tmp)) as rig:
+            proc, port = start_redis(rig)
+            with pinned(SUT_CPU), asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+                cost = runner.run(acquire_cost_async(port, opts.acquire_n))
+        print(json.dumps({"environment": env, "acquire_10_targets": cost}, indent=2))
+        return 0
     with tempfile.TemporaryDirectory(prefix="router-bench-") as tmp, Rig(Path(tmp)) as rig:
         res = run_all(rig, opts)
     res = {"environment": env, "duration_s": opts.duration, "quick": opts.quick, **res}

@@ -69,6 +69,9 @@ class MockConfig:
     ttft_ms: float | None = None
     chunk_interval_ms: float = 0.0
     completion_tokens: int = 16
+    prompt_token_scale: float = 1.0
+    """Reported prompt tokens = the estimate times this (a tokenizer that counts more than
+    the router's estimate: CJK text, code), to measure what an under-estimate costs."""
     error_rate: float = 0.0
     error_status: int = 500
     rpm: int | None = None
@@ -682,6 +685,8 @@ class MockProvider:
             return self._early_fault(request, early)
         self._check_headers(request)
         call = PARSERS[kind](self._decode(raw))
+        if self.cfg.prompt_token_scale != 1.0:
+            call.prompt_tokens = math.ceil(call.prompt_tokens * self.cfg.prompt_token_scale)
         self.stats.models[call.model] = self.stats.models.get(call.model, 0) + 1
         self.stats.last_max_tokens = call.max_tokens
         if self.cfg.error_rate and self.rng.random() < self.cfg.error_rate:
@@ -1063,6 +1068,8 @@ def parse_args(argv: list[str] | None = None) -> MockConfig:
     p.add_argument("--ttft-ms", type=float, default=None, help="default: --latency-ms")
     p.add_argument("--chunk-interval-ms", type=float, default=0.0)
     p.add_argument("--completion-tokens", type=int, default=16)
+    p.add_argument("--prompt-token-scale", type=float, default=1.0,
+                   help="report this many times the estimated prompt tokens")  # fmt: skip
     p.add_argument("--error-rate", type=float, default=0.0)
     p.add_argument("--error-status", type=int, default=500)
     p.add_argument("--rpm", type=int, default=None, help="0/unset = unlimited")

@@ -280,7 +280,9 @@ class BudgetPeriod(StrEnum):
 class Budget(_Model):
     """A spend cap per calendar period (UTC; a week starts on Monday), in US dollars."""
 
-    usd: Annotated[float, Field(gt=0, le=1_000_000_000)]
+    usd: Annotated[float, Field(gt=0, le=1_000_000)]
+    """At most a million dollars: spend is counted in nano-dollars, which Redis's Lua holds
+    exactly up to 2**53 (about nine million dollars)."""
     period: BudgetPeriod = BudgetPeriod.MONTH
 
 

@@ -21,6 +21,11 @@
     │   ├── ClientGone               499 the client left mid-request (answered to nobody)
     │   └── ProviderClientError      4xx answered by a provider, passed through
     ├── Saturated                    429 no target has room; carries retry_after_s
+    ├── TenantLimited                429 the tenant is at one of its own limits (its code says
+    │                                which: tenant_rpm_exceeded, tenant_tpm_exceeded,
+    │                                tenant_in_flight_exceeded); retry_after_s
+    ├── QuotaExceeded                429 insufficient_quota: the tenant's budget is spent until
+    │                                its period ends (Retry-After: then)
     ├── Unavailable                  503 every target is out of service (down, drained,
     │                                circuit open); retry_after_s when a circuit's trial is due
     ├── UpstreamError                one provider attempt failed (translated in upstream.py)
@@ -197,6 +202,33 @@ class Saturated(RouterError):
 
     def headers(self) -> dict[str, str]:
         return {"Retry-After": str(max(1, math.ceil(self.retry_after_s)))}
+
+
+class TenantLimited(RouterError):
+    """The tenant is at one of its own limits (not the providers': they may have room)."""
+
+    status = 429
+    type = "rate_limit_error"
+
+    def __init__(self, message: str, code: str, retry_after_s: float | None) -> None:
+        super().__init__(message)
+        self.code = code
+        self.retry_after_s = retry_after_s
+        """When a request may succeed again; ``None``: never by waiting (it is too large)."""
+
+    def headers(self) -> dict[str, str]:
+        if self.retry_after_s is None:
+            return {}
+        return {"Retry-After": str(max(1, math.ceil(self.retry_after_s)))}
+
+
+class QuotaExceeded(TenantLimited):
+    """The tenant's budget for the period is spent (OpenAI's ``insufficient_quota``)."""
+
+    type = "insufficient_quota"
+
+    def __init__(self, message: str, retry_after_s: float | None) -> None:
+        super().__init__(message, "insufficient_quota", retry_after_s)
 
 
 class Unavailable(RouterError):

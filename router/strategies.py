@@ -47,6 +47,45 @@ class Code(IntEnum):
     target in the rotation with room; the script never reports this with detail."""
 
 
+class TenantCode(IntEnum):
+    """Why a tenant cannot take a request now (the numbers are the Lua script's)."""
+
+    OK = 0
+    IN_FLIGHT = 1
+    RPM = 2
+    TPM = 3
+    BUDGET = 4
+
+
+@dataclass(frozen=True, slots=True)
+class TenantUse:
+    """What a decision sees of a tenant: its limits (0 = unlimited) and its use now."""
+
+    rpm: int = 0
+    tpm: int = 0
+    max_in_flight: int = 0
+    budget: int = 0
+    """Spend cap this period, nano-USD (0: none)."""
+    in_flight: int = 0
+    rpm_used: int = 0
+    tpm_used: int = 0
+    spent: int = 0
+    """Spend this period, nano-USD, the reservations in flight included."""
+
+
+def tenant_verdict(t: TenantUse, tokens: int, cost: int, counted: bool = True) -> TenantCode:
+    """Whether the tenant can take a request reserving ``tokens`` and ``cost``; checked
+    before any target, in this order. ``counted``: the request counts in its RPM (a
+    failover attempt of a request already counted does not)."""
+    checks = (
+        (0 < t.max_in_flight <= t.in_flight, TenantCode.IN_FLIGHT),
+        (counted and t.rpm > 0 and t.rpm_used + 1 > t.rpm, TenantCode.RPM),
+        (t.tpm > 0 and t.tpm_used + tokens > t.tpm, TenantCode.TPM),
+        (t.budget > 0 and t.spent + cost > t.budget, TenantCode.BUDGET),
+    )
+    return next((code for failed, code in checks if failed), TenantCode.OK)
+
+
 CAPACITY = frozenset({Code.COOLING, Code.FULL, Code.RPM, Code.TPM})
 """In service but without room now (one of our limits, or the provider's 429 cooldown):
 waiting helps, and a client refused for it is told 429."""

@@ -1,4 +1,4 @@
-"""The admin API of a replica: the cluster state, and drains, behind the admin token.
+"""The admin API of a replica: the cluster state, usage, and drains, behind the admin token.
 
 Only ``Authorization: Bearer <admin_token>`` passes, compared in constant time; a client key
 (any tenant's, issued ones too) is recognised (403, not 401) so a misdirected call says what
@@ -21,6 +21,7 @@ from router.errors import Forbidden, ProviderNotFound, StoreError, Unauthorized
 from router.replica.gateway import Gateway
 from router.state.cluster import read_state, state_json
 from router.state.health import HealthStore
+from router.state.usage import read_usage, usage_json, usage_query
 
 JSON = "application/json"
 T = TypeVar("T")
@@ -62,7 +63,8 @@ async def shared(gw: Gateway, call: Callable[[], Awaitable[T]]) -> T:
 
 
 def admin_router(gw: Gateway, keys: ClientKeys) -> APIRouter:
-    """``GET /admin/state`` and ``POST /admin/providers/{name}/drain|enable``."""
+    """``GET /admin/state``, ``GET /admin/usage`` and
+    ``POST /admin/providers/{name}/drain|enable``."""
     router = APIRouter(prefix="/admin")
     guard = AdminGuard(gw.cfg, keys)
     names = {p.name for p in gw.cfg.providers}
@@ -72,6 +74,17 @@ def admin_router(gw: Gateway, keys: ClientKeys) -> APIRouter:
         guard.check(request)
         current = await shared(gw, lambda: read_state(gw.store, gw.cfg))
         return Response(orjson.dumps(state_json(current)), 200, media_type=JSON)
+
+    @router.get("/usage")
+    async def usage(
+        request: Request, period: str = "day", at: str | None = None, tenant: str | None = None
+    ) -> Response:
+        """One day's or month's usage per tenant, route and provider (``at``: its label,
+        ``YYYY-MM-DD`` or ``YYYY-MM``; the current one by default)."""
+        guard.check(request)
+        q = usage_query(period, at, tenant)
+        report = await shared(gw, lambda: read_usage(gw.store, q.period, q.label, q.tenant))
+        return Response(orjson.dumps(usage_json(report)), 200, media_type=JSON)
 
     async def set_drain(request: Request, name: str, drained: bool) -> Response:
         guard.check(request)

@@ -134,10 +134,10 @@ class _Exchange:
         self.traceparent = client_traceparent(traceparent) if traceparent else None
         self.started = time.perf_counter()
         self.route: str | None = None
-        self.tenant: TenantPlan | None = None
-        """Whose key the request carries, once checked."""
         self.provider: str | None = None
         self.attempts: int | None = None
+        self.tenant: TenantPlan | None = None
+        """Whose request it is, once its key is checked."""
         self.sent = 0
         """Body bytes sent to the client."""
         self.responded = False
@@ -167,6 +167,9 @@ class _Exchange:
         self.gw.metrics.request(
             self.route or "unknown", self.provider or "none", status, outcome, elapsed
         )
+        if self.tenant is not None:
+            ended_as = "ok" if status == 200 else "failed" if self.attempts else "refused"
+            self.gw.metrics.tenant_request(self.tenant.name, self.route or "unknown", ended_as)
         self.gw.telemetry.end_request(span, status)
         if access_logged():
             log_access(
@@ -180,6 +183,7 @@ class _Exchange:
                 self.rid,
                 ended,
                 self.sent,
+                tenant=self.tenant.name if self.tenant is not None else None,
             )
 
     async def _dispatch(self) -> Reply:
@@ -199,7 +203,9 @@ class _Exchange:
         if route is None or not tenant.allows(route.model):
             raise model_not_found(model, tenant)
         self.route = route.model
-        return await self.gw.dispatcher.serve(self.op, route, data, self.rid, self.traceparent)
+        return await self.gw.dispatcher.serve(
+            self.op, route, data, self.rid, self.traceparent, self.tenant
+        )
 
     async def _start(self, status: int, headers: Iterable[tuple[bytes, bytes]]) -> None:
         all_headers = [(b"x-request-id", self.rid.encode()), *headers]

@@ -27,12 +27,12 @@ from pydantic import ValidationError
 from router.api.admin import AdminGuard, shared
 from router.api.auth import ClientKeys
 from router.api.schemas import parse_json
-from router.budgets import usd
 from router.config import TenantSpec, field_path
 from router.errors import BadRequest, PayloadTooLarge, StoreError, TenantNotFound
 from router.replica.gateway import Gateway
 from router.replica.tenants import TenantDirectory, TenantEntry
-from router.state.tenants import IssuedKey, TenantLoad, TenantStore
+from router.state.tenants import IssuedKey, TenantStore
+from router.state.tenantstate import TenantState, read_tenants
 
 JSON = "application/json"
 MAX_BODY_BYTES = 64 * 1024
@@ -90,13 +90,15 @@ def tenant_json(gw: Gateway, directory: TenantDirectory, entry: TenantEntry) -> 
     }
 
 
-def _usage(load: TenantLoad) -> dict[str, Any]:
+def _usage(state: TenantState) -> dict[str, Any]:
+    """Its use now: requests and tokens in the window, in flight, spend this budget period."""
     return {
-        "rpm": load.rpm,
-        "tpm": load.tpm,
-        "in_flight": load.in_flight,
-        "spend_usd": usd(load.spend_nano),
-        "period": load.period,
+        "rpm": state.rpm_used,
+        "tpm": state.tpm_used,
+        "in_flight": state.in_flight,
+        "spend_usd": state.spend_usd,
+        "spend_nano": state.spend_nano,
+        "period": state.period_label,
     }
 
 
@@ -138,12 +140,12 @@ class TenantsAdmin:
         directory = await shared(self.gw, self._read)
         entries = directory.entries()
         plans = [e.plan for e in entries]
-        now_ms, loads = await shared(self.gw, lambda: self.store.loads(plans))
+        states = await shared(self.gw, lambda: read_tenants(self.gw.store, plans))
         out = [
-            {**tenant_json(self.gw, directory, e), "usage": _usage(loads[e.plan.name])}
-            for e in entries
+            {**tenant_json(self.gw, directory, e), "usage": _usage(state)}
+            for e, state in zip(entries, states, strict=True)
         ]
-        return _answer({"version": directory.version, "taken_at_ms": now_ms, "tenants": out})
+        return _answer({"version": directory.version, "tenants": out})
 
     async def one(self, request: Request, name: str) -> Response:
         self.guard.check(request)
@@ -151,8 +153,8 @@ class TenantsAdmin:
         entry = next((e for e in directory.entries() if e.plan.name == name), None)
         if entry is None:
             raise TenantNotFound(f"no tenant named '{name[:64]}'")
-        _, loads = await shared(self.gw, lambda: self.store.loads([entry.plan]))
-        return _answer({**tenant_json(self.gw, directory, entry), "usage": _usage(loads[name])})
+        [state] = await shared(self.gw, lambda: read_tenants(self.gw.store, [entry.plan]))
+        return _answer({**tenant_json(self.gw, directory, entry), "usage": _usage(state)})
 
     async def create(self, request: Request) -> Response:
         spec = parse_spec(await self._body(request), self.routes)

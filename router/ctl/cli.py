@@ -23,16 +23,17 @@ from router.config import (
     secret_variables,
 )
 from router.ctl.local import ClusterRecord, Registry
-from router.ctl.tables import render_keys, render_state
+from router.ctl.tables import render_keys, render_state, render_usage
 from router.ctl.tenants import add_arguments as add_tenant_arguments
 from router.ctl.tenants import run as run_tenants
 from router.ctl.up import DEFAULT_CONFIG, REPO_ROOT
 from router.ctl.up import add_arguments as add_up_arguments
 from router.ctl.up import up as run_up
-from router.errors import ConfigError, StoreError
+from router.errors import BadRequest, ConfigError, StoreError
 from router.state.cluster import ClusterState, describe_keys, read_state, state_json
 from router.state.health import HealthStore
 from router.state.store import Store
+from router.state.usage import UsageQuery, read_usage, usage_json, usage_query
 
 
 def check_config(path: str, *, env: bool = True) -> int:
@@ -229,6 +230,40 @@ def inspect_cluster(
     return 0
 
 
+async def _read_usage(cfg: Config, q: UsageQuery, as_json: bool) -> None:
+    store = Store.from_config(cfg)
+    try:
+        await store.start(warm=1)
+        report = await read_usage(store, q.period, q.label, q.tenant)
+    finally:
+        await store.close()
+    if as_json:
+        print(json.dumps(usage_json(report), indent=2))
+    else:
+        Console().print(render_usage(report))
+
+
+def show_usage(
+    path: str | None, period: str, at: str | None, tenant: str | None, as_json: bool = False
+) -> int:
+    """Show one day's or month's usage per tenant, route and provider, read from Redis.
+    Exit status 0, 1 (Redis failed) or 2 (a wrong argument, no cluster)."""
+    try:
+        q = usage_query(period, at, tenant)
+    except BadRequest as exc:
+        print(f"routerctl usage: --{exc.param}: {exc}", file=sys.stderr)
+        return 2
+    cfg = _shared_state_config(path)
+    if cfg is None:
+        return 2
+    try:
+        asyncio.run(_read_usage(cfg, q, as_json))
+    except StoreError as exc:
+        print(f"routerctl: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def _seconds(text: str) -> float:
     value = float(text)
     if value <= 0:
@@ -243,6 +278,21 @@ def _add_inspect_commands(sub: argparse._SubParsersAction[argparse.ArgumentParse
     state.add_argument("--watch", type=_seconds, metavar="SECONDS", help="refresh until Ctrl-C")
     keys = sub.add_parser("keys", help="list the deployment's Redis keys: type, TTL, meaning")
     keys.add_argument("--config", default=os.environ.get("ROUTER_CONFIG"))
+    usage = sub.add_parser(
+        "usage", help="show usage per tenant, route and provider: requests, tokens, cost"
+    )
+    usage.add_argument("--config", default=os.environ.get("ROUTER_CONFIG"))
+    usage.add_argument("--tenant", help="only this tenant")
+    usage.add_argument(
+        "--period",
+        choices=("day", "month"),
+        default="day",
+        help="a UTC day or month (default: day)",
+    )
+    usage.add_argument(
+        "--at", metavar="LABEL", help="which one: YYYY-MM-DD or YYYY-MM (default: the current)"
+    )
+    usage.add_argument("--json", action="store_true", help="print the JSON form (schema 1)")
 
 
 def _at_least_one(text: str) -> int:
@@ -413,6 +463,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.command in ("state", "keys"):
         watch = getattr(args, "watch", None)
         sys.exit(inspect_cluster(args.config, args.command, getattr(args, "json", False), watch))
+    if args.command == "usage":
+        sys.exit(show_usage(args.config, args.period, args.at, args.tenant, args.json))
     if args.command in ("drain", "enable"):
         sys.exit(drain(args.config, args.provider, args.command == "drain"))
     if args.command == "check-config":

@@ -1,5 +1,6 @@
-"""Render the cluster state and its keys as rich tables (read by ``router.state.cluster``), and
-the tenants as the admin API lists them."""
+"""Render the cluster state, its keys and its usage as rich tables (read by
+``router.state.cluster`` and ``router.state.usage``), and the tenants as the admin API lists
+them (``routerctl tenants``)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from rich.text import Text
 
 from router.config import masked_url
 from router.state.cluster import ClusterState, KeyInfo, ProviderState, ReplicaState, RouteState
+from router.state.usage import Figures, UsageReport
 
 _HEALTH_STYLE = {"up": "green", "down": "bold red", "unknown": "dim"}
 
@@ -209,4 +211,43 @@ def render_tenants(data: Mapping[str, Any]) -> Table:
             _of(use.get("in_flight", 0), lim.get("max_in_flight")),
             _spend(t),
         )
+    return table
+
+
+_USAGE = ("tenant", "route", "provider", "requests", "prompt tok", "completion tok", "cost $")
+_USAGE_FIGURES = frozenset(_USAGE[3:])
+
+
+def usd(nano: int) -> str:
+    """Nano-dollars as dollars to six decimals (a millionth of a dollar: cheap models' requests
+    cost a few), exact: the integer is split, not divided as a float."""
+    whole, frac = divmod(nano, 1_000_000_000)
+    return f"{whole}.{frac // 1000:06d}"
+
+
+def _figures(f: Figures) -> tuple[str, ...]:
+    return (
+        str(f.requests),
+        str(f.prompt_tokens),
+        str(f.completion_tokens),
+        usd(f.cost_nano),
+    )
+
+
+def render_usage(report: UsageReport) -> RenderableType:
+    """One period's usage: a row per tenant, route and provider, each tenant's total after its
+    rows, and the whole period's total when there is more than one tenant."""
+    who = f" · tenant {report.tenant}" if report.tenant else ""
+    title = f"usage {report.period} {report.label} (UTC){who}"
+    table = _table(title, _USAGE, _USAGE_FIGURES)
+    totals = dict(report.totals)
+    rows = list(report.rows)
+    for i, row in enumerate(rows):
+        _row(table, row.tenant, row.route, row.provider, *_figures(row.figures))
+        if i + 1 == len(rows) or rows[i + 1].tenant != row.tenant:
+            _row(table, row.tenant, "total", "", *_figures(totals[row.tenant]), style="bold")
+    if len(totals) > 1:
+        _row(table, "all tenants", "total", "", *_figures(report.total), style="bold")
+    if not rows:
+        return Group(table, Text("no usage recorded in this period", style="dim"))
     return table

@@ -7,24 +7,33 @@ import time
 
 from router.config import Route
 from router.state.store import Decision
+from router.strategies import TenantCode
 from router.telemetry.logs import decision_log, decisions_logged
 
 
 def log_decision(
-    request_id: str, route: Route, decision: Decision, attempt: int, started_ns: int
+    request_id: str,
+    route: Route,
+    decision: Decision,
+    attempt: int,
+    started_ns: int,
+    tenant: str | None = None,
 ) -> None:
-    """Log one decision: every candidate's figures, the choice and why, and its cost."""
+    """Log one decision: whose request, every candidate's figures, the choice and why, and
+    its cost."""
     if not decisions_logged():
         return
     chosen = decision.candidates[decision.index] if decision.index is not None else None
     fields = {
         "request_id": request_id,
+        "tenant": tenant,
         "route": route.model,
         "strategy": route.strategy.value,
         "attempt": attempt,
         "chosen": chosen.provider if chosen else None,
         "reason": _reason(route, decision),
         "wait_ms": decision.wait_ms if chosen is None else 0,
+        "tenant_spend_nano": decision.spent_nano if tenant else None,
         "decision_us": (time.perf_counter_ns() - started_ns) // 1000,
         "candidates": [
             {
@@ -53,5 +62,7 @@ _WHY = {
 def _reason(route: Route, decision: Decision) -> str:
     if decision.index is not None:
         return _WHY[route.strategy.value]
+    if decision.tenant_code is not TenantCode.OK:
+        return f"the tenant is at its limit: {decision.tenant_code.name.lower()}"
     states = sorted({c.code.name.lower() for c in decision.candidates})
     return "no target has room: " + ", ".join(states)

@@ -19,14 +19,15 @@ import math
 import random
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from enum import Enum
 from typing import Any
 
 import orjson
 from opentelemetry.trace import SpanKind
 
-from router.config import Config, Provider, Route, TpmAccounting
+from router.budgets import cost_nano, period_id
+from router.config import BudgetPeriod, Config, Price, Provider, Route, TpmAccounting
 from router.errors import (
     AllAttemptsFailed,
     Attempt,
@@ -42,8 +43,17 @@ from router.errors import (
 from router.replica.decisions import log_decision
 from router.replica.healthview import HealthView
 from router.replica.leases import LeaseKeeper
-from router.replica.refusal import refusal
-from router.state.store import Decision, Lease, LostLease, Outcome, RoutePlan, Store
+from router.replica.refusal import refusal, tenant_refusal
+from router.state.store import (
+    Decision,
+    Lease,
+    LostLease,
+    Outcome,
+    RoutePlan,
+    Store,
+    TenantPlan,
+)
+from router.strategies import TenantCode
 from router.telemetry.logs import decisions_logged
 from router.telemetry.metrics import RouterMetrics
 from router.telemetry.tracing import Telemetry
@@ -109,9 +119,27 @@ class _Job:
     expected_output: int
     deadline: float
     attempts: list[Attempt]
+    prompt: int = 0
+    """The prompt's estimated tokens."""
+    tenant: TenantPlan | None = None
+    tenant_tokens: list[int] | None = None
+    """Per target: what the request reserves in the tenant's TPM (prompt + completion
+    budget, corrected to the reported usage on release)."""
+    costs: list[int] | None = None
+    """Per target: the request's worst-case cost there (nano-USD)."""
+    counted: bool = False
+    """The request has been counted in its tenant's RPM (by its first admission)."""
     traceparent: str | None = None
     retry_after_s: float = 0.0
     """The longest cooldown a provider's 429 asked for, for the client's Retry-After."""
+
+    def tenant_reservation(self) -> tuple[int, int]:
+        """Tokens and cost to reserve against the tenant: the most any target still open
+        to the request could take (the target is chosen in the same call)."""
+        if self.tenant_tokens is None or self.costs is None:
+            return 0, 0
+        open_ = [i for i, skip in enumerate(self.excluded) if not skip] or [0]
+        return max(self.tenant_tokens[i] for i in open_), max(self.costs[i] for i in open_)
 
 
 class Dispatcher:
@@ -149,9 +177,11 @@ class Dispatcher:
         body: dict[str, Any],
         rid: str,
         traceparent: str | None = None,
+        tenant: TenantPlan | None = None,
     ) -> Reply:
-        """Serve one request on ``route``; raise a ``RouterError`` when it cannot be."""
-        job = self._job(op, route, body, rid)
+        """Serve one request on ``route`` for ``tenant``; raise a ``RouterError`` when it
+        cannot be."""
+        job = self._job(op, route, body, rid, tenant)
         job.traceparent = traceparent
         loop = asyncio.get_running_loop()
         # once the route's time is spent, a further attempt could only time out, and that
@@ -171,7 +201,9 @@ class Dispatcher:
                 if isinstance(exc, UpstreamRateLimited):
                     job.retry_after_s = max(job.retry_after_s, exc.cooldown_s)
                 self.metrics.failover(route.model, provider.name, exc.outcome)
-                self.leases.release_soon(lease, _failed(exc))
+                # released before the next acquire: the tenant's in-flight count and tokens
+                # must not hold the failed attempt when the next one is checked against them
+                await self.leases.release(lease, _failed(exc, lease))
                 job.attempts.append(Attempt(provider.name, exc.outcome, str(exc)))
                 job.excluded[index] = True
                 log.info(
@@ -188,11 +220,18 @@ class Dispatcher:
             except BaseException as exc:
                 # the client's fault, a cancelled request or a bug: the lease must not outlive it
                 outcome = "client_error" if isinstance(exc, ClientError) else "aborted"
-                self.leases.release_soon(lease, Outcome(outcome))
+                self.leases.release_soon(lease, _refund(Outcome(outcome), lease))
                 raise
         raise _gave_up(job.attempts, job.retry_after_s)
 
-    def _job(self, op: Operation, route: Route, body: dict[str, Any], rid: str) -> _Job:
+    def _job(
+        self,
+        op: Operation,
+        route: Route,
+        body: dict[str, Any],
+        rid: str,
+        tenant: TenantPlan | None = None,
+    ) -> _Job:
         plan = self.plans[route.model]
         chat = op is Operation.CHAT
         prompt = prompt_tokens(body) if chat else embedding_tokens(body)
@@ -206,7 +245,15 @@ class Dispatcher:
             excluded.append(op is Operation.EMBEDDINGS and not adapter.supports_embeddings)
         deadline = asyncio.get_running_loop().time() + route.timeout_s
         expected = min(max(budgets), 512)
-        return _Job(op, body, rid, plan, tokens, budgets, excluded, expected, deadline, [])
+        job = _Job(op, body, rid, plan, tokens, budgets, excluded, expected, deadline, [])
+        job.prompt = prompt
+        if tenant is not None:
+            job.tenant = tenant
+            job.tenant_tokens = [prompt + b for b in budgets]
+            job.costs = [
+                cost_nano(prompt, b, t.price) for b, t in zip(budgets, route.targets, strict=True)
+            ]
+        return job
 
     async def _acquire(self, job: _Job) -> tuple[Lease, int]:
         """Lease a target, waiting up to the route's queue timeout for room."""
@@ -222,12 +269,35 @@ class Dispatcher:
             loop.call_soon(
                 self.metrics.decision, route.model, "local" if local else "shared", elapsed
             )
-            log_decision(job.request_id, route, d, len(job.attempts) + 1, started)
+            tenant = job.tenant.name if job.tenant is not None else None
+            log_decision(job.request_id, route, d, len(job.attempts) + 1, started, tenant)
             if d.index is not None:
                 provider, tokens = job.plan.providers[d.index], job.tokens[d.index]
                 lease = Lease(lease_id, provider, d.bucket, tokens, local)
+                if job.tenant is not None:
+                    reserved, cost = job.tenant_reservation()
+                    period = job.tenant.period or BudgetPeriod.MONTH
+                    lease = Lease(
+                        lease_id,
+                        provider,
+                        d.bucket,
+                        tokens,
+                        local,
+                        job.tenant.name,
+                        route.model,
+                        reserved,
+                        cost,
+                        period_id(period, d.bucket),
+                    )
+                    job.counted = True
                 self.leases.hold(lease)
                 return lease, d.index
+            if d.tenant_code is not TenantCode.OK and job.tenant is not None:
+                # the tenant's own limit: no queueing (its window frees on its own schedule,
+                # and a queued request would only hold a client who can retry by Retry-After)
+                err = tenant_refusal(job.tenant, d)
+                self.metrics.tenant_rejected(job.tenant.name, err.code)
+                raise err
             left = wait_until - loop.time()
             if d.wait_ms == -2 or left <= 0:
                 raise self._no_room(job, d)
@@ -244,6 +314,7 @@ class Dispatcher:
         lease_id = f"{self._lease_prefix}{next(self._lease_numbers)}"
         rand = self._rand.getrandbits(31)
         mode, local = self.leases.mode, self.leases.local
+        tenant_tokens, cost = job.tenant_reservation()
         if not mode.degraded:
             not_after = self.store.not_after_ms()
             try:
@@ -256,6 +327,10 @@ class Dispatcher:
                     expected_output=job.expected_output,
                     detail=decisions_logged(),
                     not_after_ms=not_after,
+                    tenant=job.tenant,
+                    tenant_tokens=tenant_tokens,
+                    cost_nano=cost,
+                    counted=not job.counted,
                 )
             except StoreError as exc:
                 self._lost(job, lease_id, not_after)
@@ -266,7 +341,21 @@ class Dispatcher:
             else:
                 if d.index is not None:
                     local.admitted(job.plan.providers[d.index], job.tokens[d.index])
+                    if job.tenant is not None:
+                        local.tenant_admitted(
+                            job.tenant, tenant_tokens, not job.counted, d.spent_nano, cost
+                        )
                 return d, lease_id, False
+        if job.tenant is not None:
+            code = local.tenant_check(
+                job.tenant,
+                tenant_tokens,
+                cost,
+                counted=not job.counted,
+                in_flight=self.leases.tenant_in_flight(job.tenant.name),
+            )
+            if code is not TenantCode.OK:
+                return local.tenant_refused(job.tenant, code), lease_id, True
         d = local.acquire(
             job.plan,
             job.tokens,
@@ -276,6 +365,8 @@ class Dispatcher:
             rand=rand,
             expected_output=job.expected_output,
         )
+        if d.index is not None and job.tenant is not None:
+            local.tenant_admitted(job.tenant, tenant_tokens, not job.counted, None, cost)
         return d, lease_id, True
 
     def _lost(self, job: _Job, lease_id: str, not_after_ms: int) -> None:
@@ -283,7 +374,12 @@ class Dispatcher:
         targets = tuple(
             p for p, skip in zip(job.plan.providers, job.excluded, strict=True) if not skip
         )
-        self.leases.lost(LostLease(lease_id, targets, not_after_ms))
+        tenant = job.tenant.name if job.tenant is not None else ""
+        tokens, cost = job.tenant_reservation()
+        period = job.tenant.period if job.tenant is not None else None
+        pid = period_id(period or BudgetPeriod.MONTH, not_after_ms // 1000)
+        lost = LostLease(lease_id, targets, not_after_ms, tenant, tokens, cost, pid)
+        self.leases.lost(lost)
 
     def _no_room(self, job: _Job, d: Decision) -> Exception:
         """No target now: what failover found, else a lack of room (429) or an outage (503)."""
@@ -310,7 +406,7 @@ class Dispatcher:
             if resp.status != 200:
                 await self._refuse(resp, adapter, provider, job.deadline)
             if streaming:
-                reply = await self._stream(job, provider, adapter, lease, resp, started)
+                reply = await self._stream(job, index, provider, adapter, lease, resp, started)
                 handed_over = True
                 return reply
             payload = await resp.read(job.deadline)
@@ -321,7 +417,8 @@ class Dispatcher:
             answer = adapter.embeddings_response(payload)
         else:
             answer = adapter.chat_response(payload)
-        self._finish(lease, provider, adapter.rate_limits(resp.headers), answer, started)
+        info = adapter.rate_limits(resp.headers)
+        self._finish(job, index, lease, provider, info, answer, started)
         return Reply(provider.name, len(job.attempts) + 1, body=answer.body)
 
     async def _refuse(
@@ -342,6 +439,8 @@ class Dispatcher:
 
     def _finish(
         self,
+        job: _Job,
+        index: int,
         lease: Lease,
         provider: Provider,
         info: RateLimitInfo,
@@ -351,13 +450,28 @@ class Dispatcher:
         duration_ms = (asyncio.get_running_loop().time() - started) * 1000
         out = answer.usage.completion_tokens if answer.usage else 0
         tpot = duration_ms / out if out > 0 else -1
-        self.leases.release_soon(
-            lease, _outcome(lease, provider, info, answer.usage, ttft_ms=-1, tpot_ms=tpot)
-        )
+        result = _outcome(lease, provider, info, answer.usage, ttft_ms=-1, tpot_ms=tpot)
+        self.release_charged(lease, _charged(result, job, index, lease, answer.usage))
+
+    def release_charged(
+        self, lease: Lease, outcome: Outcome, context: contextvars.Context | None = None
+    ) -> None:
+        """Release a served attempt's lease, and count what its tenant was charged."""
+        if outcome.served:
+            self.metrics.tenant_served(
+                lease.tenant,
+                lease.route,
+                lease.provider,
+                outcome.prompt_tokens,
+                outcome.completion_tokens,
+                outcome.cost_nano,
+            )
+        self.leases.release_soon(lease, outcome, context)
 
     async def _stream(
         self,
         job: _Job,
+        index: int,
         provider: Provider,
         adapter: Adapter,
         lease: Lease,
@@ -382,7 +496,7 @@ class Dispatcher:
                 break
         if not first:
             raise UpstreamProtocolError("the stream ended before any data")
-        relay = _Relay(self, job, provider, adapter, lease, resp, started, end)
+        relay = _Relay(self, job, index, provider, adapter, lease, resp, started, end)
         stream = relay.run(first, chunks, translator)
         return Reply(
             provider.name,
@@ -400,6 +514,7 @@ class _Relay:
         self,
         d: Dispatcher,
         job: _Job,
+        index: int,
         provider: Provider,
         adapter: Adapter,
         lease: Lease,
@@ -408,6 +523,7 @@ class _Relay:
         end: float,
     ) -> None:
         self.d, self.job, self.provider, self.adapter = d, job, provider, adapter
+        self.index = index
         self.lease, self.resp, self.started = lease, resp, started
         self.end = end
         """When the stream must be over (stream_total_s), or inf."""
@@ -424,7 +540,10 @@ class _Relay:
         if not self.released:
             self.resp.close()
             self.released = True
-            self.d.leases.release_soon(self.lease, Outcome("client_cancelled"), self.context)
+            # the provider has started answering: what it generated is charged (the
+            # reservation, with no usage reported)
+            result = _charged(Outcome("client_cancelled"), self.job, self.index, self.lease, None)
+            self.d.release_charged(self.lease, result, self.context)
 
     async def run(
         self, first: bytes, chunks: AsyncIterator[bytes], tr: StreamTranslator
@@ -497,7 +616,8 @@ class _Relay:
         result = _outcome(self.lease, self.provider, info, usage, self.ttft_ms, tpot)
         if outcome != "ok":
             result = Outcome(outcome, result.token_correction, -1, -1)
-        self.d.leases.release_soon(self.lease, result, self.context)
+        result = _charged(result, self.job, self.index, self.lease, usage)
+        self.d.release_charged(self.lease, result, self.context)
 
 
 def _outcome(
@@ -527,9 +647,40 @@ def _used(limit: int | None, remaining: int | None) -> int:
     return limit - remaining if limit and remaining is not None else -1
 
 
-def _failed(exc: UpstreamError) -> Outcome:
+def _failed(exc: UpstreamError, lease: Lease) -> Outcome:
     cooldown = int(exc.cooldown_s * 1000) if isinstance(exc, UpstreamRateLimited) else 0
-    return Outcome(exc.outcome, cooldown_ms=cooldown)
+    return _refund(Outcome(exc.outcome, cooldown_ms=cooldown), lease)
+
+
+def _refund(outcome: Outcome, lease: Lease) -> Outcome:
+    """``outcome`` of an attempt the provider did not serve: the tenant gets back the tokens
+    and the cost reserved for it (its RPM keeps the request: it was made)."""
+    return replace(
+        outcome, tenant_token_correction=-lease.tenant_tokens, spend_correction=-lease.cost_nano
+    )
+
+
+def _charged(outcome: Outcome, job: _Job, index: int, lease: Lease, usage: Usage | None) -> Outcome:
+    """``outcome`` of a served attempt with the tenant's charge: the provider's reported usage
+    at the target's price, or with no usage reported, the reservation on this target (the
+    prompt's estimate and the whole completion budget)."""
+    if not lease.tenant:
+        return outcome
+    price: Price | None = job.plan.route.targets[index].price
+    if usage is not None:
+        prompt, completion = usage.prompt_tokens, usage.completion_tokens
+    else:
+        prompt, completion = job.prompt, job.budgets[index]
+    cost = cost_nano(prompt, completion, price)
+    return replace(
+        outcome,
+        tenant_token_correction=prompt + completion - lease.tenant_tokens,
+        spend_correction=cost - lease.cost_nano,
+        served=True,
+        prompt_tokens=prompt,
+        completion_tokens=completion,
+        cost_nano=cost,
+    )
 
 
 def _gave_up(attempts: list[Attempt], retry_after_s: float = 0.0) -> AllAttemptsFailed:

@@ -44,7 +44,13 @@ class Gateway:
             self.telemetry, self.shared, lambda: self.mode.degraded, self.mode.seconds
         )
         self.store.on_error = self.metrics.redis_error
-        self.poller = StatePoller(self.store, cfg, self.shared, self.mode)
+        self.poller = StatePoller(
+            self.store,
+            cfg,
+            self.shared,
+            self.mode,
+            tenants=lambda: list(self.tenants.directory.plans.values()),  # the API's too
+        )
         self.leases = LeaseKeeper(self.store, self.mode, self.local, self.metrics, self.telemetry)
         health = HealthStore(self.store)
         providers = [p.name for p in cfg.providers]

@@ -63,6 +63,8 @@ class LeaseKeeper:
         self._deferred: list[tuple[Lease, Outcome]] = []
         self._lost: list[LostLease] = []
         self._live: dict[str, dict[str, Lease]] = defaultdict(dict)
+        self._tenants: dict[str, int] = defaultdict(int)
+        """Leases held per tenant."""
         self._tasks: set[asyncio.Task[None]] = set()
         self._renewer: asyncio.Task[None] | None = None
         self._settler: asyncio.Task[None] | None = None
@@ -92,6 +94,12 @@ class LeaseKeeper:
     def hold(self, lease: Lease) -> None:
         """Remember ``lease`` as in flight on this replica."""
         self._live[lease.provider][lease.id] = lease
+        if lease.tenant:
+            self._tenants[lease.tenant] += 1
+
+    def tenant_in_flight(self, tenant: str) -> int:
+        """This replica's in-flight requests of ``tenant``."""
+        return self._tenants.get(tenant, 0)
 
     def count(self) -> int:
         """Leases this replica holds now."""
@@ -103,7 +111,11 @@ class LeaseKeeper:
 
     async def release(self, lease: Lease, outcome: Outcome) -> None:
         """Release ``lease`` now, retrying a failed store call; never raises."""
-        self._live[lease.provider].pop(lease.id, None)
+        if self._live[lease.provider].pop(lease.id, None) is not None and lease.tenant:
+            self._tenants[lease.tenant] -= 1
+            if not self._tenants[lease.tenant]:
+                del self._tenants[lease.tenant]
+        self.local.tenant_released(lease, outcome)
         if outcome.cooldown_ms:
             self.local.cool(lease.provider, outcome.cooldown_ms)
             self.metrics.cooldown(lease.provider)
@@ -216,8 +228,13 @@ class LeaseKeeper:
                 p: [lid for lid, lease in leases.items() if not lease.local]
                 for p, leases in self._live.items()
             }
+            tenants: dict[str, list[str]] = defaultdict(list)
+            for leases in self._live.values():
+                for lid, lease in leases.items():
+                    if lease.tenant and not lease.local:
+                        tenants[lease.tenant].append(lid)
             try:
-                await self.store.renew(ids)
+                await self.store.renew(ids, tenants)
             except StoreError as exc:
                 self.mode.enter(exc)
 

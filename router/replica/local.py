@@ -14,11 +14,20 @@ from collections import defaultdict, deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
-from router.config import Config, Strategy
+from router.budgets import period_end, period_id
+from router.config import BudgetPeriod, Config, Strategy
 from router.state.health import ProviderHealth
 from router.state.keys import WINDOW_BUCKETS
-from router.state.store import Candidate, Decision, RoutePlan
-from router.strategies import Code, TargetView, choose, eligibility
+from router.state.store import Candidate, Decision, Lease, Outcome, RoutePlan, TenantPlan
+from router.strategies import (
+    Code,
+    TargetView,
+    TenantCode,
+    TenantUse,
+    choose,
+    eligibility,
+    tenant_verdict,
+)
 
 WINDOW_MS = WINDOW_BUCKETS * 1000
 LOOK_AGAIN_MS = 1000
@@ -29,19 +38,19 @@ LOOK_AGAIN_MS = 1000
 class _Window:
     """This replica's own admissions to one provider over the sliding window."""
 
-    log: deque[tuple[int, int]] = field(default_factory=deque)
+    log: deque[tuple[int, int, int]] = field(default_factory=deque)
     requests: int = 0
     tokens: int = 0
 
     def prune(self, now_ms: int) -> None:
         while self.log and self.log[0][0] <= now_ms - WINDOW_MS:
-            _, tokens = self.log.popleft()
-            self.requests -= 1
+            _, tokens, requests = self.log.popleft()
+            self.requests -= requests
             self.tokens -= tokens
 
-    def add(self, now_ms: int, tokens: int) -> None:
-        self.log.append((now_ms, tokens))
-        self.requests += 1
+    def add(self, now_ms: int, tokens: int, requests: int = 1) -> None:
+        self.log.append((now_ms, tokens, requests))
+        self.requests += requests
         self.tokens += tokens
 
 
@@ -65,6 +74,20 @@ def _share(limit: int | None, replicas: int) -> int:
     return max(1, limit // replicas) if limit else 0
 
 
+@dataclass(slots=True)
+class _TenantLocal:
+    """What this replica knows of one tenant: its own admissions, and its spend."""
+
+    window: _Window = field(default_factory=_Window)
+    period: int = -1
+    """The spend period the two figures below are of."""
+    seen: int = 0
+    """The tenant's spend as the shared state last told this replica (nano-USD)."""
+    own: int = 0
+    """What this replica admitted since it last saw the shared spend while deciding alone:
+    reservations, corrected to the reported cost as they end."""
+
+
 class LocalState:
     """What one replica knows alone, and its decisions while the shared store is away."""
 
@@ -77,6 +100,7 @@ class LocalState:
         self._cooldowns: dict[str, int] = {}
         self._rotation: dict[str, int] = defaultdict(int)
         self._swrr: dict[str, list[int]] = {}
+        self._tenants: dict[str, _TenantLocal] = defaultdict(_TenantLocal)
 
     def now_ms(self) -> int:
         return int(self.clock() * 1000)
@@ -87,6 +111,69 @@ class LocalState:
         window = self._windows[provider]
         window.prune(now)
         window.add(now, tokens)
+
+    def _tenant(self, tenant: TenantPlan, now: int) -> _TenantLocal:
+        t = self._tenants[tenant.name]
+        t.window.prune(now)
+        pid = period_id(tenant.period or BudgetPeriod.MONTH, now // 1000)
+        if t.period != pid:
+            t.period, t.seen, t.own = pid, 0, 0
+        return t
+
+    def tenant_admitted(
+        self, tenant: TenantPlan, tokens: int, counted: bool, spent: int | None, cost: int
+    ) -> None:
+        """Record one admission of ``tenant`` (in either mode): ``spent`` is its spend as
+        the shared decision returned it (``None``: decided here alone, ``cost`` reserved)."""
+        now = self.now_ms()
+        t = self._tenant(tenant, now)
+        t.window.add(now, tokens, 1 if counted else 0)  # a failover attempt: tokens only
+        if spent is None:
+            t.own += cost
+        else:
+            t.seen, t.own = spent, 0
+
+    def tenant_released(self, lease: Lease, outcome: Outcome) -> None:
+        """A lease taken here alone ended: its cost becomes what was charged."""
+        if lease.tenant and lease.local:
+            t = self._tenants[lease.tenant]
+            if t.period == lease.period:
+                t.own += outcome.spend_correction
+
+    def tenant_check(
+        self, tenant: TenantPlan, tokens: int, cost: int, *, counted: bool, in_flight: int
+    ) -> TenantCode:
+        """Whether ``tenant`` may have a request decided here alone: its limits divided by
+        the live replicas, and its budget left when this replica last saw it, divided too."""
+        now = self.now_ms()
+        t = self._tenant(tenant, now)
+        n = max(1, self.replicas)
+        left = max(0, tenant.budget_nano - t.seen) // n if tenant.budget_nano else 0
+        use = TenantUse(
+            rpm=_share(tenant.rpm, n),
+            tpm=_share(tenant.tpm, n),
+            max_in_flight=_share(tenant.max_in_flight, n),
+            budget=left if tenant.budget_nano else 0,
+            in_flight=in_flight,
+            rpm_used=t.window.requests,
+            tpm_used=t.window.tokens,
+            spent=t.own,
+        )
+        if tenant.budget_nano and left <= 0:
+            return TenantCode.BUDGET
+        return tenant_verdict(use, tokens, cost, counted)
+
+    def tenant_refused(self, tenant: TenantPlan, code: TenantCode) -> Decision:
+        """The decision for a tenant refused here alone."""
+        now = self.now_ms()
+        wait = LOOK_AGAIN_MS
+        if code is TenantCode.IN_FLIGHT:
+            wait = -1
+        elif code is TenantCode.BUDGET:
+            end = period_end(tenant.period or BudgetPeriod.MONTH, now // 1000)
+            wait = end * 1000 - now
+        t = self._tenants[tenant.name]
+        return Decision(None, now, now // 1000, wait, (), code, t.seen + t.own)
 
     def cool(self, provider: str, cooldown_ms: int) -> None:
         """Remember a provider's 429 cooldown."""

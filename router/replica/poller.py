@@ -1,4 +1,5 @@
-"""Reads the cluster's shared state every few seconds for the per-provider gauges.
+"""Reads the cluster's shared state every few seconds for the per-provider and per-tenant
+gauges: two script calls per ``INTERVAL_S`` (the providers', then the tenants').
 
 Metric callbacks cannot wait on Redis, so the figures are read in the background and the
 callbacks report the latest reading. While the replica is degraded there is nothing to read.
@@ -8,14 +9,16 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable, Sequence
 
 from router.config import Config
 from router.errors import StoreError
 from router.replica.background import Background
 from router.replica.degraded import SharedMode
 from router.state.cluster import ClusterState, read_state
-from router.state.store import Store
-from router.telemetry.metrics import ProviderFigures, SharedFigures
+from router.state.store import Store, TenantPlan
+from router.state.tenantstate import TenantState, config_plans, read_tenants
+from router.telemetry.metrics import ProviderFigures, SharedFigures, TenantFigures
 
 log = logging.getLogger("router.poller")
 
@@ -41,8 +44,25 @@ def figures(state: ClusterState) -> dict[str, ProviderFigures]:
     }
 
 
+def tenant_figures(tenants: Sequence[TenantState]) -> dict[str, TenantFigures]:
+    """The gauges' view of one tenants reading."""
+    return {
+        t.name: TenantFigures(
+            in_flight=t.in_flight,
+            rpm_used=t.rpm_used,
+            tpm_used=t.tpm_used,
+            spend_usd=t.spend_usd if t.budget_nano is not None else None,
+            budget_usd=t.budget_usd,
+        )
+        for t in tenants
+    }
+
+
 class StatePoller(Background):
-    """Keeps ``shared`` current from Redis, every ``interval_s``."""
+    """Keeps ``shared`` current from Redis, every ``interval_s``.
+
+    ``tenants`` names the tenants to read, asked anew at each poll (the admin API's come
+    and go): by default the config's (``config_plans``), ``default`` included."""
 
     name = "state-poller"
 
@@ -53,13 +73,17 @@ class StatePoller(Background):
         shared: SharedFigures,
         mode: SharedMode,
         interval_s: float = INTERVAL_S,
+        tenants: Callable[[], Sequence[TenantPlan]] | None = None,
     ) -> None:
         self.store, self.cfg, self.shared, self.mode = store, cfg, shared, mode
         self.interval_s = interval_s
+        plans = config_plans(cfg, store.keys)
+        self.tenants = tenants or (lambda: plans)
 
     async def poll(self) -> None:
         """Read the shared state once (raises ``StoreError``)."""
         self.shared.providers = figures(await read_state(self.store, self.cfg))
+        self.shared.tenants = tenant_figures(await read_tenants(self.store, self.tenants()))
 
     async def run(self) -> None:
         """Poll until stopped."""

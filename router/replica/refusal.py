@@ -15,9 +15,10 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from router.errors import Saturated, Unavailable
-from router.state.store import Decision, RoutePlan
-from router.strategies import CAPACITY, Code
+from router.budgets import usd
+from router.errors import QuotaExceeded, Saturated, TenantLimited, Unavailable
+from router.state.store import Decision, RoutePlan, TenantPlan
+from router.strategies import CAPACITY, Code, TenantCode
 
 REASONS: dict[Code, str] = {
     Code.OK: "has room",
@@ -49,3 +50,43 @@ def refusal(plan: RoutePlan, tokens: Sequence[int], d: Decision) -> Saturated | 
     circuit = any(c.code is Code.CIRCUIT for c in d.candidates)
     retry = d.wait_ms / 1000 if circuit and d.wait_ms > 0 else 0.0
     return Unavailable(f"no provider of route {model} is in service ({detail})", retry)
+
+
+TENANT_CODES: dict[TenantCode, tuple[str, str]] = {
+    TenantCode.IN_FLIGHT: ("tenant_in_flight_exceeded", "its limit of {} requests in flight"),
+    TenantCode.RPM: ("tenant_rpm_exceeded", "its limit of {} requests per minute"),
+    TenantCode.TPM: ("tenant_tpm_exceeded", "its limit of {} tokens per minute"),
+}
+"""Each tenant limit's error code and how a refusal names it."""
+
+
+def tenant_refusal(tenant: TenantPlan, d: Decision) -> TenantLimited:
+    """The error for a decision the tenant's own limits refused (429, with the shared
+    state's Retry-After; none when waiting cannot help: the request alone is too large)."""
+    never = d.wait_ms == -2
+    retry = None if never else (d.wait_ms / 1000 if d.wait_ms > 0 else 1.0)
+    if d.tenant_code is TenantCode.BUDGET:
+        budget = f"${usd(tenant.budget_nano):.2f} per {tenant.period or 'month'}"
+        if never:
+            return QuotaExceeded(
+                f"tenant {tenant.name}: the request's worst-case cost is over its budget of "
+                f"{budget}",
+                None,
+            )
+        return QuotaExceeded(
+            f"tenant {tenant.name} has spent its budget of {budget} "
+            f"(${usd(d.spent_nano):.6f} spent or reserved this period); it resets when the "
+            "period ends",
+            retry,
+        )
+    code, text = TENANT_CODES[d.tenant_code]
+    limit = {
+        TenantCode.IN_FLIGHT: tenant.max_in_flight,
+        TenantCode.RPM: tenant.rpm,
+        TenantCode.TPM: tenant.tpm,
+    }[d.tenant_code]
+    if never:
+        return TenantLimited(
+            f"tenant {tenant.name}: the request alone is over {text.format(limit)}", code, None
+        )
+    return TenantLimited(f"tenant {tenant.name} is at {text.format(limit)}", code, retry)

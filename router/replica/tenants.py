@@ -30,6 +30,7 @@ from router.replica.background import Background
 from router.state.keys import Keys
 from router.state.store import TenantPlan
 from router.state.tenants import EMPTY, IssuedKey, TenantsSnapshot, TenantStore, key_digest
+from router.state.tenantstate import config_plans
 
 log = logging.getLogger("router.tenants")
 
@@ -50,13 +51,6 @@ def _config_keys(cfg: Config) -> dict[str, list[SecretRef]]:
     for t in cfg.tenants:
         refs.setdefault(t.name, []).extend(t.keys)
     return refs
-
-
-def config_plans(cfg: Config, keys: Keys) -> dict[str, TenantPlan]:
-    """The config-owned tenants' plans: every ``tenants`` entry, and ``default``."""
-    plans = {DEFAULT_TENANT: TenantPlan.default(cfg, keys)}
-    plans.update({t.name: TenantPlan.build(t, keys) for t in cfg.tenants})
-    return plans
 
 
 def config_digests(cfg: Config) -> dict[str, str]:
@@ -110,7 +104,8 @@ class TenantDirectory:
     @classmethod
     def from_config(cls, cfg: Config, keys: Keys) -> TenantDirectory:
         """The directory before any snapshot: the config's tenants and keys."""
-        return cls(keys, config_plans(cfg, keys), config_digests(cfg))
+        plans = {p.name: p for p in config_plans(cfg, keys)}
+        return cls(keys, plans, config_digests(cfg))
 
     def with_snapshot(self, snapshot: TenantsSnapshot) -> TenantDirectory:
         """This directory's config part with ``snapshot`` for the rest."""

@@ -24,12 +24,12 @@ import redis.asyncio as aioredis
 from redis.asyncio.connection import parse_url
 from redis.exceptions import RedisError
 
-from router.budgets import NANO, PERIOD_CODES
+from router.budgets import NANO, PERIOD_CODES, period_label
 from router.config import DEFAULT_TENANT, BudgetPeriod, Circuit, Config, Route, TenantSpec
 from router.errors import StoreError
-from router.state.keys import WINDOW_BUCKETS, Keys
+from router.state.keys import USAGE_DAY_TTL_S, USAGE_MONTH_TTL_S, WINDOW_BUCKETS, Keys
 from router.state.muxredis import MuxRedis
-from router.strategies import Code
+from router.strategies import Code, TenantCode
 
 log = logging.getLogger("router.store")
 
@@ -58,11 +58,11 @@ SCRIPTS = (
     "set_drain",
     "read_state",
     "read_tenants",
+    "read_tenant_registry",
     "put_tenant",
     "delete_tenant",
     "issue_key",
     "revoke_key",
-    "read_tenant_load",
 )
 
 
@@ -132,6 +132,10 @@ class Decision:
     wait_ms: int
     """When none was chosen: ms until one may have room; -1 unknown, -2 never."""
     candidates: tuple[Candidate, ...]
+    tenant_code: TenantCode = TenantCode.OK
+    """Why the tenant could not take the request (``OK``: it could, or there is none)."""
+    spent_nano: int = 0
+    """The tenant's spend this period, the admitted request's reservation included."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -144,6 +148,15 @@ class Lease:
     tokens: int
     local: bool = False
     """Taken in degraded mode: it exists only in this replica's local state."""
+    tenant: str = ""
+    """The tenant it was taken for ('' for none)."""
+    route: str = ""
+    tenant_tokens: int = 0
+    """Tokens reserved in the tenant's TPM window."""
+    cost_nano: int = 0
+    """The worst-case cost reserved against the tenant's spend."""
+    period: int = 0
+    """The spend period the cost was reserved in (``router.budgets.period_id``)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -160,6 +173,12 @@ class LostLease:
     """The targets the acquire could have chosen: one of them holds the lease, if any does."""
     not_after_ms: int
     """The acquire's deadline, in Redis time."""
+    tenant: str = ""
+    """The tenant it was for ('' for none): its lease has the same id."""
+    tenant_tokens: int = 0
+    cost_nano: int = 0
+    """What it reserved against the tenant's spend: refunded if it was taken."""
+    period: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -173,6 +192,15 @@ class Outcome:
     cooldown_ms: int = 0
     provider_requests: int = -1
     provider_tokens: int = -1
+    tenant_token_correction: int = 0
+    """The tenant's tokens: actual minus reserved (0 keeps the reservation)."""
+    spend_correction: int = 0
+    """The tenant's spend (nano-USD): actual cost minus the reserved cost."""
+    served: bool = False
+    """The provider served the request: its usage is recorded."""
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cost_nano: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -244,8 +272,9 @@ class TenantPlan:
 
     @property
     def period_code(self) -> int:
-        """The budget period as the acquire script is told it (0: no budget)."""
-        return PERIOD_CODES[self.period] if self.period is not None and self.budget_nano else 0
+        """The spend period as the acquire script is told it: the budget's, else a month
+        (spend is kept per period with a budget or without one)."""
+        return PERIOD_CODES[self.period or BudgetPeriod.MONTH]
 
     def allows(self, model: str) -> bool:
         """Whether the tenant may use the route serving ``model``."""
@@ -436,13 +465,20 @@ class Store:
         expected_output: int,
         detail: bool = True,
         not_after_ms: int | None = None,
+        tenant: TenantPlan | None = None,
+        tenant_tokens: int = 0,
+        cost_nano: int = 0,
+        counted: bool = True,
     ) -> Decision:
         """Choose a target of ``plan`` for one request and lease it (one round trip).
 
         Without ``detail`` the script returns only each target's code (the figures cost
         Redis time and only the decision log reads them); the others are then -1 and ''.
         ``not_after_ms`` is the deadline (``not_after_ms()`` when not given) that the
-        caller keeps, should the answer never come (``LostLease``)."""
+        caller keeps, should the answer never come (``LostLease``). With a ``tenant``, its
+        limits and budget are checked first in the same call: ``tenant_tokens`` and
+        ``cost_nano`` are what this request reserves against them, ``counted`` whether it
+        counts in its RPM (a failover attempt of a counted request does not)."""
         sent = _wall_ms()
         args: list[Any] = [
             plan.route.strategy.value,
@@ -457,7 +493,20 @@ class Store:
         ]
         for i, (rpm, tpm, maxf, weight) in enumerate(plan.static):
             args += (rpm, tpm, maxf, weight, tokens[i], 1 if excluded[i] else 0)
-        d = _decode_decision(await self.call("acquire", plan.keys, args), plan.providers)
+        keys: Sequence[str] = plan.keys
+        if tenant is not None:
+            keys = (*plan.keys, *tenant.keys)
+            args += (
+                tenant.rpm,
+                tenant.tpm,
+                tenant.max_in_flight,
+                tenant_tokens,
+                tenant.budget_nano,
+                tenant.period_code,
+                cost_nano,
+                1 if counted else 0,
+            )
+        d = _decode_decision(await self.call("acquire", keys, args), plan.providers)
         self._skew_ms = d.now_ms - sent
         if d.wait_ms == LATE:  # answered, yet run past its deadline: it leased nothing
             # (a slow reconnect first, a stalled event loop, or our clock stepped back)
@@ -465,9 +514,23 @@ class Store:
         return d
 
     async def release_lost(self, lost: LostLease) -> bool:
-        """Release ``lost`` on whichever of its targets holds it; whether one did."""
+        """Release ``lost`` on whichever of its targets holds it; whether one did. Its tenant
+        gets back its in-flight slot and the cost reserved (the tokens stay in the window
+        they were reserved in: which second that was is not known here)."""
+        bucket = lost.not_after_ms // 1000
+        outcome = Outcome(LOST, spend_correction=-lost.cost_nano)
         for provider in lost.providers:
-            if await self.release(Lease(lost.id, provider, 0, 0), Outcome(LOST)):
+            lease = Lease(
+                lost.id,
+                provider,
+                bucket,
+                0,
+                tenant=lost.tenant,
+                period=lost.period,
+                tenant_tokens=lost.tenant_tokens,
+                cost_nano=lost.cost_nano,
+            )
+            if await self.release(lease, outcome):
                 return True
         return False
 
@@ -475,7 +538,7 @@ class Store:
         """End ``lease`` and record ``outcome``: 0 when it was already released, 1 when
         released now, 2 when released and its failure opened the provider's circuit."""
         circuit = self.circuits.get(lease.provider, DEFAULT_CIRCUIT)
-        args = (
+        args: tuple[Any, ...] = (
             lease.id,
             outcome.outcome,
             lease.bucket,
@@ -493,20 +556,48 @@ class Store:
             lease.provider,
             self.keys.pool,
         )
-        keys = (
+        keys: tuple[str, ...] = (
             self.keys.provider(lease.provider),
             self.keys.leases(lease.provider),
             self.keys.health_version(),
         )
+        if lease.tenant:
+            keys += (
+                self.keys.tenant(lease.tenant),
+                self.keys.tenant_leases(lease.tenant),
+                self.keys.usage("day", period_label(BudgetPeriod.DAY, lease.bucket)),
+                self.keys.usage("month", period_label(BudgetPeriod.MONTH, lease.bucket)),
+            )
+            args += (
+                outcome.tenant_token_correction,
+                outcome.spend_correction,
+                lease.period,
+                f"{lease.tenant}|{lease.route}|{lease.provider}|",
+                outcome.prompt_tokens,
+                outcome.completion_tokens,
+                outcome.cost_nano,
+                1 if outcome.served else 0,
+                USAGE_DAY_TTL_S,
+                USAGE_MONTH_TTL_S,
+            )
         return int(await self.call("release", keys, args))
 
-    async def renew(self, leases: Mapping[str, Sequence[str]]) -> int:
-        """Push back the expiry of the given leases (provider -> lease ids); how many renewed."""
+    async def renew(
+        self,
+        leases: Mapping[str, Sequence[str]],
+        tenants: Mapping[str, Sequence[str]] | None = None,
+    ) -> int:
+        """Push back the expiry of the given leases (provider -> lease ids, and tenant ->
+        lease ids: a tenant's lease has its provider lease's id); how many renewed."""
         keys: list[str] = []
         args: list[Any] = [self.lease_ttl_ms]
         for provider, ids in leases.items():
             if ids:
                 keys.append(self.keys.leases(provider))
+                args += [len(ids), *ids]
+        for tenant, ids in (tenants or {}).items():
+            if ids:
+                keys.append(self.keys.tenant_leases(tenant))
                 args += [len(ids), *ids]
         if not keys:
             return 0
@@ -562,27 +653,29 @@ def _wall_ms() -> int:
 
 
 def _decode_decision(raw: Sequence[Any], providers: Sequence[str]) -> Decision:
-    chosen, now_ms, bucket, wait_ms = (int(x) for x in raw[:4])
+    chosen, now_ms, bucket, wait_ms, tcode, spent = (int(x) for x in raw[:6])
+    index = chosen - 1 if chosen else None
+    tenant = TenantCode(tcode)
     if wait_ms == LATE:
         return Decision(None, now_ms, bucket, wait_ms, ())
-    if len(raw) == 4 + len(providers):  # codes only
+    if len(raw) == 6 + len(providers):  # codes only
         candidates = tuple(
-            Candidate(name, Code(int(raw[4 + i])), -1, -1, -1, "")
+            Candidate(name, Code(int(raw[6 + i])), -1, -1, -1, "")
             for i, name in enumerate(providers)
         )
-        return Decision(chosen - 1 if chosen else None, now_ms, bucket, wait_ms, candidates)
+        return Decision(index, now_ms, bucket, wait_ms, candidates, tenant, spent)
     candidates = tuple(
         Candidate(
             provider=name,
-            code=Code(int(raw[4 + 5 * i])),
-            in_flight=int(raw[5 + 5 * i]),
-            rpm_used=int(raw[6 + 5 * i]),
-            tpm_used=int(raw[7 + 5 * i]),
-            score=decode_text(raw[8 + 5 * i]),
+            code=Code(int(raw[6 + 5 * i])),
+            in_flight=int(raw[7 + 5 * i]),
+            rpm_used=int(raw[8 + 5 * i]),
+            tpm_used=int(raw[9 + 5 * i]),
+            score=decode_text(raw[10 + 5 * i]),
         )
         for i, name in enumerate(providers)
     )
-    return Decision(chosen - 1 if chosen else None, now_ms, bucket, wait_ms, candidates)
+    return Decision(index, now_ms, bucket, wait_ms, candidates, tenant, spent)
 
 
 def decode_text(value: Any) -> str:

@@ -1,5 +1,6 @@
-"""The tenants side of the shared state: tenants the admin API created, the keys it issued, and
-every tenant's live figures. It runs the store's scripts; only ``store.py`` talks to Redis.
+"""The tenants' registry in the shared state: the tenants the admin API created and the keys it
+issued (their live figures are ``router.state.tenantstate``'s). It runs the store's scripts;
+only ``store.py`` talks to Redis.
 
 A key issued here is returned once, to the caller, and never stored: Redis holds its SHA-256
 (``Keys.tenant_keys``: hex digest -> ``{"tenant", "id", "created_ms"}``), and nothing here
@@ -21,11 +22,9 @@ from typing import Any
 import orjson
 from pydantic import ValidationError
 
-from router.budgets import period_id, period_label
 from router.config import TenantSpec
 from router.errors import ConfigOwned, Conflict, KeyNotFound, TenantNotFound
-from router.state.keys import WINDOW_BUCKETS
-from router.state.store import Store, TenantPlan, decode_text
+from router.state.store import Store, decode_text
 
 log = logging.getLogger("router.tenants")
 
@@ -67,18 +66,6 @@ class TenantsSnapshot:
 EMPTY = TenantsSnapshot(0, {}, ())
 
 
-@dataclass(frozen=True, slots=True)
-class TenantLoad:
-    """A tenant's figures now: its windows, requests in flight, spend this budget period."""
-
-    rpm: int = 0
-    tpm: int = 0
-    in_flight: int = 0
-    spend_nano: int = 0
-    period: str | None = None
-    """The budget period the spend is of, as people write it (``2026-12``); None: no budget."""
-
-
 def _pairs(raw: Any) -> list[tuple[str, str]]:
     items = [decode_text(x) for x in (raw or [])]
     return list(zip(items[::2], items[1::2], strict=True))
@@ -105,36 +92,10 @@ def _issued(digest: str, text: str) -> IssuedKey | None:
 
 
 def decode_snapshot(raw: Sequence[Any]) -> TenantsSnapshot:
-    """``read_tenants.lua``'s answer; a record that does not parse is left out (logged)."""
+    """``read_tenant_registry.lua``'s answer; a record that does not parse is left out (logged)."""
     specs = {n: s for n, t in _pairs(raw[1]) if (s := _spec(n, t)) is not None}
     keys = tuple(k for d, t in _pairs(raw[2]) if (k := _issued(d, t)) is not None)
     return TenantsSnapshot(int(raw[0]), specs, keys)
-
-
-def window_sum(h: Mapping[str, str], prefix: str, sec: int) -> int:
-    """The ``prefix<second>`` buckets inside the window ending at ``sec`` (the running total
-    may still hold stale ones: only an acquire slides it)."""
-    oldest = sec - WINDOW_BUCKETS + 1
-    buckets = ((f[len(prefix) :], v) for f, v in h.items() if f.startswith(prefix))
-    return sum(int(v) for b, v in buckets if b.isdigit() and oldest <= int(b) <= sec)
-
-
-def tenant_load(plan: TenantPlan, h: Mapping[str, str], in_flight: int, sec: int) -> TenantLoad:
-    """One tenant's figures from its hash at unix second ``sec``: the spend counts only while
-    its period (``per``) is the current one."""
-    spend, label = 0, None
-    if plan.period is not None and plan.budget_nano:
-        current = period_id(plan.period, sec)
-        if h.get("per", "").lstrip("-").isdigit() and int(h["per"]) == current:
-            spend = int(float(h.get("sp", "0") or 0))
-        label = period_label(plan.period, sec)
-    return TenantLoad(
-        rpm=window_sum(h, "r:", sec),
-        tpm=window_sum(h, "t:", sec),
-        in_flight=in_flight,
-        spend_nano=spend,
-        period=label,
-    )
 
 
 class TenantStore:
@@ -148,7 +109,7 @@ class TenantStore:
         """The admin API's tenants and issued keys, one consistent version."""
         k = self.keys
         keys = (k.tenants_version(), k.tenants(), k.tenant_keys())
-        return decode_snapshot(await self.store.call("read_tenants", keys, ()))
+        return decode_snapshot(await self.store.call("read_tenant_registry", keys, ()))
 
     async def _put(self, spec: TenantSpec, mode: str, room: int) -> int:
         k = self.keys
@@ -224,18 +185,6 @@ class TenantStore:
         if v == -1:
             raise KeyNotFound(f"tenant '{tenant[:64]}' has no issued key '{key_id[:64]}'")
         return v
-
-    async def loads(self, plans: Sequence[TenantPlan]) -> tuple[int, dict[str, TenantLoad]]:
-        """Redis time (ms) and every tenant's figures then, in one consistent read."""
-        keys = [key for p in plans for key in p.keys]
-        raw = await self.store.call("read_tenant_load", keys, ())
-        sec = int(raw[0])
-        now_ms = sec * 1000 + int(raw[1]) // 1000
-        out = {
-            p.name: tenant_load(p, dict(_pairs(raw[2 + 2 * i])), int(raw[3 + 2 * i]), sec)
-            for i, p in enumerate(plans)
-        }
-        return now_ms, out
 
 
 def _not_config_owned(name: str, config_names: Collection[str]) -> None:

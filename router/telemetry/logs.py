@@ -111,6 +111,7 @@ def log_access(
     outcome: str,
     sent: int,
     level: int = logging.INFO,
+    tenant: str | None = None,
 ) -> None:
     """Write one access line (the caller checked ``access_logged``): what was asked, how it
     was answered, by whom, how long it took. Never a header, a query string or a body."""
@@ -129,6 +130,7 @@ def log_access(
             "method": method,
             "path": path,
             "status": status,
+            "tenant": tenant,
             "route": route,
             "provider": provider,
             "attempts": attempts,

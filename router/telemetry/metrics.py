@@ -4,6 +4,12 @@ Labels are bounded: route names and provider names come from the config (a model
 serves is counted as ``route="unknown"``), never a request id or a client key. The
 per-provider gauges read from Redis carry the same cluster-wide value on every replica:
 aggregate them with ``max``, not ``sum``.
+
+The tenant metrics carry a ``tenant`` label: a tenant's name, from the config or the admin
+API, whose number is capped by ``max_tenants`` (256 by default, ``default`` included), so
+``router_tenant_tokens_total`` has at most tenants x routes x providers x 2 series per
+replica. A removed tenant's counters stay until the replica restarts. The per-tenant gauges,
+like the per-provider ones, are cluster-wide: ``max by (tenant)``.
 """
 
 from __future__ import annotations
@@ -38,6 +44,15 @@ METRIC_NAMES = frozenset(
         "router_redis_errors_total",
         "router_degraded",
         "router_degraded_seconds_total",
+        "router_tenant_requests_total",
+        "router_tenant_tokens_total",
+        "router_tenant_cost_usd_total",
+        "router_tenant_rejections_total",
+        "router_tenant_in_flight",
+        "router_tenant_rpm_used",
+        "router_tenant_tpm_used",
+        "router_tenant_spend_usd",
+        "router_tenant_budget_usd",
     }
 )
 """Every metric a replica exposes, by its Prometheus name (the dashboards' contract)."""
@@ -59,11 +74,37 @@ class ProviderFigures:
     tpot_ewma_s: float | None = None
 
 
+@dataclass(frozen=True, slots=True)
+class TenantFigures:
+    """One tenant's shared figures, as the state poller last read them."""
+
+    in_flight: int = 0
+    rpm_used: int = 0
+    tpm_used: int = 0
+    spend_usd: float | None = None
+    """This budget period's spend; ``None`` without a budget."""
+    budget_usd: float | None = None
+
+
 @dataclass(slots=True)
 class SharedFigures:
-    """The latest shared figures per provider, replaced whole by the poller."""
+    """The latest shared figures per provider and tenant, each replaced whole by the poller."""
 
     providers: dict[str, ProviderFigures] = field(default_factory=dict)
+    tenants: dict[str, TenantFigures] = field(default_factory=dict)
+
+
+TENANT_OUTCOMES = ("ok", "failed", "refused")
+"""``tenant_request``'s outcomes: answered by a provider, failed after its attempts, or
+refused before any (a tenant limit, the budget, saturation, an unknown model)."""
+TENANT_REJECTIONS = (
+    "tenant_rpm_exceeded",
+    "tenant_tpm_exceeded",
+    "tenant_in_flight_exceeded",
+    "insufficient_quota",
+    "model_not_found",
+)
+"""``tenant_rejected``'s codes: the error codes of a refusal for the tenant's own sake."""
 
 
 class RouterMetrics:
@@ -109,6 +150,7 @@ class RouterMetrics:
             description="Time spent in degraded mode",
         )
         self._shared_gauges(tel)
+        self._tenant_instruments(tel)
 
     def _shared_gauges(self, tel: Telemetry) -> None:
         gauges: dict[str, tuple[str, Callable[[ProviderFigures], float | None]]] = {
@@ -136,6 +178,63 @@ class RouterMetrics:
                     yield Observation(value, {"provider": provider})
 
         return callback
+
+    def _tenant_instruments(self, tel: Telemetry) -> None:
+        self._tenant_requests = _Counter(
+            tel, "router_tenant_requests", "Requests per tenant, by outcome (ok, failed, refused)"
+        )
+        self._tenant_tokens = _Counter(
+            tel, "router_tenant_tokens", "Tokens the providers reported, per tenant and kind"
+        )
+        self._tenant_cost = _Counter(
+            tel, "router_tenant_cost_usd", "Cost of the served requests (USD)", scale=1e-9
+        )
+        self._tenant_rejections = _Counter(
+            tel, "router_tenant_rejections", "Requests refused for a tenant's limit or budget"
+        )
+        gauges: dict[str, tuple[str, Callable[[TenantFigures], float | None]]] = {
+            "router_tenant_in_flight": ("In flight, cluster-wide", lambda f: f.in_flight),
+            "router_tenant_rpm_used": ("Requests in the RPM window", lambda f: f.rpm_used),
+            "router_tenant_tpm_used": ("Tokens in the TPM window", lambda f: f.tpm_used),
+            "router_tenant_spend_usd": ("Spend this budget period", lambda f: f.spend_usd),
+            "router_tenant_budget_usd": ("Budget per period", lambda f: f.budget_usd),
+        }
+        for name, (text, read) in gauges.items():
+            tel.meter.create_observable_gauge(name, [self._observe_tenants(read)], description=text)
+
+    def _observe_tenants(
+        self, read: Callable[[TenantFigures], float | None]
+    ) -> Callable[[CallbackOptions], Iterable[Observation]]:
+        def callback(_: CallbackOptions) -> Iterable[Observation]:
+            for tenant, figures in self.shared.tenants.items():
+                value = read(figures)
+                if value is not None:
+                    yield Observation(value, {"tenant": tenant})
+
+        return callback
+
+    def tenant_request(self, tenant: str, route: str, outcome: str) -> None:
+        """One request of ``tenant`` ended: ``outcome`` is one of ``TENANT_OUTCOMES``."""
+        self._tenant_requests.add((("tenant", tenant), ("route", route), ("outcome", outcome)))
+
+    def tenant_served(
+        self,
+        tenant: str,
+        route: str,
+        provider: str,
+        prompt_tokens: int,
+        completion_tokens: int,
+        cost_nano: int,
+    ) -> None:
+        """What a provider reported it used for one of ``tenant``'s requests, and its cost."""
+        where = (("tenant", tenant), ("route", route), ("provider", provider))
+        self._tenant_tokens.add((*where, ("kind", "prompt")), prompt_tokens)
+        self._tenant_tokens.add((*where, ("kind", "completion")), completion_tokens)
+        self._tenant_cost.add(where, cost_nano)
+
+    def tenant_rejected(self, tenant: str, code: str) -> None:
+        """One request of ``tenant`` refused for its own limit or budget (``TENANT_REJECTIONS``)."""
+        self._tenant_rejections.add((("tenant", tenant), ("code", code)))
 
     def request(self, route: str, provider: str, status: int, outcome: str, seconds: float) -> None:
         """One answered request."""
@@ -181,13 +280,16 @@ class _Counter:
     costs a fraction of one, and the exporter reads the totals only when scraped.
     """
 
-    def __init__(self, tel: Telemetry, name: str, description: str) -> None:
+    def __init__(self, tel: Telemetry, name: str, description: str, scale: float = 1) -> None:
         self.counts: dict[tuple[tuple[str, str], ...], int] = {}
+        self.scale = scale
+        """Reported as ``count x scale``: an exact integer count (nano-dollars) shown in a
+        unit people read (dollars)."""
         tel.meter.create_observable_counter(name, [self._observe], description=description)
 
-    def add(self, labels: tuple[tuple[str, str], ...]) -> None:
-        self.counts[labels] = self.counts.get(labels, 0) + 1
+    def add(self, labels: tuple[tuple[str, str], ...], n: int = 1) -> None:
+        self.counts[labels] = self.counts.get(labels, 0) + n
 
     def _observe(self, _: CallbackOptions) -> Iterable[Observation]:
         for labels, n in list(self.counts.items()):
-            yield Observation(n, dict(labels))
+            yield Observation(n * self.scale if self.scale != 1 else n, dict(labels))

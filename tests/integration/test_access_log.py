@@ -30,7 +30,7 @@ from tests.helpers import (
 
 CHAT = {"model": "chat", "messages": [{"role": "user", "content": "hi"}]}
 ROUTES = [{"model": "chat", "targets": [{"provider": "p", "model": "m"}]}]
-FIELDS = {"ts", "level", "logger", "msg", "method", "path", "status", "route", "provider",
+FIELDS = {"ts", "level", "logger", "msg", "method", "path", "status", "tenant", "route", "provider",
           "attempts", "duration_ms", "request_id", "outcome", "bytes"}  # fmt: skip
 
 

@@ -3,16 +3,26 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import replace
 
 import pytest
 import redis
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from router.config import Strategy
+from router.budgets import period_id
+from router.config import BudgetPeriod, Strategy
 from router.state.keys import WINDOW_BUCKETS, Keys
 from router.state.store import _decode_decision, _script
-from router.strategies import Code, TargetView, choose, eligibility
+from router.strategies import (
+    Code,
+    TargetView,
+    TenantCode,
+    TenantUse,
+    choose,
+    eligibility,
+    tenant_verdict,
+)
 
 KEYS = Keys("t", "pool")
 
@@ -160,3 +170,61 @@ def _with_cooling(v: TargetView, now_ms: int) -> TargetView:
         cooling_until_ms=now_ms + 30_000 if v.cooling_until_ms else 0,
         circuit_until_ms=now_ms + 30_000 if v.circuit_until_ms in BLOCKING else 0,
     )
+
+
+tenant_uses = st.builds(
+    TenantUse,
+    rpm=limit,
+    tpm=st.sampled_from([0, 0, 10, 100, 1000]),
+    max_in_flight=limit,
+    budget=st.sampled_from([0, 0, 100, 5000]),
+    in_flight=st.integers(0, 6),
+    rpm_used=st.integers(0, 6),
+    tpm_used=st.integers(0, 200),
+    spent=st.integers(0, 6000),
+)
+
+
+@settings(
+    max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    use=tenant_uses,
+    tokens=st.integers(0, 120),
+    cost=st.integers(0, 3000),
+    counted=st.booleans(),
+    stale=st.booleans(),
+)
+def test_same_tenant_verdict(
+    client: redis.Redis, use: TenantUse, tokens: int, cost: int, counted: bool, stale: bool
+) -> None:
+    """The tenant's verdict is ``tenant_verdict``'s; spend of another period counts nothing."""
+    now_s = int(client.time()[0])
+    names = _seed(client, [TargetView()], now_s)
+    pid = period_id(BudgetPeriod.MONTH, now_s)
+    tk, tl = KEYS.tenant("t"), KEYS.tenant_leases("t")
+    client.hset(tk, mapping={
+        "wh": now_s, "rpm": use.rpm_used, "tpm": use.tpm_used, f"r:{now_s}": use.rpm_used,
+        f"t:{now_s}": use.tpm_used, "per": pid - 1 if stale else pid, "sp": use.spent,
+    })  # fmt: skip
+    for j in range(use.in_flight):
+        client.zadd(tl, {f"old-{j}": (now_s + 60) * 1000})
+    keys = [KEYS.rotation("r"), KEYS.swrr("r"), KEYS.provider(names[0]), KEYS.leases(names[0])]
+    keys += [tk, tl]
+    args: list[object] = ["round_robin", "lease-1", 30000, 0, 16, 1, WINDOW_BUCKETS, 1]
+    args += [(now_s + 60) * 1000, 0, 0, 0, 1, tokens, 0]
+    args += [use.rpm, use.tpm, use.max_in_flight, tokens, use.budget, 3, cost, int(counted)]
+    raw = client.register_script(_script("acquire"))(keys=keys, args=args)
+    decision = _decode_decision(raw, names)
+
+    seen = replace(use, spent=0) if stale else use
+    want = tenant_verdict(seen, tokens, cost, counted)
+    assert decision.tenant_code is want
+    assert (decision.index == 0) is (want is TenantCode.OK)
+    if want is TenantCode.OK:
+        f = client.hmget(tk, "rpm", "tpm", "sp", "per", "inf")
+        assert [int(x) for x in f[:4]] == [
+            use.rpm_used + counted, use.tpm_used + tokens, seen.spent + cost, pid,
+        ]  # fmt: skip
+        # in flight is counted only for a tenant with a limit on it
+        assert f[4] == (str(use.in_flight + 1).encode() if use.max_in_flight else None)

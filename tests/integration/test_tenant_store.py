@@ -7,11 +7,10 @@ from collections.abc import AsyncIterator
 import orjson
 import pytest
 
-from router.budgets import NANO, period_id
-from router.config import BudgetPeriod, TenantSpec, parse_config
+from router.config import TenantSpec, parse_config
 from router.errors import ConfigOwned, Conflict, KeyNotFound, TenantNotFound
 from router.replica.tenants import TenantDirectory
-from router.state.store import Store, TenantPlan
+from router.state.store import Store
 from router.state.tenants import TenantStore, key_digest
 from tests.helpers import async_wait_until
 
@@ -91,27 +90,6 @@ async def test_the_refusals(store: Store) -> None:
     # deleting a tenant revokes its keys only
     assert (await tenants.delete("x", CONFIG_NAMES))[1] == 1
     assert [k.tenant for k in (await tenants.read()).keys] == ["team-a"]
-
-
-async def test_live_figures_are_read_from_the_tenant_hash(store: Store) -> None:
-    tenants = TenantStore(store)
-    keys = store.keys
-    spec = TenantSpec(name="c", budget={"usd": 1.0, "period": "month"}, limits={"rpm": 9})
-    plan = TenantPlan.build(spec, keys, owner="api")
-    sec, _ = await store.client.time()
-    current = period_id(BudgetPeriod.MONTH, int(sec))
-    await store.client.hset(
-        keys.tenant("c"),
-        mapping={f"r:{sec}": 2, f"r:{int(sec) - 100}": 50, f"t:{sec}": 30, "per": current,
-                 "sp": NANO // 4},
-    )  # fmt: skip
-    await store.client.zadd(keys.tenant_leases("c"), {"l1": 10**15, "old": 1})
-    now_ms, loads = await tenants.loads([plan, TenantPlan.build(TenantSpec(name="default"), keys)])
-    load = loads["c"]
-    assert (load.rpm, load.tpm, load.in_flight, load.spend_nano) == (2, 30, 1, NANO // 4)
-    assert load.period is not None
-    assert now_ms // 1000 >= int(sec)
-    assert loads["default"].rpm == 0
 
 
 async def test_a_deleted_tenants_keys_stop_resolving(store: Store) -> None:

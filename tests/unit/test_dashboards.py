@@ -38,6 +38,10 @@ COUNTERS: dict[str, frozenset[str]] = {
     "router_circuit_openings_total": frozenset({"provider"}),
     "router_redis_errors_total": frozenset({"operation"}),
     "router_degraded_seconds_total": frozenset(),
+    "router_tenant_requests_total": frozenset({"tenant", "route", "outcome"}),
+    "router_tenant_tokens_total": frozenset({"tenant", "route", "provider", "kind"}),
+    "router_tenant_cost_usd_total": frozenset({"tenant", "route", "provider"}),
+    "router_tenant_rejections_total": frozenset({"tenant", "code"}),
     "healthd_probes_total": frozenset({"provider", "result"}),
     "healthd_health_transitions_total": frozenset({"provider", "to"}),
 }
@@ -64,8 +68,20 @@ SHARED_STATE_GAUGES: dict[str, frozenset[str]] = {
         "router_provider_tpot_ewma_seconds",
     )
 }
+# The per-tenant gauges read from shared state: the same on every replica, max by (tenant).
+TENANT_STATE_GAUGES: dict[str, frozenset[str]] = {
+    name: frozenset({"tenant"})
+    for name in (
+        "router_tenant_in_flight",
+        "router_tenant_rpm_used",
+        "router_tenant_tpm_used",
+        "router_tenant_spend_usd",
+        "router_tenant_budget_usd",
+    )
+}
 GAUGES: dict[str, frozenset[str]] = {
     **SHARED_STATE_GAUGES,
+    **TENANT_STATE_GAUGES,
     "router_degraded": frozenset(),
     "healthd_leader": frozenset(),
     "healthd_epoch": frozenset(),
@@ -276,7 +292,7 @@ def test_template_variables() -> None:
     ds = variables["datasource"]
     assert ds["type"] == "datasource"
     assert ds["query"] == "prometheus"
-    for name in ("route", "provider"):
+    for name in ("route", "provider", "tenant"):
         var = variables[name]
         assert var["type"] == "query"
         assert _uses_datasource_var(var["datasource"])
@@ -311,7 +327,7 @@ def test_selectors_use_documented_labels_and_the_dashboard_filters() -> None:
             matchers = {k: (op, v) for k, op, v in _MATCHER.findall(braces)}
             unknown = set(matchers) - labels - SCRAPE_LABELS
             assert not unknown, f"{where}: {name} has no label(s) {sorted(unknown)}"
-            for var in ("route", "provider"):
+            for var in ("route", "provider", "tenant"):
                 if var in labels:
                     assert matchers.get(var) == ("=~", f"${var}"), (
                         f'{where}: {name} should be filtered with {var}=~"${var}"'
@@ -340,16 +356,21 @@ def test_histogram_quantile_reads_only_bucket_series_by_le() -> None:
                 assert "histogram_quantile" in calls, f"{where}: {name} outside histogram_quantile"
 
 
-def test_shared_state_gauges_are_aggregated_with_max_by_provider() -> None:
+@pytest.mark.parametrize(
+    ("gauges", "key"), [(SHARED_STATE_GAUGES, "provider"), (TENANT_STATE_GAUGES, "tenant")]
+)
+def test_shared_state_gauges_are_aggregated_with_max_by_their_key(
+    gauges: dict[str, frozenset[str]], key: str
+) -> None:
     for where, expr in _exprs():
         for pos, name in _names(expr):
-            if name not in SHARED_STATE_GAUGES:
+            if name not in gauges:
                 continue
             aggs = [(c, by) for c, by in _enclosing(expr, pos) if c in AGGREGATIONS]
-            assert aggs, f"{where}: {name} must be aggregated with max by (provider)"
+            assert aggs, f"{where}: {name} must be aggregated with max by ({key})"
             agg, by = aggs[0]
             assert agg == "max", f"{where}: {name} is aggregated with {agg}, not max"
-            assert "provider" in (by or ()), f"{where}: {name}: max is not by (provider)"
+            assert key in (by or ()), f"{where}: {name}: max is not by ({key})"
 
 
 def test_counters_are_read_through_rate_and_gauges_are_not() -> None:

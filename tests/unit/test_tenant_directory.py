@@ -17,7 +17,6 @@ from router.state.tenants import (
     decode_snapshot,
     key_digest,
     new_key,
-    tenant_load,
 )
 
 KEYS = Keys("rc", "default")
@@ -186,25 +185,3 @@ def test_events_newer_than_the_directory_call_for_a_reread() -> None:
     assert not view.apply(b"not json")
     assert not view.apply(b"[6]")
     assert not view.apply(b'{"version": "9"}')
-
-
-SEC = 1_790_000_000  # 2026-09-21 (a Monday)
-
-
-def test_load_sums_the_window_and_counts_spend_only_in_its_period() -> None:
-    from router.budgets import period_id
-
-    cfg = config(tenants=TENANTS)
-    plan = TenantDirectory.from_config(cfg, KEYS).plans["team-b"]
-    h = {
-        f"r:{SEC}": "2", f"r:{SEC - 61}": "3", f"r:{SEC - 62}": "100", "rpm": "105",
-        f"t:{SEC}": "40", "per": str(period_id(plan.period, SEC)), "sp": "1500000000",
-    }  # fmt: skip
-    load = tenant_load(plan, h, 4, SEC)
-    assert (load.rpm, load.tpm, load.in_flight, load.spend_nano) == (5, 40, 4, 1_500_000_000)
-    assert load.period == "2026-09-21"
-    stale = tenant_load(plan, {**h, "per": str(period_id(plan.period, SEC) - 1)}, 0, SEC)
-    assert stale.spend_nano == 0
-    no_budget = tenant_load(TenantDirectory.from_config(cfg, KEYS).plans["team-a"], h, 0, SEC)
-    assert no_budget.period is None
-    assert no_budget.spend_nano == 0

@@ -21,9 +21,22 @@
 --               {0, now, bucket, -3} (its caller has given up on it; see LostLease, store.py)
 -- ARGV[10+6(i-1) ..] target i: rpm, tpm, max_in_flight (0 = unlimited), weight,
 --               tokens to reserve, excluded (1 = skip)
+-- The tenant (when KEYS holds more than 2 + 2n keys):
+-- KEYS[3+2n]    the tenant's hash (windows, spend)          Keys.tenant
+-- KEYS[4+2n]    the tenant's lease zset (used only with a max_in_flight: a tenant without one
+--               costs one HMGET and one HSET)             Keys.tenant_leases
+-- ARGV[10+6n ..] its rpm, tpm, max_in_flight (0 = unlimited), tokens to reserve, budget
+--               (nano-USD, 0 = none), its period (1 day, 2 week, 3 month: spend is kept per
+--               period, with a budget or not), cost to
+--               reserve (nano-USD), 1 = count this request in its RPM (0: a failover attempt
+--               of a request already counted)
+-- The tenant is checked first: over one of its limits, no target is looked at (codes 9) and
+-- nothing is leased, so a tenant at its limit takes nothing another tenant could use.
 -- Returns {chosen (1-based, 0 = none), now ms, bucket s, wait ms (-1 unknown, -2 never,
---          -3 too late), then per target: code, and with ARGV[8] = 1: in flight, rpm used,
---          tpm used, score}
+--          -3 too late), tenant code, tenant spend this period (nano-USD, after this
+--          request), then per target: code, and with ARGV[8] = 1 (and the tenant admitted):
+--          in flight, rpm used, tpm used, score}
+-- Tenant codes: 0 admitted (or no tenant), 1 in flight full, 2 rpm, 3 tpm, 4 budget spent.
 -- Codes: 0 ok, 1 excluded, 2 unhealthy, 3 cooling down, 4 in flight full, 5 rpm, 6 tpm,
 --        7 drained by an operator, 8 circuit open (or its one half-open trial in flight),
 --        9 not looked at (round robin without detail stops at the first target with room).
@@ -38,7 +51,7 @@ local clock = call('TIME')
 local sec = tonumber(clock[1])
 local now = sec * 1000 + math.floor(tonumber(clock[2]) / 1000)
 local oldest = sec - W + 1
-if now > tonumber(ARGV[9]) then return {0, now, sec, -3} end
+if now > tonumber(ARGV[9]) then return {0, now, sec, -3, 0, 0} end
 
 -- Drop the buckets that left the window; return the window totals.
 local function slide(key, head, rpm, tpm)
@@ -147,6 +160,99 @@ local function better(i, j)
   return T[i].s < T[j].s
 end
 
+-- period:begin (a test runs this part alone, with its own sec, against router/budgets.py)
+-- The tenant's period number for a budget: days since the epoch, weeks since the Monday
+-- before it, or year * 12 + month - 1 (router/budgets.py says the same in Python); and the
+-- unix second it ends.
+local function civil(z)  -- days since 1970-01-01 -> year, month (Howard Hinnant's algorithm)
+  z = z + 719468
+  local era = math.floor(z / 146097)
+  local doe = z - era * 146097
+  local yoe = math.floor((doe - math.floor(doe / 1460) + math.floor(doe / 36524)
+    - math.floor(doe / 146096)) / 365)
+  local doy = doe - (365 * yoe + math.floor(yoe / 4) - math.floor(yoe / 100))
+  local mp = math.floor((5 * doy + 2) / 153)
+  local m = mp < 10 and mp + 3 or mp - 9
+  local y = yoe + era * 400
+  if m <= 2 then y = y + 1 end
+  return y, m
+end
+local function days(y, m)  -- the first day of month m of year y, in days since 1970-01-01
+  if m <= 2 then y = y - 1 end
+  local era = math.floor(y / 400)
+  local yoe = y - era * 400
+  local mp = m > 2 and m - 3 or m + 9
+  local doy = math.floor((153 * mp + 2) / 5)
+  return era * 146097 + yoe * 365 + math.floor(yoe / 4) - math.floor(yoe / 100) + doy - 719468
+end
+local function period(code)
+  local day = math.floor(sec / 86400)
+  if code == 1 then return day, (day + 1) * 86400 end
+  if code == 2 then
+    local w = math.floor((day + 3) / 7)
+    return w, (7 * w + 4) * 86400
+  end
+  local y, m = civil(day)
+  local ny, nm = y, m + 1
+  if nm > 12 then ny, nm = y + 1, 1 end
+  return y * 12 + m - 1, days(ny, nm) * 86400
+end
+-- period:end
+
+local tenant = #KEYS > 2 + 2 * n
+local U  -- the tenant's figures, once admitted
+if tenant then
+  local a, tk, tl = 10 + 6 * n, KEYS[3 + 2 * n], KEYS[4 + 2 * n]
+  local rpmL, tpmL, maxf, tokens = N[ARGV[a]], N[ARGV[a + 1]], N[ARGV[a + 2]], N[ARGV[a + 3]]
+  local budget, pcode, cost, counted = N[ARGV[a + 4]], N[ARGV[a + 5]], N[ARGV[a + 6]], ARGV[a + 7] == '1'
+  -- this second's buckets are read here so that one HSET writes every figure at admission
+  local rk, tb = 'r:' .. sec, 't:' .. sec
+  local f = call('HMGET', tk, 'rpm', 'tpm', 'inf', 'nm', 'per', 'sp', rk, tb)
+  local rpm, tpm, inflight, nm = N[f[1]] or 0, N[f[2]] or 0, N[f[3]] or 0, N[f[4]]
+  local fresh = false
+  if nm == nil or nm <= now then
+    local head, first = N[call('HGET', tk, 'wh')], nil
+    -- in flight is counted (a lease zset) only for a tenant with a max_in_flight
+    if maxf > 0 or inflight ~= 0 then inflight, first = purge(tk, tl) end
+    rpm, tpm = slide(tk, head, rpm, tpm)
+    fresh = head == nil
+    nm = FAR
+    if head then nm = min(nm, (max(head, oldest) + W) * 1000) end
+    if first then nm = min(nm, first) end
+    call('HSET', tk, 'nm', nm)
+  end
+  local spent, pid, pend = 0, period(pcode)
+  local same = N[f[5]] == pid
+  if same then spent = N[f[6]] or 0 end
+  local code, wait = 0, 0
+  if maxf > 0 and inflight >= maxf then code, wait = 1, -1
+  elseif counted and rpmL > 0 and rpm + 1 > rpmL then code = 2
+  elseif tpmL > 0 and tpm + tokens > tpmL then code = 3
+  elseif budget > 0 and spent + cost > budget then
+    code, wait = 4, pend * 1000 - now
+    if cost > budget then wait = -2 end
+  end
+  if code == 3 and tokens > tpmL then wait = -2
+  elseif code == 2 or code == 3 then  -- the window frees as its oldest buckets leave it
+    local needR = code == 2 and rpm + 1 - rpmL or 0
+    local needT = code == 3 and tpm + tokens - tpmL or 0
+    wait = W * 1000
+    for b = oldest, sec do
+      local v = call('HMGET', tk, 'r:' .. b, 't:' .. b)
+      needR, needT = needR - (tonumber(v[1]) or 0), needT - (tonumber(v[2]) or 0)
+      if needR <= 0 and needT <= 0 then wait = max(0, (b + W) * 1000 - now) break end
+    end
+  end
+  if code ~= 0 then
+    local out = {0, now, sec, wait, code, spent}
+    for i = 1, n do out[6 + i] = 9 end
+    return out
+  end
+  U = {tk = tk, tl = tl, rpm = rpm, tpm = tpm, inflight = inflight, nm = nm, fresh = fresh,
+    tokens = tokens, counted = counted, pid = pid, same = same, spent = spent, cost = cost,
+    maxf = maxf, rk = rk, tb = tb, r0 = N[f[7]] or 0, t0 = N[f[8]] or 0}
+end
+
 local best, any = nil, false
 if strategy == 'round_robin' and not detail then
   -- the next target in the rotation with room: the ones after it need not be looked at
@@ -216,6 +322,29 @@ if best then
   if t.circ then call('HSET', pk, 'circ', 'half', 'circ_until', now + ttl, 'circ_trial', lease) end
   T[best].inflight, T[best].rpm, T[best].tpm = t.inflight + added, t.rpm + 1, t.tpm + t.tokens
   wait = 0
+  if U then  -- the tenant's share of the same admission, in one write (two with in flight)
+    local r = U.counted and 1 or 0
+    local w = {'rpm', U.rpm + r, 'tpm', U.tpm + U.tokens}
+    if r ~= 0 then w[#w + 1], w[#w + 2] = U.rk, U.r0 + 1 end
+    if U.tokens ~= 0 then w[#w + 1], w[#w + 2] = U.tb, U.t0 + U.tokens end
+    local nm = U.nm
+    if U.maxf > 0 then
+      w[#w + 1], w[#w + 2] = 'inf', U.inflight + call('ZADD', U.tl, now + ttl, lease)
+      nm = min(nm, now + ttl)
+    end
+    if U.fresh then
+      w[#w + 1], w[#w + 2] = 'wh', sec
+      nm = min(nm, (sec + W) * 1000)
+    end
+    if nm ~= U.nm then w[#w + 1], w[#w + 2] = 'nm', nm end
+    if not U.same then w[#w + 1], w[#w + 2] = 'per', U.pid end  -- a new period
+    U.spent = U.spent + U.cost
+    if U.cost ~= 0 or not U.same then
+      -- as an integer's text: a Lua number written as text keeps only 14 digits
+      w[#w + 1], w[#w + 2] = 'sp', string.format('%d', U.spent)
+    end
+    call('HSET', U.tk, unpack(w))
+  end
 else
   -- When will one target have room? The window part frees as its oldest buckets leave.
   for i = 1, n do
@@ -238,9 +367,9 @@ else
   end
 end
 
-local out, k = {best or 0, now, sec, wait}, 4
+local out, k = {best or 0, now, sec, wait, 0, U and U.spent or 0}, 6
 if not detail then
-  for i = 1, n do out[4 + i] = T[i] and T[i].code or 9 end  -- 9: not looked at
+  for i = 1, n do out[6 + i] = T[i] and T[i].code or 9 end  -- 9: not looked at
   return out
 end
 for i = 1, n do
