@@ -157,7 +157,7 @@ def test_budget_stops_admissions_and_spend_is_the_reported_usage(
         return r.hget("rc:{default}:tenant:team-a", "inf") in (None, b"0")
 
     results = []
-    for k in range(12):  # one at a time, over both replicas
+    for k in range(30):  # one at a time, over both replicas (24 fit: 34,000 each)
         wait_until(settled, 5, "the previous request's release")
         results += fire(gw, "team-a", 1, 1, replica=k % 2, max_tokens=100)
     wait_until(settled, 5, "the last release")
