@@ -28,7 +28,7 @@ from typing import Any, TypeVar
 from router.errors import StoreError
 from router.replica.degraded import SharedMode
 from router.replica.local import LocalState
-from router.state.store import Lease, LostLease, Outcome, Store
+from router.state.store import Charge, Lease, LostLease, Outcome, Store
 from router.telemetry.metrics import RouterMetrics
 from router.telemetry.tracing import Telemetry
 
@@ -61,6 +61,10 @@ class LeaseKeeper:
         self.mode = mode
         self.local = local
         self._deferred: list[tuple[Lease, Outcome]] = []
+        self._charges: dict[tuple[str, str, str, int, int], Charge] = {}
+        """What requests served without Redis cost their tenants, summed per tenant, route,
+        provider, spend period and day (so it stays small however long Redis is away):
+        recorded once it is back."""
         self._lost: list[LostLease] = []
         self._live: dict[str, dict[str, Lease]] = defaultdict(dict)
         self._tenants: dict[str, int] = defaultdict(int)
@@ -89,7 +93,7 @@ class LeaseKeeper:
 
     def pending(self) -> int:
         """Releases and lost leases waiting for Redis."""
-        return len(self._deferred) + len(self._lost)
+        return len(self._deferred) + len(self._lost) + len(self._charges)
 
     def hold(self, lease: Lease) -> None:
         """Remember ``lease`` as in flight on this replica."""
@@ -122,6 +126,9 @@ class LeaseKeeper:
         if not lease.local:
             with self.tel.span("release", provider=lease.provider, outcome=outcome.outcome):
                 await self._release_shared(lease, outcome)
+        elif lease.tenant and outcome.served:
+            self._add_charge(lease, outcome)
+            self._settle_soon()
         self._wake()
 
     async def _release_shared(self, lease: Lease, outcome: Outcome) -> None:
@@ -169,6 +176,7 @@ class LeaseKeeper:
         """One pass over what waits; the seconds until a lost lease may be settled. Raises
         ``StoreError`` when a call failed (what it was for waits for the next pass)."""
         failed = await self._release_deferred()
+        failed += await self._charge()
         now = await self.store.time_ms()  # Redis's clock, before the lost leases' releases
         failed += await self._release_lost(now)
         if failed:
@@ -186,6 +194,35 @@ class LeaseKeeper:
                 self._deferred.append((lease, outcome))
             elif r == 2:
                 self.metrics.circuit_opened(lease.provider)
+        return sum(isinstance(r, StoreError) for r in results)
+
+    def _add_charge(self, lease: Lease, outcome: Outcome) -> None:
+        day = lease.bucket // 86_400
+        key = (lease.tenant, lease.route, lease.provider, lease.period, day)
+        c = self._charges.get(key)
+        if c is None:
+            c = Charge(lease.tenant, lease.route, lease.provider, lease.period, lease.bucket)
+            self._charges[key] = c
+        c.requests += 1
+        c.prompt_tokens += outcome.prompt_tokens
+        c.completion_tokens += outcome.completion_tokens
+        c.cost_nano += outcome.cost_nano
+
+    async def _charge(self) -> int:
+        """Record a batch of the charges of requests served without Redis; how many failed
+        (they are added back, to what was charged since)."""
+        keys = list(self._charges)[:SETTLE_BATCH]
+        batch = [self._charges.pop(k) for k in keys]
+        results = await _each(self.store.charge(c) for c in batch)
+        for key, c, r in zip(keys, batch, results, strict=True):
+            if isinstance(r, StoreError):
+                if (now := self._charges.get(key)) is None:
+                    self._charges[key] = c
+                else:
+                    now.requests += c.requests
+                    now.prompt_tokens += c.prompt_tokens
+                    now.completion_tokens += c.completion_tokens
+                    now.cost_nano += c.cost_nano
         return sum(isinstance(r, StoreError) for r in results)
 
     async def _release_lost(self, now: int) -> int:

@@ -256,7 +256,27 @@ def expected_keys(keys: Keys, cfg: Config, replica_ids: Sequence[str]) -> dict[s
     out[keys.replicas()] = "replica index (id -> last heartbeat ms)"
     for rid in replica_ids:
         out[keys.replica(rid)] = f"replica {rid}: heartbeat record"
+    out[keys.tenants()] = "tenants created through the admin API (name -> spec)"
+    out[keys.tenant_keys()] = "keys issued through the admin API (sha256 -> tenant, id, created)"
+    out[keys.tenants_version()] = "tenants version, bumped on every tenant or key change"
+    for name in ["default", *(t.name for t in cfg.tenants if t.name != "default")]:
+        out[keys.tenant(name)] = f"tenant {name}: windows, spend this period"
+        out[keys.tenant_leases(name)] = f"tenant {name}: in-flight leases (with max_in_flight)"
     return out
+
+
+def _found(keys: Keys, name: str) -> str | None:
+    """What a key not named by the config holds, when its name says it."""
+    tenant, usage = keys.tenant(""), keys.usage("", "")[:-1]
+    if name.startswith(tenant):
+        who = name[len(tenant) :]
+        if who.endswith(":leases"):
+            return f"tenant {who[: -len(':leases')]}: in-flight leases (an admin API tenant?)"
+        return f"tenant {who}: windows, spend this period (an admin API tenant?)"
+    if name.startswith(usage):
+        period, _, label = name[len(usage) :].partition(":")
+        return f"usage of {period} {label} (tenant|route|provider|figure -> count)"
+    return None
 
 
 async def describe_keys(store: Store, cfg: Config) -> list[KeyInfo]:
@@ -279,7 +299,7 @@ async def describe_keys(store: Store, cfg: Config) -> list[KeyInfo]:
     out = []
     for i, name in enumerate(names):
         kind, ttl = decode_text(raw[2 * i]), int(raw[2 * i + 1])
-        what = expected.get(name) or stray
+        what = expected.get(name) or _found(k, name) or stray
         if name not in expected and name.startswith(replica_prefix):
             what = "a replica record missing from the index (it expires by itself)"
         out.append(KeyInfo(name, kind, ttl if ttl >= 0 else None, what))

@@ -48,6 +48,7 @@ STARTUP_RETRY_S = 0.25
 """How often a process starting up tries Redis again (``Store.start_within``)."""
 SCRIPTS = (
     "acquire",
+    "charge",
     "release",
     "renew",
     "report_probe",
@@ -198,6 +199,23 @@ class Outcome:
     """The tenant's spend (nano-USD): actual cost minus the reserved cost."""
     served: bool = False
     """The provider served the request: its usage is recorded."""
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cost_nano: int = 0
+
+
+@dataclass(slots=True)
+class Charge:
+    """What requests of one tenant, route and provider, admitted on one day in one spend
+    period without Redis, cost: recorded once Redis is back (``Store.charge``)."""
+
+    tenant: str
+    route: str
+    provider: str
+    period: int
+    second: int
+    """A second of the admissions' day (it names the usage hashes)."""
+    requests: int = 0
     prompt_tokens: int = 0
     completion_tokens: int = 0
     cost_nano: int = 0
@@ -581,6 +599,26 @@ class Store:
                 USAGE_MONTH_TTL_S,
             )
         return int(await self.call("release", keys, args))
+
+    async def charge(self, charge: Charge) -> None:
+        """Record what requests served without Redis (local leases) cost their tenant: its
+        spend this period and its usage (``charge.lua``)."""
+        keys = (
+            self.keys.tenant(charge.tenant),
+            self.keys.usage("day", period_label(BudgetPeriod.DAY, charge.second)),
+            self.keys.usage("month", period_label(BudgetPeriod.MONTH, charge.second)),
+        )
+        args = (
+            charge.period,
+            charge.cost_nano,
+            f"{charge.tenant}|{charge.route}|{charge.provider}|",
+            charge.prompt_tokens,
+            charge.completion_tokens,
+            USAGE_DAY_TTL_S,
+            USAGE_MONTH_TTL_S,
+            charge.requests,
+        )
+        await self.call("charge", keys, args)
 
     async def renew(
         self,

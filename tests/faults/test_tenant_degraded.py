@@ -51,3 +51,18 @@ def test_tenant_rpm_is_shared_out_while_degraded(
     assert len(refused) == 20
     assert {r.json()["error"]["code"] for r in refused} == {"tenant_rpm_exceeded"}
     assert all(int(r.headers["retry-after"]) >= 1 for r in refused)
+
+    # Redis back (restarted empty): what the replicas served alone reaches the usage records
+    own_redis.start()
+    for url in gw.urls:
+        wait_until(partial(lambda u: status(u) == "ready", url), 15, f"{url} back to shared")
+    r = own_redis.client()
+
+    def charged() -> dict[str, int]:
+        days = r.keys("rc:{default}:usage:day:*")
+        return {k: int(v) for k, v in r.hgetall(days[0]).items()} if days else {}
+
+    wait_until(lambda: charged().get("team-a|chat|a|req") == 20, 10, "the degraded usage")
+    assert charged()["team-a|chat|a|out"] == 20 * 16  # the mock's 16 tokens each
+    spent = r.hget("rc:{default}:tenant:team-a", "sp")
+    assert spent is not None  # its spend this period too (no price here: zero)

@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 from router.budgets import period_end, period_id
 from router.config import BudgetPeriod, Config, TenantSpec, parse_config
-from router.state.store import Decision, Lease, Outcome, RoutePlan, Store, TenantPlan
+from router.state.store import Charge, Decision, Lease, Outcome, RoutePlan, Store, TenantPlan
 from router.strategies import Code, TenantCode
 
 ENV = {"K": "client-key"}
@@ -169,3 +169,24 @@ async def test_lua_periods_match_python(redis_port: int, sec: int) -> None:
     for p in (BudgetPeriod.DAY, BudgetPeriod.WEEK, BudgetPeriod.MONTH):
         want += [period_id(p, sec), period_end(p, sec)]
     assert [int(x) for x in got] == want
+
+
+async def test_charges_of_requests_served_alone(store: Store) -> None:
+    t = tenant(store, budget={"usd": 1, "period": "day"})
+    d = await take(store, t, "a", cost=500)  # a shared admission: this period, 500 spent
+    pid = period_id(BudgetPeriod.DAY, d.bucket)
+
+    async def charge(period: int, cost: int) -> None:
+        await store.charge(Charge("t", "m", "p", period, d.bucket, 2, 30, 10, cost))
+
+    await charge(pid, 700)  # the same period: added
+    assert (await fields(store, t.keys[0]))["sp"] == "1200"
+    await charge(pid - 1, 900)  # a period that is over: usage only
+    assert (await fields(store, t.keys[0]))["sp"] == "1200"
+    await store.client.hset(t.keys[0], mapping={"per": pid - 1, "sp": 5})
+    await charge(pid, 300)  # its period had no shared admission yet: it starts it
+    f = await fields(store, t.keys[0])
+    assert (f["per"], f["sp"]) == (str(pid), "300")
+    day = (await store.client.keys(store.keys.usage("day", "*")))[0].decode()
+    usage = await fields(store, day)
+    assert usage == {"t|m|p|req": "6", "t|m|p|in": "90", "t|m|p|out": "30", "t|m|p|cost": "1900"}
