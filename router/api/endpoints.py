@@ -201,6 +201,8 @@ class _Exchange:
             model = check(EmbeddingsBody, data).model
         route = self.gw.cfg.route(model)
         if route is None or not tenant.allows(route.model):
+            if route is not None:  # a route the tenant may not use: its refusal, counted
+                self.gw.metrics.tenant_rejected(tenant.name, "model_not_found")
             raise model_not_found(model, tenant)
         self.route = route.model
         return await self.gw.dispatcher.serve(
