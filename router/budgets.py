@@ -44,6 +44,19 @@ def period_end(period: BudgetPeriod, sec: int) -> int:
     return (nxt - _EPOCH).days * 86_400
 
 
+def period_bounds(period: BudgetPeriod, sec: int) -> tuple[int, int, int]:
+    """The period holding ``sec``: its number, its first second and its end."""
+    day = sec // 86_400
+    if period is BudgetPeriod.DAY:
+        start = day * 86_400
+    elif period is BudgetPeriod.WEEK:
+        start = (7 * period_id(period, sec) - 3) * 86_400
+    else:
+        date = _EPOCH + dt.timedelta(days=day)
+        start = (dt.date(date.year, date.month, 1) - _EPOCH).days * 86_400
+    return period_id(period, sec), start, period_end(period, sec)
+
+
 def period_label(period: BudgetPeriod, sec: int) -> str:
     """The period holding ``sec`` as people write it: ``2026-12-01``, ``2026-W49``,
     ``2026-12``."""

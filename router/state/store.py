@@ -24,7 +24,7 @@ import redis.asyncio as aioredis
 from redis.asyncio.connection import parse_url
 from redis.exceptions import RedisError
 
-from router.budgets import NANO, PERIOD_CODES, period_label
+from router.budgets import NANO, PERIOD_CODES, period_bounds, period_label
 from router.config import DEFAULT_TENANT, BudgetPeriod, Circuit, Config, Route, TenantSpec
 from router.errors import StoreError
 from router.state.keys import USAGE_DAY_TTL_S, USAGE_MONTH_TTL_S, WINDOW_BUCKETS, Keys
@@ -331,6 +331,8 @@ class Store:
         """Redis's clock minus ours plus the one-way trip, as last seen: never less than the
         clocks' true difference, so a deadline computed with it is never too early."""
         self._scripts = {name: client.register_script(_script(name)) for name in SCRIPTS}
+        self._periods: dict[BudgetPeriod, tuple[int, int, int]] = {}
+        """The current spend period of each kind, as last computed: number, start, end."""
 
     @classmethod
     def from_config(cls, cfg: Config) -> Store:
@@ -514,6 +516,7 @@ class Store:
         keys: Sequence[str] = plan.keys
         if tenant is not None:
             keys = (*plan.keys, *tenant.keys)
+            pid, start, end = self._period(tenant.period or BudgetPeriod.MONTH, sent)
             args += (
                 tenant.rpm,
                 tenant.tpm,
@@ -523,6 +526,9 @@ class Store:
                 tenant.period_code,
                 cost_nano,
                 1 if counted else 0,
+                pid,
+                start,
+                end,
             )
         d = _decode_decision(await self.call("acquire", keys, args), plan.providers)
         self._skew_ms = d.now_ms - sent
@@ -530,6 +536,15 @@ class Store:
             # (a slow reconnect first, a stalled event loop, or our clock stepped back)
             raise StoreError("the acquire reached Redis after its deadline")
         return d
+
+    def _period(self, period: BudgetPeriod, sent_ms: int) -> tuple[int, int, int]:
+        """The spend period Redis's clock is most likely in (the script checks it, and
+        computes it itself when the guess is wrong): computed once per period."""
+        sec = (sent_ms + self._skew_ms) // 1000
+        cached = self._periods.get(period)
+        if cached is None or not cached[1] <= sec < cached[2]:
+            cached = self._periods[period] = period_bounds(period, sec)
+        return cached
 
     async def release_lost(self, lost: LostLease) -> bool:
         """Release ``lost`` on whichever of its targets holds it; whether one did. Its tenant

@@ -10,7 +10,7 @@ import redis
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from router.budgets import period_id
+from router.budgets import period_bounds, period_id
 from router.config import BudgetPeriod, Strategy
 from router.state.keys import WINDOW_BUCKETS, Keys
 from router.state.store import _decode_decision, _script
@@ -194,9 +194,16 @@ tenant_uses = st.builds(
     cost=st.integers(0, 3000),
     counted=st.booleans(),
     stale=st.booleans(),
+    guess=st.booleans(),
 )
 def test_same_tenant_verdict(
-    client: redis.Redis, use: TenantUse, tokens: int, cost: int, counted: bool, stale: bool
+    client: redis.Redis,
+    use: TenantUse,
+    tokens: int,
+    cost: int,
+    counted: bool,
+    stale: bool,
+    guess: bool,
 ) -> None:
     """The tenant's verdict is ``tenant_verdict``'s; spend of another period counts nothing."""
     now_s = int(client.time()[0])
@@ -214,6 +221,8 @@ def test_same_tenant_verdict(
     args: list[object] = ["round_robin", "lease-1", 30000, 0, 16, 1, WINDOW_BUCKETS, 1]
     args += [(now_s + 60) * 1000, 0, 0, 0, 1, tokens, 0]
     args += [use.rpm, use.tpm, use.max_in_flight, tokens, use.budget, 3, cost, int(counted)]
+    # the caller's guess of the period: right, or a month off (the script computes it then)
+    args += period_bounds(BudgetPeriod.MONTH, now_s - (0 if guess else 40 * 86_400))
     raw = client.register_script(_script("acquire"))(keys=keys, args=args)
     decision = _decode_decision(raw, names)
 

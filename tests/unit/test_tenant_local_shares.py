@@ -82,3 +82,15 @@ def test_budget_share_is_of_what_was_left_when_last_seen() -> None:
     clock.t += 86_400
     assert local.tenant_check(t, 0, 5_000, counted=True, in_flight=0) is TenantCode.OK
     assert local.tenant_check(t, 0, 5_001, counted=True, in_flight=0) is TenantCode.BUDGET
+
+
+def test_period_bounds() -> None:
+    from router.budgets import period_bounds, period_end, period_id
+    from router.config import BudgetPeriod
+
+    for sec in (0, 86_399, 86_400, 1_796_169_599, 1_796_169_600, 1_798_761_599, 4_102_444_799):
+        for p in BudgetPeriod:
+            pid, start, end = period_bounds(p, sec)
+            assert start <= sec < end
+            assert (pid, end) == (period_id(p, sec), period_end(p, sec))
+            assert period_id(p, start) == pid != period_id(p, start - 1)

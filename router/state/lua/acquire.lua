@@ -29,7 +29,8 @@
 --               (nano-USD, 0 = none), its period (1 day, 2 week, 3 month: spend is kept per
 --               period, with a budget or not), cost to
 --               reserve (nano-USD), 1 = count this request in its RPM (0: a failover attempt
---               of a request already counted)
+--               of a request already counted), then the caller's guess of the period: its
+--               number, first second and end (used when Redis's clock is in it)
 -- The tenant is checked first: over one of its limits, no target is looked at (codes 9) and
 -- nothing is leased, so a tenant at its limit takes nothing another tenant could use.
 -- Returns {chosen (1-based, 0 = none), now ms, bucket s, wait ms (-1 unknown, -2 never,
@@ -200,11 +201,14 @@ end
 -- period:end
 
 local tenant = #KEYS > 2 + 2 * n
-local U  -- the tenant's figures, once admitted
+-- the tenant's figures, once admitted (plain locals: a table costs an allocation per call)
+local tk, tl, t_rpm, t_tpm, t_inf, t_nm, t_fresh, t_tokens, t_counted
+local t_pid, t_same, t_spent, t_cost, t_maxf, t_rk, t_tb, t_r0, t_t0
 if tenant then
-  local a, tk, tl = 10 + 6 * n, KEYS[3 + 2 * n], KEYS[4 + 2 * n]
+  local a = 10 + 6 * n
+  tk, tl = KEYS[3 + 2 * n], KEYS[4 + 2 * n]
   local rpmL, tpmL, maxf, tokens = N[ARGV[a]], N[ARGV[a + 1]], N[ARGV[a + 2]], N[ARGV[a + 3]]
-  local budget, pcode, cost, counted = N[ARGV[a + 4]], N[ARGV[a + 5]], N[ARGV[a + 6]], ARGV[a + 7] == '1'
+  local budget, cost, counted = N[ARGV[a + 4]], N[ARGV[a + 6]], ARGV[a + 7] == '1'
   -- this second's buckets are read here so that one HSET writes every figure at admission
   local rk, tb = 'r:' .. sec, 't:' .. sec
   local f = call('HMGET', tk, 'rpm', 'tpm', 'inf', 'nm', 'per', 'sp', rk, tb)
@@ -221,8 +225,11 @@ if tenant then
     if first then nm = min(nm, first) end
     call('HSET', tk, 'nm', nm)
   end
-  local spent, pid, pend = 0, period(pcode)
-  local same = N[f[5]] == pid
+  -- the period: the caller's guess (its number and its bounds) when Redis's clock is in it,
+  -- else computed here (at a period's edge, or a caller whose clock is off)
+  local pid, pend = N[ARGV[a + 8]], N[ARGV[a + 10]]
+  if sec < N[ARGV[a + 9]] or sec >= pend then pid, pend = period(N[ARGV[a + 5]]) end
+  local spent, same = 0, N[f[5]] == pid
   if same then spent = N[f[6]] or 0 end
   local code, wait = 0, 0
   if maxf > 0 and inflight >= maxf then code, wait = 1, -1
@@ -248,9 +255,9 @@ if tenant then
     for i = 1, n do out[6 + i] = 9 end
     return out
   end
-  U = {tk = tk, tl = tl, rpm = rpm, tpm = tpm, inflight = inflight, nm = nm, fresh = fresh,
-    tokens = tokens, counted = counted, pid = pid, same = same, spent = spent, cost = cost,
-    maxf = maxf, rk = rk, tb = tb, r0 = N[f[7]] or 0, t0 = N[f[8]] or 0}
+  t_rpm, t_tpm, t_inf, t_nm, t_fresh, t_tokens, t_counted = rpm, tpm, inflight, nm, fresh, tokens, counted
+  t_pid, t_same, t_spent, t_cost, t_maxf, t_rk, t_tb = pid, same, spent, cost, maxf, rk, tb
+  t_r0, t_t0 = N[f[7]] or 0, N[f[8]] or 0
 end
 
 local best, any = nil, false
@@ -322,28 +329,28 @@ if best then
   if t.circ then call('HSET', pk, 'circ', 'half', 'circ_until', now + ttl, 'circ_trial', lease) end
   T[best].inflight, T[best].rpm, T[best].tpm = t.inflight + added, t.rpm + 1, t.tpm + t.tokens
   wait = 0
-  if U then  -- the tenant's share of the same admission, in one write (two with in flight)
-    local r = U.counted and 1 or 0
-    local w = {'rpm', U.rpm + r, 'tpm', U.tpm + U.tokens}
-    if r ~= 0 then w[#w + 1], w[#w + 2] = U.rk, U.r0 + 1 end
-    if U.tokens ~= 0 then w[#w + 1], w[#w + 2] = U.tb, U.t0 + U.tokens end
-    local nm = U.nm
-    if U.maxf > 0 then
-      w[#w + 1], w[#w + 2] = 'inf', U.inflight + call('ZADD', U.tl, now + ttl, lease)
+  if tenant then  -- the tenant's share of the same admission, in one write (two with in flight)
+    local r = t_counted and 1 or 0
+    local w = {'rpm', t_rpm + r, 'tpm', t_tpm + t_tokens}
+    if r ~= 0 then w[#w + 1], w[#w + 2] = t_rk, t_r0 + 1 end
+    if t_tokens ~= 0 then w[#w + 1], w[#w + 2] = t_tb, t_t0 + t_tokens end
+    local nm = t_nm
+    if t_maxf > 0 then
+      w[#w + 1], w[#w + 2] = 'inf', t_inf + call('ZADD', tl, now + ttl, lease)
       nm = min(nm, now + ttl)
     end
-    if U.fresh then
+    if t_fresh then
       w[#w + 1], w[#w + 2] = 'wh', sec
       nm = min(nm, (sec + W) * 1000)
     end
-    if nm ~= U.nm then w[#w + 1], w[#w + 2] = 'nm', nm end
-    if not U.same then w[#w + 1], w[#w + 2] = 'per', U.pid end  -- a new period
-    U.spent = U.spent + U.cost
-    if U.cost ~= 0 or not U.same then
+    if nm ~= t_nm then w[#w + 1], w[#w + 2] = 'nm', nm end
+    if not t_same then w[#w + 1], w[#w + 2] = 'per', t_pid end  -- a new period
+    t_spent = t_spent + t_cost
+    if t_cost ~= 0 or not t_same then
       -- as an integer's text: a Lua number written as text keeps only 14 digits
-      w[#w + 1], w[#w + 2] = 'sp', string.format('%d', U.spent)
+      w[#w + 1], w[#w + 2] = 'sp', string.format('%d', t_spent)
     end
-    call('HSET', U.tk, unpack(w))
+    call('HSET', tk, unpack(w))
   end
 else
   -- When will one target have room? The window part frees as its oldest buckets leave.
@@ -367,7 +374,7 @@ else
   end
 end
 
-local out, k = {best or 0, now, sec, wait, 0, U and U.spent or 0}, 6
+local out, k = {best or 0, now, sec, wait, 0, t_spent or 0}, 6
 if not detail then
   for i = 1, n do out[6 + i] = T[i] and T[i].code or 9 end  -- 9: not looked at
   return out
