@@ -311,7 +311,7 @@ class Dispatcher:
         The id is the router's, new for every decision: ``x-request-id`` is the client's
         choice, and requests sending the same one would otherwise share one lease (a second
         ZADD of a member adds nothing; the first release frees it for all)."""
-        lease_id = f"{self._lease_prefix}{next(self._lease_numbers)}"
+        lease_id = self._lease_id(job)
         rand = self._rand.getrandbits(31)
         mode, local = self.leases.mode, self.leases.local
         tenant_tokens, cost = job.tenant_reservation()
@@ -368,6 +368,15 @@ class Dispatcher:
         if d.index is not None and job.tenant is not None:
             local.tenant_admitted(job.tenant, tenant_tokens, not job.counted, None, cost)
         return d, lease_id, True
+
+    def _lease_id(self, job: _Job) -> str:
+        """A new lease id: ``<replica>:<n>``, and ``@<tenant>`` for a tenant with a
+        max_in_flight (its in flight is a counter in Redis: whatever removes the lease, its
+        release or its expiry, takes it off the count of the tenant this suffix names)."""
+        lease_id = f"{self._lease_prefix}{next(self._lease_numbers)}"
+        if job.tenant is not None and job.tenant.max_in_flight:
+            lease_id += f"@{job.tenant.name}"
+        return lease_id
 
     def _lost(self, job: _Job, lease_id: str, not_after_ms: int) -> None:
         """An acquire whose answer never came may still lease a target: release it then."""

@@ -265,13 +265,8 @@ class LeaseKeeper:
                 p: [lid for lid, lease in leases.items() if not lease.local]
                 for p, leases in self._live.items()
             }
-            tenants: dict[str, list[str]] = defaultdict(list)
-            for leases in self._live.values():
-                for lid, lease in leases.items():
-                    if lease.tenant and not lease.local:
-                        tenants[lease.tenant].append(lid)
             try:
-                await self.store.renew(ids, tenants)
+                await self.store.renew(ids)
             except StoreError as exc:
                 self.mode.enter(exc)
 

@@ -260,8 +260,7 @@ def expected_keys(keys: Keys, cfg: Config, replica_ids: Sequence[str]) -> dict[s
     out[keys.tenant_keys()] = "keys issued through the admin API (sha256 -> tenant, id, created)"
     out[keys.tenants_version()] = "tenants version, bumped on every tenant or key change"
     for name in ["default", *(t.name for t in cfg.tenants if t.name != "default")]:
-        out[keys.tenant(name)] = f"tenant {name}: windows, spend this period"
-        out[keys.tenant_leases(name)] = f"tenant {name}: in-flight leases (with max_in_flight)"
+        out[keys.tenant(name)] = f"tenant {name}: windows, in flight, spend this period"
     return out
 
 
@@ -270,8 +269,6 @@ def _found(keys: Keys, name: str) -> str | None:
     tenant, usage = keys.tenant(""), keys.usage("", "")[:-1]
     if name.startswith(tenant):
         who = name[len(tenant) :]
-        if who.endswith(":leases"):
-            return f"tenant {who[: -len(':leases')]}: in-flight leases (an admin API tenant?)"
         return f"tenant {who}: windows, spend this period (an admin API tenant?)"
     if name.startswith(usage):
         period, _, label = name[len(usage) :].partition(":")

@@ -15,7 +15,6 @@ shared by every route that uses it, so provider keys are named by the pool, not 
     <prefix>:{<pool>}:replicas                 zset replica id -> last heartbeat (ms)
     <prefix>:{<pool>}:replica:<id>             hash with expiry: one replica's heartbeat record
     <prefix>:{<pool>}:tenant:<name>            hash, bounded: see TENANT_FIELDS
-    <prefix>:{<pool>}:tenant:<name>:leases     zset lease id -> expiry (ms): its requests in flight
     <prefix>:{<pool>}:tenants                  hash tenant name -> JSON spec (admin-created ones)
     <prefix>:{<pool>}:tenant-keys              hash sha256(key) hex -> JSON {tenant, id, created}
     <prefix>:{<pool>}:tenants:version          string, bumped on every change of the two above
@@ -69,7 +68,8 @@ TENANT_FIELDS = {
     "tpm": "tokens reserved (then corrected to the reported usage) in the window",
     "r:<second>": "requests admitted in that second (at most WINDOW_BUCKETS fields)",
     "t:<second>": "tokens in that second (at most WINDOW_BUCKETS fields)",
-    "inf": "requests in flight: the size of the tenant's lease zset",
+    "inf": "requests in flight, with a max_in_flight: a counter (such a tenant's lease ids end "
+    "in '@<tenant>'; a lease's release or expiry takes it off)",
     "nm": "next maintenance (unix ms), as the provider hash's",
     "per": "the budget period the spend is of (a number: see router.budgets.period_id)",
     "sp": "spend in that period, nano-USD: the served requests' cost by their reported "
@@ -142,10 +142,6 @@ class Keys:
     def tenant(self, name: str) -> str:
         """Hash with the tenant's windows and its spend this budget period."""
         return f"{self._base}:tenant:{name}"
-
-    def tenant_leases(self, name: str) -> str:
-        """Sorted set of the tenant's in-flight leases, scored by expiry (ms)."""
-        return f"{self._base}:tenant:{name}:leases"
 
     def tenants(self) -> str:
         """Hash of the tenants created through the admin API: name -> JSON spec."""

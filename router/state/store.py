@@ -252,8 +252,8 @@ class TenantPlan:
     version of its spec."""
 
     name: str
-    keys: tuple[str, str]
-    """Its hash and its lease zset."""
+    keys: tuple[str]
+    """Its hash (windows, in flight, spend)."""
     rpm: int = 0
     tpm: int = 0
     max_in_flight: int = 0
@@ -272,7 +272,7 @@ class TenantPlan:
         lim, budget = spec.limits, spec.budget
         return cls(
             name=spec.name,
-            keys=(keys.tenant(spec.name), keys.tenant_leases(spec.name)),
+            keys=(keys.tenant(spec.name),),
             rpm=lim.rpm or 0,
             tpm=lim.tpm or 0,
             max_in_flight=lim.max_in_flight or 0,
@@ -287,6 +287,12 @@ class TenantPlan:
         """The tenant of ``client_keys``: the config's ``default`` entry, else unlimited."""
         spec = cfg.tenant(DEFAULT_TENANT) or TenantSpec(name=DEFAULT_TENANT)
         return cls.build(spec, keys)
+
+    @property
+    def tracked(self) -> bool:
+        """Whether the acquire script looks at the tenant: only one with a limit or a budget
+        (an unlimited tenant costs the script nothing; its usage is recorded at release)."""
+        return bool(self.rpm or self.tpm or self.max_in_flight or self.budget_nano)
 
     @property
     def period_code(self) -> int:
@@ -498,7 +504,8 @@ class Store:
         caller keeps, should the answer never come (``LostLease``). With a ``tenant``, its
         limits and budget are checked first in the same call: ``tenant_tokens`` and
         ``cost_nano`` are what this request reserves against them, ``counted`` whether it
-        counts in its RPM (a failover attempt of a counted request does not)."""
+        counts in its RPM (a failover attempt of a counted request does not). A tenant with no
+        limit and no budget is not looked at (``TenantPlan.tracked``)."""
         sent = _wall_ms()
         args: list[Any] = [
             plan.route.strategy.value,
@@ -514,7 +521,7 @@ class Store:
         for i, (rpm, tpm, maxf, weight) in enumerate(plan.static):
             args += (rpm, tpm, maxf, weight, tokens[i], 1 if excluded[i] else 0)
         keys: Sequence[str] = plan.keys
-        if tenant is not None:
+        if tenant is not None and tenant.tracked:
             keys = (*plan.keys, *tenant.keys)
             pid, start, end = self._period(tenant.period or BudgetPeriod.MONTH, sent)
             args += (
@@ -597,7 +604,6 @@ class Store:
         if lease.tenant:
             keys += (
                 self.keys.tenant(lease.tenant),
-                self.keys.tenant_leases(lease.tenant),
                 self.keys.usage("day", period_label(BudgetPeriod.DAY, lease.bucket)),
                 self.keys.usage("month", period_label(BudgetPeriod.MONTH, lease.bucket)),
             )
@@ -635,22 +641,13 @@ class Store:
         )
         await self.call("charge", keys, args)
 
-    async def renew(
-        self,
-        leases: Mapping[str, Sequence[str]],
-        tenants: Mapping[str, Sequence[str]] | None = None,
-    ) -> int:
-        """Push back the expiry of the given leases (provider -> lease ids, and tenant ->
-        lease ids: a tenant's lease has its provider lease's id); how many renewed."""
+    async def renew(self, leases: Mapping[str, Sequence[str]]) -> int:
+        """Push back the expiry of the given leases (provider -> lease ids); how many renewed."""
         keys: list[str] = []
         args: list[Any] = [self.lease_ttl_ms]
         for provider, ids in leases.items():
             if ids:
                 keys.append(self.keys.leases(provider))
-                args += [len(ids), *ids]
-        for tenant, ids in (tenants or {}).items():
-            if ids:
-                keys.append(self.keys.tenant_leases(tenant))
                 args += [len(ids), *ids]
         if not keys:
             return 0

@@ -209,15 +209,14 @@ def test_same_tenant_verdict(
     now_s = int(client.time()[0])
     names = _seed(client, [TargetView()], now_s)
     pid = period_id(BudgetPeriod.MONTH, now_s)
-    tk, tl = KEYS.tenant("t"), KEYS.tenant_leases("t")
+    tk = KEYS.tenant("t")
     client.hset(tk, mapping={
         "wh": now_s, "rpm": use.rpm_used, "tpm": use.tpm_used, f"r:{now_s}": use.rpm_used,
         f"t:{now_s}": use.tpm_used, "per": pid - 1 if stale else pid, "sp": use.spent,
+        "inf": use.in_flight, "nm": (now_s + 30) * 1000,
     })  # fmt: skip
-    for j in range(use.in_flight):
-        client.zadd(tl, {f"old-{j}": (now_s + 60) * 1000})
     keys = [KEYS.rotation("r"), KEYS.swrr("r"), KEYS.provider(names[0]), KEYS.leases(names[0])]
-    keys += [tk, tl]
+    keys += [tk]
     args: list[object] = ["round_robin", "lease-1", 30000, 0, 16, 1, WINDOW_BUCKETS, 1]
     args += [(now_s + 60) * 1000, 0, 0, 0, 1, tokens, 0]
     args += [use.rpm, use.tpm, use.max_in_flight, tokens, use.budget, 3, cost, int(counted)]
@@ -236,4 +235,4 @@ def test_same_tenant_verdict(
             use.rpm_used + counted, use.tpm_used + tokens, seen.spent + cost, pid,
         ]  # fmt: skip
         # in flight is counted only for a tenant with a limit on it
-        assert f[4] == (str(use.in_flight + 1).encode() if use.max_in_flight else None)
+        assert int(f[4]) == use.in_flight + (1 if use.max_in_flight else 0)

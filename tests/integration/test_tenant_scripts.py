@@ -80,14 +80,24 @@ async def test_rpm_refuses_before_any_target_and_leases_nothing(store: Store) ->
     assert (await take(store, t, "d", counted=False)).index == 0
 
 
-async def test_in_flight_frees_on_release(store: Store) -> None:
+async def test_in_flight_frees_on_release_and_on_expiry(store: Store) -> None:
     t = tenant(store, limits={"max_in_flight": 1})
-    d = await take(store, t, "a")
-    d2 = await take(store, t, "b")
+    d = await take(store, t, "a@t")  # such a tenant's lease ids name it
+    d2 = await take(store, t, "b@t")
     assert (d2.index, d2.tenant_code, d2.wait_ms) == (None, TenantCode.IN_FLIGHT, -1)
-    assert await store.release(lease_of(d, "a", t), Outcome("ok")) == 1
-    assert (await take(store, t, "c")).index == 0
+    assert await store.release(lease_of(d, "a@t", t), Outcome("ok")) == 1
+    assert await store.release(lease_of(d, "a@t", t), Outcome("ok")) == 0  # once only
+    assert (await fields(store, t.keys[0]))["inf"] == "0"
+    assert (await take(store, t, "c@t")).index == 0
     assert (await fields(store, t.keys[0]))["inf"] == "1"
+    # its replica died: the lease expires, and the purge takes it off the tenant's count
+    await store.client.zadd(store.keys.leases("p"), {"c@t": 1})
+    await store.client.hdel(store.keys.provider("p"), "nm")  # maintenance at the next look
+    other = tenant(store)
+    other = TenantPlan(other.name + "2", (store.keys.tenant("t2"),))
+    assert (await take(store, other, "x")).index == 0  # its look at p purges c@t
+    assert (await fields(store, t.keys[0]))["inf"] == "0"
+    assert (await take(store, t, "d@t")).index == 0
 
 
 async def test_tpm_reserves_then_corrects_to_usage(store: Store) -> None:
@@ -139,12 +149,6 @@ async def test_a_failed_attempt_refunds_the_tenant(store: Store) -> None:
     assert (f["tpm"], f["sp"], f["rpm"]) == ("0", "0", "1")
     assert "inf" not in f  # no max_in_flight: in flight is not counted
     assert await store.client.keys(store.keys.usage("*", "*")) == []  # nothing served
-
-
-async def test_renew_keeps_the_tenants_lease(store: Store) -> None:
-    t = tenant(store, limits={"max_in_flight": 5})
-    await take(store, t, "a")
-    assert await store.renew({"p": ["a"]}, {"t": ["a"]}) == 2
 
 
 def _period_script() -> str:

@@ -107,13 +107,12 @@ async def test_read_tenants_counts_live_leases_and_this_periods_spend(redis_url:
     cfg = config(redis_url)
     client = aioredis.Redis.from_url(redis_url)
     sec, _ = await client.time()
-    now_ms = sec * 1000
     month = period_id(BudgetPeriod.MONTH, sec)
     await client.hset(KEYS.tenant("team-a"), mapping={
         "wh": sec, "rpm": 3, "tpm": 350, f"r:{sec}": 3, f"t:{sec}": 350,
         "per": month, "sp": 12_500_000_000,
     })  # fmt: skip
-    await client.zadd(KEYS.tenant_leases("team-a"), {"x": now_ms + 60_000, "y": now_ms - 1})
+    await client.hset(KEYS.tenant("team-a"), "inf", 1)  # its in-flight counter
     # last month's spend: this month's is 0
     await client.hset(KEYS.tenant("default"), mapping={"per": month - 1, "sp": 7})
     await client.aclose()
@@ -302,7 +301,7 @@ async def test_tenant_gauges_show_the_shared_state(
         "wh": sec, "rpm": 4, "tpm": 400, f"r:{sec}": 4, f"t:{sec}": 400,
         "per": month, "sp": 2_500_000_000,
     })  # fmt: skip
-    await client.zadd(KEYS.tenant_leases("team-a"), {"x": sec * 1000 + 120_000})
+    await client.hset(KEYS.tenant("team-a"), "inf", 1)  # its in-flight counter
     await client.aclose()
     url = gw.urls[0]
     wait_until(

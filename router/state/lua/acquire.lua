@@ -22,9 +22,11 @@
 -- ARGV[10+6(i-1) ..] target i: rpm, tpm, max_in_flight (0 = unlimited), weight,
 --               tokens to reserve, excluded (1 = skip)
 -- The tenant (when KEYS holds more than 2 + 2n keys):
--- KEYS[3+2n]    the tenant's hash (windows, spend)          Keys.tenant
--- KEYS[4+2n]    the tenant's lease zset (used only with a max_in_flight: a tenant without one
---               costs one HMGET and one HSET)             Keys.tenant_leases
+-- KEYS[3+2n]    the tenant's hash (windows, in flight, spend)  Keys.tenant
+--               (one HMGET and one HSET per admitted request). Its in-flight count, kept only
+--               with a max_in_flight, is a counter: such a tenant's lease ids end in
+--               '@<tenant>', and whatever removes a lease (release, or the purge of an expired
+--               one here or in release.lua) takes it off its tenant's count.
 -- ARGV[10+6n ..] its rpm, tpm, max_in_flight (0 = unlimited), tokens to reserve, budget
 --               (nano-USD, 0 = none), its period (1 day, 2 week, 3 month: spend is kept per
 --               period, with a budget or not), cost to
@@ -44,7 +46,7 @@
 -- A target whose open circuit has cooled down is eligible once: choosing it makes this
 -- request the half-open trial (circ = half until the trial's lease would expire).
 
-local call, tonumber, min, max = redis.call, tonumber, math.min, math.max
+local call, tonumber, min, max, fmt = redis.call, tonumber, math.min, math.max, string.format
 local strategy, lease, ttl = ARGV[1], ARGV[2], tonumber(ARGV[3])
 local rand, expected, n, W = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6]), tonumber(ARGV[7])
 local detail = ARGV[8] == '1'
@@ -52,6 +54,8 @@ local clock = call('TIME')
 local sec = tonumber(clock[1])
 local now = sec * 1000 + math.floor(tonumber(clock[2]) / 1000)
 local oldest = sec - W + 1
+-- this second's bucket fields, from TIME's own text (a number turned into text costs printf)
+local RS, TS = 'r:' .. clock[1], 't:' .. clock[1]
 if now > tonumber(ARGV[9]) then return {0, now, sec, -3, 0, 0} end
 
 -- Drop the buckets that left the window; return the window totals.
@@ -69,9 +73,21 @@ local function slide(key, head, rpm, tpm)
   return rpm, tpm
 end
 
+-- Take expired leases off their tenants' in-flight counts (those ending in '@<tenant>').
+local function expire(pk, lk)
+  local gone = call('ZRANGEBYSCORE', lk, '-inf', now)
+  if #gone == 0 then return end
+  local base = string.match(pk, '^(.+):provider:')
+  for _, id in ipairs(gone) do
+    local t = string.match(id, '@([^@]+)$')
+    if t then call('HINCRBY', base .. ':tenant:' .. t, 'inf', -1) end
+  end
+  call('ZREMRANGEBYSCORE', lk, '-inf', now)
+end
+
 -- Drop the expired leases; store the count left; return it and the earliest expiry left.
 local function purge(pk, lk)
-  call('ZREMRANGEBYSCORE', lk, '-inf', now)
+  expire(pk, lk)
   local count = call('ZCARD', lk)
   call('HSET', pk, 'inf', count)
   if count == 0 then return 0, nil end
@@ -202,27 +218,24 @@ end
 
 local tenant = #KEYS > 2 + 2 * n
 -- the tenant's figures, once admitted (plain locals: a table costs an allocation per call)
-local tk, tl, t_rpm, t_tpm, t_inf, t_nm, t_fresh, t_tokens, t_counted
+local tk, t_rpm, t_tpm, t_inf, t_nm, t_fresh, t_tokens, t_counted
 local t_pid, t_same, t_spent, t_cost, t_maxf, t_rk, t_tb, t_r0, t_t0
 if tenant then
   local a = 10 + 6 * n
-  tk, tl = KEYS[3 + 2 * n], KEYS[4 + 2 * n]
+  tk = KEYS[3 + 2 * n]
   local rpmL, tpmL, maxf, tokens = N[ARGV[a]], N[ARGV[a + 1]], N[ARGV[a + 2]], N[ARGV[a + 3]]
   local budget, cost, counted = N[ARGV[a + 4]], N[ARGV[a + 6]], ARGV[a + 7] == '1'
   -- this second's buckets are read here so that one HSET writes every figure at admission
-  local rk, tb = 'r:' .. sec, 't:' .. sec
+  local rk, tb = RS, TS
   local f = call('HMGET', tk, 'rpm', 'tpm', 'inf', 'nm', 'per', 'sp', rk, tb)
   local rpm, tpm, inflight, nm = N[f[1]] or 0, N[f[2]] or 0, N[f[3]] or 0, N[f[4]]
   local fresh = false
-  if nm == nil or nm <= now then
-    local head, first = N[call('HGET', tk, 'wh')], nil
-    -- in flight is counted (a lease zset) only for a tenant with a max_in_flight
-    if maxf > 0 or inflight ~= 0 then inflight, first = purge(tk, tl) end
+  if nm == nil or nm <= now then  -- the window's maintenance, as a provider's
+    local head = N[call('HGET', tk, 'wh')]
     rpm, tpm = slide(tk, head, rpm, tpm)
     fresh = head == nil
     nm = FAR
     if head then nm = min(nm, (max(head, oldest) + W) * 1000) end
-    if first then nm = min(nm, first) end
     call('HSET', tk, 'nm', nm)
   end
   -- the period: the caller's guess (its number and its bounds) when Redis's clock is in it,
@@ -230,7 +243,7 @@ if tenant then
   local pid, pend = N[ARGV[a + 8]], N[ARGV[a + 10]]
   if sec < N[ARGV[a + 9]] or sec >= pend then pid, pend = period(N[ARGV[a + 5]]) end
   local spent, same = 0, N[f[5]] == pid
-  if same then spent = N[f[6]] or 0 end
+  if same then spent = tonumber(f[6]) or 0 end
   local code, wait = 0, 0
   if maxf > 0 and inflight >= maxf then code, wait = 1, -1
   elseif counted and rpmL > 0 and rpm + 1 > rpmL then code = 2
@@ -257,7 +270,7 @@ if tenant then
   end
   t_rpm, t_tpm, t_inf, t_nm, t_fresh, t_tokens, t_counted = rpm, tpm, inflight, nm, fresh, tokens, counted
   t_pid, t_same, t_spent, t_cost, t_maxf, t_rk, t_tb = pid, same, spent, cost, maxf, rk, tb
-  t_r0, t_t0 = N[f[7]] or 0, N[f[8]] or 0
+  t_r0, t_t0 = tonumber(f[7]) or 0, tonumber(f[8]) or 0
 end
 
 local best, any = nil, false
@@ -316,8 +329,8 @@ if best then
   local added = call('ZADD', lk, now + ttl, lease)
   -- this second's bucket, then the totals and the lease count read above in one write; a
   -- first window sets its head; 'nm' comes down to this lease's expiry if that is sooner
-  call('HINCRBY', pk, 'r:' .. sec, 1)
-  if t.tokens ~= 0 then call('HINCRBY', pk, 't:' .. sec, t.tokens) end
+  call('HINCRBY', pk, RS, 1)
+  if t.tokens ~= 0 then call('HINCRBY', pk, TS, t.tokens) end
   local w = {'rpm', t.rpm + 1, 'tpm', t.tpm + t.tokens, 'inf', t.inflight + added}
   local nm = min(t.nm, now + ttl)
   if t.fresh then
@@ -329,27 +342,24 @@ if best then
   if t.circ then call('HSET', pk, 'circ', 'half', 'circ_until', now + ttl, 'circ_trial', lease) end
   T[best].inflight, T[best].rpm, T[best].tpm = t.inflight + added, t.rpm + 1, t.tpm + t.tokens
   wait = 0
-  if tenant then  -- the tenant's share of the same admission, in one write (two with in flight)
+  if tenant then  -- the tenant's share of the same admission, in one write
+    -- every figure as an integer's text: Redis turns a Lua number into text with printf's
+    -- "%.17g", several times slower than "%d" (and keeps only 14 digits through tostring)
+    local d = '%d'
     local r = t_counted and 1 or 0
-    local w = {'rpm', t_rpm + r, 'tpm', t_tpm + t_tokens}
-    if r ~= 0 then w[#w + 1], w[#w + 2] = t_rk, t_r0 + 1 end
-    if t_tokens ~= 0 then w[#w + 1], w[#w + 2] = t_tb, t_t0 + t_tokens end
+    local w = {'rpm', fmt(d, t_rpm + r), 'tpm', fmt(d, t_tpm + t_tokens)}
+    if r ~= 0 then w[#w + 1], w[#w + 2] = t_rk, fmt(d, t_r0 + 1) end
+    if t_tokens ~= 0 then w[#w + 1], w[#w + 2] = t_tb, fmt(d, t_t0 + t_tokens) end
     local nm = t_nm
-    if t_maxf > 0 then
-      w[#w + 1], w[#w + 2] = 'inf', t_inf + call('ZADD', tl, now + ttl, lease)
-      nm = min(nm, now + ttl)
-    end
+    if t_maxf > 0 then w[#w + 1], w[#w + 2] = 'inf', fmt(d, max(0, t_inf) + 1) end
     if t_fresh then
       w[#w + 1], w[#w + 2] = 'wh', sec
       nm = min(nm, (sec + W) * 1000)
     end
-    if nm ~= t_nm then w[#w + 1], w[#w + 2] = 'nm', nm end
-    if not t_same then w[#w + 1], w[#w + 2] = 'per', t_pid end  -- a new period
+    if nm ~= t_nm then w[#w + 1], w[#w + 2] = 'nm', fmt(d, nm) end
+    if not t_same then w[#w + 1], w[#w + 2] = 'per', fmt(d, t_pid) end  -- a new period
     t_spent = t_spent + t_cost
-    if t_cost ~= 0 or not t_same then
-      -- as an integer's text: a Lua number written as text keeps only 14 digits
-      w[#w + 1], w[#w + 2] = 'sp', string.format('%d', t_spent)
-    end
+    if t_cost ~= 0 or not t_same then w[#w + 1], w[#w + 2] = 'sp', fmt(d, t_spent) end
     call('HSET', tk, unpack(w))
   end
 else

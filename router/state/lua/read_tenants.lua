@@ -2,11 +2,11 @@
 -- read for the gauges, /admin and routerctl. Read-only: it slides no window and purges no
 -- lease, so reading never changes what acquire decides.
 --
--- KEYS[2i-1]  tenant i's hash        Keys.tenant          (i = 1..n)
--- KEYS[2i]    tenant i's lease zset  Keys.tenant_leases
+-- KEYS[i]     tenant i's hash        Keys.tenant          (i = 1..n)
 -- ARGV[1]     buckets in a window (WINDOW_BUCKETS): the current second and those before it
 -- Returns {seconds, microseconds (Redis TIME),
---          then per tenant: requests in the window, tokens in the window, unexpired leases,
+--          then per tenant: requests in the window, tokens in the window, in flight (its
+--          counter: kept with a max_in_flight, else 0),
 --          its 'per' field ('' when absent), its 'sp' field ('0' when absent)}
 -- The spend is of the period 'per' names; the caller compares it with the current one.
 --
@@ -19,7 +19,6 @@
 
 local clock = redis.call('TIME')
 local sec = tonumber(clock[1])
-local now = sec * 1000 + math.floor(tonumber(clock[2]) / 1000)
 local W = tonumber(ARGV[1])
 local oldest = sec - W + 1
 
@@ -39,8 +38,8 @@ local function sum(key, first, last)
 end
 
 local out = {clock[1], clock[2]}
-for i = 1, #KEYS, 2 do
-  local h = redis.call('HMGET', KEYS[i], 'wh', 'rpm', 'tpm', 'per', 'sp')
+for i = 1, #KEYS do
+  local h = redis.call('HMGET', KEYS[i], 'wh', 'rpm', 'tpm', 'per', 'sp', 'inf')
   local head, r, t = tonumber(h[1]), tonumber(h[2]) or 0, tonumber(h[3]) or 0
   if head and head < oldest then
     local stale = oldest - head
@@ -55,7 +54,7 @@ for i = 1, #KEYS, 2 do
   end
   out[#out + 1] = math.max(0, r)
   out[#out + 1] = math.max(0, t)
-  out[#out + 1] = redis.call('ZCOUNT', KEYS[i + 1], '(' .. now, '+inf')
+  out[#out + 1] = math.max(0, tonumber(h[6]) or 0)
   out[#out + 1] = h[4] or ''
   out[#out + 1] = h[5] or '0'
 end

@@ -19,11 +19,10 @@
 -- ARGV[12]  circuit: first cooldown (ms), doubled on each reopening
 -- ARGV[13]  circuit: longest cooldown (ms)
 -- ARGV[14]  health channel, ARGV[15] provider name, ARGV[16] pool (for the published event)
--- The tenant (when KEYS holds 7 keys):
+-- The tenant (when KEYS holds 6 keys):
 -- KEYS[4]   tenant hash         Keys.tenant
--- KEYS[5]   tenant lease zset   Keys.tenant_leases
--- KEYS[6]   usage of the day the lease was taken     Keys.usage('day', ...)
--- KEYS[7]   usage of its month                       Keys.usage('month', ...)
+-- KEYS[5]   usage of the day the lease was taken     Keys.usage('day', ...)
+-- KEYS[6]   usage of its month                       Keys.usage('month', ...)
 -- ARGV[17]  tenant token correction: actual minus reserved (in bucket ARGV[3])
 -- ARGV[18]  spend correction (nano-USD): actual cost minus the reserved cost
 -- ARGV[19]  the period number the cost was reserved in (corrected only while it lasts)
@@ -31,7 +30,8 @@
 -- ARGV[21]  prompt tokens, ARGV[22] completion tokens, ARGV[23] cost (nano-USD): the usage
 -- ARGV[24]  1 = record the usage (the provider served the request), 0 = not
 -- ARGV[25]  day usage TTL (s), ARGV[26] month usage TTL (s)
--- The tenant's part is applied once per lease, by the call that removes the provider lease.
+-- The tenant's part is applied once per lease, by the call that removes the provider lease;
+-- a lease id ending in '@<tenant>' is counted in that tenant's in flight (see acquire.lua).
 -- Returns 1 when the lease was released by this call, 2 when it was and its failure opened
 -- the circuit, 0 when it was already gone.
 -- Circuit: connect errors, timeouts, 5xx and bad answers in a row open it; the half-open
@@ -67,17 +67,20 @@ for k = 1, 2 do
 end
 
 if redis.call('ZREM', lk, ARGV[1]) == 0 then return 0 end
+local base = string.match(pk, '^(.+):provider:')
+local mine = string.match(ARGV[1], '@([^@]+)$')
+if mine then redis.call('HINCRBY', base .. ':tenant:' .. mine, 'inf', -1) end
+-- expired leases leave their tenants' in-flight counts too (a replica that died)
+for _, id in ipairs(redis.call('ZRANGEBYSCORE', lk, '-inf', now)) do
+  local t = string.match(id, '@([^@]+)$')
+  if t then redis.call('HINCRBY', base .. ':tenant:' .. t, 'inf', -1) end
+end
 redis.call('ZREMRANGEBYSCORE', lk, '-inf', now)
 redis.call('HSET', pk, 'inf', redis.call('ZCARD', lk))  -- acquire.lua reads the count here
 
-if #KEYS >= 7 then
+if #KEYS >= 6 then
   local tk = KEYS[4]
-  local t = redis.call('HMGET', tk, 'wh', 'per', 'inf')
-  -- in flight is counted only for a tenant with a max_in_flight (see acquire.lua)
-  if t[3] and redis.call('ZREM', KEYS[5], ARGV[1]) == 1 then
-    redis.call('ZREMRANGEBYSCORE', KEYS[5], '-inf', now)
-    redis.call('HSET', tk, 'inf', redis.call('ZCARD', KEYS[5]))
-  end
+  local t = redis.call('HMGET', tk, 'wh', 'per')
   local bucket, correction = tonumber(ARGV[3]), tonumber(ARGV[17])
   if correction ~= 0 and bucket >= (tonumber(t[1]) or bucket) then
     local held = tonumber(redis.call('HGET', tk, 't:' .. bucket))
@@ -91,11 +94,11 @@ if #KEYS >= 7 then
   if spend ~= 0 and t[2] == ARGV[19] then redis.call('HINCRBY', tk, 'sp', spend) end
   if ARGV[24] == '1' then
     local p = ARGV[20]
-    for k = 6, 7 do
+    for k = 5, 6 do
       local uk = KEYS[k]
       -- a hash's first field is some field's first write: the expiry is set then
       if redis.call('HINCRBY', uk, p .. 'req', 1) == 1 then
-        redis.call('EXPIRE', uk, ARGV[19 + k], 'NX')
+        redis.call('EXPIRE', uk, ARGV[20 + k], 'NX')
       end
       redis.call('HINCRBY', uk, p .. 'in', ARGV[21])
       redis.call('HINCRBY', uk, p .. 'out', ARGV[22])
