@@ -260,7 +260,8 @@ def expected_keys(keys: Keys, cfg: Config, replica_ids: Sequence[str]) -> dict[s
     out[keys.tenant_keys()] = "keys issued through the admin API (sha256 -> tenant, id, created)"
     out[keys.tenants_version()] = "tenants version, bumped on every tenant or key change"
     for name in ["default", *(t.name for t in cfg.tenants if t.name != "default")]:
-        out[keys.tenant(name)] = f"tenant {name}: windows, in flight, spend this period"
+        out[keys.tenant(name)] = f"tenant {name}: its window's past seconds"
+        out[keys.tenant_live(name)] = f"tenant {name}: live figures (packed: window, spend)"
     return out
 
 
@@ -269,7 +270,9 @@ def _found(keys: Keys, name: str) -> str | None:
     tenant, usage = keys.tenant(""), keys.usage("", "")[:-1]
     if name.startswith(tenant):
         who = name[len(tenant) :]
-        return f"tenant {who}: windows, spend this period (an admin API tenant?)"
+        if who.endswith(":live"):
+            return f"tenant {who[:-5]}: live figures, packed (an admin API tenant?)"
+        return f"tenant {who}: its window's past seconds (an admin API tenant?)"
     if name.startswith(usage):
         period, _, label = name[len(usage) :].partition(":")
         return f"usage of {period} {label} (tenant|route|provider|figure -> count)"

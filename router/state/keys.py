@@ -14,7 +14,8 @@ shared by every route that uses it, so provider keys are named by the pool, not 
     <prefix>:{<pool>}:healthd:epoch            string, the fencing token, bumped per new leader
     <prefix>:{<pool>}:replicas                 zset replica id -> last heartbeat (ms)
     <prefix>:{<pool>}:replica:<id>             hash with expiry: one replica's heartbeat record
-    <prefix>:{<pool>}:tenant:<name>            hash, bounded: see TENANT_FIELDS
+    <prefix>:{<pool>}:tenant:<name>            hash: its window's past seconds (r:<s>, t:<s>)
+    <prefix>:{<pool>}:tenant:<name>:live       string: its live figures, packed (TENANT_LIVE)
     <prefix>:{<pool>}:tenants                  hash tenant name -> JSON spec (admin-created ones)
     <prefix>:{<pool>}:tenant-keys              hash sha256(key) hex -> JSON {tenant, id, created}
     <prefix>:{<pool>}:tenants:version          string, bumped on every change of the two above
@@ -63,18 +64,28 @@ PROVIDER_FIELDS = {
 
 
 TENANT_FIELDS = {
-    "wh": "oldest window bucket still held (unix second)",
-    "rpm": "requests admitted in the window (sum of the r:<second> fields)",
-    "tpm": "tokens reserved (then corrected to the reported usage) in the window",
-    "r:<second>": "requests admitted in that second (at most WINDOW_BUCKETS fields)",
-    "t:<second>": "tokens in that second (at most WINDOW_BUCKETS fields)",
-    "inf": "requests in flight, with a max_in_flight: a counter (such a tenant's lease ids end "
-    "in '@<tenant>'; a lease's release or expiry takes it off)",
-    "nm": "next maintenance (unix ms), as the provider hash's",
-    "per": "the budget period the spend is of (a number: see router.budgets.period_id)",
-    "sp": "spend in that period, nano-USD: the served requests' cost by their reported "
-    "usage, plus the worst-case cost of those in flight",
+    "r:<second>": "requests admitted in that second, once it is over (at most WINDOW_BUCKETS)",
+    "t:<second>": "tokens in that second, corrected to the reported usage (the same)",
 }
+"""The tenant's hash: its window's past seconds. Everything read or written per request is in
+its live string instead, one GET and one SET (a hash's HMGET and HSET cost twice as much)."""
+
+TENANT_LIVE_FORMAT = "<10d"
+"""The live string: ten little-endian doubles (Lua's ``struct`` '<dddddddddd'), exact for
+integers up to 2**53."""
+TENANT_LIVE = (
+    ("rpm", "requests admitted in the window (its past seconds and this one)"),
+    ("tpm", "tokens in the window, corrected to the reported usage as requests end"),
+    ("in_flight", "requests in flight, kept with a max_in_flight (lease ids end '@<tenant>')"),
+    ("next_maintenance_ms", "when the window next slides (seconds leave it)"),
+    ("period", "the spend period (router.budgets.period_id), -1 before the first"),
+    ("spend_nano", "spend in that period: served requests' cost and reservations in flight"),
+    ("second", "the second the next three fields are of"),
+    ("second_requests", "requests admitted in that second"),
+    ("second_tokens", "tokens in that second"),
+    ("oldest", "the oldest second the totals hold (0: no window yet)"),
+)
+"""The live string's fields, in order: what each holds."""
 
 USAGE_FIGURES = {
     "req": "requests served (answered by the provider, successfully or not)",
@@ -142,6 +153,10 @@ class Keys:
     def tenant(self, name: str) -> str:
         """Hash with the tenant's windows and its spend this budget period."""
         return f"{self._base}:tenant:{name}"
+
+    def tenant_live(self, name: str) -> str:
+        """The tenant's live figures: one packed string (``TENANT_LIVE``)."""
+        return f"{self._base}:tenant:{name}:live"
 
     def tenants(self) -> str:
         """Hash of the tenants created through the admin API: name -> JSON spec."""

@@ -252,8 +252,8 @@ class TenantPlan:
     version of its spec."""
 
     name: str
-    keys: tuple[str]
-    """Its hash (windows, in flight, spend)."""
+    keys: tuple[str, str]
+    """Its hash (its window's past seconds) and its live figures (a packed string)."""
     rpm: int = 0
     tpm: int = 0
     max_in_flight: int = 0
@@ -272,7 +272,7 @@ class TenantPlan:
         lim, budget = spec.limits, spec.budget
         return cls(
             name=spec.name,
-            keys=(keys.tenant(spec.name),),
+            keys=(keys.tenant(spec.name), keys.tenant_live(spec.name)),
             rpm=lim.rpm or 0,
             tpm=lim.tpm or 0,
             max_in_flight=lim.max_in_flight or 0,
@@ -604,6 +604,7 @@ class Store:
         if lease.tenant:
             keys += (
                 self.keys.tenant(lease.tenant),
+                self.keys.tenant_live(lease.tenant),
                 self.keys.usage("day", period_label(BudgetPeriod.DAY, lease.bucket)),
                 self.keys.usage("month", period_label(BudgetPeriod.MONTH, lease.bucket)),
             )
@@ -625,7 +626,7 @@ class Store:
         """Record what requests served without Redis (local leases) cost their tenant: its
         spend this period and its usage (``charge.lua``)."""
         keys = (
-            self.keys.tenant(charge.tenant),
+            self.keys.tenant_live(charge.tenant),
             self.keys.usage("day", period_label(BudgetPeriod.DAY, charge.second)),
             self.keys.usage("month", period_label(BudgetPeriod.MONTH, charge.second)),
         )

@@ -15,13 +15,14 @@ admin API's tenants are read like the config's. Nothing here is a secret.
 
 from __future__ import annotations
 
+import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from router.budgets import NANO, period_id, period_label
 from router.config import DEFAULT_TENANT, Config, TenantSpec
-from router.state.keys import WINDOW_BUCKETS, Keys
+from router.state.keys import TENANT_LIVE, TENANT_LIVE_FORMAT, WINDOW_BUCKETS, Keys
 from router.state.store import Store, TenantPlan, decode_text
 
 
@@ -141,3 +142,22 @@ def tenant_json(state: TenantState) -> dict[str, Any]:
         "budget_nano": state.budget_nano,
         "budget_usd": state.budget_usd,
     }
+
+
+LIVE_NAMES = tuple(name for name, _ in TENANT_LIVE)
+
+
+def unpack_live(raw: bytes | None) -> dict[str, int]:
+    """A tenant's live string as its fields (``TENANT_LIVE``); ``None`` (no such key) as a
+    tenant with nothing yet."""
+    if raw is None:
+        return {name: (-1 if name == "period" else 0) for name in LIVE_NAMES}
+    return {
+        k: int(v) for k, v in zip(LIVE_NAMES, struct.unpack(TENANT_LIVE_FORMAT, raw), strict=True)
+    }
+
+
+def pack_live(**fields: int) -> bytes:
+    """A tenant's live string with ``fields`` set (the rest as a tenant with nothing yet)."""
+    values = {**unpack_live(None), **fields}
+    return struct.pack(TENANT_LIVE_FORMAT, *(float(values[n]) for n in LIVE_NAMES))

@@ -14,6 +14,7 @@ from router.budgets import period_bounds, period_id
 from router.config import BudgetPeriod, Strategy
 from router.state.keys import WINDOW_BUCKETS, Keys
 from router.state.store import _decode_decision, _script
+from router.state.tenantstate import pack_live, unpack_live
 from router.strategies import (
     Code,
     TargetView,
@@ -209,14 +210,15 @@ def test_same_tenant_verdict(
     now_s = int(client.time()[0])
     names = _seed(client, [TargetView()], now_s)
     pid = period_id(BudgetPeriod.MONTH, now_s)
-    tk = KEYS.tenant("t")
-    client.hset(tk, mapping={
-        "wh": now_s, "rpm": use.rpm_used, "tpm": use.tpm_used, f"r:{now_s}": use.rpm_used,
-        f"t:{now_s}": use.tpm_used, "per": pid - 1 if stale else pid, "sp": use.spent,
-        "inf": use.in_flight, "nm": (now_s + 30) * 1000,
-    })  # fmt: skip
+    tk, tv = KEYS.tenant("t"), KEYS.tenant_live("t")
+    client.set(tv, pack_live(
+        rpm=use.rpm_used, tpm=use.tpm_used, in_flight=use.in_flight,
+        next_maintenance_ms=(now_s + 30) * 1000, period=pid - 1 if stale else pid,
+        spend_nano=use.spent, second=now_s, second_requests=use.rpm_used,
+        second_tokens=use.tpm_used, oldest=now_s,
+    ))  # fmt: skip
     keys = [KEYS.rotation("r"), KEYS.swrr("r"), KEYS.provider(names[0]), KEYS.leases(names[0])]
-    keys += [tk]
+    keys += [tk, tv]
     args: list[object] = ["round_robin", "lease-1", 30000, 0, 16, 1, WINDOW_BUCKETS, 1]
     args += [(now_s + 60) * 1000, 0, 0, 0, 1, tokens, 0]
     args += [use.rpm, use.tpm, use.max_in_flight, tokens, use.budget, 3, cost, int(counted)]
@@ -230,9 +232,9 @@ def test_same_tenant_verdict(
     assert decision.tenant_code is want
     assert (decision.index == 0) is (want is TenantCode.OK)
     if want is TenantCode.OK:
-        f = client.hmget(tk, "rpm", "tpm", "sp", "per", "inf")
-        assert [int(x) for x in f[:4]] == [
+        f = unpack_live(client.get(tv))
+        assert (f["rpm"], f["tpm"], f["spend_nano"], f["period"]) == (
             use.rpm_used + counted, use.tpm_used + tokens, seen.spent + cost, pid,
-        ]  # fmt: skip
+        )  # fmt: skip
         # in flight is counted only for a tenant with a limit on it
-        assert int(f[4]) == use.in_flight + (1 if use.max_in_flight else 0)
+        assert f["in_flight"] == use.in_flight + (1 if use.max_in_flight else 0)

@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 from router.budgets import period_end, period_id
 from router.config import BudgetPeriod, Config, TenantSpec, parse_config
 from router.state.store import Charge, Decision, Lease, Outcome, RoutePlan, Store, TenantPlan
+from router.state.tenantstate import pack_live, unpack_live
 from router.strategies import Code, TenantCode
 
 ENV = {"K": "client-key"}
@@ -60,6 +61,10 @@ def lease_of(d: Decision, lease_id: str, t: TenantPlan, tokens: int = 100, cost:
     return Lease(lease_id, "p", d.bucket, tokens, False, t.name, "m", tokens, cost, pid)
 
 
+async def live(s: Store, t: TenantPlan) -> dict[str, int]:
+    return unpack_live(await s.client.get(t.keys[1]))
+
+
 async def fields(s: Store, key: str) -> dict[str, str]:
     raw = await s.client.hgetall(key)
     return {k.decode(): v.decode() for k, v in raw.items()}
@@ -87,16 +92,16 @@ async def test_in_flight_frees_on_release_and_on_expiry(store: Store) -> None:
     assert (d2.index, d2.tenant_code, d2.wait_ms) == (None, TenantCode.IN_FLIGHT, -1)
     assert await store.release(lease_of(d, "a@t", t), Outcome("ok")) == 1
     assert await store.release(lease_of(d, "a@t", t), Outcome("ok")) == 0  # once only
-    assert (await fields(store, t.keys[0]))["inf"] == "0"
+    assert (await live(store, t))["in_flight"] == 0
     assert (await take(store, t, "c@t")).index == 0
-    assert (await fields(store, t.keys[0]))["inf"] == "1"
+    assert (await live(store, t))["in_flight"] == 1
     # its replica died: the lease expires, and the purge takes it off the tenant's count
     await store.client.zadd(store.keys.leases("p"), {"c@t": 1})
     await store.client.hdel(store.keys.provider("p"), "nm")  # maintenance at the next look
     other = tenant(store)
-    other = TenantPlan(other.name + "2", (store.keys.tenant("t2"),))
+    other = TenantPlan(other.name + "2", (store.keys.tenant("t2"), store.keys.tenant_live("t2")))
     assert (await take(store, other, "x")).index == 0  # its look at p purges c@t
-    assert (await fields(store, t.keys[0]))["inf"] == "0"
+    assert (await live(store, t))["in_flight"] == 0
     assert (await take(store, t, "d@t")).index == 0
 
 
@@ -108,7 +113,7 @@ async def test_tpm_reserves_then_corrects_to_usage(store: Store) -> None:
     out = Outcome("ok", tenant_token_correction=-160, served=True, prompt_tokens=30,
                   completion_tokens=10)  # fmt: skip
     await store.release(lease_of(d, "a", t, tokens=200), out)
-    assert (await fields(store, t.keys[0]))["tpm"] == "40"
+    assert (await live(store, t))["tpm"] == 40
     assert (await take(store, t, "c", tokens=200)).index == 0
     too_big = await take(store, t, "d", tokens=300)
     assert (too_big.tenant_code, too_big.wait_ms) == (TenantCode.TPM, -2)  # never fits
@@ -129,7 +134,7 @@ async def test_budget_reserved_corrected_and_usage_recorded_once(store: Store) -
     lease = lease_of(d, "a", t, cost=600)
     assert await store.release(lease, out) == 1
     assert await store.release(lease, out) == 0  # retried: counted once
-    assert (await fields(store, t.keys[0]))["sp"] == "250"
+    assert (await live(store, t))["spend_nano"] == 250
     assert (await take(store, t, "b2", cost=600)).index == 0
     assert (await take(store, t, "c", cost=2000)).wait_ms == -2  # over the whole budget
     day = (await store.client.keys(store.keys.usage("day", "*")))[0].decode()
@@ -145,9 +150,9 @@ async def test_a_failed_attempt_refunds_the_tenant(store: Store) -> None:
         lease_of(d, "a", t, tokens=300, cost=5000),
         Outcome("http_5xx", tenant_token_correction=-300, spend_correction=-5000),
     )
-    f = await fields(store, t.keys[0])
-    assert (f["tpm"], f["sp"], f["rpm"]) == ("0", "0", "1")
-    assert "inf" not in f  # no max_in_flight: in flight is not counted
+    f = await live(store, t)
+    assert (f["tpm"], f["spend_nano"], f["rpm"]) == (0, 0, 1)
+    assert f["in_flight"] == 0  # no max_in_flight: in flight is not counted
     assert await store.client.keys(store.keys.usage("*", "*")) == []  # nothing served
 
 
@@ -184,13 +189,14 @@ async def test_charges_of_requests_served_alone(store: Store) -> None:
         await store.charge(Charge("t", "m", "p", period, d.bucket, 2, 30, 10, cost))
 
     await charge(pid, 700)  # the same period: added
-    assert (await fields(store, t.keys[0]))["sp"] == "1200"
+    assert (await live(store, t))["spend_nano"] == 1200
     await charge(pid - 1, 900)  # a period that is over: usage only
-    assert (await fields(store, t.keys[0]))["sp"] == "1200"
-    await store.client.hset(t.keys[0], mapping={"per": pid - 1, "sp": 5})
+    assert (await live(store, t))["spend_nano"] == 1200
+    f = await live(store, t)
+    await store.client.set(t.keys[1], pack_live(**{**f, "period": pid - 1, "spend_nano": 5}))
     await charge(pid, 300)  # its period had no shared admission yet: it starts it
-    f = await fields(store, t.keys[0])
-    assert (f["per"], f["sp"]) == (str(pid), "300")
+    f = await live(store, t)
+    assert (f["period"], f["spend_nano"]) == (pid, 300)
     day = (await store.client.keys(store.keys.usage("day", "*")))[0].decode()
     usage = await fields(store, day)
     assert usage == {"t|m|p|req": "6", "t|m|p|in": "90", "t|m|p|out": "30", "t|m|p|cost": "1900"}

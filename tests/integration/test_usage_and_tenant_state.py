@@ -20,7 +20,7 @@ from router.config import BudgetPeriod, Config, TenantSpec, parse_config
 from router.state import tenantstate
 from router.state.keys import WINDOW_BUCKETS, Keys
 from router.state.store import Store, TenantPlan
-from router.state.tenantstate import config_plans, read_tenants
+from router.state.tenantstate import config_plans, pack_live, read_tenants
 from router.state.usage import read_usage
 from tests.helpers import (
     ADMIN_TOKEN,
@@ -108,13 +108,12 @@ async def test_read_tenants_counts_live_leases_and_this_periods_spend(redis_url:
     client = aioredis.Redis.from_url(redis_url)
     sec, _ = await client.time()
     month = period_id(BudgetPeriod.MONTH, sec)
-    await client.hset(KEYS.tenant("team-a"), mapping={
-        "wh": sec, "rpm": 3, "tpm": 350, f"r:{sec}": 3, f"t:{sec}": 350,
-        "per": month, "sp": 12_500_000_000,
-    })  # fmt: skip
-    await client.hset(KEYS.tenant("team-a"), "inf", 1)  # its in-flight counter
+    await client.set(KEYS.tenant_live("team-a"), pack_live(
+        oldest=sec, rpm=3, tpm=350, second=sec, second_requests=3, second_tokens=350,
+        period=month, spend_nano=12_500_000_000, in_flight=1,
+    ))  # fmt: skip
     # last month's spend: this month's is 0
-    await client.hset(KEYS.tenant("default"), mapping={"per": month - 1, "sp": 7})
+    await client.set(KEYS.tenant_live("default"), pack_live(period=month - 1, spend_nano=7))
     await client.aclose()
     store = Store.from_config(cfg)
     await store.start(warm=1)
@@ -145,18 +144,32 @@ HEADS = [0, 61, 62, 65, 100, 122, 123, 500, None]
 
 
 def window_fields(sec: int, ago: int | None) -> dict[str, int]:
-    """A tenant hash as acquire.lua leaves it: buckets only in [wh, wh + W - 1], some empty,
-    and the running totals their sums."""
+    """A tenant's window as acquire.lua leaves it: seconds only in [oldest, oldest + W - 1],
+    some empty (the last one's in its live figures, the others in its hash), and the
+    running totals their sums."""
     if ago is None:
         return {}
     head = sec - ago
-    fields: dict[str, int] = {"wh": head}
+    fields: dict[str, int] = {}
     for b in range(head, min(sec, head + WINDOW_BUCKETS - 1) + 1):
         if b % 3 or b == head:  # some seconds had no request; the first one had
             fields[f"r:{b}"], fields[f"t:{b}"] = b % 5 + 1, (b % 7) * 100 + 10
-    fields["rpm"] = sum(v for k, v in fields.items() if k.startswith("r:"))
-    fields["tpm"] = sum(v for k, v in fields.items() if k.startswith("t:"))
     return fields
+
+
+async def write_window(client: aioredis.Redis, name: str, fields: dict[str, int]) -> None:
+    """``fields`` as acquire.lua keeps them: the last second live, the others in the hash."""
+    seconds = sorted(int(k[2:]) for k in fields if k.startswith("r:"))
+    last = seconds[-1]
+    past = {k: v for k, v in fields.items() if int(k[2:]) != last}
+    if past:
+        await client.hset(KEYS.tenant(name), mapping=past)
+    await client.set(KEYS.tenant_live(name), pack_live(
+        oldest=seconds[0], second=last, second_requests=fields[f"r:{last}"],
+        second_tokens=fields[f"t:{last}"],
+        rpm=sum(v for k, v in fields.items() if k.startswith("r:")),
+        tpm=sum(v for k, v in fields.items() if k.startswith("t:")),
+    ))  # fmt: skip
 
 
 def in_window(fields: dict[str, int], prefix: str, sec: int) -> int:
@@ -183,7 +196,7 @@ async def test_read_tenants_sums_exactly_the_buckets_in_the_window(
             written = [window_fields(sec, ago) for ago in HEADS]
             for name, fields in zip(names, written, strict=True):
                 if fields:
-                    await client.hset(KEYS.tenant(name), mapping=fields)
+                    await write_window(client, name, fields)
             states = await read_tenants(store, plans)
             if (await client.time())[0] == sec:
                 break
@@ -297,11 +310,10 @@ async def test_tenant_gauges_show_the_shared_state(
     client = aioredis.Redis.from_url(redis_url)
     sec, _ = await client.time()
     month = period_id(BudgetPeriod.MONTH, sec)
-    await client.hset(KEYS.tenant("team-a"), mapping={
-        "wh": sec, "rpm": 4, "tpm": 400, f"r:{sec}": 4, f"t:{sec}": 400,
-        "per": month, "sp": 2_500_000_000,
-    })  # fmt: skip
-    await client.hset(KEYS.tenant("team-a"), "inf", 1)  # its in-flight counter
+    await client.set(KEYS.tenant_live("team-a"), pack_live(
+        oldest=sec, rpm=4, tpm=400, second=sec, second_requests=4, second_tokens=400,
+        period=month, spend_nano=2_500_000_000, in_flight=1,
+    ))  # fmt: skip
     await client.aclose()
     url = gw.urls[0]
     wait_until(

@@ -22,17 +22,21 @@
 -- ARGV[10+6(i-1) ..] target i: rpm, tpm, max_in_flight (0 = unlimited), weight,
 --               tokens to reserve, excluded (1 = skip)
 -- The tenant (when KEYS holds more than 2 + 2n keys):
--- KEYS[3+2n]    the tenant's hash (windows, in flight, spend)  Keys.tenant
---               (one HMGET and one HSET per admitted request). Its in-flight count, kept only
---               with a max_in_flight, is a counter: such a tenant's lease ids end in
---               '@<tenant>', and whatever removes a lease (release, or the purge of an expired
---               one here or in release.lua) takes it off its tenant's count.
+-- KEYS[3+2n]    the tenant's hash: its window's past seconds (r:<s>, t:<s>)   Keys.tenant
+-- KEYS[4+2n]    the tenant's live figures, packed (struct '<dddddddddd': rpm, tpm, in flight,
+--               next maintenance ms, period, spend, this second, its requests, its tokens,
+--               the oldest second held; see router/state/tenantstate.py)   Keys.tenant_live
+--               One GET and one SET per admission; the second's figures go to the hash once
+--               the second is over (one HSET a second). In flight is kept only with a
+--               max_in_flight: such a tenant's lease ids end in '@<tenant>', and whatever
+--               removes a lease (release, or the purge of an expired one here or in
+--               release.lua) takes it off that tenant's count.
 -- ARGV[10+6n ..] its rpm, tpm, max_in_flight (0 = unlimited), tokens to reserve, budget
 --               (nano-USD, 0 = none), its period (1 day, 2 week, 3 month: spend is kept per
---               period, with a budget or not), cost to
---               reserve (nano-USD), 1 = count this request in its RPM (0: a failover attempt
---               of a request already counted), then the caller's guess of the period: its
---               number, first second and end (used when Redis's clock is in it)
+--               period, with a budget or not), cost to reserve (nano-USD), 1 = count this
+--               request in its RPM (0: a failover attempt of a request already counted), then
+--               the caller's guess of the period: its number, first second and end (used when
+--               Redis's clock is in it)
 -- The tenant is checked first: over one of its limits, no target is looked at (codes 9) and
 -- nothing is leased, so a tenant at its limit takes nothing another tenant could use.
 -- Returns {chosen (1-based, 0 = none), now ms, bucket s, wait ms (-1 unknown, -2 never,
@@ -74,13 +78,22 @@ local function slide(key, head, rpm, tpm)
 end
 
 -- Take expired leases off their tenants' in-flight counts (those ending in '@<tenant>').
+local LIVE = '<dddddddddd'
 local function expire(pk, lk)
   local gone = call('ZRANGEBYSCORE', lk, '-inf', now)
   if #gone == 0 then return end
   local base = string.match(pk, '^(.+):provider:')
   for _, id in ipairs(gone) do
     local t = string.match(id, '@([^@]+)$')
-    if t then call('HINCRBY', base .. ':tenant:' .. t, 'inf', -1) end
+    if t then  -- (a key of the same slot: every key carries the pool's hash tag)
+      local key = base .. ':tenant:' .. t .. ':live'
+      local v = call('GET', key)
+      if v then
+        local f = {struct.unpack(LIVE, v)}
+        f[3] = max(0, f[3] - 1)
+        call('SET', key, struct.pack(LIVE, unpack(f, 1, 10)))
+      end
+    end
   end
   call('ZREMRANGEBYSCORE', lk, '-inf', now)
 end
@@ -217,60 +230,82 @@ end
 -- period:end
 
 local tenant = #KEYS > 2 + 2 * n
--- the tenant's figures, once admitted (plain locals: a table costs an allocation per call)
-local tk, t_rpm, t_tpm, t_inf, t_nm, t_fresh, t_tokens, t_counted
-local t_pid, t_same, t_spent, t_cost, t_maxf, t_rk, t_tb, t_r0, t_t0
+-- the tenant's live figures (plain locals: a table costs an allocation per call)
+local tk, tv, t_rpm, t_tpm, t_inf, t_nm, t_per, t_sp, t_cs, t_cr, t_ct, t_wh
+local t_tokens, t_counted, t_pid, t_cost, t_maxf, t_dirty
 if tenant then
   local a = 10 + 6 * n
-  tk = KEYS[3 + 2 * n]
+  tk, tv = KEYS[3 + 2 * n], KEYS[4 + 2 * n]
   local rpmL, tpmL, maxf, tokens = N[ARGV[a]], N[ARGV[a + 1]], N[ARGV[a + 2]], N[ARGV[a + 3]]
   local budget, cost, counted = N[ARGV[a + 4]], N[ARGV[a + 6]], ARGV[a + 7] == '1'
-  -- this second's buckets are read here so that one HSET writes every figure at admission
-  local rk, tb = RS, TS
-  local f = call('HMGET', tk, 'rpm', 'tpm', 'inf', 'nm', 'per', 'sp', rk, tb)
-  local rpm, tpm, inflight, nm = N[f[1]] or 0, N[f[2]] or 0, N[f[3]] or 0, N[f[4]]
-  local fresh = false
-  if nm == nil or nm <= now then  -- the window's maintenance, as a provider's
-    local head = N[call('HGET', tk, 'wh')]
-    rpm, tpm = slide(tk, head, rpm, tpm)
-    fresh = head == nil
+  local v = call('GET', tv)
+  local rpm, tpm, inflight, nm, per, sp, cs, cr, ct, wh = 0, 0, 0, 0, -1, 0, 0, 0, 0, 0
+  if v then rpm, tpm, inflight, nm, per, sp, cs, cr, ct, wh = struct.unpack(LIVE, v) end
+  local dirty = false
+  if cs ~= sec then  -- the last second's figures go to the window's history
+    if cr ~= 0 or ct ~= 0 then
+      call('HSET', tk, 'r:' .. fmt('%d', cs), fmt('%d', cr), 't:' .. fmt('%d', cs), fmt('%d', ct))
+    end
+    cs, cr, ct, dirty = sec, 0, 0, true
+  end
+  if nm <= now then  -- slide: the seconds that left the window leave the totals
+    if wh ~= 0 and wh < oldest then
+      local fields, stop = {}, min(oldest - 1, wh + W - 1)
+      for b = wh, stop do
+        fields[#fields + 1] = 'r:' .. fmt('%d', b)
+        fields[#fields + 1] = 't:' .. fmt('%d', b)
+      end
+      local old = call('HMGET', tk, unpack(fields))
+      for j = 1, #old, 2 do
+        rpm, tpm = rpm - (tonumber(old[j]) or 0), tpm - (tonumber(old[j + 1]) or 0)
+      end
+      call('HDEL', tk, unpack(fields))
+      if oldest - wh >= W then rpm, tpm = 0, 0 end
+      wh = oldest
+    end
     nm = FAR
-    if head then nm = min(nm, (max(head, oldest) + W) * 1000) end
-    call('HSET', tk, 'nm', nm)
+    if wh ~= 0 then nm = min(nm, (wh + W) * 1000) end
+    dirty = true
   end
   -- the period: the caller's guess (its number and its bounds) when Redis's clock is in it,
   -- else computed here (at a period's edge, or a caller whose clock is off)
   local pid, pend = N[ARGV[a + 8]], N[ARGV[a + 10]]
   if sec < N[ARGV[a + 9]] or sec >= pend then pid, pend = period(N[ARGV[a + 5]]) end
-  local spent, same = 0, N[f[5]] == pid
-  if same then spent = tonumber(f[6]) or 0 end
+  if per ~= pid then sp = 0 end
   local code, wait = 0, 0
   if maxf > 0 and inflight >= maxf then code, wait = 1, -1
   elseif counted and rpmL > 0 and rpm + 1 > rpmL then code = 2
   elseif tpmL > 0 and tpm + tokens > tpmL then code = 3
-  elseif budget > 0 and spent + cost > budget then
+  elseif budget > 0 and sp + cost > budget then
     code, wait = 4, pend * 1000 - now
     if cost > budget then wait = -2 end
   end
   if code == 3 and tokens > tpmL then wait = -2
-  elseif code == 2 or code == 3 then  -- the window frees as its oldest buckets leave it
+  elseif code == 2 or code == 3 then  -- the window frees as its oldest seconds leave it
     local needR = code == 2 and rpm + 1 - rpmL or 0
     local needT = code == 3 and tpm + tokens - tpmL or 0
     wait = W * 1000
     for b = oldest, sec do
-      local v = call('HMGET', tk, 'r:' .. b, 't:' .. b)
-      needR, needT = needR - (tonumber(v[1]) or 0), needT - (tonumber(v[2]) or 0)
+      local r, t = cr, ct
+      if b ~= cs then
+        local h = call('HMGET', tk, 'r:' .. fmt('%d', b), 't:' .. fmt('%d', b))
+        r, t = tonumber(h[1]) or 0, tonumber(h[2]) or 0
+      end
+      needR, needT = needR - r, needT - t
       if needR <= 0 and needT <= 0 then wait = max(0, (b + W) * 1000 - now) break end
     end
   end
   if code ~= 0 then
-    local out = {0, now, sec, wait, code, spent}
+    if dirty then
+      call('SET', tv, struct.pack(LIVE, rpm, tpm, inflight, nm, per, sp, cs, cr, ct, wh))
+    end
+    local out = {0, now, sec, wait, code, sp}
     for i = 1, n do out[6 + i] = 9 end
     return out
   end
-  t_rpm, t_tpm, t_inf, t_nm, t_fresh, t_tokens, t_counted = rpm, tpm, inflight, nm, fresh, tokens, counted
-  t_pid, t_same, t_spent, t_cost, t_maxf, t_rk, t_tb = pid, same, spent, cost, maxf, rk, tb
-  t_r0, t_t0 = tonumber(f[7]) or 0, tonumber(f[8]) or 0
+  t_rpm, t_tpm, t_inf, t_nm, t_per, t_sp, t_cs, t_cr, t_ct, t_wh =
+    rpm, tpm, inflight, nm, per, sp, cs, cr, ct, wh
+  t_tokens, t_counted, t_pid, t_cost, t_maxf, t_dirty = tokens, counted, pid, cost, maxf, dirty
 end
 
 local best, any = nil, false
@@ -342,27 +377,22 @@ if best then
   if t.circ then call('HSET', pk, 'circ', 'half', 'circ_until', now + ttl, 'circ_trial', lease) end
   T[best].inflight, T[best].rpm, T[best].tpm = t.inflight + added, t.rpm + 1, t.tpm + t.tokens
   wait = 0
-  if tenant then  -- the tenant's share of the same admission, in one write
-    -- every figure as an integer's text: Redis turns a Lua number into text with printf's
-    -- "%.17g", several times slower than "%d" (and keeps only 14 digits through tostring)
-    local d = '%d'
+  if tenant then  -- the tenant's share of the same admission: one write
     local r = t_counted and 1 or 0
-    local w = {'rpm', fmt(d, t_rpm + r), 'tpm', fmt(d, t_tpm + t_tokens)}
-    if r ~= 0 then w[#w + 1], w[#w + 2] = t_rk, fmt(d, t_r0 + 1) end
-    if t_tokens ~= 0 then w[#w + 1], w[#w + 2] = t_tb, fmt(d, t_t0 + t_tokens) end
-    local nm = t_nm
-    if t_maxf > 0 then w[#w + 1], w[#w + 2] = 'inf', fmt(d, max(0, t_inf) + 1) end
-    if t_fresh then
-      w[#w + 1], w[#w + 2] = 'wh', sec
-      nm = min(nm, (sec + W) * 1000)
+    if t_maxf > 0 then t_inf = max(0, t_inf) + 1 end
+    if t_wh == 0 then  -- its first window
+      t_wh, t_nm = sec, min(t_nm, (sec + W) * 1000)
     end
-    if nm ~= t_nm then w[#w + 1], w[#w + 2] = 'nm', fmt(d, nm) end
-    if not t_same then w[#w + 1], w[#w + 2] = 'per', fmt(d, t_pid) end  -- a new period
-    t_spent = t_spent + t_cost
-    if t_cost ~= 0 or not t_same then w[#w + 1], w[#w + 2] = 'sp', fmt(d, t_spent) end
-    call('HSET', tk, unpack(w))
+    if t_per ~= t_pid then t_per, t_sp = t_pid, 0 end  -- a new period
+    t_sp = t_sp + t_cost
+    call('SET', tv, struct.pack(LIVE, t_rpm + r, t_tpm + t_tokens, t_inf, t_nm, t_per, t_sp,
+      t_cs, t_cr + r, t_ct + t_tokens, t_wh))
   end
 else
+  if tenant and t_dirty then  -- no target: the tenant's second moved on or its window slid
+    call('SET', tv, struct.pack(LIVE, t_rpm, t_tpm, t_inf, t_nm, t_per, t_sp, t_cs, t_cr, t_ct,
+      t_wh))
+  end
   -- When will one target have room? The window part frees as its oldest buckets leave.
   for i = 1, n do
     local t, w = T[i], nil
@@ -384,7 +414,7 @@ else
   end
 end
 
-local out, k = {best or 0, now, sec, wait, 0, t_spent or 0}, 6
+local out, k = {best or 0, now, sec, wait, 0, t_sp or 0}, 6
 if not detail then
   for i = 1, n do out[6 + i] = T[i] and T[i].code or 9 end  -- 9: not looked at
   return out

@@ -3,7 +3,7 @@
 -- Not idempotent: a charge retried after a timeout that in fact ran counts twice (spend is
 -- over-counted, never under-counted).
 --
--- KEYS[1]   tenant hash                     Keys.tenant
+-- KEYS[1]   tenant live figures (packed: acquire.lua)   Keys.tenant_live
 -- KEYS[2]   usage of the admission's day    Keys.usage('day', ...)
 -- KEYS[3]   usage of its month              Keys.usage('month', ...)
 -- ARGV[1]   the spend period the request was admitted in (router/budgets.py period_id)
@@ -14,13 +14,17 @@
 -- ARGV[8]   requests (a replica sums its charges of one tenant, route, provider and day)
 -- Returns 1.
 
-local tk, pid, cost = KEYS[1], tonumber(ARGV[1]), tonumber(ARGV[2])
-local per = tonumber(redis.call('HGET', tk, 'per'))
-if per == pid then
-  redis.call('HINCRBY', tk, 'sp', cost)
-elseif per == nil or per < pid then  -- its period has had no shared admission yet
-  redis.call('HSET', tk, 'per', pid, 'sp', cost)
+local LIVE = '<dddddddddd'  -- rpm, tpm, in flight, next maintenance, period, spend, ...
+local tv, pid, cost = KEYS[1], tonumber(ARGV[1]), tonumber(ARGV[2])
+local v = redis.call('GET', tv)
+local f = {0, 0, 0, 0, -1, 0, 0, 0, 0, 0}
+if v then f = {struct.unpack(LIVE, v)} end
+if f[5] == pid then
+  f[6] = f[6] + cost
+elseif f[5] < pid then  -- its period has had no shared admission yet
+  f[5], f[6] = pid, cost
 end  -- (a later period has begun: that spend belongs to a period that is over)
+redis.call('SET', tv, struct.pack(LIVE, unpack(f, 1, 10)))
 local p = ARGV[3]
 for k = 2, 3 do
   local uk = KEYS[k]

@@ -19,10 +19,11 @@
 -- ARGV[12]  circuit: first cooldown (ms), doubled on each reopening
 -- ARGV[13]  circuit: longest cooldown (ms)
 -- ARGV[14]  health channel, ARGV[15] provider name, ARGV[16] pool (for the published event)
--- The tenant (when KEYS holds 6 keys):
--- KEYS[4]   tenant hash         Keys.tenant
--- KEYS[5]   usage of the day the lease was taken     Keys.usage('day', ...)
--- KEYS[6]   usage of its month                       Keys.usage('month', ...)
+-- The tenant (when KEYS holds 7 keys):
+-- KEYS[4]   tenant hash (its window's past seconds)  Keys.tenant
+-- KEYS[5]   tenant live figures (packed: acquire.lua) Keys.tenant_live
+-- KEYS[6]   usage of the day the lease was taken     Keys.usage('day', ...)
+-- KEYS[7]   usage of its month                       Keys.usage('month', ...)
 -- ARGV[17]  tenant token correction: actual minus reserved (in bucket ARGV[3])
 -- ARGV[18]  spend correction (nano-USD): actual cost minus the reserved cost
 -- ARGV[19]  the period number the cost was reserved in (corrected only while it lasts)
@@ -67,44 +68,65 @@ for k = 1, 2 do
 end
 
 if redis.call('ZREM', lk, ARGV[1]) == 0 then return 0 end
-local base = string.match(pk, '^(.+):provider:')
-local mine = string.match(ARGV[1], '@([^@]+)$')
-if mine then redis.call('HINCRBY', base .. ':tenant:' .. mine, 'inf', -1) end
+local LIVE = '<dddddddddd'  -- a tenant's live figures (see acquire.lua)
+local function off(key)  -- one request less in flight for the tenant of these figures
+  local v = redis.call('GET', key)
+  if v then
+    local f = {struct.unpack(LIVE, v)}
+    f[3] = math.max(0, f[3] - 1)
+    redis.call('SET', key, struct.pack(LIVE, unpack(f, 1, 10)))
+  end
+end
 -- expired leases leave their tenants' in-flight counts too (a replica that died)
+local base = string.match(pk, '^(.+):provider:')
 for _, id in ipairs(redis.call('ZRANGEBYSCORE', lk, '-inf', now)) do
   local t = string.match(id, '@([^@]+)$')
-  if t then redis.call('HINCRBY', base .. ':tenant:' .. t, 'inf', -1) end
+  if t then off(base .. ':tenant:' .. t .. ':live') end
 end
 redis.call('ZREMRANGEBYSCORE', lk, '-inf', now)
 redis.call('HSET', pk, 'inf', redis.call('ZCARD', lk))  -- acquire.lua reads the count here
 
-if #KEYS >= 6 then
-  local tk = KEYS[4]
-  local t = redis.call('HMGET', tk, 'wh', 'per')
-  local bucket, correction = tonumber(ARGV[3]), tonumber(ARGV[17])
-  if correction ~= 0 and bucket >= (tonumber(t[1]) or bucket) then
-    local held = tonumber(redis.call('HGET', tk, 't:' .. bucket))
-    if held then
-      correction = math.max(correction, -held)
-      redis.call('HINCRBY', tk, 't:' .. bucket, correction)
-      redis.call('HINCRBY', tk, 'tpm', correction)
+local mine = string.match(ARGV[1], '@([^@]+)$')  -- counted in its tenant's in flight
+if #KEYS >= 7 then
+  local tk, tv = KEYS[4], KEYS[5]
+  local v = redis.call('GET', tv)
+  if v then
+    -- rpm, tpm, in flight, next maintenance, period, spend, second, its requests, its
+    -- tokens, oldest second
+    local f = {struct.unpack(LIVE, v)}
+    if mine then f[3] = math.max(0, f[3] - 1) end
+    local bucket, correction = tonumber(ARGV[3]), tonumber(ARGV[17])
+    if correction ~= 0 and bucket == f[7] then
+      correction = math.max(correction, -f[9])
+      f[9], f[2] = f[9] + correction, f[2] + correction
+    elseif correction ~= 0 and f[10] ~= 0 and bucket >= f[10] then
+      local field = 't:' .. string.format('%d', bucket)
+      local held = tonumber(redis.call('HGET', tk, field))
+      if held then
+        correction = math.max(correction, -held)
+        redis.call('HINCRBY', tk, field, correction)
+        f[2] = f[2] + correction
+      end
     end
+    local spend = tonumber(ARGV[18])
+    if spend ~= 0 and f[5] == tonumber(ARGV[19]) then f[6] = f[6] + spend end
+    redis.call('SET', tv, struct.pack(LIVE, unpack(f, 1, 10)))
   end
-  local spend = tonumber(ARGV[18])
-  if spend ~= 0 and t[2] == ARGV[19] then redis.call('HINCRBY', tk, 'sp', spend) end
   if ARGV[24] == '1' then
     local p = ARGV[20]
-    for k = 5, 6 do
+    for k = 6, 7 do
       local uk = KEYS[k]
       -- a hash's first field is some field's first write: the expiry is set then
       if redis.call('HINCRBY', uk, p .. 'req', 1) == 1 then
-        redis.call('EXPIRE', uk, ARGV[20 + k], 'NX')
+        redis.call('EXPIRE', uk, ARGV[19 + k], 'NX')
       end
       redis.call('HINCRBY', uk, p .. 'in', ARGV[21])
       redis.call('HINCRBY', uk, p .. 'out', ARGV[22])
       redis.call('HINCRBY', uk, p .. 'cost', ARGV[23])
     end
   end
+elseif mine then
+  off(base .. ':tenant:' .. mine .. ':live')
 end
 
 local bucket, correction = tonumber(ARGV[3]), tonumber(ARGV[4])
