@@ -288,6 +288,7 @@ class Dispatcher:
                         reserved,
                         cost,
                         period_id(period, d.bucket),
+                        job.tenant.tracked,
                     )
                     job.counted = True
                 self.leases.hold(lease)

@@ -158,6 +158,8 @@ class Lease:
     """The worst-case cost reserved against the tenant's spend."""
     period: int = 0
     """The spend period the cost was reserved in (``router.budgets.period_id``)."""
+    tracked: bool = True
+    """Its tenant has live figures in Redis (``TenantPlan.tracked``) to correct."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -619,6 +621,7 @@ class Store:
                 1 if outcome.served else 0,
                 USAGE_DAY_TTL_S,
                 USAGE_MONTH_TTL_S,
+                1 if lease.tracked else 0,
             )
         return int(await self.call("release", keys, args))
 

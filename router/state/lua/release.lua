@@ -31,6 +31,7 @@
 -- ARGV[21]  prompt tokens, ARGV[22] completion tokens, ARGV[23] cost (nano-USD): the usage
 -- ARGV[24]  1 = record the usage (the provider served the request), 0 = not
 -- ARGV[25]  day usage TTL (s), ARGV[26] month usage TTL (s)
+-- ARGV[27]  1 = the tenant has live figures (a limit or a budget: acquire.lua keeps them)
 -- The tenant's part is applied once per lease, by the call that removes the provider lease;
 -- a lease id ending in '@<tenant>' is counted in that tenant's in flight (see acquire.lua).
 -- Returns 1 when the lease was released by this call, 2 when it was and its failure opened
@@ -79,17 +80,20 @@ local function off(key)  -- one request less in flight for the tenant of these f
 end
 -- expired leases leave their tenants' in-flight counts too (a replica that died)
 local base = string.match(pk, '^(.+):provider:')
-for _, id in ipairs(redis.call('ZRANGEBYSCORE', lk, '-inf', now)) do
-  local t = string.match(id, '@([^@]+)$')
-  if t then off(base .. ':tenant:' .. t .. ':live') end
+local gone = redis.call('ZRANGEBYSCORE', lk, '-inf', now)
+if #gone > 0 then
+  for _, id in ipairs(gone) do
+    local t = string.match(id, '@([^@]+)$')
+    if t then off(base .. ':tenant:' .. t .. ':live') end
+  end
+  redis.call('ZREMRANGEBYSCORE', lk, '-inf', now)
 end
-redis.call('ZREMRANGEBYSCORE', lk, '-inf', now)
 redis.call('HSET', pk, 'inf', redis.call('ZCARD', lk))  -- acquire.lua reads the count here
 
 local mine = string.match(ARGV[1], '@([^@]+)$')  -- counted in its tenant's in flight
 if #KEYS >= 7 then
   local tk, tv = KEYS[4], KEYS[5]
-  local v = redis.call('GET', tv)
+  local v = ARGV[27] == '1' and redis.call('GET', tv)  -- an unlimited tenant has none
   if v then
     -- rpm, tpm, in flight, next maintenance, period, spend, second, its requests, its
     -- tokens, oldest second
