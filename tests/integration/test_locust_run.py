@@ -63,12 +63,15 @@ def test_a_short_headless_locust_run(tmp_path: Path) -> None:
 def check_stream_rows(stats: dict[tuple[str, str], dict[str, str]]) -> None:
     """Three rows per stream, each timed to what its name says: the headers, the first token,
     the end of the whole stream (``[DONE]``); as many of each, but for the streams the end of
-    the run cut short (at most one per user)."""
+    the run cut short (at most one per user). Locust records the headers' row when the
+    request's block ends, after the stream was read: a stream cut by the end of the run may
+    have its first token counted and not its headers."""
     headers = stats[("POST", "chat stream (to headers)")]
     ttft = stats[("TTFT", "chat stream (to first token)")]
     whole = stats[("STREAM", "chat stream (to [DONE])")]
     counts = [int(row["Request Count"]) for row in (headers, ttft, whole)]
-    assert counts[0] >= counts[1] >= counts[2] >= max(1, counts[0] - USERS), counts
+    assert counts[1] >= counts[2] >= 1, counts
+    assert max(counts) - min(counts) <= USERS, counts
     assert int(whole["Failure Count"]) == 0
     median = {name: float(row["Median Response Time"]) for name, row in
               (("headers", headers), ("ttft", ttft), ("whole", whole))}  # fmt: skip
