@@ -247,6 +247,9 @@ class Route(_Model):
     strategy: Strategy = Strategy.ROUND_ROBIN
     max_attempts: Annotated[int, Field(ge=1, le=10)] = 3
     queue_timeout_s: Annotated[float, Field(ge=0, le=600)] = 0.0
+    max_queue: Annotated[int, Field(ge=1, le=100_000)] = 10_000
+    """Requests that may wait for the route at once, over every replica; past it a request
+    that would wait is answered 429 at once."""
     timeout_s: Annotated[float, Field(gt=0)] = 300.0
     default_max_tokens: Annotated[int, Field(gt=0)] | None = None
     """The completion budget of a request that names none: reserved in the TPM window and,
@@ -286,11 +289,20 @@ class Budget(_Model):
     period: BudgetPeriod = BudgetPeriod.MONTH
 
 
+PRIORITY_MIN, PRIORITY_MAX = -100, 100
+
+
 class TenantSpec(_Model):
     """A tenant without its keys: what the admin API takes and stores."""
 
     name: Annotated[str, Field(pattern=TENANT_NAME)]
     limits: TenantLimits = TenantLimits()
+    weight: Annotated[int, Field(ge=1, le=1000)] = 1
+    """Its share of a saturated route, against the other tenants waiting in its band."""
+    priority: Annotated[int, Field(ge=PRIORITY_MIN, le=PRIORITY_MAX)] = 0
+    """Higher is served first when a route is saturated: every waiting request of a higher
+    band before any of a lower one. A request may lower its own (``x-priority``), never
+    raise it."""
     budget: Budget | None = None
     routes: (
         Annotated[list[Annotated[str, Field(min_length=1, max_length=200)]], Field(max_length=1000)]

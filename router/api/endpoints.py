@@ -24,8 +24,10 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from router.api.auth import ClientKeys, authorization
 from router.api.schemas import ChatBody, EmbeddingsBody, check, parse_json
+from router.config import PRIORITY_MAX, PRIORITY_MIN
 from router.errors import (
     INTERNAL_ERROR,
+    BadRequest,
     ClientGone,
     ModelNotFound,
     PayloadTooLarge,
@@ -206,8 +208,24 @@ class _Exchange:
             raise model_not_found(model, tenant)
         self.route = route.model
         return await self.gw.dispatcher.serve(
-            self.op, route, data, self.rid, self.traceparent, self.tenant
+            self.op, route, data, self.rid, self.traceparent, self.tenant, self._priority()
         )
+
+    def _priority(self) -> int | None:
+        """The request's ``x-priority`` (it can only lower its tenant's), if it sent one."""
+        raw = self.headers.get(b"x-priority")
+        if raw is None:
+            return None
+        try:
+            value = int(raw.decode("ascii").strip())
+        except (UnicodeDecodeError, ValueError):
+            value = PRIORITY_MAX + 1
+        if not PRIORITY_MIN <= value <= PRIORITY_MAX:
+            raise BadRequest(
+                f"x-priority must be an integer from {PRIORITY_MIN} to {PRIORITY_MAX} "
+                "(it can only lower the tenant's own priority)"
+            )
+        return value
 
     async def _start(self, status: int, headers: Iterable[tuple[bytes, bytes]]) -> None:
         all_headers = [(b"x-request-id", self.rid.encode()), *headers]

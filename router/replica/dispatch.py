@@ -44,14 +44,17 @@ from router.replica.decisions import log_decision
 from router.replica.healthview import HealthView
 from router.replica.leases import LeaseKeeper
 from router.replica.refusal import refusal, tenant_refusal
+from router.replica.waitroom import IDLE_LOOK_S, WaitRoom
 from router.state.store import (
     Decision,
     Lease,
     LostLease,
     Outcome,
+    QueueState,
     RoutePlan,
     Store,
     TenantPlan,
+    Ticket,
 )
 from router.strategies import TenantCode
 from router.telemetry.logs import decisions_logged
@@ -129,6 +132,11 @@ class _Job:
     """Per target: the request's worst-case cost there (nano-USD)."""
     counted: bool = False
     """The request has been counted in its tenant's RPM (by its first admission)."""
+    ticket: Ticket | None = None
+    """Its place in the route's wait queue, once it needed one."""
+    priority: int | None = None
+    """The priority the request asked for (``x-priority``), which may only lower its
+    tenant's."""
     traceparent: str | None = None
     retry_after_s: float = 0.0
     """The longest cooldown a provider's 429 asked for, for the client's Retry-After."""
@@ -167,6 +175,15 @@ class Dispatcher:
         self.plans = {r.model: RoutePlan.build(cfg, r, store.keys) for r in cfg.routes}
         self.providers = {p.name: p for p in cfg.providers}
         self._rand = random.Random()
+        routes_of: dict[str, list[str]] = {}
+        for r in cfg.routes:
+            for t in r.targets:
+                routes_of.setdefault(t.provider, []).append(r.model)
+        self.room = WaitRoom(store, leases.mode, routes_of)
+        """Where this replica's requests wait for a saturated route."""
+        self.admission_rate: Callable[[RoutePlan], float] = lambda plan: 0.0
+        """Requests per second the route's targets admit, from the shared state (the
+        gateway sets it from the state poller's figures)."""
         self._lease_prefix = f"{replica}:"
         self._lease_numbers = itertools.count(1)
 
@@ -178,11 +195,14 @@ class Dispatcher:
         rid: str,
         traceparent: str | None = None,
         tenant: TenantPlan | None = None,
+        priority: int | None = None,
     ) -> Reply:
         """Serve one request on ``route`` for ``tenant``; raise a ``RouterError`` when it
-        cannot be."""
+        cannot be. ``priority``: what the request asked for (it may only lower its
+        tenant's)."""
         job = self._job(op, route, body, rid, tenant)
         job.traceparent = traceparent
+        job.priority = priority
         loop = asyncio.get_running_loop()
         # once the route's time is spent, a further attempt could only time out, and that
         # timeout would be counted against a provider that did nothing wrong
@@ -256,14 +276,27 @@ class Dispatcher:
         return job
 
     async def _acquire(self, job: _Job) -> tuple[Lease, int]:
-        """Lease a target, waiting up to the route's queue timeout for room."""
+        """Lease a target, waiting up to the route's queue timeout for room: in the route's
+        shared queue (fair, by priority band and tenant weight) while Redis is there."""
+        try:
+            return await self._acquire_or_wait(job)
+        except BaseException:
+            if job.ticket is not None and job.ticket.holds:  # its place goes to the next
+                self.leases.dequeue_soon(job.plan.route.model, job.ticket.member)
+                job.ticket = replace(job.ticket, holds=False)
+            raise
+
+    async def _acquire_or_wait(self, job: _Job) -> tuple[Lease, int]:
         loop = asyncio.get_running_loop()
         route = job.plan.route
         wait_until = min(loop.time() + route.queue_timeout_s, job.deadline)
+        waited_from = 0.0
         while True:
             started = time.perf_counter_ns()
+            left = wait_until - loop.time()
+            heard = self.room.heard_of(route.model)
             with self.tel.span("acquire", attempt=len(job.attempts) + 1):
-                d, lease_id, local = await self._decide(job)
+                d, lease_id, local = await self._decide(job, may_wait=left > 0)
             elapsed = (time.perf_counter_ns() - started) / 1e9
             # recorded once this request has gone on its way (a histogram record is not cheap)
             loop.call_soon(
@@ -272,27 +305,11 @@ class Dispatcher:
             tenant = job.tenant.name if job.tenant is not None else None
             log_decision(job.request_id, route, d, len(job.attempts) + 1, started, tenant)
             if d.index is not None:
-                provider, tokens = job.plan.providers[d.index], job.tokens[d.index]
-                lease = Lease(lease_id, provider, d.bucket, tokens, local)
-                if job.tenant is not None:
-                    reserved, cost = job.tenant_reservation()
-                    period = job.tenant.period or BudgetPeriod.MONTH
-                    lease = Lease(
-                        lease_id,
-                        provider,
-                        d.bucket,
-                        tokens,
-                        local,
-                        job.tenant.name,
-                        route.model,
-                        reserved,
-                        cost,
-                        period_id(period, d.bucket),
-                        job.tenant.tracked,
-                    )
-                    job.counted = True
-                self.leases.hold(lease)
-                return lease, d.index
+                if job.ticket is not None:
+                    job.ticket = replace(job.ticket, holds=False)  # spent by the admission
+                if waited_from:
+                    self.metrics.queue_wait(route.model, tenant, loop.time() - waited_from)
+                return self._leased(job, d, lease_id, local), d.index
             if d.tenant_code is not TenantCode.OK and job.tenant is not None:
                 # the tenant's own limit: no queueing (its window frees on its own schedule,
                 # and a queued request would only hold a client who can retry by Retry-After)
@@ -300,12 +317,66 @@ class Dispatcher:
                 self.metrics.tenant_rejected(job.tenant.name, err.code)
                 raise err
             left = wait_until - loop.time()
+            if d.queue_state is QueueState.WAITING and job.ticket is not None and left > 0:
+                job.ticket = replace(job.ticket, holds=True)
+                waited_from = waited_from or loop.time()
+                # the head looks again when a window frees; any waiter when woken by a release
+                # or an admission on any replica, or after IDLE_LOOK_S (a lost message)
+                hint = d.wait_ms / 1000 if d.queue_rank == 0 and d.wait_ms > 0 else IDLE_LOOK_S
+                await self.room.wait(
+                    route.model, job.ticket.member, d.queue_place, min(left, hint), heard
+                )
+                continue
+            if d.queue_state is not QueueState.NONE or (
+                job.ticket is not None and job.ticket.holds
+            ):
+                raise self._queue_refusal(job, d)
             if d.wait_ms == -2 or left <= 0:
                 raise self._no_room(job, d)
             hint = d.wait_ms / 1000 if d.wait_ms > 0 else POLL_S
             await self.leases.changed(within=min(left, hint, 1.0) * self._rand.uniform(0.8, 1.0))
 
-    async def _decide(self, job: _Job) -> tuple[Decision, str, bool]:
+    def _leased(self, job: _Job, d: Decision, lease_id: str, local: bool) -> Lease:
+        """The lease an admitting decision took, held by this replica."""
+        route = job.plan.route
+        assert d.index is not None
+        provider, tokens = job.plan.providers[d.index], job.tokens[d.index]
+        lease = Lease(lease_id, provider, d.bucket, tokens, local)
+        if job.tenant is not None:
+            reserved, cost = job.tenant_reservation()
+            period = job.tenant.period or BudgetPeriod.MONTH
+            lease = Lease(
+                lease_id,
+                provider,
+                d.bucket,
+                tokens,
+                local,
+                job.tenant.name,
+                route.model,
+                reserved,
+                cost,
+                period_id(period, d.bucket),
+                job.tenant.tracked,
+            )
+            job.counted = True
+        self.leases.hold(lease)
+        return lease
+
+    def _queue_refusal(self, job: _Job, d: Decision) -> Saturated:
+        """429 for a request that waited its queue time out, or could not wait: Retry-After
+        from its place in the queue and the route's admission rate in the shared state."""
+        place = max(d.queue_rank, 0) + 1 if d.queue_rank >= 0 else d.queue_length + 1
+        rate = self.admission_rate(job.plan) or 1.0
+        retry = min(max(place / rate, 1.0), 600.0)
+        model = job.plan.route.model
+        self.metrics.saturated(model)
+        why = {
+            QueueState.FULL: f"its queue is full ({job.plan.route.max_queue} waiting)",
+            QueueState.BEHIND: f"{d.queue_length} requests wait before it",
+        }.get(d.queue_state, f"it waited its turn for {job.plan.route.queue_timeout_s:g} s")
+        return Saturated(f"route {model} is saturated: {why}", retry)
+
+    async def _decide(self, job: _Job, may_wait: bool = False) -> tuple[Decision, str, bool]:
         """One decision, under a lease id of its own: in Redis, or locally while the shared
         state is away. Returns the decision, the lease id and whether it was local.
 
@@ -332,6 +403,7 @@ class Dispatcher:
                     tenant_tokens=tenant_tokens,
                     cost_nano=cost,
                     counted=not job.counted,
+                    ticket=self._ticket(job, may_wait),
                 )
             except StoreError as exc:
                 self._lost(job, lease_id, not_after)
@@ -369,6 +441,23 @@ class Dispatcher:
         if d.index is not None and job.tenant is not None:
             local.tenant_admitted(job.tenant, tenant_tokens, not job.counted, None, cost)
         return d, lease_id, True
+
+    def _ticket(self, job: _Job, may_wait: bool) -> Ticket | None:
+        """The request's ticket for its route's queue (routes with a ``queue_timeout_s``)."""
+        route = job.plan.route
+        if route.queue_timeout_s <= 0:
+            return None
+        if job.ticket is None:
+            t = job.tenant
+            name, weight = (t.name, t.weight) if t is not None else ("-", 1)
+            priority = t.priority if t is not None else 0
+            if job.priority is not None:
+                priority = min(priority, job.priority)  # a request may only lower its own
+            member = f"{self._lease_prefix}q{next(self._lease_numbers)}|{name}|{priority}"
+            job.ticket = Ticket(member, False, priority, weight, name, may_wait)
+        elif job.ticket.may_wait != may_wait:
+            job.ticket = replace(job.ticket, may_wait=may_wait)
+        return job.ticket
 
     def _lease_id(self, job: _Job) -> str:
         """A new lease id: ``<replica>:<n>``, and ``@<tenant>`` for a tenant with a

@@ -19,7 +19,7 @@ from router.replica.local import LocalState
 from router.replica.poller import StatePoller
 from router.replica.tenants import TenantDirectory, TenantView
 from router.state.health import HealthStore
-from router.state.store import Store
+from router.state.store import RoutePlan, Store
 from router.state.tenants import TenantStore
 from router.telemetry.metrics import RouterMetrics, SharedFigures
 from router.telemetry.tracing import Telemetry
@@ -84,6 +84,7 @@ class Gateway:
             self.telemetry,
             self.metrics,
         )
+        self.dispatcher.admission_rate = self._admission_rate
         self.loaded_at = int(time.time())
         """When this replica loaded its config (Unix time): the ``created`` of its models."""
         url = cfg.redis_url
@@ -114,6 +115,7 @@ class Gateway:
         self.tenants.start()
         self.heartbeat.start()
         self.poller.start()
+        self.dispatcher.room.start()
         fields = {"replica": self.replica, "store": self.store_name}
         log.info("replica started", extra={"fields": fields})
 
@@ -148,6 +150,14 @@ class Gateway:
         except StoreError as exc:
             log.warning("cannot read the tenants yet", extra={"fields": {"error": str(exc)}})
 
+    def _admission_rate(self, plan: RoutePlan) -> float:
+        """Requests per second the route's targets admitted over the last window, from the
+        shared figures the state poller read (a request waiting in the queue is told when its
+        turn may come from this)."""
+        figures = self.shared.providers
+        used = sum(figures[p].rpm_used for p in plan.providers if p in figures)
+        return used / 60
+
     def _not_yet(self, exc: StoreError) -> None:
         log.warning(
             "Redis does not answer yet: trying again",
@@ -162,6 +172,7 @@ class Gateway:
 
     async def stop(self) -> None:
         """Finish pending releases, then close everything."""
+        await self.dispatcher.room.stop()
         await self.poller.stop()
         await self.heartbeat.stop()
         await self.view.stop()

@@ -244,6 +244,21 @@ class LeaseKeeper:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
+    def dequeue_soon(self, route: str, member: str) -> None:
+        """Take a waiting request's ticket out of its route's queue, in a tracked background
+        task (a failure leaves it to expire within the ticket's TTL)."""
+        task = asyncio.create_task(self._dequeue(route, member))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _dequeue(self, route: str, member: str) -> None:
+        if self.mode.degraded:
+            return
+        try:
+            await self.store.dequeue(route, member)
+        except StoreError as exc:
+            self.mode.enter(exc)
+
     async def changed(self, within: float) -> None:
         """Wait until a lease of this replica is released, or ``within`` seconds."""
         with contextlib.suppress(TimeoutError):

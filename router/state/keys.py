@@ -9,6 +9,11 @@ shared by every route that uses it, so provider keys are named by the pool, not 
     <prefix>:{<pool>}:route:<model>:rr         string, the shared rotation counter
     <prefix>:{<pool>}:route:<model>:wrr        string: current weights, comma-separated, in
                                                target order (nginx smooth weighted RR)
+    <prefix>:{<pool>}:route:<model>:queue      zset ticket -> place (band, then virtual finish)
+    <prefix>:{<pool>}:route:<model>:queue:exp  zset ticket -> expiry (ms): waiters renew theirs
+    <prefix>:{<pool>}:route:<model>:queue:vt   hash: 'V' virtual time, 'f:<tenant>' finish tags
+    <prefix>:{<pool>}:waiting                  string: tickets waiting in every route's queue
+    <prefix>:freed                             pub/sub channel: a provider has room again
     <prefix>:{<pool>}:health:version           string, bumped on every health transition
     <prefix>:{<pool>}:healthd:leader           string with expiry: the leading healthd's id
     <prefix>:{<pool>}:healthd:epoch            string, the fencing token, bumped per new leader
@@ -125,6 +130,26 @@ class Keys:
     def swrr(self, route: str) -> str:
         """The route's smooth weighted round-robin state."""
         return f"{self._base}:route:{route}:wrr"
+
+    def queue(self, route: str) -> str:
+        """The route's wait queue: ticket -> place (priority band, then virtual finish time)."""
+        return f"{self._base}:route:{route}:queue"
+
+    def queue_expiry(self, route: str) -> str:
+        """The route's waiting tickets -> expiry (ms); a waiter renews its own."""
+        return f"{self._base}:route:{route}:queue:exp"
+
+    def queue_clock(self, route: str) -> str:
+        """The route's fair-queueing clock: 'V' and each tenant's last finish tag."""
+        return f"{self._base}:route:{route}:queue:vt"
+
+    def waiting(self) -> str:
+        """How many tickets wait in the pool's queues (release.lua publishes only then)."""
+        return f"{self._base}:waiting"
+
+    def freed_channel(self) -> str:
+        """The pub/sub channel on which releases say a provider has room again."""
+        return f"{self.prefix}:freed"
 
     def health_version(self) -> str:
         """Counter bumped on every health transition: the snapshot's version."""

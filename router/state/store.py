@@ -15,7 +15,8 @@ import itertools
 import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from enum import IntEnum
 from importlib import resources
 from typing import Any
 
@@ -37,6 +38,8 @@ EWMA_TAU_MS = 10_000
 """Time constant of the latency EWMAs: a sample's weight halves in about 7 s."""
 
 
+TICKET_TTL_MS = 3000
+"""A waiting ticket's life between renewals (every third of it)."""
 LATE = -3
 """``Decision.wait_ms`` of an acquire Redis ran after its deadline (it leased nothing)."""
 LOST = "lost"
@@ -48,6 +51,7 @@ STARTUP_RETRY_S = 0.25
 """How often a process starting up tries Redis again (``Store.start_within``)."""
 SCRIPTS = (
     "acquire",
+    "dequeue",
     "charge",
     "release",
     "renew",
@@ -123,6 +127,34 @@ class Candidate:
     score: str
 
 
+class QueueState(IntEnum):
+    """A decision's answer about the route's wait queue (the numbers are the script's)."""
+
+    NONE = 0
+    """Not queued: admitted, or refused without waiting (the queue was empty)."""
+    WAITING = 1
+    """Its ticket waits in the queue: it looks again when woken."""
+    FULL = 2
+    """The queue holds ``max_queue`` tickets: refused at once."""
+    BEHIND = 3
+    """Others wait and it may not (no queue time left): refused."""
+
+
+@dataclass(frozen=True, slots=True)
+class Ticket:
+    """A request's place in a route's wait queue, as the acquire script is told it."""
+
+    member: str
+    """``<id>|<tenant>|<priority>``: the queue's member (routerctl reads who waits from it)."""
+    holds: bool
+    """It was queued by an earlier decision (else the script may take one for it)."""
+    priority: int
+    weight: int
+    tenant: str
+    may_wait: bool
+    """It may wait (time left): else, with others waiting, it is refused."""
+
+
 @dataclass(frozen=True, slots=True)
 class Decision:
     """The outcome of one acquire: the chosen target (or none) and what was seen."""
@@ -137,6 +169,15 @@ class Decision:
     """Why the tenant could not take the request (``OK``: it could, or there is none)."""
     spent_nano: int = 0
     """The tenant's spend this period, the admitted request's reservation included."""
+    queue_state: QueueState = QueueState.NONE
+    """Where the request stands in the route's wait queue (``NONE``: it did not wait)."""
+    queue_rank: int = -1
+    """Its place in the queue (0: the head), when it waits."""
+    queue_length: int = 0
+    """Tickets waiting for the route, over every replica."""
+    queue_place: float = -1.0
+    """Its ticket's place (its band, then its virtual finish): fixed once taken, so the
+    replica's waiters of a route are ordered by it."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -267,6 +308,10 @@ class TenantPlan:
     """The route models it may use (None: every one)."""
     owner: str = "config"
     """Who owns its spec: ``config`` (the file; the admin API cannot change it) or ``api``."""
+    weight: int = 1
+    """Its share of a saturated route against the other tenants waiting in its band."""
+    priority: int = 0
+    """Its band when a route is saturated (higher first); a request may only lower it."""
 
     @classmethod
     def build(cls, spec: TenantSpec, keys: Keys, owner: str = "config") -> TenantPlan:
@@ -282,6 +327,8 @@ class TenantPlan:
             period=budget.period if budget else None,
             routes=frozenset(spec.routes) if spec.routes is not None else None,
             owner=owner,
+            weight=spec.weight,
+            priority=spec.priority,
         )
 
     @classmethod
@@ -332,6 +379,9 @@ class Store:
         """Called with the operation's name on every failed call (metrics hook)."""
         self.answered = 0
         """Calls Redis answered, ever: degraded mode reads whether one was since a failure."""
+        self.ticket_ttl_ms = TICKET_TTL_MS
+        """How long a waiting ticket lives unless its replica renews it (a dead waiter's
+        ticket leaves the head within it)."""
         self.late_ms = late_ms
         """Longest time from taking an acquire's deadline to Redis running it, for a caller
         still waiting (connecting, a free pooled connection, the reply's timeout)."""
@@ -497,6 +547,7 @@ class Store:
         tenant_tokens: int = 0,
         cost_nano: int = 0,
         counted: bool = True,
+        ticket: Ticket | None = None,
     ) -> Decision:
         """Choose a target of ``plan`` for one request and lease it (one round trip).
 
@@ -539,7 +590,25 @@ class Store:
                 start,
                 end,
             )
-        d = _decode_decision(await self.call("acquire", keys, args), plan.providers)
+        if ticket is not None:
+            route = plan.route
+            k = self.keys
+            keys = (*keys, k.queue(route.model), k.queue_expiry(route.model))
+            keys += (k.queue_clock(route.model), k.waiting())
+            args += (
+                ticket.member,
+                1 if ticket.holds else 0,
+                ticket.priority,
+                ticket.weight,
+                ticket.tenant,
+                self.ticket_ttl_ms,
+                1 if ticket.may_wait else 0,
+                route.max_queue,
+                k.freed_channel(),
+                route.model,
+            )
+        raw = await self.call("acquire", keys, args)
+        d = _decode_decision(raw, plan.providers, queued=ticket is not None)
         self._skew_ms = d.now_ms - sent
         if d.wait_ms == LATE:  # answered, yet run past its deadline: it leased nothing
             # (a slow reconnect first, a stalled event loop, or our clock stepped back)
@@ -645,6 +714,24 @@ class Store:
         )
         await self.call("charge", keys, args)
 
+    async def dequeue(self, route: str, member: str) -> bool:
+        """Take a ticket out of ``route``'s queue; whether it was there."""
+        k = self.keys
+        keys = (k.queue(route), k.queue_expiry(route), k.queue_clock(route), k.waiting())
+        return bool(await self.call("dequeue", keys, (member, k.freed_channel(), route)))
+
+    async def renew_tickets(self, tickets: Mapping[str, Sequence[str]]) -> int:
+        """Push back the expiry of waiting tickets (route -> members); how many renewed."""
+        keys: list[str] = []
+        args: list[Any] = [self.ticket_ttl_ms]
+        for route, members in tickets.items():
+            if members:
+                keys.append(self.keys.queue_expiry(route))
+                args += [len(members), *members]
+        if not keys:
+            return 0
+        return int(await self.call("renew", keys, args))
+
     async def renew(self, leases: Mapping[str, Sequence[str]]) -> int:
         """Push back the expiry of the given leases (provider -> lease ids); how many renewed."""
         keys: list[str] = []
@@ -706,12 +793,24 @@ def _wall_ms() -> int:
     return time.time_ns() // 1_000_000
 
 
-def _decode_decision(raw: Sequence[Any], providers: Sequence[str]) -> Decision:
+def _decode_decision(
+    raw: Sequence[Any], providers: Sequence[str], *, queued: bool = False
+) -> Decision:
     chosen, now_ms, bucket, wait_ms, tcode, spent = (int(x) for x in raw[:6])
     index = chosen - 1 if chosen else None
     tenant = TenantCode(tcode)
     if wait_ms == LATE:
         return Decision(None, now_ms, bucket, wait_ms, ())
+    if queued:  # the queue's four at the end
+        state, rank, length = (int(x) for x in raw[-4:-1])
+        d = _decode_decision(raw[:-4], providers)
+        return replace(
+            d,
+            queue_state=QueueState(state),
+            queue_rank=rank,
+            queue_length=length,
+            queue_place=float(decode_text(raw[-1])),
+        )
     if len(raw) == 6 + len(providers):  # codes only
         candidates = tuple(
             Candidate(name, Code(int(raw[6 + i])), -1, -1, -1, "")

@@ -31,6 +31,8 @@ METRIC_NAMES = frozenset(
         "router_request_duration_seconds",
         "router_time_to_first_token_seconds",
         "router_decision_duration_seconds",
+        "router_queue_wait_seconds",
+        "router_queue_waiting",
         "router_provider_in_flight",
         "router_provider_rpm_used",
         "router_provider_rpm_limit",
@@ -136,6 +138,18 @@ class RouterMetrics:
         )
         self._decision = m.create_histogram(
             "router_decision_duration", unit="s", description="Acquire round trip (decision)"
+        )
+        self._queue_wait = m.create_histogram(
+            "router_queue_wait",
+            unit="s",
+            description="How long admitted requests waited in their route's queue, per tenant",
+        )
+        self.waiting: Callable[[], dict[tuple[str, str, int], int]] = dict
+        """Requests waiting per (route, tenant, priority), cluster-wide (the state poller's)."""
+        m.create_observable_gauge(
+            "router_queue_waiting",
+            [self._observe_waiting],
+            description="Requests waiting for a saturated route, cluster-wide",
         )
         self._redis_errors = _Counter(tel, "router_redis_errors", "Failed shared-store calls")
         m.create_observable_gauge(
@@ -259,6 +273,15 @@ class RouterMetrics:
 
     def saturated(self, route: str) -> None:
         self._saturated.add((("route", route),))
+
+    def queue_wait(self, route: str, tenant: str | None, seconds: float) -> None:
+        """An admitted request waited ``seconds`` in the route's queue."""
+        self._queue_wait.record(seconds, {"route": route, "tenant": tenant or "-"})
+
+    def _observe_waiting(self, _: CallbackOptions) -> Iterable[Observation]:
+        for (route, tenant, priority), n in self.waiting().items():
+            attrs = {"route": route, "tenant": tenant, "priority": str(priority)}
+            yield Observation(n, attrs)
 
     def decision(self, route: str, mode: str, seconds: float) -> None:
         self._decision.record(seconds, {"route": route, "mode": mode})

@@ -229,7 +229,8 @@ local function period(code)
 end
 -- period:end
 
-local tenant = #KEYS > 2 + 2 * n
+local extra = #KEYS - 2 - 2 * n  -- 0, 2 (a tenant), 4 (a queue) or 6 (both)
+local tenant = extra == 2 or extra == 6
 -- the tenant's live figures (plain locals: a table costs an allocation per call)
 local tk, tv, t_rpm, t_tpm, t_inf, t_nm, t_per, t_sp, t_cs, t_cr, t_ct, t_wh
 local t_tokens, t_counted, t_pid, t_cost, t_maxf, t_dirty
@@ -306,6 +307,86 @@ if tenant then
   t_rpm, t_tpm, t_inf, t_nm, t_per, t_sp, t_cs, t_cr, t_ct, t_wh =
     rpm, tpm, inflight, nm, per, sp, cs, cr, ct, wh
   t_tokens, t_counted, t_pid, t_cost, t_maxf, t_dirty = tokens, counted, pid, cost, maxf, dirty
+end
+
+-- The tenant's figures as they stand, when a call ends without admitting (its second moved
+-- on, or its window slid).
+local function tenant_flush()
+  if tenant and t_dirty then
+    call('SET', tv, struct.pack(LIVE, t_rpm, t_tpm, t_inf, t_nm, t_per, t_sp, t_cs, t_cr, t_ct,
+      t_wh))
+    t_dirty = false
+  end
+end
+
+-- The route's wait queue (when KEYS holds 4 more keys: the queue, its expiries, its clock,
+-- the pool's waiting count; ARGV from 10 + 6n, after the tenant's 11 when there is one):
+-- the ticket ('<id>|<tenant>|<priority>'), 1 = this request holds it already, its priority,
+-- its tenant's weight and name, the ticket's TTL (ms), 1 = it may wait, the queue's bound.
+-- Places: priority band first (higher first), then the ticket's virtual finish time (fair
+-- queueing: a tenant's next ticket finishes 1/weight after the later of its last one and the
+-- route's virtual time V, the finish of the last admitted). Only the queue's head may be
+-- admitted while tickets wait: a request that arrives then takes a ticket, and goes on at once
+-- when that ticket is the head (a light tenant's is, ahead of a flooding tenant's backlog).
+local BAND, PMAX = 1e9, 100  -- a band's width in places (virtual times stay below it)
+local Q = extra >= 4
+local qk, qe, qv, qw, q_member, q_rank, q_state, q_f = nil, nil, nil, nil, nil, -1, 0, 0
+local q_admit, q_args = false, 0  -- q_admit: this request's ticket is the head
+local function enqueue()  -- take a ticket: its band, then its virtual finish
+  local a = q_args
+  local prio, weight, who = N[ARGV[a + 2]], N[ARGV[a + 3]], 'f:' .. ARGV[a + 4]
+  local c = call('HMGET', qv, 'V', who)
+  q_f = max(tonumber(c[1]) or 0, tonumber(c[2]) or 0) + 1 / weight
+  call('HSET', qv, who, tostring(q_f))
+  call('ZADD', qk, tostring((PMAX - prio) * BAND + q_f), q_member)
+  call('ZADD', qe, now + N[ARGV[a + 5]], q_member)
+  call('INCR', qw)
+end
+if Q then
+  local a = 10 + 6 * n + (tenant and 11 or 0)
+  local b = 2 + 2 * n + (tenant and 2 or 0)
+  q_args = a
+  qk, qe, qv, qw = KEYS[b + 1], KEYS[b + 2], KEYS[b + 3], KEYS[b + 4]
+  q_member = ARGV[a]
+  local holds, may_wait, qmax = ARGV[a + 1] == '1', ARGV[a + 6] == '1', N[ARGV[a + 7]]
+  local head = call('ZRANGE', qk, 0, 0)[1]
+  if head then  -- tickets wait: those of waiters that died leave first
+    local dead = call('ZRANGEBYSCORE', qe, '-inf', now, 'LIMIT', 0, 64)
+    if #dead > 0 then
+      call('ZREM', qk, unpack(dead))
+      call('ZREM', qe, unpack(dead))
+      if call('DECRBY', qw, #dead) < 0 then call('SET', qw, 0) end
+      head = call('ZRANGE', qk, 0, 0)[1]
+    end
+  end
+  local score = holds and call('ZSCORE', qk, q_member)
+  if score then q_f = N[score] % BAND end
+  if head and not score then
+    if not may_wait then  -- others wait their turn: this one cannot, so it is refused
+      q_state, q_rank = 3, call('ZCARD', qk)
+    elseif call('ZCARD', qk) >= qmax then
+      q_state, q_rank = 2, qmax
+    else
+      enqueue()
+      score = true
+      head = call('ZRANGE', qk, 0, 0)[1]
+    end
+  end
+  if q_state == 0 and score then
+    if head == q_member then
+      q_admit = true  -- the head: admitted below if a target has room
+    else
+      q_state, q_rank = 1, call('ZRANK', qk, q_member)
+    end
+  end
+  if q_state ~= 0 then
+    tenant_flush()
+    local out = {0, now, sec, -1, 0, t_sp or 0}
+    for i = 1, n do out[6 + i] = 9 end
+    out[#out + 1], out[#out + 2], out[#out + 3] = q_state, q_rank, call('ZCARD', qk)
+    out[#out + 1] = tostring(call('ZSCORE', qk, q_member) or -1)
+    return out
+  end
 end
 
 local best, any = nil, false
@@ -388,11 +469,25 @@ if best then
     call('SET', tv, struct.pack(LIVE, t_rpm + r, t_tpm + t_tokens, t_inf, t_nm, t_per, t_sp,
       t_cs, t_cr + r, t_ct + t_tokens, t_wh))
   end
-else
-  if tenant and t_dirty then  -- no target: the tenant's second moved on or its window slid
-    call('SET', tv, struct.pack(LIVE, t_rpm, t_tpm, t_inf, t_nm, t_per, t_sp, t_cs, t_cr, t_ct,
-      t_wh))
+  if q_admit then  -- the head's ticket is spent: the route's virtual time moves to it
+    call('ZREM', qk, q_member)
+    call('ZREM', qe, q_member)
+    call('DECR', qw)
+    if call('ZCARD', qk) == 0 then
+      call('DEL', qv)  -- nobody waits: the clocks start again from zero
+    else
+      call('HSET', qv, 'V', tostring(q_f))
+      -- the next head may be another replica's: it looks again (there may be room left)
+      call('PUBLISH', ARGV[q_args + 8], 'r:' .. ARGV[q_args + 9])
+    end
   end
+else
+  tenant_flush()  -- no target: the tenant's second moved on or its window slid
+  if Q and not q_admit and ARGV[q_args + 6] == '1' then
+    if call('ZCARD', qk) >= N[ARGV[q_args + 7]] then q_state, q_rank = 2, N[ARGV[q_args + 7]]
+    else enqueue() end  -- the first to wait
+  end
+  if Q and q_state == 0 and (q_admit or ARGV[q_args + 6] == '1') then q_state, q_rank = 1, 0 end
   -- When will one target have room? The window part frees as its oldest buckets leave.
   for i = 1, n do
     local t, w = T[i], nil
@@ -417,6 +512,10 @@ end
 local out, k = {best or 0, now, sec, wait, 0, t_sp or 0}, 6
 if not detail then
   for i = 1, n do out[6 + i] = T[i] and T[i].code or 9 end  -- 9: not looked at
+  if Q then
+    out[#out + 1], out[#out + 2], out[#out + 3] = q_state, q_rank, call('ZCARD', qk)
+    out[#out + 1] = tostring(call('ZSCORE', qk, q_member) or -1)
+  end
   return out
 end
 for i = 1, n do
@@ -427,5 +526,9 @@ for i = 1, n do
   if s ~= math.floor(s) then s = tostring(s) end
   out[k + 1], out[k + 2], out[k + 3], out[k + 4], out[k + 5] = t.code, t.inflight, t.rpm, t.tpm, s
   k = k + 5
+end
+if Q then
+  out[k + 1], out[k + 2], out[k + 3] = q_state, q_rank, call('ZCARD', qk)
+  out[k + 4] = tostring(call('ZSCORE', qk, q_member) or -1)
 end
 return out

@@ -89,6 +89,11 @@ if #gone > 0 then
   redis.call('ZREMRANGEBYSCORE', lk, '-inf', now)
 end
 redis.call('HSET', pk, 'inf', redis.call('ZCARD', lk))  -- acquire.lua reads the count here
+-- requests wait for room in some route: say this provider has some again (the pool's count
+-- of waiting tickets, and the channel beside the health one: '<prefix>:freed')
+if (tonumber(redis.call('GET', base .. ':waiting')) or 0) > 0 then
+  redis.call('PUBLISH', string.gsub(ARGV[14], ':health$', ':freed'), 'p:' .. ARGV[15])
+end
 
 local mine = string.match(ARGV[1], '@([^@]+)$')  -- counted in its tenant's in flight
 if #KEYS >= 7 then

@@ -1,0 +1,128 @@
+"""Fair share of a saturated route, cluster-wide: two replicas on a real Redis, a provider
+held at its in-flight limit (2, answers of 200 ms), tenants flooding from different replicas.
+Admissions are shared by weight within a priority band, a light tenant is not held behind
+the flood, a higher band goes first, and the provider never answers 429."""
+
+from __future__ import annotations
+
+import asyncio
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from tests.helpers import Cluster, Gateway, Mock, start_gateway
+
+LATENCY_S = 0.2
+MAX_IN_FLIGHT = 2
+FLOOD_S = 30.0
+KEYS = {name: f"{name}-key-0123456789" for name in ("heavy", "batch", "light", "urgent")}
+ENV = {f"{name.upper()}_KEY": key for name, key in KEYS.items()}
+
+
+def gateway(cluster: Cluster, tmp: Path, redis_url: str, **weights: int) -> Gateway:
+    mock = Mock("a", "--latency-ms", str(LATENCY_S * 1000), limits={"max_in_flight": 2})
+    routes = [
+        {"model": "chat", "queue_timeout_s": 60, "targets": [{"provider": "a", "model": "m"}]}
+    ]
+    tenants: list[dict[str, Any]] = [
+        {"name": name, "keys": [{"env": f"{name.upper()}_KEY"}], "weight": weights.get(name, 1)}
+        for name in ("heavy", "batch", "light")
+    ]
+    tenants.append({"name": "urgent", "keys": [{"env": "URGENT_KEY"}], "priority": 1})
+    gw = start_gateway(cluster, tmp, redis_url, [mock], routes, replicas=0, tenants=tenants,
+                       log={"level": "INFO", "decisions": "OFF", "access": "OFF"})  # fmt: skip
+    for _ in range(2):
+        gw.add_replica(ENV)
+    return gw
+
+
+async def flood(url: str, tenant: str, clients: int, until: float, log: list[Any]) -> None:
+    """``clients`` connections of ``tenant`` asking back to back until ``until``."""
+    body = {"model": "chat", "messages": [{"role": "user", "content": "hi"}]}
+    headers = {"Authorization": f"Bearer {KEYS[tenant]}"}
+    async with httpx.AsyncClient(base_url=url, headers=headers, timeout=120) as c:
+
+        async def one_client() -> None:
+            while time.monotonic() < until:
+                sent = time.monotonic()
+                r = await c.post("/v1/chat/completions", json=body)
+                log.append((tenant, sent, time.monotonic(), r.status_code))
+
+        await asyncio.gather(*(one_client() for _ in range(clients)))
+
+
+def shares(log: list[Any], tenants: tuple[str, ...], start: float, end: float) -> dict[str, float]:
+    """Each tenant's share of the 200s answered in [start, end]."""
+    done = [t for t, _, at, status in log if status == 200 and start <= at <= end and t in tenants]
+    return {t: done.count(t) / len(done) for t in tenants}
+
+
+def run_flood(gw: Gateway, light: bool) -> list[Any]:
+    log: list[Any] = []
+
+    async def main() -> None:
+        until = time.monotonic() + FLOOD_S
+        jobs = [
+            flood(gw.urls[0], "heavy", 8, until, log),
+            flood(gw.urls[1], "batch", 8, until, log),
+        ]
+        if light:
+            jobs.append(light_user(gw.urls, until, log))
+        await asyncio.gather(*jobs)
+
+    asyncio.run(main())
+    return log
+
+
+async def light_user(urls: list[str], until: float, log: list[Any]) -> None:
+    """One request every 3 s, alternating the replicas."""
+    body = {"model": "chat", "messages": [{"role": "user", "content": "hi"}]}
+    headers = {"Authorization": f"Bearer {KEYS['light']}"}
+    k = 0
+    async with httpx.AsyncClient(headers=headers, timeout=120) as c:
+        await asyncio.sleep(2.0)  # the flood first fills the queue
+        while time.monotonic() < until - 1:
+            sent = time.monotonic()
+            r = await c.post(f"{urls[k % 2]}/v1/chat/completions", json=body)
+            log.append(("light", sent, time.monotonic(), r.status_code))
+            k += 1
+            await asyncio.sleep(max(0.0, sent + 3.0 - time.monotonic()))
+
+
+def test_equal_weights_share_equally_and_a_light_tenant_does_not_wait(
+    cluster: Cluster, tmp_path: Path, redis_url: str
+) -> None:
+    gw = gateway(cluster, tmp_path, redis_url)
+    log = run_flood(gw, light=True)
+    start = min(s for _, s, _, _ in log) + 3  # past the first fill
+    end = max(at for _, _, at, _ in log) - 1
+    got = shares(log, ("heavy", "batch"), start, end)
+    served = sum(1 for _, _, at, st in log if st == 200 and start <= at <= end)
+    rate = served / (end - start)
+    light = [at - s - LATENCY_S for t, s, at, st in log if t == "light" and st == 200]
+    waits = sorted(light)
+    p95 = waits[max(0, int(len(waits) * 0.95) - 1)]
+    stats = gw.mocks["a"].stats()
+    print(f"\nshares {got}, {rate:.2f} admitted/s (limit {MAX_IN_FLIGHT / LATENCY_S:.0f}), "
+          f"light waits p50 {statistics.median(waits):.3f} s p95 {p95:.3f} s over {len(waits)}, "
+          f"provider 429s {stats['rate_limited']}")  # fmt: skip
+    assert abs(got["heavy"] - 0.5) <= 0.05
+    assert all(st == 200 for *_, st in log)
+    assert stats["rate_limited"] == 0
+    assert rate >= 0.95 * MAX_IN_FLIGHT / LATENCY_S
+    assert len(waits) >= 8
+    assert p95 < 1.0
+
+
+def test_weights_three_to_one(cluster: Cluster, tmp_path: Path, redis_url: str) -> None:
+    gw = gateway(cluster, tmp_path, redis_url, heavy=3, batch=1)
+    log = run_flood(gw, light=False)
+    start = min(s for _, s, _, _ in log) + 3
+    end = max(at for _, _, at, _ in log) - 1
+    got = shares(log, ("heavy", "batch"), start, end)
+    print(f"\nweights 3:1 -> shares {got}")
+    assert abs(got["heavy"] - 0.75) <= 0.05
+    assert gw.mocks["a"].stats()["rate_limited"] == 0
