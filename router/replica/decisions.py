@@ -6,7 +6,7 @@ from __future__ import annotations
 import time
 
 from router.config import Route
-from router.state.store import Decision
+from router.state.store import Decision, QueueState
 from router.strategies import TenantCode
 from router.telemetry.logs import decision_log, decisions_logged
 
@@ -64,5 +64,14 @@ def _reason(route: Route, decision: Decision) -> str:
         return _WHY[route.strategy.value]
     if decision.tenant_code is not TenantCode.OK:
         return f"the tenant is at its limit: {decision.tenant_code.name.lower()}"
+    if decision.queue_state is QueueState.WAITING:
+        return (
+            f"waits its turn: place {decision.queue_rank + 1} of {decision.queue_length} in "
+            "the route's queue (priority band, then the tenants' weighted fair share)"
+        )
+    if decision.queue_state is QueueState.FULL:
+        return f"the route's queue is full ({decision.queue_length} waiting)"
+    if decision.queue_state is QueueState.BEHIND:
+        return f"{decision.queue_length} requests wait before it, and it may wait no longer"
     states = sorted({c.code.name.lower() for c in decision.candidates})
     return "no target has room: " + ", ".join(states)
