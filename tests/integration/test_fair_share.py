@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 
 from tests.helpers import Cluster, Gateway, Mock, start_gateway
 
@@ -48,7 +49,10 @@ async def flood(url: str, tenant: str, clients: int, until: float, log: list[Any
         async def one_client() -> None:
             while time.monotonic() < until:
                 sent = time.monotonic()
-                r = await c.post("/v1/chat/completions", json=body)
+                try:  # a request still waiting at the end is given up (its ticket leaves)
+                    r = await c.post("/v1/chat/completions", json=body, timeout=until - sent)
+                except httpx.TimeoutException:
+                    return
                 log.append((tenant, sent, time.monotonic(), r.status_code))
 
         await asyncio.gather(*(one_client() for _ in range(clients)))
@@ -170,6 +174,7 @@ def test_a_higher_band_goes_first(cluster: Cluster, tmp_path: Path, redis_url: s
     assert urgent_done - burst_at < 1.5
 
 
+@pytest.mark.timeout(240)
 def test_an_rpm_limit_is_shared_the_same_way(
     cluster: Cluster, tmp_path: Path, redis_url: str
 ) -> None:
@@ -201,8 +206,10 @@ def test_an_rpm_limit_is_shared_the_same_way(
     second = [t for t, at in ok if at > started + 61]  # the window's seconds freed again
     share = second.count("heavy") / len(second)
     stats = gw.mocks["a"].stats()
-    print(f"\nrpm 60: {len(ok)} admitted in 70 s (two windows: 120), after the first window "
-          f"{len(second)} with heavy's share {share:.2f}; provider 429s {stats['rate_limited']}")  # fmt: skip
+    print(
+        f"\nrpm 60: {len(ok)} admitted in 70 s (two windows: 120), after the first window "
+        f"{len(second)} with heavy's share {share:.2f}; provider 429s {stats['rate_limited']}"
+    )
     assert stats["rate_limited"] == 0
     assert len(ok) >= 0.95 * 120
     assert abs(share - 0.5) <= 0.05
