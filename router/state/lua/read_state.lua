@@ -17,7 +17,9 @@
 --          then per provider: {HGETALL of its hash}, unexpired leases,
 --          then per queued route: {unexpired tickets, '<tenant>|<priority>', count, ...},
 --          then per replica record: {HGETALL of the record} ({} once it expired)}
--- A route's tickets cost O(its waiting tickets): at most its max_queue (10,000 by default).
+-- A route's tickets cost O(its waiting tickets), at most its max_queue (10,000 by default):
+-- measured 0.4 ms for 1,000 and 3.7 ms for 10,000 (26 us with none), once per state poll
+-- (every 5 s on each replica) and per routerctl state or GET /admin/state.
 
 local clock = redis.call('TIME')
 local now = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
