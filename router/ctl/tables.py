@@ -129,6 +129,22 @@ def _route_title(route: RouteState) -> str:
     return f"route {route.model} ({route.strategy})"
 
 
+def _waiting(route: RouteState) -> RenderableType | None:
+    """Who waits for the route, cluster-wide, against its ``max_queue``: a row per tenant and
+    priority, the band served first at the top (a row each, so that a narrow console never
+    splits one); a dim line when none waits, nothing for a route that never waits."""
+    q = route.queue
+    if q is None:
+        return None
+    head = f"route {route.model}: waiting {_of(q.waiting, q.max_queue)}"
+    if not q.waiting:
+        return Text(head, style="dim")
+    table = _table(head, ("tenant", "priority", "waiting"), ("priority", "waiting"))
+    for w in q.by_tenant:
+        _row(table, w.tenant, str(w.priority), str(w.count))
+    return table
+
+
 def _replica_table(replicas: Sequence[ReplicaState], now_ms: int) -> Table:
     columns = ("replica", "host", "pid", "version", "up", "last heartbeat")
     table = _table(f"{len(replicas)} live replicas", columns, ("pid", "up", "last heartbeat"))
@@ -139,8 +155,9 @@ def _replica_table(replicas: Sequence[ReplicaState], now_ms: int) -> Table:
 
 
 def render_state(state: ClusterState, redis_url: str | None = None) -> RenderableType:
-    """The state as tables: one per route, then the replicas, then healthd; the header names
-    the Redis it was read from (its user and password masked)."""
+    """The state as tables: one per route (with who waits for it, when it has a queue), then
+    the replicas, then healthd; the header names the Redis it was read from (its user and
+    password masked)."""
     now = state.taken_at_ms
     by_name = {p.name: p for p in state.providers}
     head = f"pool {state.pool} · prefix {state.key_prefix} · health version {state.health_version}"
@@ -150,6 +167,9 @@ def render_state(state: ClusterState, redis_url: str | None = None) -> Renderabl
     for route in state.routes:
         rows = [(t.weight, by_name[t.provider]) for t in route.targets]
         parts.append(_provider_table(_route_title(route), rows, now))
+        waiting = _waiting(route)
+        if waiting is not None:
+            parts.append(waiting)
     routed = {t.provider for r in state.routes for t in r.targets}
     idle = [(p.weight, p) for p in state.providers if p.name not in routed]
     if idle:

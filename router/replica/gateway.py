@@ -51,6 +51,7 @@ class Gateway:
             self.mode,
             tenants=lambda: list(self.tenants.directory.plans.values()),  # the API's too
         )
+        self.metrics.waiting = lambda: self.poller.waiting
         self.leases = LeaseKeeper(self.store, self.mode, self.local, self.metrics, self.telemetry)
         health = HealthStore(self.store)
         providers = [p.name for p in cfg.providers]

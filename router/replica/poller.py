@@ -1,5 +1,6 @@
-"""Reads the cluster's shared state every few seconds for the per-provider and per-tenant
-gauges: two script calls per ``INTERVAL_S`` (the providers', then the tenants').
+"""Reads the cluster's shared state every few seconds for the per-provider, per-tenant and
+queue gauges: two script calls per ``INTERVAL_S`` (the providers' and queues', then the
+tenants').
 
 Metric callbacks cannot wait on Redis, so the figures are read in the background and the
 callbacks report the latest reading. While the replica is degraded there is nothing to read.
@@ -15,7 +16,7 @@ from router.config import Config
 from router.errors import StoreError
 from router.replica.background import Background
 from router.replica.degraded import SharedMode
-from router.state.cluster import ClusterState, read_state
+from router.state.cluster import ClusterState, read_state, waiting_counts
 from router.state.store import Store, TenantPlan
 from router.state.tenantstate import TenantState, config_plans, read_tenants
 from router.telemetry.metrics import ProviderFigures, SharedFigures, TenantFigures
@@ -79,10 +80,14 @@ class StatePoller(Background):
         self.interval_s = interval_s
         plans = config_plans(cfg, store.keys)
         self.tenants = tenants or (lambda: plans)
+        self.waiting: dict[tuple[str, str, int], int] = {}
+        """Requests waiting per (route, tenant, priority), cluster-wide, as last read."""
 
     async def poll(self) -> None:
         """Read the shared state once (raises ``StoreError``)."""
-        self.shared.providers = figures(await read_state(self.store, self.cfg))
+        state = await read_state(self.store, self.cfg)
+        self.shared.providers = figures(state)
+        self.waiting = waiting_counts(state)
         self.shared.tenants = tenant_figures(await read_tenants(self.store, self.tenants()))
 
     async def run(self) -> None:

@@ -4,6 +4,21 @@ The state is read by one script call (``read_state.lua``) after one ``ZRANGE`` t
 the replicas: Redis Cluster needs every key a script touches in ``KEYS``, and the replica
 ids are known only once their index is read. Nothing here is ever a secret: no keys, no
 tokens, no URLs. Rendering lives in ``router.ctl.tables``; the JSON schema is ``state_json``.
+
+Schema 1, with these fields added since (additive, so still 1): each route's ``queue``,
+``null`` when the route never waits (``queue_timeout_s`` 0), else
+
+    {"timeout_s": 5.0,        the route's queue_timeout_s
+     "max_queue": 10000,      tickets that may wait at once, over every replica
+     "waiting": 3,            requests waiting now, cluster-wide (unexpired tickets)
+     "by_tenant": [{"tenant": "batch", "priority": 0, "count": 2}, ...]}
+
+``by_tenant`` is sorted by priority (highest first: served first), then tenant name. A ticket
+counts while its expiry (last renewal + the ticket TTL) is ahead of Redis's clock: a dead
+waiter's ticket leaves the count within the TTL, before the acquire script purges it. How
+long each request has waited is not kept in Redis (a ticket holds its renewal, not its
+start), so it is not shown here: ``router_queue_wait_seconds`` has it, per admitted request.
+Counting costs the read O(waiting tickets): 3.7 ms of Redis time at 10,000 (read_state.lua).
 """
 
 from __future__ import annotations
@@ -15,7 +30,7 @@ from typing import Any, Literal
 
 from redis.exceptions import RedisError
 
-from router.config import Config, Provider, Strategy, Target
+from router.config import Config, Provider, Route, Strategy, Target
 from router.errors import StoreError
 from router.state.keys import WINDOW_BUCKETS, Keys
 from router.state.store import Store, decode_text
@@ -65,12 +80,33 @@ class TargetState:
 
 
 @dataclass(frozen=True, slots=True)
+class WaitingState:
+    """Requests of one tenant at one priority waiting in a route's queue, cluster-wide."""
+
+    tenant: str
+    priority: int
+    count: int
+
+
+@dataclass(frozen=True, slots=True)
+class QueueState:
+    """A route's wait queue: who waits for it now, over every replica."""
+
+    timeout_s: float
+    max_queue: int
+    waiting: int
+    by_tenant: tuple[WaitingState, ...] = ()
+    """Highest priority first (the band served first), then by tenant name."""
+
+
+@dataclass(frozen=True, slots=True)
 class RouteState:
-    """A route as configured (routes hold no shared state of their own worth showing)."""
+    """A route as configured, and the requests waiting for it (``None``: it never waits)."""
 
     model: str
     strategy: str
     targets: tuple[TargetState, ...]
+    queue: QueueState | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -126,9 +162,16 @@ async def read_state(store: Store, cfg: Config) -> ClusterState:
     keys = [k.leader(), k.epoch(), k.health_version(), k.replicas()]
     for p in cfg.providers:
         keys += [k.provider(p.name), k.leases(p.name)]
+    queued = _queued(cfg)
+    keys += [k.queue_expiry(r.model) for r in queued]
     keys += [k.replica(i) for i in ids]
-    raw = await store.call("read_state", keys, (len(cfg.providers),))
+    raw = await store.call("read_state", keys, (len(cfg.providers), len(queued)))
     return decode_state(raw, cfg, ids)
+
+
+def _queued(cfg: Config) -> list[Route]:
+    """The routes with a wait queue, in config order (read_state.lua's KEYS order)."""
+    return [r for r in cfg.routes if r.queue_timeout_s > 0]
 
 
 def decode_state(raw: Sequence[Any], cfg: Config, ids: Sequence[str]) -> ClusterState:
@@ -140,8 +183,10 @@ def decode_state(raw: Sequence[Any], cfg: Config, ids: Sequence[str]) -> Cluster
         _provider(p, _hash(raw[6 + 2 * i]), int(raw[7 + 2 * i]), sec, now_ms)
         for i, p in enumerate(cfg.providers)
     )
+    queued = _queued(cfg)
+    queues = {r.model: _queue(r, raw[6 + 2 * n + j]) for j, r in enumerate(queued)}
     beats = _hash(raw[5])
-    records = zip(ids, raw[6 + 2 * n :], strict=False)
+    records = zip(ids, raw[6 + 2 * n + len(queued) :], strict=False)
     # a replica whose record expired is gone, whatever the index still says
     replicas = tuple(_replica(i, _hash(r), beats, now_ms) for i, r in records if r)
     leader = decode_text(raw[2]) if raw[2] else None
@@ -152,7 +197,7 @@ def decode_state(raw: Sequence[Any], cfg: Config, ids: Sequence[str]) -> Cluster
         cfg.key_prefix,
         int(raw[4]),
         providers,
-        _routes(cfg),
+        _routes(cfg, queues),
         replicas,
         HealthdState(leader, int(raw[3])),
     )
@@ -208,14 +253,37 @@ def _replica(rid: str, h: dict[str, str], beats: Mapping[str, str], now_ms: int)
     )
 
 
-def _routes(cfg: Config) -> tuple[RouteState, ...]:
+def _queue(route: Route, raw: Sequence[Any]) -> QueueState:
+    """One route's part of the answer: {tickets, '<tenant>|<priority>', count, ...}."""
+    groups = [decode_text(x) for x in raw[1:]]
+    waiting = []
+    for who, count in zip(groups[::2], groups[1::2], strict=True):
+        tenant, _, priority = who.rpartition("|")
+        waiting.append(WaitingState(tenant, int(priority), int(count)))
+    waiting.sort(key=lambda w: (-w.priority, w.tenant))
+    return QueueState(route.queue_timeout_s, route.max_queue, int(raw[0]), tuple(waiting))
+
+
+def _routes(cfg: Config, queues: Mapping[str, QueueState]) -> tuple[RouteState, ...]:
     def target(t: Target) -> TargetState:
         return TargetState(t.provider, t.model, t.weight or cfg.provider(t.provider).weight)
 
     return tuple(
-        RouteState(r.model, r.strategy.value, tuple(target(t) for t in r.targets))
+        RouteState(
+            r.model, r.strategy.value, tuple(target(t) for t in r.targets), queues.get(r.model)
+        )
         for r in cfg.routes
     )
+
+
+def waiting_counts(state: ClusterState) -> dict[tuple[str, str, int], int]:
+    """Requests waiting per (route, tenant, priority): the ``router_queue_waiting`` gauge."""
+    return {
+        (r.model, w.tenant, w.priority): w.count
+        for r in state.routes
+        if r.queue is not None
+        for w in r.queue.by_tenant
+    }
 
 
 def state_json(state: ClusterState) -> dict[str, Any]:
@@ -250,6 +318,12 @@ def expected_keys(keys: Keys, cfg: Config, replica_ids: Sequence[str]) -> dict[s
             out[keys.rotation(r.model)] = f"route {r.model}: the shared rotation counter"
         if r.strategy is Strategy.WEIGHTED:
             out[keys.swrr(r.model)] = f"route {r.model}: smooth weighted round-robin weights"
+        if r.queue_timeout_s > 0:
+            out[keys.queue(r.model)] = f"route {r.model}: wait queue (ticket -> place)"
+            out[keys.queue_expiry(r.model)] = f"route {r.model}: waiting tickets' expiry (ms)"
+            out[keys.queue_clock(r.model)] = f"route {r.model}: fair-queueing clock and tags"
+    if _queued(cfg):
+        out[keys.waiting()] = "tickets waiting in every route's queue"
     out[keys.health_version()] = "health version, bumped on every transition"
     out[keys.leader()] = "healthd leader lease (the leader's id)"
     out[keys.epoch()] = "healthd fencing epoch"

@@ -10,6 +10,11 @@ API, whose number is capped by ``max_tenants`` (256 by default, ``default`` incl
 ``router_tenant_tokens_total`` has at most tenants x routes x providers x 2 series per
 replica. A removed tenant's counters stay until the replica restarts. The per-tenant gauges,
 like the per-provider ones, are cluster-wide: ``max by (tenant)``.
+
+``router_queue_waiting`` (route, tenant, priority) is cluster-wide too, read by the state
+poller from every route's queue (``max by (route, tenant, priority)``); its priority label is
+bounded by the config's range (-100..100) and only the pairs that wait have a series.
+``router_queue_wait_seconds`` (route, tenant) is this replica's admitted requests' waits.
 """
 
 from __future__ import annotations

@@ -117,6 +117,8 @@ def test_metrics_move_with_traffic(cluster: Cluster, tmp_path: Path, redis_url: 
         "router_circuit_openings_total", "router_redis_errors_total",
         # a budget's gauges need a tenant with a budget, a rejection a tenant at its limit
         "router_tenant_spend_usd", "router_tenant_budget_usd", "router_tenant_rejections_total",
+        # the queue's only once a request waited (a series per tenant and priority waiting)
+        "router_queue_wait_seconds", "router_queue_waiting",
     }  # fmt: skip
     assert METRIC_NAMES - optional <= families
     text = httpx.get(f"{url}/metrics").text

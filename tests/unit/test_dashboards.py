@@ -49,6 +49,7 @@ HISTOGRAMS: dict[str, frozenset[str]] = {
     "router_request_duration_seconds": frozenset({"route", "provider"}),
     "router_time_to_first_token_seconds": frozenset({"route", "provider"}),
     "router_decision_duration_seconds": frozenset({"route", "mode"}),
+    "router_queue_wait_seconds": frozenset({"route", "tenant"}),
     "healthd_probe_duration_seconds": frozenset({"provider"}),
 }
 # Per-provider gauges read from shared state: every replica reports the same cluster-wide
@@ -79,9 +80,15 @@ TENANT_STATE_GAUGES: dict[str, frozenset[str]] = {
         "router_tenant_budget_usd",
     )
 }
+# Who waits for each route, read from the shared queues: the same on every replica, max by
+# (route, tenant, priority).
+QUEUE_STATE_GAUGES: dict[str, frozenset[str]] = {
+    "router_queue_waiting": frozenset({"route", "tenant", "priority"}),
+}
 GAUGES: dict[str, frozenset[str]] = {
     **SHARED_STATE_GAUGES,
     **TENANT_STATE_GAUGES,
+    **QUEUE_STATE_GAUGES,
     "router_degraded": frozenset(),
     "healthd_leader": frozenset(),
     "healthd_epoch": frozenset(),
@@ -357,7 +364,12 @@ def test_histogram_quantile_reads_only_bucket_series_by_le() -> None:
 
 
 @pytest.mark.parametrize(
-    ("gauges", "key"), [(SHARED_STATE_GAUGES, "provider"), (TENANT_STATE_GAUGES, "tenant")]
+    ("gauges", "key"),
+    [
+        (SHARED_STATE_GAUGES, "provider"),
+        (TENANT_STATE_GAUGES, "tenant"),
+        (QUEUE_STATE_GAUGES, "priority"),
+    ],
 )
 def test_shared_state_gauges_are_aggregated_with_max_by_their_key(
     gauges: dict[str, frozenset[str]], key: str

@@ -14,10 +14,13 @@ from router.state.cluster import (
     HealthdState,
     KeyInfo,
     ProviderState,
+    QueueState,
     ReplicaState,
     RouteState,
     TargetState,
+    WaitingState,
     state_json,
+    waiting_counts,
 )
 
 NOW = 1_795_000_000_000
@@ -40,7 +43,13 @@ STATE = ClusterState(
     schema=1, taken_at_ms=NOW, pool="default", key_prefix="rc", health_version=9,
     providers=(IDLE, BROKEN, ODD),
     routes=(RouteState("chat", "weighted", (TargetState("fast", "m", 5),
-                                            TargetState("claude", "c", 1))),),
+                                            TargetState("claude", "c", 1))),
+            RouteState("batch", "least_connections", (TargetState("fast", "m", 1),),
+                       QueueState(5.0, 100, 0)),
+            RouteState("queued", "round_robin", (TargetState("fast", "m", 1),),
+                       QueueState(30.0, 10_000, 4, (WaitingState("urgent", 1, 1),
+                                                    WaitingState("team-a", 0, 2),
+                                                    WaitingState("team-b", -1, 1))))),
     replicas=(ReplicaState("host-1-abc", "host", 11, "0.1.0", NOW // 1000 - 3600, NOW - 400,
                            0.4),),
     healthd=HealthdState("hd-1", 7),
@@ -118,9 +127,32 @@ def test_the_json_schema_is_stable() -> None:
         "model": "chat", "strategy": "weighted",
         "targets": [{"provider": "fast", "model": "m", "weight": 5},
                     {"provider": "claude", "model": "c", "weight": 1}],
+        "queue": None,
+    }  # fmt: skip
+    assert data["routes"][2]["queue"] == {
+        "timeout_s": 30.0, "max_queue": 10_000, "waiting": 4,
+        "by_tenant": [{"tenant": "urgent", "priority": 1, "count": 1},
+                      {"tenant": "team-a", "priority": 0, "count": 2},
+                      {"tenant": "team-b", "priority": -1, "count": 1}],
     }  # fmt: skip
     assert list(data["replicas"][0]) == [
         "id", "host", "pid", "version", "started", "last_seen_ms", "age_s",
     ]  # fmt: skip
     assert data["healthd"] == {"leader": "hd-1", "epoch": 7}
     assert data["providers"][1]["outcomes"] == {"ok": 1, "timeout": 5}
+
+
+def test_each_queued_route_shows_who_waits_per_tenant_and_priority() -> None:
+    lines = text_of(render_state(STATE)).splitlines()
+    title = next(i for i, x in enumerate(lines) if "route queued: waiting 4/10000" in x)
+    assert title > next(i for i, x in enumerate(lines) if "route queued (round_robin)" in x)
+    rows = [line.split()[1:6:2] for line in lines[title + 4 : title + 7]]
+    assert rows == [["urgent", "1", "1"], ["team-a", "0", "2"], ["team-b", "-1", "1"]]
+    assert "route batch: waiting 0/100" in lines
+    assert not any(x.startswith("route chat:") for x in lines)  # it never waits
+
+
+def test_the_waiting_gauge_reads_every_route_tenant_and_priority() -> None:
+    assert waiting_counts(STATE) == {
+        ("queued", "urgent", 1): 1, ("queued", "team-a", 0): 2, ("queued", "team-b", -1): 1,
+    }  # fmt: skip
