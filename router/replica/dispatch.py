@@ -327,10 +327,13 @@ class Dispatcher:
                     route.model, job.ticket.member, d.queue_place, min(left, hint), heard
                 )
                 continue
-            if d.queue_state is not QueueState.NONE or (
-                job.ticket is not None and job.ticket.holds
+            if not local and (
+                d.queue_state is not QueueState.NONE
+                or (job.ticket is not None and job.ticket.holds)
             ):
                 raise self._queue_refusal(job, d)
+            # decided alone (Redis away): it waits for this replica's own share to free, in
+            # no fair order (the shared queue's ticket, if any, expires within its TTL)
             if d.wait_ms == -2 or left <= 0:
                 raise self._no_room(job, d)
             hint = d.wait_ms / 1000 if d.wait_ms > 0 else POLL_S

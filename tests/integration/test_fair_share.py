@@ -13,6 +13,7 @@ from typing import Any
 
 import httpx
 import pytest
+import redis
 
 from tests.helpers import Cluster, Gateway, Mock, start_gateway
 
@@ -100,7 +101,11 @@ def test_equal_weights_share_equally_and_a_light_tenant_does_not_wait(
     cluster: Cluster, tmp_path: Path, redis_url: str
 ) -> None:
     gw = gateway(cluster, tmp_path, redis_url)
+    r = redis.Redis.from_url(redis_url)
+    r.config_resetstat()
     log = run_flood(gw, light=True)
+    calls = r.info("commandstats")["cmdstat_evalsha"]["calls"]
+    r.close()
     start = min(s for _, s, _, _ in log) + 3  # past the first fill
     end = max(at for _, _, at, _ in log) - 1
     got = shares(log, ("heavy", "batch"), start, end)
@@ -112,7 +117,8 @@ def test_equal_weights_share_equally_and_a_light_tenant_does_not_wait(
     stats = gw.mocks["a"].stats()
     print(f"\nshares {got}, {rate:.2f} admitted/s (limit {MAX_IN_FLIGHT / LATENCY_S:.0f}), "
           f"light waits p50 {statistics.median(waits):.3f} s p95 {p95:.3f} s over {len(waits)}, "
-          f"provider 429s {stats['rate_limited']}")  # fmt: skip
+          f"provider 429s {stats['rate_limited']}, script calls per admitted request "
+          f"{calls / sum(1 for *_, st in log if st == 200):.1f}")  # fmt: skip
     assert abs(got["heavy"] - 0.5) <= 0.05
     assert all(st == 200 for *_, st in log)
     assert stats["rate_limited"] == 0
@@ -213,3 +219,41 @@ def test_an_rpm_limit_is_shared_the_same_way(
     assert stats["rate_limited"] == 0
     assert len(ok) >= 0.95 * 120
     assert abs(share - 0.5) <= 0.05
+
+
+def test_waiting_past_the_queue_timeout_is_429_with_retry_after_from_the_queue(
+    cluster: Cluster, tmp_path: Path, redis_url: str
+) -> None:
+    """A request that waits its queue time out gets 429 with a Retry-After estimated from its
+    place in the queue and the route's admission rate, not a constant; its ticket leaves."""
+    mock = Mock("a", "--latency-ms", "2000", limits={"max_in_flight": 1})
+    targets = [{"provider": "a", "model": "m"}]
+    routes = [{"model": "chat", "queue_timeout_s": 1, "targets": targets}]
+    tenants = [{"name": "heavy", "keys": [{"env": "HEAVY_KEY"}]}]
+    gw = start_gateway(cluster, tmp_path, redis_url, [mock], routes, replicas=0, tenants=tenants)
+    gw.add_replica(ENV)
+    body = {"model": "chat", "messages": [{"role": "user", "content": "hi"}]}
+    headers = {"Authorization": f"Bearer {KEYS['heavy']}"}
+
+    async def main() -> list[httpx.Response]:
+        async with httpx.AsyncClient(base_url=gw.urls[0], headers=headers, timeout=30) as c:
+            first = asyncio.create_task(c.post("/v1/chat/completions", json=body))
+            await asyncio.sleep(0.3)  # it holds the one slot for 2 s
+            waiting = await asyncio.gather(
+                *(c.post("/v1/chat/completions", json=body) for _ in range(4))
+            )
+            return [await first, *waiting]
+
+    first, *waited = asyncio.run(main())
+    assert first.status_code == 200
+    assert [w.status_code for w in waited] == [429] * 4
+    assert {w.json()["error"]["code"] for w in waited} == {"saturated"}
+    retry = sorted(int(w.headers["retry-after"]) for w in waited)
+    print(f"\nqueue timeout: Retry-After {retry}")
+    assert all(1 <= x <= 600 for x in retry)
+    r = redis.Redis.from_url(redis_url)
+    try:  # every ticket left with its request
+        assert r.zcard("rc:{default}:route:chat:queue") == 0
+        assert int(r.get("rc:{default}:waiting") or 0) == 0
+    finally:
+        r.close()
