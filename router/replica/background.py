@@ -4,6 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
+import random
+
+import orjson
+
+from router.errors import StoreError
+from router.state.store import Store
+
+log = logging.getLogger("router.background")
 
 
 class Background:
@@ -26,3 +35,71 @@ class Background:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
+
+
+class Followed(Background):
+    """A snapshot in Redis kept current through a pub/sub channel of versioned events.
+
+    Subscribe first, then read the snapshot, so no change falls in between. Pub/sub delivers
+    at most once, so the snapshot is read again on every reconnect, on any event newer than
+    it, and every ``resync_s`` whatever came. Subclasses say where (``channel``), how to read
+    (``resync``) and which version they hold (``version``)."""
+
+    what = "snapshot"
+    """Named in the log line of a lost subscription."""
+    resync_s: float = 30.0
+
+    @property
+    def version(self) -> int:
+        """The version of the snapshot held."""
+        raise NotImplementedError
+
+    @property
+    def store(self) -> Store:
+        """The store whose channel is followed."""
+        raise NotImplementedError
+
+    def channel(self) -> str:
+        """The channel of the snapshot's events."""
+        raise NotImplementedError
+
+    async def resync(self) -> None:
+        """Read the whole snapshot again (raises ``StoreError``)."""
+        raise NotImplementedError
+
+    def apply(self, data: bytes) -> bool:
+        """Whether an event is newer than the snapshot (and so calls for a re-read)."""
+        try:
+            event = orjson.loads(data)
+        except orjson.JSONDecodeError:
+            return False
+        version = event.get("version") if isinstance(event, dict) else None
+        return isinstance(version, int) and version > self.version
+
+    async def run(self) -> None:
+        """Follow the channel until stopped, resubscribing after every loss."""
+        delay = 0.1
+        while True:
+            try:
+                await self._session()
+            except StoreError as exc:
+                log.warning(
+                    f"{self.what} subscription lost, retrying",
+                    extra={"fields": {"error": str(exc), "retry_s": round(delay, 2)}},
+                )
+                await asyncio.sleep(delay * random.uniform(0.5, 1.0))
+                delay = min(delay * 2, 5.0)
+
+    async def _session(self) -> None:
+        sub = await self.store.subscribe(self.channel())
+        try:
+            await self.resync()  # after subscribing: nothing falls in between
+            loop = asyncio.get_running_loop()
+            last = loop.time()
+            while True:
+                data = await sub.next(within=min(1.0, self.resync_s))
+                if (data is not None and self.apply(data)) or loop.time() - last >= self.resync_s:
+                    await self.resync()
+                    last = loop.time()
+        finally:
+            await sub.close()

@@ -10,23 +10,20 @@ reads health from Redis itself. The view serves logs, metrics and degraded mode.
 
 from __future__ import annotations
 
-import asyncio
 import logging
-import random
 
-import orjson
-
-from router.errors import StoreError
-from router.replica.background import Background
+from router.replica.background import Followed
 from router.state.health import HealthSnapshot, HealthStore, ProviderHealth
+from router.state.store import Store
 
 log = logging.getLogger("router.health")
 
 
-class HealthView(Background):
+class HealthView(Followed):
     """The last known health of every provider, kept current in the background."""
 
     name = "health-view"
+    what = "health"
 
     def __init__(self, health: HealthStore, providers: list[str], resync_s: float) -> None:
         self.health = health
@@ -57,41 +54,12 @@ class HealthView(Background):
                 },
             )
 
-    def apply(self, data: bytes) -> bool:
-        """Whether an event is newer than the snapshot (and so calls for a re-read)."""
-        try:
-            event = orjson.loads(data)
-        except orjson.JSONDecodeError:
-            return False
-        return isinstance(event, dict) and int(event.get("version", 0)) > self.version
+    @property
+    def store(self) -> Store:
+        return self.health.store
 
-    async def run(self) -> None:
-        """Follow the health channel until stopped, resubscribing after every loss."""
-        delay = 0.1
-        while True:
-            try:
-                await self._session()
-            except StoreError as exc:
-                log.warning(
-                    "health subscription lost, retrying",
-                    extra={"fields": {"error": str(exc), "retry_s": round(delay, 2)}},
-                )
-                await asyncio.sleep(delay * random.uniform(0.5, 1.0))
-                delay = min(delay * 2, 5.0)
-
-    async def _session(self) -> None:
-        sub = await self.health.store.subscribe(self.health.keys.health_channel())
-        try:
-            await self.resync()  # after subscribing: nothing falls in between
-            loop = asyncio.get_running_loop()
-            last = loop.time()
-            while True:
-                data = await sub.next(within=min(1.0, self.resync_s))
-                if (data is not None and self.apply(data)) or loop.time() - last >= self.resync_s:
-                    await self.resync()
-                    last = loop.time()
-        finally:
-            await sub.close()
+    def channel(self) -> str:
+        return self.health.keys.health_channel()
 
 
 def _describe(h: ProviderHealth) -> dict[str, object]:

@@ -16,19 +16,15 @@ is refused once Redis answers again).
 
 from __future__ import annotations
 
-import asyncio
 import logging
-import random
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-import orjson
-
 from router.config import DEFAULT_TENANT, Config, SecretRef
-from router.errors import ConfigError, StoreError
-from router.replica.background import Background
+from router.errors import ConfigError
+from router.replica.background import Followed
 from router.state.keys import Keys
-from router.state.store import TenantPlan
+from router.state.store import Store, TenantPlan
 from router.state.tenants import EMPTY, IssuedKey, TenantsSnapshot, TenantStore, key_digest
 from router.state.tenantstate import config_plans
 
@@ -140,10 +136,11 @@ class TenantDirectory:
         ]
 
 
-class TenantView(Background):
+class TenantView(Followed):
     """The replica's current ``TenantDirectory``, kept in step with Redis in the background."""
 
     name = "tenant-view"
+    what = "tenants"
 
     def __init__(self, tenants: TenantStore, directory: TenantDirectory, resync_s: float) -> None:
         self.tenants = tenants
@@ -173,39 +170,9 @@ class TenantView(Background):
                 },
             )
 
-    def apply(self, data: bytes) -> bool:
-        """Whether an event is newer than the directory (and so calls for a re-read)."""
-        try:
-            event = orjson.loads(data)
-        except orjson.JSONDecodeError:
-            return False
-        version = event.get("version") if isinstance(event, dict) else None
-        return isinstance(version, int) and version > self.version
+    @property
+    def store(self) -> Store:
+        return self.tenants.store
 
-    async def run(self) -> None:
-        """Follow the tenants channel until stopped, resubscribing after every loss."""
-        delay = 0.1
-        while True:
-            try:
-                await self._session()
-            except StoreError as exc:
-                log.warning(
-                    "tenants subscription lost, retrying",
-                    extra={"fields": {"error": str(exc), "retry_s": round(delay, 2)}},
-                )
-                await asyncio.sleep(delay * random.uniform(0.5, 1.0))
-                delay = min(delay * 2, 5.0)
-
-    async def _session(self) -> None:
-        sub = await self.tenants.store.subscribe(self.tenants.keys.tenants_channel())
-        try:
-            await self.resync()  # after subscribing: nothing falls in between
-            loop = asyncio.get_running_loop()
-            last = loop.time()
-            while True:
-                data = await sub.next(within=min(1.0, self.resync_s))
-                if (data is not None and self.apply(data)) or loop.time() - last >= self.resync_s:
-                    await self.resync()
-                    last = loop.time()
-        finally:
-            await sub.close()
+    def channel(self) -> str:
+        return self.tenants.keys.tenants_channel()
