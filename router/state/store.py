@@ -389,8 +389,6 @@ class Store:
         """Redis's clock minus ours plus the one-way trip, as last seen: never less than the
         clocks' true difference, so a deadline computed with it is never too early."""
         self._scripts = {name: client.register_script(_script(name)) for name in SCRIPTS}
-        self._periods: dict[BudgetPeriod, tuple[int, int, int]] = {}
-        """The current spend period of each kind, as last computed: number, start, end."""
 
     @classmethod
     def from_config(cls, cfg: Config) -> Store:
@@ -617,12 +615,8 @@ class Store:
 
     def _period(self, period: BudgetPeriod, sent_ms: int) -> tuple[int, int, int]:
         """The spend period Redis's clock is most likely in (the script checks it, and
-        computes it itself when the guess is wrong): computed once per period."""
-        sec = (sent_ms + self._skew_ms) // 1000
-        cached = self._periods.get(period)
-        if cached is None or not cached[1] <= sec < cached[2]:
-            cached = self._periods[period] = period_bounds(period, sec)
-        return cached
+        computes it itself when the guess is wrong)."""
+        return period_bounds(period, (sent_ms + self._skew_ms) // 1000)
 
     async def release_lost(self, lost: LostLease) -> bool:
         """Release ``lost`` on whichever of its targets holds it; whether one did. Its tenant
