@@ -308,11 +308,7 @@ class TenantSpec(_Model):
         Annotated[list[Annotated[str, Field(min_length=1, max_length=200)]], Field(max_length=1000)]
         | None
     ) = None
-    """The route models the tenant may use (None: every route)."""
-
-    def allows(self, model: str) -> bool:
-        """Whether the tenant may use the route serving ``model``."""
-        return self.routes is None or model in self.routes
+    """The route models the tenant may use (None: every route; ``TenantPlan.allows``)."""
 
 
 class Tenant(TenantSpec):

@@ -340,26 +340,22 @@ class Dispatcher:
             await self.leases.changed(within=min(left, hint, 1.0) * self._rand.uniform(0.8, 1.0))
 
     def _leased(self, job: _Job, d: Decision, lease_id: str, local: bool) -> Lease:
-        """The lease an admitting decision took, held by this replica."""
-        route = job.plan.route
+        """The lease an admitting decision took, held by this replica (with what it
+        reserved against its tenant, if it has one)."""
         assert d.index is not None
         provider, tokens = job.plan.providers[d.index], job.tokens[d.index]
         lease = Lease(lease_id, provider, d.bucket, tokens, local)
         if job.tenant is not None:
             reserved, cost = job.tenant_reservation()
-            period = job.tenant.period or BudgetPeriod.MONTH
-            lease = Lease(
-                lease_id,
-                provider,
-                d.bucket,
-                tokens,
-                local,
-                job.tenant.name,
-                route.model,
-                reserved,
-                cost,
-                period_id(period, d.bucket),
-                job.tenant.tracked,
+            period = period_id(job.tenant.period or BudgetPeriod.MONTH, d.bucket)
+            lease = replace(
+                lease,
+                tenant=job.tenant.name,
+                route=job.plan.route.model,
+                tenant_tokens=reserved,
+                cost_nano=cost,
+                period=period,
+                tracked=job.tenant.tracked,
             )
             job.counted = True
         self.leases.hold(lease)

@@ -113,15 +113,8 @@ def _tenant(
         budget_nano=plan.budget_nano if period is not None else None,
         budget_period=period.value if period is not None else None,
         period_label=period_label(period, sec) if period is not None else None,
-        spend_nano=_nano(decode_text(sp)) if current else 0,
+        spend_nano=int(decode_text(sp)) if current else 0,  # read_tenants.lua: an integer
     )
-
-
-def _nano(value: str) -> int:
-    try:
-        return int(value)
-    except ValueError:  # a Lua double written as text, e.g. "1.5e+12"
-        return int(float(value))
 
 
 def tenant_json(state: TenantState) -> dict[str, Any]:
