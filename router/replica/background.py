@@ -12,8 +12,6 @@ import orjson
 from router.errors import StoreError
 from router.state.store import Store
 
-log = logging.getLogger("router.background")
-
 
 class Background:
     """Runs ``run()`` as a named task from ``start()`` until ``stop()`` cancels it."""
@@ -37,7 +35,40 @@ class Background:
                 await self._task
 
 
-class Followed(Background):
+class Subscriber(Background):
+    """Follows a pub/sub channel until stopped, subscribing again after every loss, with
+    jittered backoff (0.1 s doubling to 5 s). Subclasses give ``_session`` (one subscription,
+    until it fails with ``StoreError``) and may act on a loss (``lost``)."""
+
+    what = "channel"
+    """Named in the log line of a lost subscription."""
+    logger = "router.background"
+    """The logger of that line (each subclass its own module's)."""
+
+    async def _session(self) -> None:
+        """Subscribe and follow until the subscription fails (``StoreError``)."""
+        raise NotImplementedError
+
+    def lost(self) -> None:
+        """A subscription was lost: messages may have been missed."""
+
+    async def run(self) -> None:
+        """Follow the channel until stopped, resubscribing after every loss."""
+        delay = 0.1
+        while True:
+            try:
+                await self._session()
+            except StoreError as exc:
+                logging.getLogger(self.logger).warning(
+                    f"{self.what} subscription lost, retrying",
+                    extra={"fields": {"error": str(exc), "retry_s": round(delay, 2)}},
+                )
+                self.lost()
+                await asyncio.sleep(delay * random.uniform(0.5, 1.0))
+                delay = min(delay * 2, 5.0)
+
+
+class Followed(Subscriber):
     """A snapshot in Redis kept current through a pub/sub channel of versioned events.
 
     Subscribe first, then read the snapshot, so no change falls in between. Pub/sub delivers
@@ -46,7 +77,6 @@ class Followed(Background):
     (``resync``) and which version they hold (``version``)."""
 
     what = "snapshot"
-    """Named in the log line of a lost subscription."""
     resync_s: float = 30.0
 
     @property
@@ -75,20 +105,6 @@ class Followed(Background):
             return False
         version = event.get("version") if isinstance(event, dict) else None
         return isinstance(version, int) and version > self.version
-
-    async def run(self) -> None:
-        """Follow the channel until stopped, resubscribing after every loss."""
-        delay = 0.1
-        while True:
-            try:
-                await self._session()
-            except StoreError as exc:
-                log.warning(
-                    f"{self.what} subscription lost, retrying",
-                    extra={"fields": {"error": str(exc), "retry_s": round(delay, 2)}},
-                )
-                await asyncio.sleep(delay * random.uniform(0.5, 1.0))
-                delay = min(delay * 2, 5.0)
 
     async def _session(self) -> None:
         sub = await self.store.subscribe(self.channel())

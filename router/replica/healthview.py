@@ -24,6 +24,7 @@ class HealthView(Followed):
 
     name = "health-view"
     what = "health"
+    logger = "router.health"
 
     def __init__(self, health: HealthStore, providers: list[str], resync_s: float) -> None:
         self.health = health

@@ -141,6 +141,7 @@ class TenantView(Followed):
 
     name = "tenant-view"
     what = "tenants"
+    logger = "router.tenants"
 
     def __init__(self, tenants: TenantStore, directory: TenantDirectory, resync_s: float) -> None:
         self.tenants = tenants

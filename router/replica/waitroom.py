@@ -17,18 +17,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
-import random
 from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from router.errors import StoreError
-from router.replica.background import Background
+from router.replica.background import Subscriber
 from router.replica.degraded import SharedMode
 from router.state.store import Store
-
-log = logging.getLogger("router.waitroom")
 
 IDLE_LOOK_S = 5.0
 """A waiter that heard nothing looks again after this long (a lost message's worst cost)."""
@@ -42,10 +38,12 @@ class _Waiter:
     woken: asyncio.Event = field(default_factory=asyncio.Event)
 
 
-class WaitRoom(Background):
+class WaitRoom(Subscriber):
     """This replica's waiting requests, by route; the subscription that wakes them."""
 
     name = "wait-room"
+    what = "freed"
+    logger = "router.waitroom"
 
     def __init__(self, store: Store, mode: SharedMode, routes_of: dict[str, list[str]]) -> None:
         self.store = store
@@ -56,13 +54,6 @@ class WaitRoom(Background):
         self._heard: dict[str, int] = defaultdict(int)
         """Per route, how many messages concerned it: a waiter that was looking (an acquire on
         its way) when one came looks again at once instead of sleeping through it."""
-        self._renewer: asyncio.Task[None] | None = None
-        self.messages = 0
-        """Messages heard (tests and metrics)."""
-
-    def waiting(self) -> dict[str, int]:
-        """Requests of this replica waiting, per route."""
-        return {route: len(ws) for route, ws in self._waiters.items() if ws}
 
     def heard_of(self, route: str) -> int:
         """How many messages concerned ``route`` so far: take it before an acquire, give it to
@@ -92,7 +83,6 @@ class WaitRoom(Background):
     def heard(self, data: bytes) -> None:
         """A message: ``p:<provider>`` wakes a waiter of each of its routes, ``r:<route>`` one of
         that route."""
-        self.messages += 1
         text = data.decode("utf-8", "replace")
         kind, _, name = text.partition(":")
         routes: Iterable[str] = self.routes_of.get(name, ()) if kind == "p" else (name,)
@@ -106,25 +96,17 @@ class WaitRoom(Background):
 
     async def run(self) -> None:
         """Follow the freed channel; renew the waiters' tickets."""
-        self._renewer = asyncio.create_task(self._renew_forever(), name="ticket-renewer")
-        delay = 0.1
+        renewer = asyncio.create_task(self._renew_forever(), name="ticket-renewer")
         try:
-            while True:
-                try:
-                    await self._session()
-                except StoreError as exc:
-                    log.warning(
-                        "freed subscription lost, retrying",
-                        extra={"fields": {"error": str(exc), "retry_s": round(delay, 2)}},
-                    )
-                    # a message may have been missed: every route's best waiter looks again
-                    for route in list(self._waiters):
-                        self._heard[route] += 1
-                        self.wake(route)
-                    await asyncio.sleep(delay * random.uniform(0.5, 1.0))
-                    delay = min(delay * 2, 5.0)
+            await super().run()
         finally:
-            self._renewer.cancel()
+            renewer.cancel()
+
+    def lost(self) -> None:
+        """A message may have been missed: every route's best waiter looks again."""
+        for route in list(self._waiters):
+            self._heard[route] += 1
+            self.wake(route)
 
     async def _session(self) -> None:
         sub = await self.store.subscribe(self.store.keys.freed_channel())
