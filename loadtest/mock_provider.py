@@ -26,6 +26,8 @@ WINDOW_S = 60.0
 HANG_LIMIT_S = 600.0
 HANG_POLL_S = 0.02
 EMBED_DIM = 8
+ARRIVALS = 10_000
+"""How many arrivals GET /stats keeps (the latest)."""
 MODEL_ID = "mock-model"
 APIS = ("openai", "anthropic")
 ACCOUNTING = ("reserved", "actual")
@@ -209,7 +211,10 @@ class Stats:
     last_traceparent: str | None = None
     last_max_tokens: int | None = None
     """The completion budget the last request named, to check what gateways send."""
-    """The W3C trace context of the last request, to check that gateways pass it on."""
+    arrivals: deque[tuple[float, str]] = field(default_factory=lambda: deque(maxlen=ARRIVALS))
+    """(CLOCK_MONOTONIC, the first 40 characters of the last message's text) of the latest
+    ARRIVALS valid requests: when each reached the provider, comparable with other processes'
+    ``time.monotonic()`` on the same host, to check the order a gateway admitted them in."""
 
     def record(self, counter: str | None, status: int | None) -> None:
         """Bump an outcome counter and/or the per-status count."""
@@ -306,6 +311,17 @@ class ApiError(Exception):
 def bad_request(message: str, param: str | None = None) -> ApiError:
     """A 400 invalid_request_error."""
     return ApiError(400, message, param=param, code="invalid_request_error" if param else None)
+
+
+def last_text(body: dict[str, Any]) -> str:
+    """The first 40 characters of the last message's text ("" when it has none)."""
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages or not isinstance(messages[-1], dict):
+        return ""
+    content = messages[-1].get("content")
+    if isinstance(content, list):
+        content = next((b.get("text") for b in content if isinstance(b, dict)), "")
+    return content[:40] if isinstance(content, str) else ""
 
 
 def estimate_tokens(chars: int) -> int:
@@ -684,7 +700,9 @@ class MockProvider:
         if early is not None:
             return self._early_fault(request, early)
         self._check_headers(request)
-        call = PARSERS[kind](self._decode(raw))
+        body = self._decode(raw)
+        call = PARSERS[kind](body)
+        self.stats.arrivals.append((time.monotonic(), last_text(body)))
         if self.cfg.prompt_token_scale != 1.0:
             call.prompt_tokens = math.ceil(call.prompt_tokens * self.cfg.prompt_token_scale)
         self.stats.models[call.model] = self.stats.models.get(call.model, 0) + 1
@@ -968,6 +986,7 @@ class MockProvider:
         """The GET /stats document."""
         now = self.clock()
         stats = asdict(self.stats)
+        stats["arrivals"] = list(self.stats.arrivals)
         return {
             "name": self.cfg.name,
             "api": self.cfg.api,
