@@ -240,6 +240,45 @@ class Target(_Model):
     model: Annotated[str, Field(min_length=1)]
     weight: Annotated[int, Field(ge=1, le=1000)] | None = None
     price: Price | None = None
+    responses: bool = True
+    """Whether this target serves the OpenAI Responses API (``POST /v1/responses``); false
+    skips it for such requests. Only openai-kind targets can: an anthropic-kind target never
+    serves Responses, whatever this says."""
+
+
+AFFINITY_KEY = (
+    r"^(prefix|header:[a-z0-9!#$%&'*+.^_`|~-]{1,64}"
+    r"|body:[A-Za-z0-9_-]{1,64}(\.[A-Za-z0-9_-]{1,64}){0,3})$"
+)
+"""``prefix``, ``header:<lower-case header name>`` or ``body:<field>[.<field>...]`` (up to 4
+levels)."""
+
+
+def _affinity_key(value: str) -> str:
+    if not re.match(AFFINITY_KEY, value):
+        raise ValueError(
+            "must be 'prefix', 'header:<lower-case header name>' or "
+            "'body:<field>[.<field>]' (e.g. body:metadata.user_id)"
+        )
+    return value
+
+
+class Affinity(_Model):
+    """Send requests that share a key to the target that served the last of them (a
+    provider's prompt cache, a conversation's state), shared by every replica in Redis."""
+
+    key: Annotated[str, AfterValidator(_affinity_key)]
+    """Where the key comes from: a request header (``header:x-session-id``), a body field
+    (``body:user``, ``body:metadata.user_id``, ``body:prompt_cache_key``) or ``prefix``: a
+    hash of the system prompt, the tools and the first ``prefix_messages`` messages (what
+    providers' prompt caches key on). A request without the key is not pinned."""
+    ttl_s: Annotated[float, Field(ge=1, le=30 * 86400)] = 3600.0
+    """How long a pin lives after the last request that used it."""
+    prefix_messages: Annotated[int, Field(ge=0, le=64)] = 1
+    """With ``key: prefix``: how many of the first messages the prefix covers."""
+    load_factor: Annotated[float, Field(ge=1.0, le=10.0)] = 1.25
+    """A key with no pin goes to its consistent-hashing choice unless that target would then
+    hold more than ``load_factor`` times the route's mean in flight (bounded loads)."""
 
 
 class Route(_Model):
@@ -257,6 +296,9 @@ class Route(_Model):
     (``default_max_tokens``: openai 1024, anthropic 4096), so what is reserved is what is
     sent."""
     targets: Annotated[list[Target], Field(min_length=1, max_length=64)]
+    affinity: Affinity | None = None
+    """Pin requests sharing a key to one target (see ``Affinity``); none: every request is
+    placed by the strategy alone."""
 
 
 TENANT_NAME = r"^[A-Za-z0-9._-]{1,64}$"
@@ -420,6 +462,9 @@ class Config(_Model):
     every endpoint, the two hot ones included), without a key: they hold no secret, but name
     the admin API. Off: those paths are 404s like any unknown path."""
     lease_ttl_s: Annotated[float, Field(ge=1, le=3600)] = 30.0
+    response_pin_ttl_s: Annotated[float, Field(ge=60, le=30 * 86400)] = 86400.0
+    """How long a Responses API answer's id stays pinned to the provider that made it (for
+    ``previous_response_id`` and ``GET``/``DELETE /v1/responses/{id}`` from any replica)."""
     redis: RedisSettings = RedisSettings()
     healthd: HealthdSettings = HealthdSettings()
     replica: ReplicaSettings = ReplicaSettings()
