@@ -23,7 +23,6 @@ from dataclasses import dataclass, replace
 from enum import Enum
 from typing import Any
 
-import orjson
 from opentelemetry.trace import SpanKind
 
 from router.budgets import cost_nano, period_id
@@ -60,8 +59,16 @@ from router.strategies import TenantCode
 from router.telemetry.logs import decisions_logged
 from router.telemetry.metrics import RouterMetrics
 from router.telemetry.tracing import Telemetry
-from router.tokens import embedding_tokens, max_output, prompt_tokens, reservation
+from router.tokens import (
+    embedding_tokens,
+    max_output,
+    messages_prompt_tokens,
+    prompt_tokens,
+    reservation,
+    responses_prompt_tokens,
+)
 from router.upstream.client import Upstream, UpstreamResponse
+from router.upstream.codecs import Codec, Inbound, codec_for, serves
 from router.upstream.providers import adapter_for
 from router.upstream.providers.base import (
     Adapter,
@@ -89,8 +96,21 @@ STREAM_TOTAL = "the stream ran past stream_total_s"
 
 
 class Operation(Enum):
+    """The inbound API a request came in (its value names its codecs: router.upstream.codecs)."""
+
     CHAT = "chat"
     EMBEDDINGS = "embeddings"
+    MESSAGES = "messages"
+    RESPONSES = "responses"
+
+
+_PROMPT_TOKENS: dict[Operation, Callable[[dict[str, Any]], int]] = {
+    Operation.CHAT: prompt_tokens,
+    Operation.EMBEDDINGS: embedding_tokens,
+    Operation.MESSAGES: messages_prompt_tokens,
+    Operation.RESPONSES: responses_prompt_tokens,
+}
+"""How each API's prompt is estimated (router.tokens), for its TPM reservations."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,6 +134,7 @@ class _Job:
     op: Operation
     body: dict[str, Any]
     request_id: str
+    inbound: Inbound
     plan: RoutePlan
     tokens: list[int]
     budgets: list[int]
@@ -196,11 +217,13 @@ class Dispatcher:
         traceparent: str | None = None,
         tenant: TenantPlan | None = None,
         priority: int | None = None,
+        inbound: Inbound | None = None,
     ) -> Reply:
         """Serve one request on ``route`` for ``tenant``; raise a ``RouterError`` when it
         cannot be. ``priority``: what the request asked for (it may only lower its
-        tenant's)."""
-        job = self._job(op, route, body, rid, tenant)
+        tenant's); ``inbound``: what the codecs may need of the client's request besides its
+        body (by default: the body's model, no headers)."""
+        job = self._job(op, route, body, rid, tenant, inbound)
         job.traceparent = traceparent
         job.priority = priority
         loop = asyncio.get_running_loop()
@@ -251,21 +274,23 @@ class Dispatcher:
         body: dict[str, Any],
         rid: str,
         tenant: TenantPlan | None = None,
+        inbound: Inbound | None = None,
     ) -> _Job:
         plan = self.plans[route.model]
-        chat = op is Operation.CHAT
-        prompt = prompt_tokens(body) if chat else embedding_tokens(body)
+        chat = op is not Operation.EMBEDDINGS
+        prompt = _PROMPT_TOKENS[op](body)
         tokens, budgets, excluded = [], [], []
-        for name in plan.providers:
+        for name, target in zip(plan.providers, route.targets, strict=True):
             p = self.providers[name]
             adapter = adapter_for(p.kind)
             budget = max_output(body, route.default_max_tokens or adapter.default_max_tokens)
             budgets.append(budget if chat else 0)
             tokens.append(reservation(prompt, budgets[-1], p.limits.tpm_accounting))
-            excluded.append(op is Operation.EMBEDDINGS and not adapter.supports_embeddings)
+            excluded.append(not serves(op.value, p, target))
         deadline = asyncio.get_running_loop().time() + route.timeout_s
         expected = min(max(budgets), 512)
-        job = _Job(op, body, rid, plan, tokens, budgets, excluded, expected, deadline, [])
+        inbound = inbound or Inbound(str(body.get("model", "")), {})
+        job = _Job(op, body, rid, inbound, plan, tokens, budgets, excluded, expected, deadline, [])
         job.prompt = prompt
         if tenant is not None:
             job.tenant = tenant
@@ -490,31 +515,28 @@ class Dispatcher:
 
     async def _attempt(self, job: _Job, provider: Provider, index: int, lease: Lease) -> Reply:
         adapter = adapter_for(provider.kind)
+        codec = codec_for(job.op.value, provider.kind)
         model = job.plan.route.targets[index].model
-        if job.op is Operation.EMBEDDINGS:
-            req = adapter.embeddings_request(provider, model, job.body)
-        else:
-            req = adapter.chat_request(provider, model, job.body, job.budgets[index])
+        req = codec.request(provider, model, job.body, job.budgets[index], job.inbound)
         self.tel.inject(req.headers, job.traceparent)
         started = asyncio.get_running_loop().time()
         resp = await self.upstream.send(req, provider.timeouts, job.deadline, provider.bounds)
-        streaming = job.op is Operation.CHAT and bool(job.body.get("stream"))
+        streaming = job.op is not Operation.EMBEDDINGS and bool(job.body.get("stream"))
         handed_over = False
         try:
             if resp.status != 200:
                 await self._refuse(resp, adapter, provider, job.deadline)
             if streaming:
-                reply = await self._stream(job, index, provider, adapter, lease, resp, started)
+                reply = await self._stream(
+                    job, index, provider, adapter, codec, lease, resp, started
+                )
                 handed_over = True
                 return reply
             payload = await resp.read(job.deadline)
         finally:
             if not handed_over:
                 resp.close()
-        if job.op is Operation.EMBEDDINGS:
-            answer = adapter.embeddings_response(payload)
-        else:
-            answer = adapter.chat_response(payload)
+        answer = codec.response(payload, job.inbound)
         info = adapter.rate_limits(resp.headers)
         self._finish(job, index, lease, provider, info, answer, started)
         return Reply(provider.name, len(job.attempts) + 1, body=answer.body)
@@ -572,13 +594,13 @@ class Dispatcher:
         index: int,
         provider: Provider,
         adapter: Adapter,
+        codec: Codec,
         lease: Lease,
         resp: UpstreamResponse,
         started: float,
     ) -> Reply:
         """Wait for the first frame (failover is still possible until then), then relay."""
-        include_usage = bool((job.body.get("stream_options") or {}).get("include_usage"))
-        translator = adapter.stream(include_usage, provider.bounds.max_event_bytes)
+        translator = codec.stream(job.body, provider.bounds.max_event_bytes, job.inbound)
         total = provider.timeouts.stream_total_s
         end = started + total if total is not None else math.inf
         # the route's time, not the bytes that trickle in, bounds the wait for the first event
@@ -594,7 +616,7 @@ class Dispatcher:
                 break
         if not first:
             raise UpstreamProtocolError("the stream ended before any data")
-        relay = _Relay(self, job, index, provider, adapter, lease, resp, started, end)
+        relay = _Relay(self, job, index, provider, adapter, codec, lease, resp, started, end)
         stream = relay.run(first, chunks, translator)
         return Reply(
             provider.name,
@@ -615,12 +637,14 @@ class _Relay:
         index: int,
         provider: Provider,
         adapter: Adapter,
+        codec: Codec,
         lease: Lease,
         resp: UpstreamResponse,
         started: float,
         end: float,
     ) -> None:
         self.d, self.job, self.provider, self.adapter = d, job, provider, adapter
+        self.codec = codec
         self.index = index
         self.lease, self.resp, self.started = lease, resp, started
         self.end = end
@@ -680,7 +704,7 @@ class _Relay:
                     }
                 },
             )
-            yield _error_event(exc)
+            yield self.codec.error_event(f"the provider failed mid-stream: {exc}", exc.outcome)
         finally:
             self.resp.close()
             self.outcome = outcome
@@ -788,15 +812,3 @@ def _gave_up(attempts: list[Attempt], retry_after_s: float = 0.0) -> AllAttempts
     if outcomes == {"timeout"}:
         return AllAttemptsFailed(attempts, 504)
     return AllAttemptsFailed(attempts, 502)
-
-
-def _error_event(exc: Exception) -> bytes:
-    code = exc.outcome if isinstance(exc, UpstreamError) else "stream_error"
-    body = {
-        "error": {
-            "message": f"the provider failed mid-stream: {exc}",
-            "type": "server_error",
-            "code": code,
-        }
-    }
-    return b"data: " + orjson.dumps(body) + b"\n\n"

@@ -49,6 +49,9 @@ INFLATE_STEP = HIGH_WATER
 """The most one inflate call of a stream produces: a compressed stream (or bomb) is inflated
 as it is consumed, a step at a time, never a received chunk at once (up to ~1000x its size)."""
 DEFAULT_BOUNDS = Bounds()
+MAX_CACHED_URLS = 1024
+"""Parsed request URLs kept (a route's targets: a few; the URLs naming a response id are
+parsed each time once this many are held)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -413,7 +416,8 @@ class Upstream:
         deadline: float,
         bounds: Bounds = DEFAULT_BOUNDS,
     ) -> UpstreamResponse:
-        """POST ``req``; return once the status and headers arrived, by ``deadline`` at latest.
+        """Send ``req`` (its method: POST, or GET/DELETE for a stored response); return once
+        the status and headers arrived, by ``deadline`` at latest.
 
         The answer's waits end by ``deadline`` too (until moved); ``bounds`` caps what it may hold.
         """
@@ -425,7 +429,9 @@ class Upstream:
             raise UpstreamTimeout("the route's time ran out before this attempt")
         target = self._targets.get(req.url)
         if target is None:
-            target = self._targets[req.url] = _target(req.url)
+            target = _target(req.url)
+            if len(self._targets) < MAX_CACHED_URLS:  # (GET /v1/responses/<id>: one per id)
+                self._targets[req.url] = target
         key = (target.scheme, target.host, target.port)
         pool = self._pools.get(key)
         if pool is None:
@@ -472,7 +478,7 @@ class Upstream:
 def _request_bytes(target: _Target, req: UpstreamRequest) -> bytes:
     """The request head and body; a header that would split the head is refused."""
     lines = [
-        b"POST " + target.path + b" HTTP/1.1",
+        req.method.encode("ascii") + b" " + target.path + b" HTTP/1.1",
         b"Host: " + target.host_header,
         b"Content-Length: " + str(len(req.body)).encode(),
         b"Accept-Encoding: gzip, deflate",

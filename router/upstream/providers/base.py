@@ -22,6 +22,7 @@ class UpstreamRequest:
     url: str
     headers: dict[str, str]
     body: bytes
+    method: str = "POST"
 
 
 @dataclass(frozen=True, slots=True)
