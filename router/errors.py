@@ -5,6 +5,7 @@
     ├── StoreError                   Redis failed or timed out (translated in store.py)
     ├── ClientError                  the client's fault: answered with a 4xx
     │   ├── BadRequest               400 malformed or invalid body
+    │   │   └── PreviousResponseNotFound 400 previous_response_id is another tenant's
     │   ├── Unauthorized             401 missing or wrong bearer key
     │   ├── Forbidden                403 a valid key without the right to do this
     │   │   └── ConfigOwned          403 the config names this tenant: the admin API
@@ -13,6 +14,7 @@
     │   ├── ProviderNotFound         404 the config names no such provider (admin API)
     │   ├── TenantNotFound           404 no such tenant (admin API)
     │   ├── KeyNotFound              404 the tenant has no issued key of that id (admin API)
+    │   ├── ResponseNotFound         404 no pin for that Responses API id (for this tenant)
     │   ├── Conflict                 409 the change clashes with what exists: the tenant
     │   │                            exists, or max_tenants / max_tenant_keys is reached
     │   ├── PayloadTooLarge          413 body over the configured limit
@@ -27,7 +29,9 @@
     ├── QuotaExceeded                429 insufficient_quota: the tenant's budget is spent until
     │                                its period ends (Retry-After: then)
     ├── Unavailable                  503 every target is out of service (down, drained,
-    │                                circuit open); retry_after_s when a circuit's trial is due
+    │   │                            circuit open); retry_after_s when a circuit's trial is due
+    │   └── PinnedUnavailable        503 the one provider holding a continued response is out
+    │                                of service
     ├── UpstreamError                one provider attempt failed (translated in upstream.py)
     │   ├── UpstreamConnectError     could not connect
     │   ├── UpstreamTimeout          connect or read timed out
@@ -129,6 +133,26 @@ class TenantNotFound(ClientError):
 class KeyNotFound(ClientError):
     status = 404
     code = "key_not_found"
+
+
+class ResponseNotFound(ClientError):
+    """A Responses API id this gateway has no pin for (never made here, expired, deleted, or
+    another tenant's: told the same, so a tenant cannot learn of another's responses)."""
+
+    status = 404
+    code = "response_not_found"
+
+
+class PreviousResponseNotFound(BadRequest):
+    """``previous_response_id`` names another tenant's response: answered as the provider
+    answers an id it does not have."""
+
+    code = "previous_response_not_found"
+
+    def __init__(self, response_id: str) -> None:
+        super().__init__(
+            f"Previous response with id '{response_id}' not found.", "previous_response_id"
+        )
 
 
 class Conflict(ClientError):
@@ -247,6 +271,13 @@ class Unavailable(RouterError):
         if self.retry_after_s > 0:
             return {"Retry-After": str(max(1, math.ceil(self.retry_after_s)))}
         return {}
+
+
+class PinnedUnavailable(Unavailable):
+    """The one provider that holds what a request continues (a Responses API conversation) is
+    out of service: another would not have it, so the request is not sent elsewhere."""
+
+    code = "pinned_provider_unavailable"
 
 
 class UpstreamError(RouterError):

@@ -24,6 +24,7 @@ from router.api.access import RequestLog, set_outcome
 from router.api.admin import admin_router
 from router.api.auth import ClientKeys, authorization
 from router.api.endpoints import PATHS, HotPath, model_not_found
+from router.api.stored_responses import add_stored_response_routes
 from router.api.schemas import ChatBody, EmbeddingsBody
 from router.api.tenants_admin import tenants_router
 from router.config import Config
@@ -91,6 +92,7 @@ def create_app(cfg: Config, store: Store | None = None) -> HotPath:
     app.include_router(admin_router(gw, keys))
     app.include_router(tenants_router(gw, keys))
     _add_openai_routes(app, gw, keys)
+    add_stored_response_routes(app, gw, keys)
     _add_health_routes(app, gw)
     app.openapi = partial(_openapi, app)  # type: ignore[method-assign]
     return HotPath(Lifespan(RequestLog(app), gw), gw, keys)

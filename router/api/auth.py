@@ -25,6 +25,15 @@ def authorization(headers: Iterable[tuple[bytes, bytes]]) -> str:
     return found[0].decode("latin-1") if found else ""
 
 
+def api_key(headers: Iterable[tuple[bytes, bytes]]) -> str:
+    """The request's one ``x-api-key`` header (Anthropic's way to send a key; ``""`` if
+    none): two are refused, as two Authorization headers are."""
+    found = [value for name, value in headers if name == b"x-api-key"]
+    if len(found) > 1:
+        raise BadRequest("the request has more than one x-api-key header")
+    return found[0].decode("latin-1") if found else ""
+
+
 def bearer_token(header: str) -> bytes:
     """The token of an ``Authorization: Bearer <token>`` header, or ``b""`` for any other."""
     scheme, _, token = header.partition(" ")

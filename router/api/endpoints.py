@@ -22,7 +22,7 @@ from typing import Any
 import orjson
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from router.api.auth import ClientKeys, authorization
+from router.api.auth import ClientKeys, api_key, authorization
 from router.api.schemas import ChatBody, EmbeddingsBody, check, parse_json
 from router.config import PRIORITY_MAX, PRIORITY_MIN
 from router.errors import (
@@ -35,15 +35,31 @@ from router.errors import (
     RouterError,
     error_response,
 )
+from router.replica import affinity_keys
 from router.replica.dispatch import Operation, Reply
 from router.replica.gateway import Gateway
 from router.state.store import TenantPlan
 from router.telemetry.logs import access_logged, log_access
 from router.telemetry.tracing import client_traceparent
+from router.upstream.codecs import Inbound
+from router.upstream.providers.messages import anthropic_error, check_messages
+from router.upstream.providers.responses import check_responses
 
 log = logging.getLogger("router.endpoints")
 
-PATHS = {"/v1/chat/completions": Operation.CHAT, "/v1/embeddings": Operation.EMBEDDINGS}
+PATHS = {
+    "/v1/chat/completions": Operation.CHAT,
+    "/v1/embeddings": Operation.EMBEDDINGS,
+    "/v1/messages": Operation.MESSAGES,
+    "/v1/responses": Operation.RESPONSES,
+}
+FORWARDED = {Operation.MESSAGES: (b"anthropic-version", b"anthropic-beta")}
+"""The client's headers each API passes on to the codecs (which check and forward them)."""
+_API = {
+    Operation.CHAT: affinity_keys.CHAT,
+    Operation.MESSAGES: affinity_keys.MESSAGES,
+    Operation.RESPONSES: affinity_keys.RESPONSES,
+}
 _JSON = (b"content-type", b"application/json")
 _SSE = [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache")]
 _INTERNAL_BODY = orjson.dumps(INTERNAL_ERROR)
@@ -163,7 +179,10 @@ class _Exchange:
             status, ended = 500, _BUG
             if not self.responded:
                 await self._start(500, [_JSON])
-                await self._body(_INTERNAL_BODY)
+                bug = _INTERNAL_BODY
+                if self.op is Operation.MESSAGES:
+                    bug = anthropic_error(500, "internal error")
+                await self._body(bug)
         elapsed = time.perf_counter() - self.started
         outcome = _OUTCOMES.get(ended, "failed") if status == 200 else _error_outcome(status)
         self.gw.metrics.request(
@@ -192,24 +211,59 @@ class _Exchange:
         raw = self.scope["headers"]
         if len(raw) != len(self.headers):  # some field repeats (rare): the key must not
             authorization(raw)
-        tenant = self.keys.tenant(self.headers.get(b"authorization", b"").decode("latin-1"))
+            if self.op is Operation.MESSAGES:
+                api_key(raw)
+        tenant = self.keys.tenant(self._authorization())
         self.tenant = tenant
         cfg = self.gw.cfg
         body = await read_body(self.headers, self.receive, cfg.max_body_bytes, cfg.read_timeout_s)
         data = parse_json(body)
+        previous = None
         if self.op is Operation.CHAT:
             model = check(ChatBody, data).model
-        else:
+        elif self.op is Operation.EMBEDDINGS:
             model = check(EmbeddingsBody, data).model
+        elif self.op is Operation.MESSAGES:
+            model = check_messages(data).model
+        else:
+            checked = check_responses(data)
+            model, previous = checked.model, checked.previous_response_id
         route = self.gw.cfg.route(model)
         if route is None or not tenant.allows(route.model):
             if route is not None:  # a route the tenant may not use: its refusal, counted
                 self.gw.metrics.tenant_rejected(tenant.name, "model_not_found")
             raise model_not_found(model, tenant)
         self.route = route.model
+        forwarded = {
+            name.decode(): value.decode("latin-1")
+            for name in FORWARDED.get(self.op, ())
+            if (value := self.headers.get(name)) is not None
+        }
+        key = None
+        api = _API.get(self.op)
+        if route.affinity is not None and api is not None:
+            key = affinity_keys.affinity_value(route.affinity, api, self.headers, data)
         return await self.gw.dispatcher.serve(
-            self.op, route, data, self.rid, self.traceparent, self.tenant, self._priority()
+            self.op,
+            route,
+            data,
+            self.rid,
+            self.traceparent,
+            self.tenant,
+            self._priority(),
+            Inbound(model, forwarded),
+            affinity=key,
+            previous_response=previous,
         )
+
+    def _authorization(self) -> str:
+        """The request's ``Authorization`` header; on the Messages API, Anthropic's
+        ``x-api-key`` stands for a bearer token when there is no Authorization."""
+        header = self.headers.get(b"authorization", b"").decode("latin-1")
+        if not header and self.op is Operation.MESSAGES:
+            key = self.headers.get(b"x-api-key", b"").decode("latin-1")
+            return f"Bearer {key}" if key else ""
+        return header
 
     def _priority(self) -> int | None:
         """The request's ``x-priority`` (it can only lower its tenant's), if it sent one."""
@@ -238,6 +292,8 @@ class _Exchange:
 
     async def _error(self, exc: RouterError) -> None:
         status, fields, body = error_response(exc)
+        if self.op is Operation.MESSAGES:  # in Anthropic's shape on its API
+            body = anthropic_error(status, str(exc))
         attempts = getattr(exc, "attempts", None)
         if attempts is not None:  # for the access line
             self.attempts = len(attempts)

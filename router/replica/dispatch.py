@@ -161,6 +161,10 @@ class _Job:
     traceparent: str | None = None
     retry_after_s: float = 0.0
     """The longest cooldown a provider's 429 asked for, for the client's Retry-After."""
+    pin: PinRequest | None = None
+    """The affinity pin its acquire reads (and writes), if any."""
+    pin_response: bool = False
+    """A Responses API answer that the provider stores: its id is pinned to the provider."""
 
     def tenant_reservation(self) -> tuple[int, int]:
         """Tokens and cost to reserve against the tenant: the most any target still open
@@ -218,12 +222,20 @@ class Dispatcher:
         tenant: TenantPlan | None = None,
         priority: int | None = None,
         inbound: Inbound | None = None,
+        *,
+        affinity: str | None = None,
+        previous_response: str | None = None,
     ) -> Reply:
         """Serve one request on ``route`` for ``tenant``; raise a ``RouterError`` when it
         cannot be. ``priority``: what the request asked for (it may only lower its
         tenant's); ``inbound``: what the codecs may need of the client's request besides its
-        body (by default: the body's model, no headers)."""
+        body (by default: the body's model, no headers). ``affinity``: the request's key under
+        the route's affinity (its pin is honoured while the pinned target has room);
+        ``previous_response``: the Responses API's ``previous_response_id`` (its pin must be:
+        the provider that made that response is the only one that has it)."""
         job = self._job(op, route, body, rid, tenant, inbound)
+        job.pin = self._pin_request(route, affinity, previous_response, tenant)
+        job.pin_response = op is Operation.RESPONSES and body.get("store") is not False
         job.traceparent = traceparent
         job.priority = priority
         loop = asyncio.get_running_loop()
