@@ -346,6 +346,10 @@ class ResponsesStream:
         start = 0
         relay_end = 0
         for end in ends:
+            if end - start > self._max:  # the splitter bounds only what it holds
+                raise UpstreamProtocolError(
+                    f"the provider sent an SSE event over {self._max} bytes"
+                )
             holding = self.finished and not self._taken
             if not holding:
                 self._read(buf, start, end)
