@@ -59,23 +59,6 @@ def messages_prompt_tokens(body: dict[str, Any]) -> int:
     return prompt_tokens(body) + _ceil4(_chars(body.get("system")))
 
 
-def responses_prompt_tokens(body: dict[str, Any]) -> int:
-    """Estimate the prompt tokens of an OpenAI Responses body: its instructions, input (a
-    string or items: messages by their content, other items by their JSON) and tools. What a
-    ``previous_response_id`` carries over is not known here: the provider's reported usage
-    corrects the reservation when the request ends."""
-    items = body.get("input")
-    if not isinstance(items, list):
-        items = [items] if isinstance(items, str) else []
-    chars = _chars(body.get("instructions")) + _chars(body.get("tools") or None)
-    for item in items:
-        if isinstance(item, dict) and "content" in item:
-            chars += _chars(item["content"])
-        else:
-            chars += _chars(item)
-    return _ceil4(chars) + PER_MESSAGE * len(items) + PRIMING
-
-
 def embedding_tokens(body: dict[str, Any]) -> int:
     """Estimate the tokens of an embeddings body."""
     value = body.get("input")

@@ -24,8 +24,8 @@ from router.api.access import RequestLog, set_outcome
 from router.api.admin import admin_router
 from router.api.auth import ClientKeys, authorization
 from router.api.endpoints import PATHS, HotPath, model_not_found
-from router.api.stored_responses import add_stored_response_routes
 from router.api.schemas import ChatBody, EmbeddingsBody
+from router.api.stored_responses import add_stored_response_routes
 from router.api.tenants_admin import tenants_router
 from router.config import Config
 from router.errors import (

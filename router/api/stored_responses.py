@@ -102,4 +102,3 @@ async def _forward(
     if method == "DELETE" and resp.status == 200:
         await gw.store.drop_response_pin(response_id)
     return Response(payload, resp.status, {"x-router-provider": provider.name}, JSON)
-

@@ -65,11 +65,10 @@ from router.tokens import (
     messages_prompt_tokens,
     prompt_tokens,
     reservation,
-    responses_prompt_tokens,
 )
 from router.upstream.client import Upstream, UpstreamResponse
 from router.upstream.codecs import Codec, Inbound, codec_for, serves
-from router.upstream.providers import adapter_for
+from router.upstream.providers import adapter_for, responses
 from router.upstream.providers.base import (
     Adapter,
     RateLimitInfo,
@@ -108,7 +107,7 @@ _PROMPT_TOKENS: dict[Operation, Callable[[dict[str, Any]], int]] = {
     Operation.CHAT: prompt_tokens,
     Operation.EMBEDDINGS: embedding_tokens,
     Operation.MESSAGES: messages_prompt_tokens,
-    Operation.RESPONSES: responses_prompt_tokens,
+    Operation.RESPONSES: responses.prompt_estimate,
 }
 """How each API's prompt is estimated (router.tokens), for its TPM reservations."""
 
@@ -550,7 +549,7 @@ class Dispatcher:
                 resp.close()
         answer = codec.response(payload, job.inbound)
         info = adapter.rate_limits(resp.headers)
-        self._finish(job, index, lease, provider, info, answer, started)
+        await self._finish(job, index, lease, provider, info, answer, started)
         return Reply(provider.name, len(job.attempts) + 1, body=answer.body)
 
     async def _refuse(
@@ -569,7 +568,7 @@ class Dispatcher:
             raise ProviderClientError(resp.status, message, provider.name)
         raise UpstreamStatusError(f"{resp.status} {message}", resp.status)
 
-    def _finish(
+    async def _finish(
         self,
         job: _Job,
         index: int,
@@ -583,12 +582,31 @@ class Dispatcher:
         out = answer.usage.completion_tokens if answer.usage else 0
         tpot = duration_ms / out if out > 0 else -1
         result = _outcome(lease, provider, info, answer.usage, ttft_ms=-1, tpot_ms=tpot)
-        self.release_charged(lease, _charged(result, job, index, lease, answer.usage))
+        result = _charged(result, job, index, lease, answer.usage)
+        if job.pin_response and answer.response_id:
+            # pinned before the answer goes out: a follow-up may come at once, anywhere
+            await self.release_pinned(lease, self._pin_response(result, answer.response_id))
+        else:
+            self.release_charged(lease, result)
+
+    def _pin_response(self, outcome: Outcome, response_id: str) -> Outcome:
+        """``outcome`` with the Responses API answer's id to pin to its provider on release."""
+        ttl_ms = int(self.cfg.response_pin_ttl_s * 1000)
+        return replace(outcome, response_id=response_id, response_ttl_ms=ttl_ms)
+
+    async def release_pinned(self, lease: Lease, outcome: Outcome) -> None:
+        """Release a served attempt now, and wait for it: its release pins its response."""
+        self._count_charge(lease, outcome)
+        await self.leases.release(lease, outcome)
 
     def release_charged(
         self, lease: Lease, outcome: Outcome, context: contextvars.Context | None = None
     ) -> None:
         """Release a served attempt's lease, and count what its tenant was charged."""
+        self._count_charge(lease, outcome)
+        self.leases.release_soon(lease, outcome, context)
+
+    def _count_charge(self, lease: Lease, outcome: Outcome) -> None:
         if outcome.served:
             self.metrics.tenant_served(
                 lease.tenant,
@@ -598,7 +616,6 @@ class Dispatcher:
                 outcome.completion_tokens,
                 outcome.cost_nano,
             )
-        self.leases.release_soon(lease, outcome, context)
 
     async def _stream(
         self,
@@ -624,9 +641,9 @@ class Dispatcher:
         first = b""
         async for data in chunks:
             first = translator.feed(data)
-            if first:
+            if first or _holds_terminal(translator):
                 break
-        if not first:
+        if not first and not _holds_terminal(translator):
             raise UpstreamProtocolError("the stream ended before any data")
         relay = _Relay(self, job, index, provider, adapter, codec, lease, resp, started, end)
         stream = relay.run(first, chunks, translator)
@@ -667,6 +684,8 @@ class _Relay:
         self.released = False
         self.outcome = "client_cancelled"
         """How the stream ended: ok, client_cancelled, or the provider's failure."""
+        self.ended = False
+        """The provider's stream is complete (what is left to send is its tail)."""
         self.context = contextvars.copy_context()  # the request's trace, for the release
 
     async def close(self) -> None:
@@ -685,25 +704,13 @@ class _Relay:
         """Yield the stream to the client; release the lease however it ends."""
         loop = asyncio.get_running_loop()
         outcome = "client_cancelled"
+        frames = self._frames(first, chunks, tr)
         try:
-            first_at = loop.time()
-            yield first  # the first frame goes out before anything else is done
-            self._mark(tr, first_at)
-            self._pace(tr, first_at)
-            async for data in chunks:
-                out = tr.feed(data)
-                now = loop.time()
-                self._mark(tr, now)
-                if tr.events != self.events:
-                    self._pace(tr, now)
-                if out:
-                    yield out
-            tail = tr.close()
-            if not tr.finished:
-                raise UpstreamProtocolError("the stream ended without its final event")
+            async for out in frames:
+                if self.ended:
+                    outcome = "ok"
+                yield out
             outcome = "ok"
-            if tail:
-                yield tail
         except UpstreamError as exc:
             outcome = exc.outcome
             log.warning(
@@ -716,13 +723,66 @@ class _Relay:
                     }
                 },
             )
-            yield self.codec.error_event(f"the provider failed mid-stream: {exc}", exc.outcome)
+            if not getattr(tr, "failed", None):  # (else the provider's own error event went)
+                message = f"the provider failed mid-stream: {exc}"
+                yield self.codec.error_event(message, exc.outcome, tr)
         finally:
+            await frames.aclose()
             self.resp.close()
             self.outcome = outcome
             if not self.released:
                 self.released = True
                 self._release(outcome, tr.usage, loop.time())
+
+    async def _frames(
+        self, first: bytes, chunks: AsyncIterator[bytes], tr: StreamTranslator
+    ) -> AsyncGenerator[bytes, None]:
+        """The frames to send: the first, each translated chunk, the held-back last event
+        once pinned, the tail; ``ended`` is set once the provider's stream is complete."""
+        loop = asyncio.get_running_loop()
+        first_at = loop.time()
+        if first:
+            yield first  # the first frame goes out before anything else is done
+        self._mark(tr, first_at)
+        self._pace(tr, first_at)
+        if _holds_terminal(tr):
+            yield await self._terminal(tr)
+        async for data in chunks:
+            out = tr.feed(data)
+            now = loop.time()
+            self._mark(tr, now)
+            if tr.events != self.events:
+                self._pace(tr, now)
+            if out:
+                yield out
+            if _holds_terminal(tr):
+                yield await self._terminal(tr)
+        tail = tr.close()
+        if not tr.finished:
+            raise UpstreamProtocolError("the stream ended without its final event")
+        self.ended = True
+        if self.job.pin_response and not self.released:  # its end came with close()
+            await self._settle(tr, "ok")
+        if tail:
+            yield tail
+
+    async def _terminal(self, tr: StreamTranslator) -> bytes:
+        """The stream's last event, which its translator held back: sent once the answer's
+        response id is pinned (its lease released now, and awaited)."""
+        if self.job.pin_response and not self.released:
+            await self._settle(tr, "ok")
+        terminal: bytes = tr.terminal()  # type: ignore[attr-defined]
+        return terminal
+
+    async def _settle(self, tr: StreamTranslator, outcome: str) -> None:
+        """Release now, pinning the response id the stream named, and wait for it."""
+        self.released = True
+        result = self._result(outcome, tr.usage, asyncio.get_running_loop().time())
+        response_id = getattr(tr, "response_id", None)
+        if response_id:
+            await self.d.release_pinned(self.lease, self.d._pin_response(result, response_id))
+        else:
+            self.d.release_charged(self.lease, result, self.context)
 
     def _pace(self, tr: StreamTranslator, now: float) -> None:
         """An event came: the next must come within stream_idle_s (and by the stream's end).
@@ -743,6 +803,10 @@ class _Relay:
             self.d.metrics.first_token(route, self.provider.name, self.ttft_ms / 1000)
 
     def _release(self, outcome: str, usage: Usage | None, now: float) -> None:
+        self.d.release_charged(self.lease, self._result(outcome, usage, now), self.context)
+
+    def _result(self, outcome: str, usage: Usage | None, now: float) -> Outcome:
+        """What the stream's release records: how it ended, its usage, its latencies."""
         duration_ms = (now - self.started) * 1000
         out = usage.completion_tokens if usage else 0
         tpot = (duration_ms - max(self.ttft_ms, 0)) / (out - 1) if out > 1 else -1
@@ -750,8 +814,7 @@ class _Relay:
         result = _outcome(self.lease, self.provider, info, usage, self.ttft_ms, tpot)
         if outcome != "ok":
             result = Outcome(outcome, result.token_correction, -1, -1)
-        result = _charged(result, self.job, self.index, self.lease, usage)
-        self.d.release_charged(self.lease, result, self.context)
+        return _charged(result, self.job, self.index, self.lease, usage)
 
 
 def _outcome(
@@ -824,3 +887,9 @@ def _gave_up(attempts: list[Attempt], retry_after_s: float = 0.0) -> AllAttempts
     if outcomes == {"timeout"}:
         return AllAttemptsFailed(attempts, 504)
     return AllAttemptsFailed(attempts, 502)
+
+
+def _holds_terminal(tr: StreamTranslator) -> bool:
+    """The translator holds the stream's last event back until it is asked for it (the
+    Responses API's, sent once the response's id is pinned)."""
+    return bool(getattr(tr, "terminal_pending", False))

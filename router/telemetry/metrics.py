@@ -60,6 +60,7 @@ METRIC_NAMES = frozenset(
         "router_tenant_tpm_used",
         "router_tenant_spend_usd",
         "router_tenant_budget_usd",
+        "router_affinity_total",
     }
 )
 """Every metric a replica exposes, by its Prometheus name (the dashboards' contract)."""
@@ -128,6 +129,14 @@ class RouterMetrics:
         self.shared = shared
         self._requests = _Counter(tel, "router_requests", "Requests answered")
         self._failovers = _Counter(tel, "router_failovers", "Failed attempts, failed over")
+        self._affinity = _Counter(
+            tel,
+            "router_affinity",
+            "Decisions an affinity pin took part in, by outcome: hit (the pinned target took "
+            "it), new (placed by consistent hashing and pinned), spilled (the pinned or hashed "
+            "target was full or over its load bound), moved (the pinned target was out of "
+            "service), unavailable (a required pin's target could not take it), foreign",
+        )
         self._saturated = _Counter(
             tel, "router_saturation_rejections", "Requests refused: no target had room"
         )
@@ -275,6 +284,10 @@ class RouterMetrics:
     def failover(self, route: str, provider: str, reason: str) -> None:
         """One failed attempt that sent the request on."""
         self._failovers.add((("route", route), ("provider", provider), ("reason", reason)))
+
+    def affinity(self, route: str, outcome: str) -> None:
+        """One decision with an affinity pin, and what became of it."""
+        self._affinity.add((("route", route), ("outcome", outcome)))
 
     def saturated(self, route: str) -> None:
         self._saturated.add((("route", route),))

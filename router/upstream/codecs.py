@@ -14,13 +14,13 @@ whether a target can take an API at all (the dispatcher skips those that cannot)
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
 import orjson
 
 from router.config import Provider, Target
-from router.upstream.providers import adapter_for
+from router.upstream.providers import adapter_for, responses
 from router.upstream.providers.base import StreamTranslator, Translated, UpstreamRequest
 
 
@@ -52,8 +52,9 @@ class Codec(Protocol):
         """A fresh translator of one streamed answer into the inbound API's events."""
         ...
 
-    def error_event(self, message: str, code: str) -> bytes:
-        """The event that ends a stream which failed after its first byte."""
+    def error_event(self, message: str, code: str, tr: StreamTranslator) -> bytes:
+        """The event that ends a stream (read by ``tr`` so far) which failed after its first
+        byte."""
         ...
 
 
@@ -75,7 +76,7 @@ class ChatCodec:
         include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
         return self.adapter.stream(include_usage, max_event_bytes)
 
-    def error_event(self, message: str, code: str) -> bytes:
+    def error_event(self, message: str, code: str, tr: StreamTranslator) -> bytes:
         error = {"message": message, "type": "server_error", "code": code}
         return b"data: " + orjson.dumps({"error": error}) + b"\n\n"
 
@@ -92,6 +93,25 @@ class EmbeddingsCodec(ChatCodec):
         return self.adapter.embeddings_response(payload)
 
 
+class ResponsesCodec:
+    """The OpenAI Responses API on openai-kind targets: passed through (``responses``)."""
+
+    def request(
+        self, provider: Provider, model: str, body: dict[str, Any], max_tokens: int, inb: Inbound
+    ) -> UpstreamRequest:
+        return responses.request(provider, model, body)
+
+    def response(self, payload: bytes, inb: Inbound) -> Translated:
+        answer, response_id = responses.response(payload)
+        return replace(answer, response_id=response_id)
+
+    def stream(self, body: dict[str, Any], max_event_bytes: int, inb: Inbound) -> StreamTranslator:
+        return responses.ResponsesStream(max_event_bytes)
+
+    def error_event(self, message: str, code: str, tr: StreamTranslator) -> bytes:
+        return responses.error_event(message, code, getattr(tr, "next_sequence", 0))
+
+
 CHAT, EMBEDDINGS, MESSAGES, RESPONSES = "chat", "embeddings", "messages", "responses"
 
 _CODECS: dict[tuple[str, str], Codec] = {
@@ -99,6 +119,7 @@ _CODECS: dict[tuple[str, str], Codec] = {
     (CHAT, "anthropic"): ChatCodec("anthropic"),
     (EMBEDDINGS, "openai"): EmbeddingsCodec("openai"),
     (EMBEDDINGS, "anthropic"): EmbeddingsCodec("anthropic"),
+    (RESPONSES, "openai"): ResponsesCodec(),
 }
 
 

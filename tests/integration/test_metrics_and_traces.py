@@ -119,6 +119,7 @@ def test_metrics_move_with_traffic(cluster: Cluster, tmp_path: Path, redis_url: 
         "router_tenant_spend_usd", "router_tenant_budget_usd", "router_tenant_rejections_total",
         # the queue's only once a request waited (a series per tenant and priority waiting)
         "router_queue_wait_seconds", "router_queue_waiting",
+        "router_affinity_total",  # a route with affinity, once a request used it
     }  # fmt: skip
     assert METRIC_NAMES - optional <= families
     text = httpx.get(f"{url}/metrics").text

@@ -306,21 +306,6 @@ def test_an_empty_body_costs_the_priming(data: dict[str, Any]) -> None:
     assert responses.prompt_estimate(data) == PRIMING
 
 
-@pytest.mark.parametrize(
-    ("data", "expected"),
-    [
-        ({"max_output_tokens": 64}, 64),
-        ({}, 1024),
-        ({"max_output_tokens": None}, 1024),
-        ({"max_output_tokens": 0}, 1024),
-        ({"max_output_tokens": True}, 1024),
-        ({"max_tokens": 64}, 1024),
-    ],
-)
-def test_output_budget(data: dict[str, Any], expected: int) -> None:
-    assert responses.output_budget(data, 1024) == expected
-
-
 # --- error event -----------------------------------------------------------------------
 
 

@@ -54,6 +54,8 @@ class Translated:
 
     body: bytes
     usage: Usage | None
+    response_id: str | None = None
+    """A Responses API answer's id (pinned to the provider that made it)."""
 
 
 class StreamTranslator(Protocol):

@@ -141,23 +141,21 @@ def request(provider: Provider, model: str, body: dict[str, Any]) -> UpstreamReq
     )
 
 
-def _item_request(provider: Provider, response_id: str) -> UpstreamRequest:
+def _item_request(provider: Provider, response_id: str, method: str) -> UpstreamRequest:
     if not response_id_ok(response_id):
         raise BadRequest("not a response id", param="response_id")
     url = _common.api_url(provider, f"{PATH}/{quote(response_id, safe='')}")
-    return UpstreamRequest(url, _OPENAI.headers(provider), b"")
+    return UpstreamRequest(url, _OPENAI.headers(provider), b"", method)
 
 
 def get_request(provider: Provider, response_id: str) -> UpstreamRequest:
-    """The request for ``GET {base_url}/responses/{id}`` (no body). ``UpstreamRequest`` has
-    no method yet: the sender must send it as a GET."""
-    return _item_request(provider, response_id)
+    """The request for ``GET {base_url}/responses/{id}`` (no body)."""
+    return _item_request(provider, response_id, "GET")
 
 
 def delete_request(provider: Provider, response_id: str) -> UpstreamRequest:
-    """The request for ``DELETE {base_url}/responses/{id}`` (no body). ``UpstreamRequest``
-    has no method yet: the sender must send it as a DELETE."""
-    return _item_request(provider, response_id)
+    """The request for ``DELETE {base_url}/responses/{id}`` (no body)."""
+    return _item_request(provider, response_id, "DELETE")
 
 
 def _usage(response: Any) -> Usage | None:
@@ -232,14 +230,6 @@ def prompt_estimate(body: dict[str, Any]) -> int:
     if body.get("tools"):
         chars += len(orjson.dumps(body["tools"]))
     return (chars + 3) // 4 + PER_MESSAGE * count + PRIMING
-
-
-def output_budget(body: dict[str, Any], default: int) -> int:
-    """The output budget the request allows: ``max_output_tokens``, else ``default``."""
-    value = body.get("max_output_tokens")
-    if isinstance(value, int) and not isinstance(value, bool) and value > 0:
-        return value
-    return default
 
 
 _DELTAS = frozenset(
