@@ -54,11 +54,6 @@ def prompt_tokens(body: dict[str, Any]) -> int:
     return _ceil4(chars) + PER_MESSAGE * len(messages) + PRIMING
 
 
-def messages_prompt_tokens(body: dict[str, Any]) -> int:
-    """Estimate the prompt tokens of an Anthropic Messages body (its system prompt too)."""
-    return prompt_tokens(body) + _ceil4(_chars(body.get("system")))
-
-
 def embedding_tokens(body: dict[str, Any]) -> int:
     """Estimate the tokens of an embeddings body."""
     value = body.get("input")

@@ -218,27 +218,18 @@ class _Exchange:
         cfg = self.gw.cfg
         body = await read_body(self.headers, self.receive, cfg.max_body_bytes, cfg.read_timeout_s)
         data = parse_json(body)
-        previous = None
-        if self.op is Operation.CHAT:
-            model = check(ChatBody, data).model
-        elif self.op is Operation.EMBEDDINGS:
-            model = check(EmbeddingsBody, data).model
-        elif self.op is Operation.MESSAGES:
-            model = check_messages(data).model
-        else:
-            checked = check_responses(data)
-            model, previous = checked.model, checked.previous_response_id
+        model, previous, same_kind = self._check(data)
         route = self.gw.cfg.route(model)
         if route is None or not tenant.allows(route.model):
             if route is not None:  # a route the tenant may not use: its refusal, counted
                 self.gw.metrics.tenant_rejected(tenant.name, "model_not_found")
             raise model_not_found(model, tenant)
         self.route = route.model
-        forwarded = {
-            name.decode(): value.decode("latin-1")
-            for name in FORWARDED.get(self.op, ())
-            if (value := self.headers.get(name)) is not None
-        }
+        forwarded = {}
+        for name in FORWARDED.get(self.op, ()):  # a repeated one: its values, comma-joined
+            values = [v.decode("latin-1") for n, v in raw if n == name]
+            if values:
+                forwarded[name.decode()] = ",".join(values)
         key = None
         api = _API.get(self.op)
         if route.affinity is not None and api is not None:
@@ -251,10 +242,23 @@ class _Exchange:
             self.traceparent,
             self.tenant,
             self._priority(),
-            Inbound(model, forwarded),
+            Inbound(model, forwarded, same_kind),
             affinity=key,
             previous_response=previous,
         )
+
+    def _check(self, data: Any) -> tuple[str, str | None, bool]:
+        """The body checked for its API: its model, the response it continues (Responses),
+        and whether only targets of the API's own kind can serve it (Messages)."""
+        if self.op is Operation.CHAT:
+            return check(ChatBody, data).model, None, False
+        if self.op is Operation.EMBEDDINGS:
+            return check(EmbeddingsBody, data).model, None, False
+        if self.op is Operation.MESSAGES:
+            request = check_messages(data)
+            return request.model, None, bool(request.server_tools)
+        checked = check_responses(data)
+        return checked.model, checked.previous_response_id, False
 
     def _authorization(self) -> str:
         """The request's ``Authorization`` header; on the Messages API, Anthropic's

@@ -26,9 +26,8 @@ from router.errors import (
     error_response,
 )
 from router.replica.gateway import Gateway
-from router.tokens import messages_prompt_tokens
 from router.upstream.providers import responses
-from router.upstream.providers.messages import anthropic_error, check_messages
+from router.upstream.providers.messages import anthropic_error, check_count_tokens, count_tokens
 
 JSON = "application/json"
 STORED_TIMEOUT_S = 60.0
@@ -49,7 +48,7 @@ def add_stored_response_routes(app: FastAPI, gw: Gateway, keys: ClientKeys) -> N
         return await _forward(gw, keys, request, response_id, "DELETE")
 
     @app.post("/v1/messages/count_tokens")
-    async def count_tokens(request: Request) -> Response:
+    async def count_message_tokens(request: Request) -> Response:
         try:
             header = authorization(request.headers.raw)
             if not header:
@@ -57,14 +56,14 @@ def add_stored_response_routes(app: FastAPI, gw: Gateway, keys: ClientKeys) -> N
                 header = f"Bearer {key}" if key else ""
             tenant = keys.tenant(header)
             data = parse_json(await request.body())
-            model = check_messages(data, count_only=True).model
+            model = check_count_tokens(data)
             route = gw.cfg.route(model)
             if route is None or not tenant.allows(route.model):
                 raise model_not_found(model, tenant)
+            body = {"input_tokens": count_tokens(data)}
         except RouterError as exc:  # in Anthropic's shape on its API
             status, headers, _ = error_response(exc)
             return Response(anthropic_error(status, str(exc)), status, headers, JSON)
-        body = {"input_tokens": messages_prompt_tokens(data)}
         return Response(orjson.dumps(body), 200, media_type=JSON)
 
 

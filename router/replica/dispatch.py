@@ -30,6 +30,7 @@ from router.config import BudgetPeriod, Config, Price, Provider, Route, TpmAccou
 from router.errors import (
     AllAttemptsFailed,
     Attempt,
+    BadRequest,
     ClientError,
     ProviderClientError,
     Saturated,
@@ -62,13 +63,12 @@ from router.telemetry.tracing import Telemetry
 from router.tokens import (
     embedding_tokens,
     max_output,
-    messages_prompt_tokens,
     prompt_tokens,
     reservation,
 )
 from router.upstream.client import Upstream, UpstreamResponse
 from router.upstream.codecs import Codec, Inbound, codec_for, serves
-from router.upstream.providers import adapter_for, responses
+from router.upstream.providers import adapter_for, messages, responses
 from router.upstream.providers.base import (
     Adapter,
     RateLimitInfo,
@@ -103,10 +103,20 @@ class Operation(Enum):
     RESPONSES = "responses"
 
 
+_API_NAMES = {
+    Operation.CHAT: "chat completions",
+    Operation.EMBEDDINGS: "embeddings (anthropic targets do not)",
+    Operation.MESSAGES: "the Messages API with server tools (only anthropic targets do)",
+    Operation.RESPONSES: (
+        "the Responses API (only openai targets do, and not those with responses: false)"
+    ),
+}
+"""What a route none of whose targets can serve a request lacks, as its 400 says."""
+
 _PROMPT_TOKENS: dict[Operation, Callable[[dict[str, Any]], int]] = {
     Operation.CHAT: prompt_tokens,
     Operation.EMBEDDINGS: embedding_tokens,
-    Operation.MESSAGES: messages_prompt_tokens,
+    Operation.MESSAGES: messages.prompt_estimate,
     Operation.RESPONSES: responses.prompt_estimate,
 }
 """How each API's prompt is estimated (router.tokens), for its TPM reservations."""
@@ -233,6 +243,10 @@ class Dispatcher:
         ``previous_response``: the Responses API's ``previous_response_id`` (its pin must be:
         the provider that made that response is the only one that has it)."""
         job = self._job(op, route, body, rid, tenant, inbound)
+        if all(job.excluded):
+            raise BadRequest(
+                f"the model '{route.model}' has no target that serves {_API_NAMES[op]}", "model"
+            )
         job.pin = self._pin_request(route, affinity, previous_response, tenant)
         job.pin_response = op is Operation.RESPONSES and body.get("store") is not False
         job.traceparent = traceparent
@@ -291,16 +305,16 @@ class Dispatcher:
         chat = op is not Operation.EMBEDDINGS
         prompt = _PROMPT_TOKENS[op](body)
         tokens, budgets, excluded = [], [], []
+        inbound = inbound or Inbound(str(body.get("model", "")), {})
         for name, target in zip(plan.providers, route.targets, strict=True):
             p = self.providers[name]
             adapter = adapter_for(p.kind)
             budget = max_output(body, route.default_max_tokens or adapter.default_max_tokens)
             budgets.append(budget if chat else 0)
             tokens.append(reservation(prompt, budgets[-1], p.limits.tpm_accounting))
-            excluded.append(not serves(op.value, p, target))
+            excluded.append(not serves(op.value, p, target, inbound))
         deadline = asyncio.get_running_loop().time() + route.timeout_s
         expected = min(max(budgets), 512)
-        inbound = inbound or Inbound(str(body.get("model", "")), {})
         job = _Job(op, body, rid, inbound, plan, tokens, budgets, excluded, expected, deadline, [])
         job.prompt = prompt
         if tenant is not None:

@@ -20,7 +20,7 @@ from typing import Any, Protocol
 import orjson
 
 from router.config import Provider, Target
-from router.upstream.providers import adapter_for, responses
+from router.upstream.providers import adapter_for, messages, responses
 from router.upstream.providers.base import StreamTranslator, Translated, UpstreamRequest
 
 
@@ -32,6 +32,9 @@ class Inbound:
     """The model the client asked for (a translated answer names it, not the target's)."""
     headers: Mapping[str, str]
     """The client's headers a codec may forward (lower-case names; e.g. anthropic-beta)."""
+    same_kind_only: bool = False
+    """Only targets of the API's own kind can serve it (a Messages request with server
+    tools, which have no chat translation)."""
 
 
 class Codec(Protocol):
@@ -112,6 +115,39 @@ class ResponsesCodec:
         return responses.error_event(message, code, getattr(tr, "next_sequence", 0))
 
 
+class MessagesPassthrough:
+    """The Anthropic Messages API on anthropic-kind targets: passed through (``messages``)."""
+
+    def request(
+        self, provider: Provider, model: str, body: dict[str, Any], max_tokens: int, inb: Inbound
+    ) -> UpstreamRequest:
+        return messages.passthrough_request(provider, model, body, inb.headers)
+
+    def response(self, payload: bytes, inb: Inbound) -> Translated:
+        return messages.passthrough_response(payload)
+
+    def stream(self, body: dict[str, Any], max_event_bytes: int, inb: Inbound) -> StreamTranslator:
+        return messages.PassthroughStream(max_event_bytes)
+
+    def error_event(self, message: str, code: str, tr: StreamTranslator) -> bytes:
+        return messages.error_event(message, "timeout_error" if code == "timeout" else "api_error")
+
+
+class MessagesToChat(MessagesPassthrough):
+    """The Anthropic Messages API on openai-kind targets: translated to and from chat."""
+
+    def request(
+        self, provider: Provider, model: str, body: dict[str, Any], max_tokens: int, inb: Inbound
+    ) -> UpstreamRequest:
+        return messages.to_chat_request(provider, model, body, max_tokens)
+
+    def response(self, payload: bytes, inb: Inbound) -> Translated:
+        return messages.from_chat_response(payload, inb.model)
+
+    def stream(self, body: dict[str, Any], max_event_bytes: int, inb: Inbound) -> StreamTranslator:
+        return messages.ChatToMessagesStream(inb.model, max_event_bytes)
+
+
 CHAT, EMBEDDINGS, MESSAGES, RESPONSES = "chat", "embeddings", "messages", "responses"
 
 _CODECS: dict[tuple[str, str], Codec] = {
@@ -119,8 +155,14 @@ _CODECS: dict[tuple[str, str], Codec] = {
     (CHAT, "anthropic"): ChatCodec("anthropic"),
     (EMBEDDINGS, "openai"): EmbeddingsCodec("openai"),
     (EMBEDDINGS, "anthropic"): EmbeddingsCodec("anthropic"),
+    (MESSAGES, "anthropic"): MessagesPassthrough(),
+    (MESSAGES, "openai"): MessagesToChat(),
     (RESPONSES, "openai"): ResponsesCodec(),
 }
+
+
+NATIVE = {CHAT: "openai", EMBEDDINGS: "openai", MESSAGES: "anthropic", RESPONSES: "openai"}
+"""The provider kind whose own API each inbound API is."""
 
 
 def codec_for(api: str, kind: str) -> Codec:
@@ -128,9 +170,11 @@ def codec_for(api: str, kind: str) -> Codec:
     return _CODECS[(api, str(kind))]
 
 
-def serves(api: str, provider: Provider, target: Target) -> bool:
+def serves(api: str, provider: Provider, target: Target, inb: Inbound | None = None) -> bool:
     """Whether ``target`` (on ``provider``) can serve a request of inbound ``api``."""
     kind = str(provider.kind)
+    if inb is not None and inb.same_kind_only and kind != NATIVE.get(api):
+        return False
     if api == EMBEDDINGS:
         return adapter_for(kind).supports_embeddings
     if api == RESPONSES:
