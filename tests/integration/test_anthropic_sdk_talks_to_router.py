@@ -157,7 +157,9 @@ def test_a_request_shaped_like_claude_codes(gw: Gateway, route: str) -> None:
 def test_errors_come_in_anthropics_shape(gw: Gateway) -> None:
     with client(gw) as c:
         with pytest.raises(anthropic.NotFoundError) as nf:
-            c.messages.create(model="nope", max_tokens=5, messages=[{"role": "user", "content": "x"}])
+            c.messages.create(
+                model="nope", max_tokens=5, messages=[{"role": "user", "content": "x"}]
+            )
         assert nf.value.body["type"] == "error"  # type: ignore[index]
         assert nf.value.body["error"]["type"] == "not_found_error"  # type: ignore[index]
     with client(gw, key="wrong-key-0123456789") as c:

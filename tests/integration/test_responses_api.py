@@ -22,7 +22,9 @@ PROVIDERS = ("a", "b", "c")
 
 @pytest.fixture
 def gw(cluster: Cluster, tmp_path: Path, redis_url: str) -> Gateway:
-    mocks = [Mock(p, "--completion-tokens", str(TOKENS), "--chunk-interval-ms", "2") for p in PROVIDERS]
+    mocks = [
+        Mock(p, "--completion-tokens", str(TOKENS), "--chunk-interval-ms", "2") for p in PROVIDERS
+    ]
     mocks.append(Mock("claude", "--completion-tokens", str(TOKENS), api="anthropic"))
     targets: list[dict[str, Any]] = [{"provider": p, "model": "gpt-5-codex"} for p in PROVIDERS]
     routes = [
@@ -59,7 +61,9 @@ def client(url: str, key: str = CLIENT_KEY) -> openai.OpenAI:
 
 def test_create_whole_and_streamed(gw: Gateway) -> None:
     with client(gw.urls[0]) as c:
-        raw = c.responses.with_raw_response.create(model="codex", input="hi", instructions="be brief")
+        raw = c.responses.with_raw_response.create(
+            model="codex", input="hi", instructions="be brief"
+        )
         whole = raw.parse()
         assert whole.status == "completed"
         assert whole.output_text == TEXT
