@@ -70,12 +70,14 @@ def test_create(gw: Gateway, route: str) -> None:
 
 @pytest.mark.parametrize("route", ROUTES)
 def test_stream(gw: Gateway, route: str) -> None:
-    with client(gw) as c:
-        with c.messages.stream(
+    with (
+        client(gw) as c,
+        c.messages.stream(
             model=route, max_tokens=100, messages=[{"role": "user", "content": "count"}]
-        ) as stream:
-            text = "".join(stream.text_stream)
-            final = stream.get_final_message()
+        ) as stream,
+    ):
+        text = "".join(stream.text_stream)
+        final = stream.get_final_message()
     assert text == TEXT
     assert final.content[0].text == TEXT  # type: ignore[union-attr]
     assert final.stop_reason == "end_turn"
@@ -136,8 +138,9 @@ def test_a_request_shaped_like_claude_codes(gw: Gateway, route: str) -> None:
         }
     ]
     user_id = "user_" + "ab" * 32 + "_account__session_0c3d8c2e-6a7b-4f3e-9d1e-2b5f8a9c7d6e"
-    with client(gw) as c:
-        with c.messages.stream(
+    with (
+        client(gw) as c,
+        c.messages.stream(
             model=route,
             max_tokens=32000,
             system=system,
@@ -146,8 +149,9 @@ def test_a_request_shaped_like_claude_codes(gw: Gateway, route: str) -> None:
             metadata={"user_id": user_id},
             temperature=1,
             extra_headers={"anthropic-beta": BETA},
-        ) as stream:
-            final = stream.get_final_message()
+        ) as stream,
+    ):
+        final = stream.get_final_message()
     assert final.stop_reason == "tool_use"
     assert [b.type for b in final.content if b.type == "tool_use"] == ["tool_use"]
     if route == "via-anthropic":  # passed through: the beta header reached the provider
@@ -162,11 +166,10 @@ def test_errors_come_in_anthropics_shape(gw: Gateway) -> None:
             )
         assert nf.value.body["type"] == "error"  # type: ignore[index]
         assert nf.value.body["error"]["type"] == "not_found_error"  # type: ignore[index]
-    with client(gw, key="wrong-key-0123456789") as c:
-        with pytest.raises(anthropic.AuthenticationError):
-            c.messages.create(
-                model="via-openai", max_tokens=5, messages=[{"role": "user", "content": "x"}]
-            )
+    with client(gw, key="wrong-key-0123456789") as c, pytest.raises(anthropic.AuthenticationError):
+        c.messages.create(
+            model="via-openai", max_tokens=5, messages=[{"role": "user", "content": "x"}]
+        )
     # no max_tokens: the SDK would not send it, so raw
     r = httpx.post(
         f"{gw.urls[0]}/v1/messages",

@@ -67,7 +67,8 @@ def test_create_whole_and_streamed(gw: Gateway) -> None:
         whole = raw.parse()
         assert whole.status == "completed"
         assert whole.output_text == TEXT
-        assert whole.usage is not None and whole.usage.output_tokens == TOKENS
+        assert whole.usage is not None
+        assert whole.usage.output_tokens == TOKENS
         assert raw.headers["x-router-provider"] in PROVIDERS
         with c.responses.stream(model="codex", input="count") as stream:
             deltas = [e.delta for e in stream if e.type == "response.output_text.delta"]
