@@ -70,6 +70,7 @@ OPENAI_FINISH = {
 }
 NOTED_HEADERS = ("anthropic-version", "anthropic-beta", "openai-beta")
 """Headers /stats repeats from the last API request, to check what a gateway forwards."""
+KEY_HEADERS = ("x-api-key", "authorization")
 BAD_JSON_BODY = b'<html><body>502 upstream glitch</body></html>{"choices": ['
 
 
@@ -236,6 +237,8 @@ class Stats:
     """Responses API requests naming a previous_response_id this mock does not hold."""
     last_headers: dict[str, str] = field(default_factory=dict)
     """The NOTED_HEADERS of the last API request (never a key header)."""
+    last_key_header: str | None = None
+    """Which header carried the last API request's key (its name only, never the key)."""
     paths: dict[str, int] = field(default_factory=dict)
     """Requests served per route (``/v1/responses/{response_id}`` for any id)."""
     arrivals: deque[tuple[float, str]] = field(default_factory=lambda: deque(maxlen=ARRIVALS))
@@ -558,6 +561,13 @@ def format_reset(seconds: float) -> str:
     return f"{max(seconds, 0.0):.3f}".rstrip("0").rstrip(".") + "s"
 
 
+def bearer(value: str | None) -> str | None:
+    """The token of an ``Authorization: Bearer <token>`` header."""
+    if value is None or not value.startswith("Bearer "):
+        return None
+    return value[len("Bearer ") :]
+
+
 def client_connected(request: web.BaseRequest) -> bool:
     """True while the client's TCP connection is still open."""
     transport = request.transport
@@ -661,6 +671,7 @@ class MockProvider:
             self.stats.last_headers = {
                 name: headers[name] for name in NOTED_HEADERS if name in headers
             }
+            self.stats.last_key_header = next((h for h in KEY_HEADERS if h in headers), None)
 
     async def _api(self, request: web.Request, kind: str) -> web.StreamResponse:
         """Serve one API POST with in-flight bookkeeping and API-shaped error answers."""
@@ -758,7 +769,10 @@ class MockProvider:
     def _check_headers(self, request: web.Request) -> None:
         """Enforce the API key and, for Anthropic, the anthropic-version header."""
         if self.cfg.api == "anthropic":
-            if self.cfg.api_key and request.headers.get("x-api-key") != self.cfg.api_key:
+            # x-api-key, or a bearer token: Claude Code's auth-token mode and the anthropic
+            # SDK from 2.x send the key as "Authorization: Bearer"
+            key = request.headers.get("x-api-key") or bearer(request.headers.get("Authorization"))
+            if self.cfg.api_key and key != self.cfg.api_key:
                 raise ApiError(401, "invalid x-api-key")
             if not request.headers.get("anthropic-version"):
                 raise bad_request("anthropic-version: header is required")
