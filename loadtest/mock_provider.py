@@ -1,4 +1,12 @@
-"""Mock LLM provider: a real aiohttp server speaking the OpenAI or Anthropic HTTP API."""
+"""Mock LLM provider: a real aiohttp server speaking the OpenAI or Anthropic HTTP API.
+
+``--api openai`` serves chat completions, embeddings and the Responses API (with a bounded
+store of responses for GET, DELETE and previous_response_id); ``--api anthropic`` serves
+Messages. Answers are deterministic (tokens ``tok0 tok1 ...``, or one tool call by the rule in
+``mock_tools``); latency, limits and faults are what the router is tested against. The
+request side shared by every API lives in ``mock_calls``, the Responses shapes in
+``mock_responses``.
+"""
 
 from __future__ import annotations
 
@@ -12,7 +20,6 @@ import random
 import signal
 import struct
 import time
-import uuid
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field, replace
@@ -22,13 +29,31 @@ from typing import Any
 import orjson
 from aiohttp import web
 
+from loadtest.mock_calls import (
+    EMBED_DIM,
+    MODEL_ID,
+    ApiError,
+    Call,
+    Completion,
+    Frame,
+    ToolCall,
+    bad_request,
+    estimate_tokens,
+    last_text,
+    messages_tokens,
+    plan_completion,
+    positive_int,
+    requested_model,
+    sse_event,
+)
+from loadtest.mock_responses import ResponseStore, parse_responses, response_body, response_frames
+from loadtest.mock_tools import chat_tool, messages_tool
+
 WINDOW_S = 60.0
 HANG_LIMIT_S = 600.0
 HANG_POLL_S = 0.02
-EMBED_DIM = 8
 ARRIVALS = 10_000
 """How many arrivals GET /stats keeps (the latest)."""
-MODEL_ID = "mock-model"
 APIS = ("openai", "anthropic")
 ACCOUNTING = ("reserved", "actual")
 FAULT_MODES = ("none", "error", "hang", "close", "bad_json", "cut_stream", "rate_limit")
@@ -37,19 +62,16 @@ FAULT_SCOPES = ("all", "api")
 # first because a real provider that hangs or cuts a stream has already accepted the request.
 EARLY_FAULTS = frozenset({"error", "close", "bad_json", "rate_limit"})
 LATE_FAULTS = frozenset({"hang", "cut_stream"})
-ANTHROPIC_ERROR_TYPES = {
-    400: "invalid_request_error",
-    401: "authentication_error",
-    403: "permission_error",
-    404: "not_found_error",
-    413: "request_too_large",
-    429: "rate_limit_error",
-    529: "overloaded_error",
+OPENAI_FINISH = {
+    "end_turn": "stop",
+    "stop_sequence": "stop",
+    "max_tokens": "length",
+    "tool_use": "tool_calls",
 }
-OPENAI_FINISH = {"end_turn": "stop", "stop_sequence": "stop", "max_tokens": "length"}
+NOTED_HEADERS = ("anthropic-version", "anthropic-beta", "openai-beta")
+"""Headers /stats repeats from the last API request, to check what a gateway forwards."""
+KEY_HEADERS = ("x-api-key", "authorization")
 BAD_JSON_BODY = b'<html><body>502 upstream glitch</body></html>{"choices": ['
-
-Frame = tuple[bytes, int]
 
 
 def _check_choice(option: str, value: str, allowed: Iterable[str]) -> None:
@@ -211,6 +233,14 @@ class Stats:
     last_traceparent: str | None = None
     last_max_tokens: int | None = None
     """The completion budget the last request named, to check what gateways send."""
+    previous_not_found: int = 0
+    """Responses API requests naming a previous_response_id this mock does not hold."""
+    last_headers: dict[str, str] = field(default_factory=dict)
+    """The NOTED_HEADERS of the last API request (never a key header)."""
+    last_key_header: str | None = None
+    """Which header carried the last API request's key (its name only, never the key)."""
+    paths: dict[str, int] = field(default_factory=dict)
+    """Requests served per route (``/v1/responses/{response_id}`` for any id)."""
     arrivals: deque[tuple[float, str]] = field(default_factory=lambda: deque(maxlen=ARRIVALS))
     """(CLOCK_MONOTONIC, the first 40 characters of the last message's text) of the latest
     ARRIVALS valid requests: when each reached the provider, comparable with other processes'
@@ -234,120 +264,6 @@ class Stats:
         self.in_flight -= 1
 
 
-@dataclass
-class Call:
-    """One validated API request."""
-
-    kind: str
-    model: str
-    prompt_tokens: int
-    stream: bool = False
-    max_tokens: int | None = None
-    stops: frozenset[str] = frozenset()
-    include_usage: bool = False
-    inputs: list[Any] = field(default_factory=list)
-    dimensions: int = EMBED_DIM
-    base64: bool = False
-    rid: str = field(default_factory=lambda: uuid.uuid4().hex[:24])
-    created: int = field(default_factory=lambda: int(time.time()))
-
-
-@dataclass
-class Completion:
-    """The tokens an answer consists of and why it stopped (Anthropic vocabulary)."""
-
-    tokens: list[str]
-    reason: str
-    stop_sequence: str | None = None
-
-    @property
-    def text(self) -> str:
-        """The whole answer text."""
-        return "".join(self.tokens)
-
-
-class ApiError(Exception):
-    """An error answer rendered in the API's shape, tagged with its /stats counter."""
-
-    def __init__(
-        self,
-        status: int,
-        message: str,
-        *,
-        counter: str = "errors",
-        openai_type: str | None = None,
-        code: str | None = None,
-        param: str | None = None,
-        headers: dict[str, str] | None = None,
-    ) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
-        self.counter = counter
-        self.openai_type = openai_type
-        self.code = code
-        self.param = param
-        self.headers = headers or {}
-
-    def body(self, api: str) -> dict[str, Any]:
-        """The JSON error body as the given API shapes it."""
-        if api == "anthropic":
-            default = "api_error" if self.status >= 500 else "invalid_request_error"
-            etype = ANTHROPIC_ERROR_TYPES.get(self.status, default)
-            return {"type": "error", "error": {"type": etype, "message": self.message}}
-        etype = self.openai_type or (
-            "server_error" if self.status >= 500 else "invalid_request_error"
-        )
-        return {
-            "error": {
-                "message": self.message,
-                "type": etype,
-                "param": self.param,
-                "code": self.code,
-            }
-        }
-
-
-def bad_request(message: str, param: str | None = None) -> ApiError:
-    """A 400 invalid_request_error."""
-    return ApiError(400, message, param=param, code="invalid_request_error" if param else None)
-
-
-def last_text(body: dict[str, Any]) -> str:
-    """The first 40 characters of the last message's text ("" when it has none)."""
-    messages = body.get("messages")
-    if not isinstance(messages, list) or not messages or not isinstance(messages[-1], dict):
-        return ""
-    content = messages[-1].get("content")
-    if isinstance(content, list):
-        content = next((b.get("text") for b in content if isinstance(b, dict)), "")
-    return content[:40] if isinstance(content, str) else ""
-
-
-def estimate_tokens(chars: int) -> int:
-    """The mock's tokenizer: one token per four characters, rounded up."""
-    return math.ceil(chars / 4)
-
-
-def content_chars(content: Any) -> int:
-    """Characters of a message content: a string or a list of parts carrying ``text``."""
-    if isinstance(content, str):
-        return len(content)
-    if isinstance(content, list):
-        return sum(
-            len(part["text"])
-            for part in content
-            if isinstance(part, dict) and isinstance(part.get("text"), str)
-        )
-    return 0
-
-
-def messages_tokens(messages: list[Any]) -> int:
-    """Estimated prompt tokens of a chat/messages request."""
-    chars = sum(content_chars(m.get("content")) for m in messages if isinstance(m, dict))
-    return estimate_tokens(chars)
-
-
 def embedding_items(raw: Any) -> list[Any]:
     """The embedding inputs as a list: one item per vector to return."""
     if isinstance(raw, str) or (isinstance(raw, list) and raw and isinstance(raw[0], int)):
@@ -364,20 +280,6 @@ def embedding_tokens(items: list[Any]) -> int:
     return estimate_tokens(chars) + ids
 
 
-def positive_int(body: dict[str, Any], keys: Iterable[str], required: bool = False) -> int | None:
-    """The first of ``keys`` present in ``body`` as a positive integer."""
-    for key in keys:
-        value = body.get(key)
-        if value is None:
-            continue
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise bad_request(f"'{key}' must be a positive integer", param=key)
-        return value
-    if required:
-        raise bad_request("max_tokens: Field required", param="max_tokens")
-    return None
-
-
 def stop_words(raw: Any) -> frozenset[str]:
     """Stop sequences of a request, as stripped strings."""
     if isinstance(raw, str):
@@ -385,12 +287,6 @@ def stop_words(raw: Any) -> frozenset[str]:
     if isinstance(raw, list):
         return frozenset(s.strip() for s in raw if isinstance(s, str))
     return frozenset()
-
-
-def requested_model(body: dict[str, Any]) -> str:
-    """The model the client asked for (echoed back), or the mock's own."""
-    model = body.get("model")
-    return model if isinstance(model, str) and model else MODEL_ID
 
 
 def require_messages(body: dict[str, Any]) -> list[Any]:
@@ -404,26 +300,33 @@ def require_messages(body: dict[str, Any]) -> list[Any]:
 def parse_chat(body: dict[str, Any]) -> Call:
     """Validate an OpenAI chat.completions request."""
     options = body.get("stream_options")
+    messages = require_messages(body)
     return Call(
         kind="chat",
         model=requested_model(body),
-        prompt_tokens=messages_tokens(require_messages(body)),
+        prompt_tokens=messages_tokens(messages, tools=body.get("tools")),
         stream=body.get("stream") is True,
         max_tokens=positive_int(body, ("max_completion_tokens", "max_tokens")),
         stops=stop_words(body.get("stop")),
         include_usage=isinstance(options, dict) and options.get("include_usage") is True,
+        tool=chat_tool(body, messages),
     )
 
 
 def parse_messages(body: dict[str, Any]) -> Call:
-    """Validate an Anthropic Messages request."""
+    """Validate an Anthropic Messages request (``system`` a string or a list of blocks)."""
+    messages = require_messages(body)
+    system = body.get("system")
+    if system is not None and not isinstance(system, str | list):
+        raise bad_request("system: Input should be a valid string or list", param="system")
     return Call(
         kind="messages",
         model=requested_model(body),
-        prompt_tokens=messages_tokens(require_messages(body)),
+        prompt_tokens=messages_tokens(messages, system, body.get("tools")),
         stream=body.get("stream") is True,
         max_tokens=positive_int(body, ("max_tokens",), required=True),
         stops=stop_words(body.get("stop_sequences")),
+        tool=messages_tool(body, messages),
     )
 
 
@@ -444,19 +347,8 @@ PARSERS: dict[str, Callable[[dict[str, Any]], Call]] = {
     "chat": parse_chat,
     "messages": parse_messages,
     "embeddings": parse_embeddings,
+    "responses": parse_responses,
 }
-
-
-def plan_completion(natural: int, call: Call) -> Completion:
-    """Decide the answer's tokens: ``natural`` of them, capped by max_tokens and stops."""
-    limit = natural if call.max_tokens is None else min(natural, call.max_tokens)
-    tokens: list[str] = []
-    for i in range(limit):
-        word = f"tok{i}"
-        if word in call.stops:
-            return Completion(tokens, "stop_sequence", word)
-        tokens.append(f"{word} ")
-    return Completion(tokens, "max_tokens" if limit < natural else "end_turn")
 
 
 def openai_usage(call: Call, completion_tokens: int) -> dict[str, int]:
@@ -468,9 +360,26 @@ def openai_usage(call: Call, completion_tokens: int) -> dict[str, int]:
     }
 
 
+def chat_tool_call(tool: ToolCall, arguments: str) -> dict[str, Any]:
+    """A chat ``tool_calls`` entry (a stream's first one carries empty arguments)."""
+    return {
+        "id": f"call_{tool.hex}",
+        "type": "function",
+        "function": {"name": tool.name, "arguments": arguments},
+    }
+
+
+def chat_message(comp: Completion) -> dict[str, Any]:
+    """The assistant message of a ``chat.completion``: text, or one tool call and no content."""
+    if comp.tool is None:
+        return {"role": "assistant", "content": comp.text, "refusal": None}
+    calls = [chat_tool_call(comp.tool, comp.tool.arguments)]
+    return {"role": "assistant", "content": None, "refusal": None, "tool_calls": calls}
+
+
 def chat_completion_body(call: Call, comp: Completion) -> dict[str, Any]:
     """A non-streamed ``chat.completion`` object."""
-    message = {"role": "assistant", "content": comp.text, "refusal": None}
+    message = chat_message(comp)
     return {
         "id": f"chatcmpl-{call.rid}",
         "object": "chat.completion",
@@ -485,8 +394,25 @@ def chat_completion_body(call: Call, comp: Completion) -> dict[str, Any]:
                 "finish_reason": OPENAI_FINISH[comp.reason],
             }
         ],
-        "usage": openai_usage(call, len(comp.tokens)),
+        "usage": openai_usage(call, comp.output_tokens),
     }
+
+
+def tool_use_block(tool: ToolCall, complete: bool) -> dict[str, Any]:
+    """An Anthropic ``tool_use`` block (a stream opens it with an empty input)."""
+    return {
+        "type": "tool_use",
+        "id": f"toolu_{tool.hex}",
+        "name": tool.name,
+        "input": tool.input() if complete else {},
+    }
+
+
+def anthropic_content(comp: Completion) -> list[dict[str, Any]]:
+    """The content of an Anthropic answer: one text block, or one tool_use block."""
+    if comp.tool is not None:
+        return [tool_use_block(comp.tool, complete=True)]
+    return [{"type": "text", "text": comp.text}]
 
 
 def anthropic_message(call: Call, comp: Completion | None) -> dict[str, Any]:
@@ -496,12 +422,14 @@ def anthropic_message(call: Call, comp: Completion | None) -> dict[str, Any]:
         "type": "message",
         "role": "assistant",
         "model": call.model,
-        "content": [] if comp is None else [{"type": "text", "text": comp.text}],
+        "content": [] if comp is None else anthropic_content(comp),
         "stop_reason": None if comp is None else comp.reason,
         "stop_sequence": None if comp is None else comp.stop_sequence,
         "usage": {
             "input_tokens": call.prompt_tokens,
-            "output_tokens": 1 if comp is None else len(comp.tokens),
+            "cache_creation_input_tokens": 0,
+            "cache_read_input_tokens": 0,
+            "output_tokens": 1 if comp is None else comp.output_tokens,
         },
     }
 
@@ -541,11 +469,6 @@ def sse_data(payload: dict[str, Any]) -> bytes:
     return b"data: " + orjson.dumps(payload) + b"\n\n"
 
 
-def sse_event(name: str, payload: dict[str, Any]) -> bytes:
-    """An Anthropic-style ``event:`` + ``data:`` SSE frame."""
-    return b"event: " + name.encode() + b"\ndata: " + orjson.dumps(payload) + b"\n\n"
-
-
 def openai_frames(call: Call, comp: Completion) -> Iterator[Frame]:
     """The chat.completion.chunk frames of a stream, with the tokens each carries."""
     base = {
@@ -562,20 +485,38 @@ def openai_frames(call: Call, comp: Completion) -> Iterator[Frame]:
         choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
         return sse_data({**base, "choices": [choice], **tail})
 
-    yield chunk({"role": "assistant", "content": ""}), 0
-    for token in comp.tokens:
-        yield chunk({"content": token}), 1
+    if comp.tool is None:
+        yield chunk({"role": "assistant", "content": ""}), 0
+        for token in comp.tokens:
+            yield chunk({"content": token}), 1
+    else:
+        opening = {"index": 0, **chat_tool_call(comp.tool, "")}
+        yield chunk({"role": "assistant", "content": None, "tool_calls": [opening]}), 0
+        for piece, tokens in comp.tool.paced_pieces():
+            more = {"index": 0, "function": {"arguments": piece}}
+            yield chunk({"tool_calls": [more]}), tokens
     yield chunk({}, OPENAI_FINISH[comp.reason]), 0
     if call.include_usage:
-        yield sse_data({**base, "choices": [], "usage": openai_usage(call, len(comp.tokens))}), 0
+        usage = openai_usage(call, comp.output_tokens)
+        yield sse_data({**base, "choices": [], "usage": usage}), 0
     yield b"data: [DONE]\n\n", 0
+
+
+def anthropic_deltas(comp: Completion) -> list[tuple[dict[str, Any], int]]:
+    """The content block's deltas: text tokens, or the tool input's JSON in pieces."""
+    if comp.tool is None:
+        return [({"type": "text_delta", "text": token}, 1) for token in comp.tokens]
+    return [
+        ({"type": "input_json_delta", "partial_json": piece}, tokens)
+        for piece, tokens in comp.tool.paced_pieces()
+    ]
 
 
 def anthropic_frames(call: Call, comp: Completion) -> Iterator[Frame]:
     """The Messages API event frames of a stream, with the tokens each carries."""
     start = {"type": "message_start", "message": anthropic_message(call, None)}
     yield sse_event("message_start", start), 0
-    block = {"type": "text", "text": ""}
+    block = {"type": "text", "text": ""} if comp.tool is None else tool_use_block(comp.tool, False)
     yield (
         sse_event(
             "content_block_start",
@@ -584,18 +525,21 @@ def anthropic_frames(call: Call, comp: Completion) -> Iterator[Frame]:
         0,
     )
     yield sse_event("ping", {"type": "ping"}), 0
-    for token in comp.tokens:
-        delta = {
-            "type": "content_block_delta",
-            "index": 0,
-            "delta": {"type": "text_delta", "text": token},
-        }
-        yield sse_event("content_block_delta", delta), 1
+    for delta, tokens in anthropic_deltas(comp):
+        event = {"type": "content_block_delta", "index": 0, "delta": delta}
+        yield sse_event("content_block_delta", event), tokens
     yield sse_event("content_block_stop", {"type": "content_block_stop", "index": 0}), 0
     stop = {"stop_reason": comp.reason, "stop_sequence": comp.stop_sequence}
-    usage = {"output_tokens": len(comp.tokens)}
+    usage = {"output_tokens": comp.output_tokens}
     yield sse_event("message_delta", {"type": "message_delta", "delta": stop, "usage": usage}), 0
     yield sse_event("message_stop", {"type": "message_stop"}), 0
+
+
+def stream_frames(call: Call, comp: Completion, final: dict[str, Any] | None) -> Iterator[Frame]:
+    """The SSE frames of a streamed answer in its API's shape (``final``: a Responses answer)."""
+    if final is not None:
+        return response_frames(call, comp, final)
+    return openai_frames(call, comp) if call.kind == "chat" else anthropic_frames(call, comp)
 
 
 def model_list(cfg: MockConfig) -> dict[str, Any]:
@@ -615,6 +559,13 @@ def model_list(cfg: MockConfig) -> dict[str, Any]:
 def format_reset(seconds: float) -> str:
     """A reset duration the way OpenAI's x-ratelimit-reset-* headers write it (e.g. '1.5s')."""
     return f"{max(seconds, 0.0):.3f}".rstrip("0").rstrip(".") + "s"
+
+
+def bearer(value: str | None) -> str | None:
+    """The token of an ``Authorization: Bearer <token>`` header."""
+    if value is None or not value.startswith("Bearer "):
+        return None
+    return value[len("Bearer ") :]
 
 
 def client_connected(request: web.BaseRequest) -> bool:
@@ -644,6 +595,7 @@ class MockProvider:
         self.tpm = SlidingWindow(cfg.tpm)
         self.fault = Fault(mode=cfg.fault)
         self.stats = Stats()
+        self.responses = ResponseStore()
 
     def routes(self) -> list[web.RouteDef]:
         """The URL map for the configured API."""
@@ -651,6 +603,9 @@ class MockProvider:
             api = [
                 web.post("/v1/chat/completions", self._chat),
                 web.post("/v1/embeddings", self._embeddings),
+                web.post("/v1/responses", self._responses),
+                web.get("/v1/responses/{response_id}", self._get_response),
+                web.delete("/v1/responses/{response_id}", self._delete_response),
             ]
         else:
             api = [web.post("/v1/messages", self._messages)]
@@ -675,8 +630,52 @@ class MockProvider:
         """POST /v1/embeddings."""
         return await self._api(request, "embeddings")
 
+    async def _responses(self, request: web.Request) -> web.StreamResponse:
+        """POST /v1/responses."""
+        return await self._api(request, "responses")
+
+    async def _get_response(self, request: web.Request) -> web.StreamResponse:
+        """GET /v1/responses/{response_id}: a stored response, or 404."""
+        return await self._stored(request, delete=False)
+
+    async def _delete_response(self, request: web.Request) -> web.StreamResponse:
+        """DELETE /v1/responses/{response_id}: forget a stored response, or 404."""
+        return await self._stored(request, delete=True)
+
+    async def _stored(self, request: web.Request, delete: bool) -> web.StreamResponse:
+        """Look a stored response up (and maybe delete it), behind the outage and key checks."""
+        self._note(request, api=True)
+        outage = await self._outage(request)
+        if outage is not None:
+            return outage
+        rid = request.match_info["response_id"]
+        try:
+            self._check_headers(request)
+            stored = self.responses.get(rid)
+            if stored is None:
+                raise ApiError(404, f"No response found with id '{rid}'.")
+        except ApiError as err:
+            return self._json(err.body(self.cfg.api), status=err.status)
+        if not delete:
+            return self._json(stored.body)
+        self.responses.delete(rid)
+        return self._json({"id": rid, "object": "response.deleted", "deleted": True})
+
+    def _note(self, request: web.Request, api: bool) -> None:
+        """Count the request's route; for API requests keep the NOTED_HEADERS."""
+        route = request.match_info.route.resource
+        path = route.canonical if route is not None else request.path
+        self.stats.paths[path] = self.stats.paths.get(path, 0) + 1
+        if api:
+            headers = request.headers
+            self.stats.last_headers = {
+                name: headers[name] for name in NOTED_HEADERS if name in headers
+            }
+            self.stats.last_key_header = next((h for h in KEY_HEADERS if h in headers), None)
+
     async def _api(self, request: web.Request, kind: str) -> web.StreamResponse:
         """Serve one API POST with in-flight bookkeeping and API-shaped error answers."""
+        self._note(request, api=True)
         self.stats.received += 1
         self.stats.enter()
         try:
@@ -702,6 +701,8 @@ class MockProvider:
         self._check_headers(request)
         body = self._decode(raw)
         call = PARSERS[kind](body)
+        if call.kind == "responses":
+            self._continue(call)
         self.stats.arrivals.append((time.monotonic(), last_text(body)))
         if self.cfg.prompt_token_scale != 1.0:
             call.prompt_tokens = math.ceil(call.prompt_tokens * self.cfg.prompt_token_scale)
@@ -717,6 +718,22 @@ class MockProvider:
             return await self._hang(request)
         cut = late.after_chunks if late is not None else None
         return await self._answer(request, call, cut)
+
+    def _continue(self, call: Call) -> None:
+        """Resolve previous_response_id: its context joins the input, or the request is a 400."""
+        previous = call.echo["previous_response_id"]
+        if previous is None:
+            return
+        stored = self.responses.get(previous)
+        if stored is None:
+            raise ApiError(
+                400,
+                f"Previous response with id '{previous}' not found.",
+                counter="previous_not_found",
+                param="previous_response_id",
+                code="previous_response_not_found",
+            )
+        call.prompt_tokens += stored.context_tokens
 
     def _take_fault(self, modes: frozenset[str]) -> Fault | None:
         """A copy of the armed fault if its mode is in ``modes``, consuming one use of it."""
@@ -752,7 +769,10 @@ class MockProvider:
     def _check_headers(self, request: web.Request) -> None:
         """Enforce the API key and, for Anthropic, the anthropic-version header."""
         if self.cfg.api == "anthropic":
-            if self.cfg.api_key and request.headers.get("x-api-key") != self.cfg.api_key:
+            # x-api-key, or a bearer token: Claude Code's auth-token mode and the anthropic
+            # SDK from 2.x send the key as "Authorization: Bearer"
+            key = request.headers.get("x-api-key") or bearer(request.headers.get("Authorization"))
+            if self.cfg.api_key and key != self.cfg.api_key:
                 raise ApiError(401, "invalid x-api-key")
             if not request.headers.get("anthropic-version"):
                 raise bad_request("anthropic-version: header is required")
@@ -886,17 +906,26 @@ class MockProvider:
     ) -> web.StreamResponse:
         """Produce the successful answer (optionally cut short by a fault)."""
         comp = plan_completion(self.cfg.completion_tokens, call)
+        final = self._respond(call, comp) if call.kind == "responses" else None
         if call.stream:
-            return await self._stream(request, call, comp, cut)
+            return await self._stream(request, call, stream_frames(call, comp, final), cut)
         await asyncio.sleep(self._delay(self.cfg.latency_ms))
-        body = orjson.dumps(answer_body(call, comp))
+        body = orjson.dumps(final if final is not None else answer_body(call, comp))
         if cut is not None:
             return await self._cut_body(request, call, body)
-        self._settle(call, len(comp.tokens))
+        self._settle(call, comp.output_tokens)
         self.stats.record("ok", 200)
         return web.Response(
             body=body, content_type="application/json", headers=self._success_headers(call)
         )
+
+    def _respond(self, call: Call, comp: Completion) -> dict[str, Any]:
+        """The Responses API's response object, stored (unless store is false) before it is sent
+        so that a follow-up can name it as soon as the client has its id."""
+        final = response_body(call, comp)
+        if final["store"]:
+            self.responses.put(final)
+        return final
 
     async def _cut_body(self, request: web.Request, call: Call, body: bytes) -> web.StreamResponse:
         """cut_stream on a non-streamed answer: send half the announced body, then disconnect."""
@@ -908,13 +937,12 @@ class MockProvider:
         await resp.write(body[: len(body) // 2])
         return drop_connection(request, resp)
 
-    def _frames(self, call: Call, comp: Completion) -> Iterator[tuple[float, bytes, int]]:
+    def _paced(self, frames: Iterable[Frame]) -> Iterator[tuple[float, bytes, int]]:
         """Stream frames with the pause before each: TTFT first, then the inter-token gap."""
-        frames = openai_frames if call.kind == "chat" else anthropic_frames
         ttft = self.cfg.latency_ms if self.cfg.ttft_ms is None else self.cfg.ttft_ms
         gap = self.cfg.chunk_interval_ms / 1000.0
         first_token = True
-        for index, (frame, tokens) in enumerate(frames(call, comp)):
+        for index, (frame, tokens) in enumerate(frames):
             delay = self._delay(ttft) if index == 0 else 0.0
             if tokens:
                 delay += 0.0 if first_token else gap
@@ -922,7 +950,7 @@ class MockProvider:
             yield delay, frame, tokens
 
     async def _stream(
-        self, request: web.Request, call: Call, comp: Completion, cut: int | None
+        self, request: web.Request, call: Call, source: Iterable[Frame], cut: int | None
     ) -> web.StreamResponse:
         """Send the answer as paced SSE frames, each written to the socket on its own."""
         headers = {
@@ -933,7 +961,7 @@ class MockProvider:
         resp = web.StreamResponse(headers=headers)
         await resp.prepare(request)
         self.stats.record(None, 200)
-        frames: Iterable[tuple[float, bytes, int]] = self._frames(call, comp)
+        frames: Iterable[tuple[float, bytes, int]] = self._paced(source)
         if cut is not None:
             frames = itertools.islice(frames, cut)
         tokens, stayed = await self._pump(resp, frames)
@@ -965,22 +993,35 @@ class MockProvider:
 
     async def _models(self, request: web.Request) -> web.StreamResponse:
         """GET /v1/models in the configured API's shape."""
+        self._note(request, api=False)
         # an outage takes the whole server down, not just the completion endpoints (a probe
-        # of /models must see it), unless its scope is the API only; counted faults stay
-        # reserved for API requests
-        outage = self.fault.mode if self.fault.scope == "all" else "none"
-        if outage == "error":
-            err = ApiError(self.fault.status, f"Injected fault: HTTP {self.fault.status}")
-            return self._json(err.body(self.cfg.api), status=err.status)
-        if outage == "close":
-            return drop_connection(request)
-        if outage == "hang":
-            return await self._hang(request)
+        # of /models must see it), unless its scope is the API only
+        outage = await self._outage(request, ("all",))
+        if outage is not None:
+            return outage
         try:
             self._check_headers(request)
         except ApiError as err:
             return self._json(err.body(self.cfg.api), status=err.status)
         return self._json(model_list(self.cfg))
+
+    async def _outage(
+        self, request: web.Request, scopes: Iterable[str] = FAULT_SCOPES
+    ) -> web.StreamResponse | None:
+        """The armed outage's answer to a request outside the POST path, if it reaches it.
+
+        Counted faults stay reserved for API POSTs, so this never consumes one.
+        """
+        if self.fault.scope not in scopes:
+            return None
+        if self.fault.mode == "error":
+            err = ApiError(self.fault.status, f"Injected fault: HTTP {self.fault.status}")
+            return self._json(err.body(self.cfg.api), status=err.status)
+        if self.fault.mode == "close":
+            return drop_connection(request)
+        if self.fault.mode == "hang":
+            return await self._hang(request)
+        return None
 
     def snapshot(self) -> dict[str, Any]:
         """The GET /stats document."""

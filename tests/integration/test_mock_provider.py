@@ -304,7 +304,12 @@ async def test_anthropic_non_stream(start_mock: Start, http: httpx.AsyncClient) 
     assert (msg["type"], msg["role"], msg["model"]) == ("message", "assistant", "claude-x")
     assert msg["content"] == [{"type": "text", "text": "tok0 tok1 tok2 tok3 "}]
     assert (msg["stop_reason"], msg["stop_sequence"]) == ("end_turn", None)
-    assert msg["usage"] == {"input_tokens": 3, "output_tokens": 4}
+    assert msg["usage"] == {
+        "input_tokens": 3,
+        "cache_creation_input_tokens": 0,
+        "cache_read_input_tokens": 0,
+        "output_tokens": 4,
+    }
     assert resp.headers["anthropic-ratelimit-requests-remaining"] == "9"
     assert resp.headers["anthropic-ratelimit-tokens-remaining"] == "900"
 
@@ -335,7 +340,12 @@ async def test_anthropic_stream_event_sequence(start_mock: Start, http: httpx.As
         "message_stop",
     ]
     assert [d["type"] for d in data] == names
-    assert data[0]["message"]["usage"] == {"input_tokens": 3, "output_tokens": 1}
+    assert data[0]["message"]["usage"] == {
+        "input_tokens": 3,
+        "cache_creation_input_tokens": 0,
+        "cache_read_input_tokens": 0,
+        "output_tokens": 1,
+    }
     assert data[1]["content_block"] == {"type": "text", "text": ""}
     assert [d["delta"] for d in data[3:6]] == [
         {"type": "text_delta", "text": f"tok{i} "} for i in range(3)
