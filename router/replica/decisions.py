@@ -7,7 +7,7 @@ import time
 
 from router.config import Route
 from router.state.store import Decision, QueueState
-from router.strategies import TenantCode
+from router.strategies import PinOutcome, TenantCode
 from router.telemetry.logs import decision_log, decisions_logged
 
 
@@ -34,6 +34,8 @@ def log_decision(
         "reason": _reason(route, decision),
         "wait_ms": decision.wait_ms if chosen is None else 0,
         "tenant_spend_nano": decision.spent_nano if tenant else None,
+        "pin": decision.pin.name.lower() if decision.pin is not PinOutcome.NONE else None,
+        "pinned": decision.pinned or None,
         "decision_us": (time.perf_counter_ns() - started_ns) // 1000,
         "candidates": [
             {
@@ -59,9 +61,22 @@ _WHY = {
 }
 
 
+_PIN_WHY = {
+    PinOutcome.HIT: "its affinity pin",
+    PinOutcome.NEW: "consistent hashing of its affinity key (no pin yet; pinned now)",
+    PinOutcome.SPILLED: "the pinned (or hashed) target was full, so {why}; pinned there now",
+    PinOutcome.MOVED: "the pinned target was out of service, so {why}; pinned there now",
+}
+
+
 def _reason(route: Route, decision: Decision) -> str:
     if decision.index is not None:
-        return _WHY[route.strategy.value]
+        why = _WHY[route.strategy.value]
+        return _PIN_WHY.get(decision.pin, "{why}").format(why=why)
+    if decision.pin is PinOutcome.PIN_UNAVAILABLE:
+        return f"the provider its response is pinned to ({decision.pinned}) cannot take it"
+    if decision.pin is PinOutcome.FOREIGN:
+        return "its previous response is another tenant's"
     if decision.tenant_code is not TenantCode.OK:
         return f"the tenant is at its limit: {decision.tenant_code.name.lower()}"
     if decision.queue_state is QueueState.WAITING:

@@ -31,6 +31,8 @@ from router.errors import (
     AllAttemptsFailed,
     Attempt,
     BadRequest,
+    PinnedUnavailable,
+    PreviousResponseNotFound,
     ClientError,
     ProviderClientError,
     Saturated,
@@ -43,7 +45,7 @@ from router.errors import (
 from router.replica.decisions import log_decision
 from router.replica.healthview import HealthView
 from router.replica.leases import LeaseKeeper
-from router.replica.refusal import refusal, tenant_refusal
+from router.replica.refusal import REASONS, refusal, tenant_refusal
 from router.replica.waitroom import IDLE_LOOK_S, WaitRoom
 from router.state.store import (
     Decision,
@@ -56,7 +58,8 @@ from router.state.store import (
     TenantPlan,
     Ticket,
 )
-from router.strategies import TenantCode
+from router.state.affinity import PinRequest
+from router.strategies import CAPACITY, Code, PinOutcome, TenantCode
 from router.telemetry.logs import decisions_logged
 from router.telemetry.metrics import RouterMetrics
 from router.telemetry.tracing import Telemetry
@@ -102,6 +105,16 @@ class Operation(Enum):
     MESSAGES = "messages"
     RESPONSES = "responses"
 
+
+PIN_OUTCOMES = {
+    PinOutcome.HIT: "hit",
+    PinOutcome.NEW: "new",
+    PinOutcome.SPILLED: "spilled",
+    PinOutcome.MOVED: "moved",
+    PinOutcome.PIN_UNAVAILABLE: "unavailable",
+    PinOutcome.FOREIGN: "foreign",
+}
+"""The metrics' and the decision log's word for each thing a pin did."""
 
 _API_NAMES = {
     Operation.CHAT: "chat completions",
@@ -292,6 +305,29 @@ class Dispatcher:
                 raise
         raise _gave_up(job.attempts, job.retry_after_s)
 
+    def _pin_request(
+        self,
+        route: Route,
+        affinity: str | None,
+        previous: str | None,
+        tenant: TenantPlan | None,
+    ) -> PinRequest | None:
+        """The pin the request's acquire follows: its ``previous_response_id``'s (required:
+        only that provider has the response), else its affinity key's on the route."""
+        name = tenant.name if tenant is not None else ""
+        if previous is not None:
+            return PinRequest.response(previous, ttl_s=self.cfg.response_pin_ttl_s, tenant=name)
+        if affinity is None or route.affinity is None:
+            return None
+        return PinRequest.preferred(
+            route.model,
+            affinity,
+            self.plans[route.model].providers,
+            ttl_s=route.affinity.ttl_s,
+            load_factor=route.affinity.load_factor,
+            tenant=name,
+        )
+
     def _job(
         self,
         op: Operation,
@@ -354,6 +390,8 @@ class Dispatcher:
             )
             tenant = job.tenant.name if job.tenant is not None else None
             log_decision(job.request_id, route, d, len(job.attempts) + 1, started, tenant)
+            if d.pin is not PinOutcome.NONE:
+                self._pinned(job, d)
             if d.index is not None:
                 if job.ticket is not None:
                     job.ticket = replace(job.ticket, holds=False)  # spent by the admission
@@ -388,6 +426,23 @@ class Dispatcher:
                 raise self._no_room(job, d)
             hint = d.wait_ms / 1000 if d.wait_ms > 0 else POLL_S
             await self.leases.changed(within=min(left, hint, 1.0) * self._rand.uniform(0.8, 1.0))
+
+    def _pinned(self, job: _Job, d: Decision) -> None:
+        """Count what the request's pin did; raise when it cannot be served elsewhere: a
+        response of another tenant (as if unknown), or its provider out of service."""
+        self.metrics.affinity(job.plan.route.model, PIN_OUTCOMES[d.pin])
+        assert job.pin is not None
+        if d.pin is PinOutcome.FOREIGN:
+            raise PreviousResponseNotFound(job.pin.key)
+        if d.pin is PinOutcome.PIN_UNAVAILABLE:
+            code = next((c.code for c in d.candidates if c.provider == d.pinned), Code.EXCLUDED)
+            if code not in CAPACITY:  # (waiting for room is the caller's, as for any request)
+                why = "; ".join(f"{a.provider}: {a.outcome}" for a in job.attempts)
+                raise PinnedUnavailable(
+                    f"the provider holding response '{job.pin.key}' ({d.pinned}) is "
+                    + (f"failing ({why})" if job.attempts else REASONS[code])
+                    + ": it alone has the conversation, so the request goes nowhere else"
+                )
 
     def _leased(self, job: _Job, d: Decision, lease_id: str, local: bool) -> Lease:
         """The lease an admitting decision took, held by this replica (with what it
@@ -453,6 +508,7 @@ class Dispatcher:
                     cost_nano=cost,
                     counted=not job.counted,
                     ticket=self._ticket(job, may_wait),
+                    affinity=job.pin,
                 )
             except StoreError as exc:
                 self._lost(job, lease_id, not_after)
@@ -533,6 +589,13 @@ class Dispatcher:
         """No target now: what failover found, else a lack of room (429) or an outage (503)."""
         if job.attempts:
             return _gave_up(job.attempts, job.retry_after_s)
+        if d.pin is PinOutcome.PIN_UNAVAILABLE and job.pin is not None:
+            self.metrics.saturated(job.plan.route.model)
+            retry = d.wait_ms / 1000 if d.wait_ms > 0 else 1.0
+            return Saturated(
+                f"the provider holding response '{job.pin.key}' ({d.pinned}) has no room now",
+                retry,
+            )
         err = refusal(job.plan, job.tokens, d)
         if isinstance(err, Saturated):
             self.metrics.saturated(job.plan.route.model)
@@ -604,9 +667,9 @@ class Dispatcher:
             self.release_charged(lease, result)
 
     def _pin_response(self, outcome: Outcome, response_id: str) -> Outcome:
-        """``outcome`` with the Responses API answer's id to pin to its provider on release."""
-        ttl_ms = int(self.cfg.response_pin_ttl_s * 1000)
-        return replace(outcome, response_id=response_id, response_ttl_ms=ttl_ms)
+        """``outcome`` with the Responses API answer's id to pin to its provider on release
+        (for the store's ``response_pin_ttl_ms``)."""
+        return replace(outcome, response_id=response_id)
 
     async def release_pinned(self, lease: Lease, outcome: Outcome) -> None:
         """Release a served attempt now, and wait for it: its release pins its response."""
