@@ -19,13 +19,20 @@ arguments.
 
 Ties in the last three are broken by scanning from a random start, so equal targets share
 the load.
+
+Affinity (``place``) comes before the strategy: a request whose key is pinned goes to its
+pinned target while that target can take it; a key with no pin goes to its consistent-hashing
+choice (rendezvous order, computed by the caller) unless that target would then hold more than
+``load_factor`` times the mean in flight of the eligible targets (consistent hashing with
+bounded loads, Mirrokni, Thorup and Zadimoghaddam 2018); otherwise the strategy chooses.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from enum import IntEnum
+from math import ceil
 
 from router.config import Strategy
 
@@ -84,6 +91,37 @@ def tenant_verdict(t: TenantUse, tokens: int, cost: int, counted: bool = True) -
         (t.budget > 0 and t.spent + cost > t.budget, TenantCode.BUDGET),
     )
     return next((code for failed, code in checks if failed), TenantCode.OK)
+
+
+class PinOutcome(IntEnum):
+    """What affinity did for a decision (the numbers are the Lua script's)."""
+
+    NONE = 0
+    """No pin took part: no key, no pin of a required key, or no target could take it."""
+    HIT = 1
+    """The pinned target took it."""
+    NEW = 2
+    """No pin: its consistent-hashing choice took it, and is pinned now."""
+    SPILLED = 3
+    """The pinned (or consistent-hashing) target was only full: another took it, and is
+    pinned now."""
+    MOVED = 4
+    """The pinned target was out of service (down, drained, circuit open, or excluded by this
+    request's failover): another took it, and is pinned now."""
+    PIN_UNAVAILABLE = 5
+    """A required pin's target cannot take it now: nothing leased."""
+    FOREIGN = 6
+    """A required pin of another tenant: treated as absent, nothing leased or said of it."""
+
+
+PIN_REFRESH = 0.9
+"""A pin is written again when used with less than this fraction of its TTL left: a hot pin
+costs one read per request, and lives between 0.9 and 1 TTL after its last use."""
+
+
+def pin_due(expires_ms: int, now_ms: int, ttl_ms: int) -> bool:
+    """Whether a pin used now is written again (its expiry pushed back)."""
+    return expires_ms - now_ms < PIN_REFRESH * ttl_ms
 
 
 CAPACITY = frozenset({Code.COOLING, Code.FULL, Code.RPM, Code.TPM})
@@ -213,3 +251,75 @@ def choose(
         elif _better(strategy, targets[i], targets[best], expected_output):
             best = i
     return Choice(best, tuple(swrr))
+
+
+def bounded_hash(
+    targets: Sequence[TargetView], eligible: Sequence[bool], order: Sequence[int], load_factor: float
+) -> tuple[int | None, int | None]:
+    """Consistent hashing with bounded loads: the first eligible target of ``order`` (0-based
+    indices, rendezvous order) whose in flight, with this request, stays within
+    ``ceil(load_factor * (in flight over the eligible + 1) / eligible count)``; and the first
+    eligible target of ``order`` (the unbounded choice). Some eligible target always fits (the
+    least loaded is at most the mean), so ``None`` means ``order`` named none of them."""
+    live = [t for t, ok in zip(targets, eligible, strict=True) if ok]
+    if not live:
+        return None, None
+    cap = ceil(load_factor * (sum(t.in_flight for t in live) + 1) / len(live))
+    first = None
+    for i in order:
+        if 0 <= i < len(targets) and eligible[i]:
+            first = i if first is None else first
+            if targets[i].in_flight + 1 <= cap:
+                return i, first
+    return None, first
+
+
+@dataclass(frozen=True, slots=True)
+class PinView:
+    """What a decision knows of a request's pin: the pinned provider (``None``: no pin) and,
+    for a key with none, its consistent-hashing order."""
+
+    pin: str | None
+    order: Sequence[int] = ()
+    """0-based target indices, the key's rendezvous order (``router.state.affinity``)."""
+    load_factor: float = 1.25
+    required: bool = False
+    """A response id's pin: honoured or nothing is leased; never made here."""
+
+
+def place(
+    strategy: Strategy,
+    targets: Sequence[TargetView],
+    providers: Sequence[str],
+    now_ms: int,
+    affinity: PinView,
+    *,
+    rotation: int,
+    rand: int,
+    swrr: Sequence[int],
+    expected_output: int,
+) -> tuple[Choice, PinOutcome]:
+    """Pick a target for a request with an affinity key, and say what the pin did. The
+    strategy (``choose``, whose arguments follow) decides only when the pin does not, and only
+    then does its state (the rotation, the SWRR weights) move."""
+    codes = [eligibility(t, now_ms) for t in targets]
+    pinned = providers.index(affinity.pin) if affinity.pin in providers else None
+    kept = Choice(None, tuple(swrr))
+    if pinned is not None and codes[pinned] is Code.OK:
+        return replace(kept, index=pinned), PinOutcome.HIT
+    if affinity.required and affinity.pin is not None:
+        return kept, PinOutcome.PIN_UNAVAILABLE
+    chosen = choose(
+        strategy, targets, now_ms, rotation=rotation, rand=rand, swrr=swrr,
+        expected_output=expected_output,
+    )  # fmt: skip
+    if chosen.index is None or affinity.required:
+        return chosen, PinOutcome.NONE
+    if pinned is not None:
+        gone = codes[pinned] in OUT_OF_SERVICE or codes[pinned] is Code.EXCLUDED
+        return chosen, PinOutcome.MOVED if gone else PinOutcome.SPILLED
+    eligible = [c is Code.OK for c in codes]
+    pick, first = bounded_hash(targets, eligible, affinity.order, affinity.load_factor)
+    if pick is not None:
+        return replace(kept, index=pick), PinOutcome.NEW if pick == first else PinOutcome.SPILLED
+    return chosen, PinOutcome.NEW if first is None else PinOutcome.SPILLED

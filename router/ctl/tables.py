@@ -73,14 +73,16 @@ def _circuit(p: ProviderState, now_ms: int) -> Text:
     return Text(", ".join(parts), style=style)
 
 
-_STATUS = ("provider", "weight", "health", "circuit / cooldown", "drained")
+# pins (affinity pins naming the provider) sit in the status part: the load part at 80
+# columns has no room left for a sixth figure without folding the names to a few letters
+_STATUS = ("provider", "weight", "health", "circuit / cooldown", "drained", "pins")
 _LOAD = ("in flight", "RPM", "TPM", "TTFT ms", "TPOT ms")
-_FIGURES = frozenset({"weight", *_LOAD})
+_FIGURES = frozenset({"weight", "pins", *_LOAD})
 
 
 def _status_cells(weight: int, p: ProviderState, now_ms: int) -> tuple[str | Text, ...]:
     drained = Text("DRAINED", style="bold yellow") if p.drained else Text("no")
-    return p.name, str(weight), _health(p, now_ms), _circuit(p, now_ms), drained
+    return p.name, str(weight), _health(p, now_ms), _circuit(p, now_ms), drained, str(p.pins)
 
 
 def _load_cells(p: ProviderState) -> tuple[str, ...]:

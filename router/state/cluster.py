@@ -13,6 +13,9 @@ Schema 1, with these fields added since (additive, so still 1): each route's ``q
      "waiting": 3,            requests waiting now, cluster-wide (unexpired tickets)
      "by_tenant": [{"tenant": "batch", "priority": 0, "count": 2}, ...]}
 
+And each provider's ``pins``: the affinity pins (session and prefix keys of every route,
+response ids) naming it whose expiry is ahead of Redis's clock.
+
 ``by_tenant`` is sorted by priority (highest first: served first), then tenant name. A ticket
 counts while its expiry (last renewal + the ticket TTL) is ahead of Redis's clock: a dead
 waiter's ticket leaves the count within the TTL, before the acquire script purges it. How
@@ -68,6 +71,8 @@ class ProviderState:
     ttft_ewma_ms: float | None
     tpot_ewma_ms: float | None
     outcomes: dict[str, int]
+    pins: int = 0
+    """Affinity pins (session, prefix and response ids) naming it now, over every route."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -180,13 +185,13 @@ def decode_state(raw: Sequence[Any], cfg: Config, ids: Sequence[str]) -> Cluster
     now_ms = sec * 1000 + int(raw[1]) // 1000
     n = len(cfg.providers)
     providers = tuple(
-        _provider(p, _hash(raw[6 + 2 * i]), int(raw[7 + 2 * i]), sec, now_ms)
+        _provider(p, _hash(raw[6 + 3 * i]), int(raw[7 + 3 * i]), int(raw[8 + 3 * i]), sec, now_ms)
         for i, p in enumerate(cfg.providers)
     )
     queued = _queued(cfg)
-    queues = {r.model: _queue(r, raw[6 + 2 * n + j]) for j, r in enumerate(queued)}
+    queues = {r.model: _queue(r, raw[6 + 3 * n + j]) for j, r in enumerate(queued)}
     beats = _hash(raw[5])
-    records = zip(ids, raw[6 + 2 * n + len(queued) :], strict=False)
+    records = zip(ids, raw[6 + 3 * n + len(queued) :], strict=False)
     # a replica whose record expired is gone, whatever the index still says
     replicas = tuple(_replica(i, _hash(r), beats, now_ms) for i, r in records if r)
     leader = decode_text(raw[2]) if raw[2] else None
@@ -204,7 +209,7 @@ def decode_state(raw: Sequence[Any], cfg: Config, ids: Sequence[str]) -> Cluster
 
 
 def _provider(
-    p: Provider, h: dict[str, str], in_flight: int, sec: int, now_ms: int
+    p: Provider, h: dict[str, str], in_flight: int, pins: int, sec: int, now_ms: int
 ) -> ProviderState:
     oldest = sec - WINDOW_BUCKETS + 1
     cool = _int(h.get("cool"))
@@ -230,6 +235,7 @@ def _provider(
         ttft_ewma_ms=_float(h.get("ttft")),
         tpot_ewma_ms=_float(h.get("tpot")),
         outcomes={f[2:]: int(v) for f, v in sorted(h.items()) if f.startswith("o:")},
+        pins=pins,
     )
 
 
@@ -313,6 +319,7 @@ def expected_keys(keys: Keys, cfg: Config, replica_ids: Sequence[str]) -> dict[s
     for p in cfg.providers:
         out[keys.provider(p.name)] = f"provider {p.name}: windows, cooldown, health, circuit, EWMAs"
         out[keys.leases(p.name)] = f"provider {p.name}: in-flight leases (id -> expiry ms)"
+        out[keys.pins(p.name)] = f"provider {p.name}: its affinity pins (key -> expiry ms)"
     for r in cfg.routes:
         if r.strategy is Strategy.ROUND_ROBIN:
             out[keys.rotation(r.model)] = f"route {r.model}: the shared rotation counter"
@@ -342,6 +349,12 @@ def expected_keys(keys: Keys, cfg: Config, replica_ids: Sequence[str]) -> dict[s
 def _found(keys: Keys, name: str) -> str | None:
     """What a key not named by the config holds, when its name says it."""
     tenant, usage = keys.tenant(""), keys.usage("", "")[:-1]
+    pin, response = keys.pin("", "")[:-1], keys.response_pin("")
+    if name.startswith(pin):
+        route = name[len(pin) :].rpartition(":")[0]
+        return f"affinity pin on route {route} (provider|expiry|tenant)"
+    if name.startswith(response):
+        return "a Responses API answer's pin (provider|expiry|tenant)"
     if name.startswith(tenant):
         who = name[len(tenant) :]
         if who.endswith(":live"):

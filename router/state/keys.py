@@ -26,6 +26,12 @@ shared by every route that uses it, so provider keys are named by the pool, not 
     <prefix>:{<pool>}:tenants:version          string, bumped on every change of the two above
     <prefix>:{<pool>}:usage:day:<YYYY-MM-DD>   hash "<tenant>|<route>|<provider>|<figure>" -> int
     <prefix>:{<pool>}:usage:month:<YYYY-MM>    the same per month (figures: see USAGE_FIGURES)
+    <prefix>:{<pool>}:pin:<route>:<digest>     string with expiry (PX): an affinity pin,
+                                               '<provider>|<expires ms>|<tenant>'
+    <prefix>:{<pool>}:response:<id>            the same for a Responses API answer's id
+    <prefix>:{<pool>}:pins:<provider>          zset pin key's suffix after the pool tag
+                                               ('pin:<route>:<digest>', 'response:<id>') ->
+                                               expiry (ms): the provider's pins, trimmed on write
     <prefix>:health                            pub/sub channel of health transitions (JSON)
     <prefix>:tenants                           pub/sub channel of tenant and key changes (JSON)
 """
@@ -115,6 +121,12 @@ class Keys:
     def _base(self) -> str:
         return f"{self.prefix}:{{{self.pool}}}"
 
+    @property
+    def base(self) -> str:
+        """``<prefix>:{<pool>}``, which every key of the pool begins with: a script that
+        derives a key of the same slot (a provider's pins) is given it."""
+        return self._base
+
     def provider(self, name: str) -> str:
         """Hash with the provider's windows, EWMAs, cooldown, health and counters."""
         return f"{self._base}:provider:{name}"
@@ -203,6 +215,18 @@ class Keys:
         """Usage hash of one day (``period="day"``, label ``YYYY-MM-DD``) or month
         (``"month"``, ``YYYY-MM``)."""
         return f"{self._base}:usage:{period}:{label}"
+
+    def pin(self, route: str, digest: str) -> str:
+        """A key's affinity pin on ``route`` (``digest``: ``affinity.affinity_digest``)."""
+        return f"{self._base}:pin:{route}:{digest}"
+
+    def response_pin(self, response_id: str) -> str:
+        """The provider that made a Responses API answer (and holds its state)."""
+        return f"{self._base}:response:{response_id}"
+
+    def pins(self, provider: str) -> str:
+        """The provider's pins: each pin key's suffix after the pool tag -> its expiry (ms)."""
+        return f"{self._base}:pins:{provider}"
 
     def pattern(self) -> str:
         """A SCAN pattern matching every key of this deployment and pool."""

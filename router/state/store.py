@@ -28,9 +28,10 @@ from redis.exceptions import RedisError
 from router.budgets import NANO, PERIOD_CODES, period_bounds, period_label
 from router.config import DEFAULT_TENANT, BudgetPeriod, Circuit, Config, Route, TenantSpec
 from router.errors import StoreError
+from router.state.affinity import Pin, PinRequest
 from router.state.keys import USAGE_DAY_TTL_S, USAGE_MONTH_TTL_S, WINDOW_BUCKETS, Keys
 from router.state.muxredis import MuxRedis
-from router.strategies import Code, TenantCode
+from router.strategies import Code, PinOutcome, TenantCode
 
 log = logging.getLogger("router.store")
 
@@ -68,6 +69,7 @@ SCRIPTS = (
     "delete_tenant",
     "issue_key",
     "revoke_key",
+    "drop_pin",
 )
 
 
@@ -178,6 +180,10 @@ class Decision:
     queue_place: float = -1.0
     """Its ticket's place (its band, then its virtual finish): fixed once taken, so the
     replica's waiters of a route are ordered by it."""
+    pin: PinOutcome = PinOutcome.NONE
+    """What the request's affinity pin did (``NONE`` too for a request without one)."""
+    pinned: str = ""
+    """The provider its pin named before this decision ('' none; always '' for ``FOREIGN``)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -245,6 +251,9 @@ class Outcome:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     cost_nano: int = 0
+    response_id: str = ""
+    """A served Responses API answer's id: pinned to the lease's provider (and tenant) for
+    ``Store.response_pin_ttl_ms``, by the release itself ('' none)."""
 
 
 @dataclass(slots=True)
@@ -367,6 +376,7 @@ class Store:
         circuits: Mapping[str, Circuit] | None = None,
         mux: MuxRedis | None = None,
         late_ms: int = 1000,
+        response_pin_ttl_ms: int = 86_400_000,
     ) -> None:
         self.client = client
         self.mux = mux
@@ -385,6 +395,8 @@ class Store:
         self.late_ms = late_ms
         """Longest time from taking an acquire's deadline to Redis running it, for a caller
         still waiting (connecting, a free pooled connection, the reply's timeout)."""
+        self.response_pin_ttl_ms = response_pin_ttl_ms
+        """How long a response id stays pinned to the provider that made it."""
         self._skew_ms = 0
         """Redis's clock minus ours plus the one-way trip, as last seen: never less than the
         clocks' true difference, so a deadline computed with it is never too early."""
@@ -396,10 +408,14 @@ class Store:
         keys = Keys(cfg.key_prefix, cfg.pool)
         ttl = int(cfg.lease_ttl_s * 1000)
         circuits = {p.name: p.circuit for p in cfg.providers}
+        pins = int(cfg.response_pin_ttl_s * 1000)
         if not cfg.redis_url:
             import fakeredis  # only the embedded mode needs it
 
-            return cls(fakeredis.FakeAsyncRedis(), keys, ttl, embedded=True, circuits=circuits)
+            return cls(
+                fakeredis.FakeAsyncRedis(), keys, ttl, embedded=True, circuits=circuits,
+                response_pin_ttl_ms=pins,
+            )  # fmt: skip
         timeout = cfg.redis.timeout_ms / 1000
         pool = _pool(cfg.redis_url, cfg.redis.pool_size, timeout, cfg.redis.connect_timeout_ms)
         client = aioredis.Redis(connection_pool=pool)
@@ -418,7 +434,10 @@ class Store:
             late = int(POOL_WAIT_S * 1000) + cfg.redis.connect_timeout_ms + 2 * call_ms
         else:
             late = call_ms + max(10, call_ms // 5)
-        return cls(client, keys, ttl, embedded=False, circuits=circuits, mux=mux, late_ms=late)
+        return cls(
+            client, keys, ttl, embedded=False, circuits=circuits, mux=mux, late_ms=late,
+            response_pin_ttl_ms=pins,
+        )  # fmt: skip
 
     async def start(self, warm: int = 8) -> None:
         """Open ``warm`` connections and load the scripts, so the first requests wait on neither."""
@@ -546,6 +565,7 @@ class Store:
         cost_nano: int = 0,
         counted: bool = True,
         ticket: Ticket | None = None,
+        affinity: PinRequest | None = None,
     ) -> Decision:
         """Choose a target of ``plan`` for one request and lease it (one round trip).
 
@@ -556,7 +576,9 @@ class Store:
         limits and budget are checked first in the same call: ``tenant_tokens`` and
         ``cost_nano`` are what this request reserves against them, ``counted`` whether it
         counts in its RPM (a failover attempt of a counted request does not). A tenant with no
-        limit and no budget is not looked at (``TenantPlan.tracked``)."""
+        limit and no budget is not looked at (``TenantPlan.tracked``). With a ``ticket`` the
+        route's wait queue takes part; with ``affinity`` the request's pin is read, followed
+        and written in the same call (``Decision.pin`` says what it did)."""
         sent = _wall_ms()
         args: list[Any] = [
             plan.route.strategy.value,
@@ -568,50 +590,78 @@ class Store:
             WINDOW_BUCKETS,
             1 if detail else 0,
             not_after_ms or sent + self._skew_ms + self.late_ms,
+            "",  # the optional blocks present: set below
         ]
         for i, (rpm, tpm, maxf, weight) in enumerate(plan.static):
             args += (rpm, tpm, maxf, weight, tokens[i], 1 if excluded[i] else 0)
-        keys: Sequence[str] = plan.keys
+        keys: list[str] = list(plan.keys)
+        blocks = ""
         if tenant is not None and tenant.tracked:
-            keys = (*plan.keys, *tenant.keys)
-            pid, start, end = self._period(tenant.period or BudgetPeriod.MONTH, sent)
-            args += (
-                tenant.rpm,
-                tenant.tpm,
-                tenant.max_in_flight,
-                tenant_tokens,
-                tenant.budget_nano,
-                tenant.period_code,
-                cost_nano,
-                1 if counted else 0,
-                pid,
-                start,
-                end,
-            )
+            blocks += "t"
+            keys += tenant.keys
+            args += self._tenant_args(tenant, tenant_tokens, cost_nano, counted, sent)
         if ticket is not None:
-            route = plan.route
-            k = self.keys
-            keys = (*keys, k.queue(route.model), k.queue_expiry(route.model))
-            keys += (k.queue_clock(route.model), k.waiting())
-            args += (
-                ticket.member,
-                1 if ticket.holds else 0,
-                ticket.priority,
-                ticket.weight,
-                ticket.tenant,
-                self.ticket_ttl_ms,
-                1 if ticket.may_wait else 0,
-                route.max_queue,
-                k.freed_channel(),
-                route.model,
-            )
+            blocks += "q"
+            keys += self._queue_keys(plan.route.model)
+            args += self._queue_args(plan.route, ticket)
+        if affinity is not None:
+            blocks += "a"
+            keys.append(self.pin_key(plan.route.model, affinity))
+            args += _pin_args(affinity)
+        args[9] = blocks
         raw = await self.call("acquire", keys, args)
-        d = _decode_decision(raw, plan.providers, queued=ticket is not None)
+        d = _decode_decision(
+            raw, plan.providers, queued=ticket is not None, pinned=affinity is not None
+        )
         self._skew_ms = d.now_ms - sent
         if d.wait_ms == LATE:  # answered, yet run past its deadline: it leased nothing
             # (a slow reconnect first, a stalled event loop, or our clock stepped back)
             raise StoreError("the acquire reached Redis after its deadline")
         return d
+
+    def _tenant_args(
+        self, tenant: TenantPlan, tokens: int, cost_nano: int, counted: bool, sent_ms: int
+    ) -> tuple[Any, ...]:
+        """The tenant block's ARGV (acquire.lua's header)."""
+        pid, start, end = self._period(tenant.period or BudgetPeriod.MONTH, sent_ms)
+        return (
+            tenant.rpm,
+            tenant.tpm,
+            tenant.max_in_flight,
+            tokens,
+            tenant.budget_nano,
+            tenant.period_code,
+            cost_nano,
+            1 if counted else 0,
+            pid,
+            start,
+            end,
+        )
+
+    def _queue_keys(self, route: str) -> tuple[str, ...]:
+        k = self.keys
+        return (k.queue(route), k.queue_expiry(route), k.queue_clock(route), k.waiting())
+
+    def _queue_args(self, route: Route, ticket: Ticket) -> tuple[Any, ...]:
+        """The queue block's ARGV (acquire.lua's header)."""
+        return (
+            ticket.member,
+            1 if ticket.holds else 0,
+            ticket.priority,
+            ticket.weight,
+            ticket.tenant,
+            self.ticket_ttl_ms,
+            1 if ticket.may_wait else 0,
+            route.max_queue,
+            self.keys.freed_channel(),
+            route.model,
+        )
+
+    def pin_key(self, route: str, pin: PinRequest) -> str:
+        """The key of ``pin`` on ``route``: a key's pin there, or a response id's."""
+        if pin.kind == "response":
+            return self.keys.response_pin(pin.key)
+        return self.keys.pin(route, pin.key)
 
     def _period(self, period: BudgetPeriod, sent_ms: int) -> tuple[int, int, int]:
         """The spend period Redis's clock is most likely in (the script checks it, and
@@ -660,13 +710,16 @@ class Store:
             self.keys.health_channel(),
             lease.provider,
             self.keys.pool,
+            "",  # the optional blocks present: set below
         )
         keys: tuple[str, ...] = (
             self.keys.provider(lease.provider),
             self.keys.leases(lease.provider),
             self.keys.health_version(),
         )
+        blocks = ""
         if lease.tenant:
+            blocks += "t"
             keys += (
                 self.keys.tenant(lease.tenant),
                 self.keys.tenant_live(lease.tenant),
@@ -686,7 +739,29 @@ class Store:
                 USAGE_MONTH_TTL_S,
                 1 if lease.tracked else 0,
             )
+        if outcome.response_id:
+            blocks += "r"
+            keys += (self.keys.response_pin(outcome.response_id), self.keys.pins(lease.provider))
+            args += (self.response_pin_ttl_ms, lease.tenant)
+        args = (*args[:16], blocks, *args[17:])
         return int(await self.call("release", keys, args))
+
+    async def response_pin(self, response_id: str) -> tuple[str, str] | None:
+        """The provider that made the answer ``response_id`` and its tenant, while pinned
+        (one GET: for ``GET``/``DELETE /v1/responses/{id}``)."""
+        try:
+            raw = await self.client.get(self.keys.response_pin(response_id))
+        except RedisError as exc:
+            self.on_error("response_pin")
+            raise StoreError(f"read failed: {exc}") from exc
+        self.answered += 1
+        pin = Pin.parse(decode_text(raw)) if raw is not None else None
+        return (pin.provider, pin.tenant) if pin else None
+
+    async def drop_response_pin(self, response_id: str) -> bool:
+        """Remove the pin of ``response_id`` (after a ``DELETE``); whether there was one."""
+        key = self.keys.response_pin(response_id)
+        return bool(await self.call("drop_pin", (key,), (self.keys.base,)))
 
     async def charge(self, charge: Charge) -> None:
         """Record what requests served without Redis (local leases) cost their tenant: its
@@ -787,14 +862,23 @@ def _wall_ms() -> int:
     return time.time_ns() // 1_000_000
 
 
+def _pin_args(pin: PinRequest) -> tuple[Any, ...]:
+    """The affinity block's ARGV (acquire.lua's header): the order 1-based, as Lua counts."""
+    order = ",".join(str(i + 1) for i in pin.order)
+    return (int(pin.mode), pin.ttl_ms, pin.tenant, repr(float(pin.load_factor)), order)
+
+
 def _decode_decision(
-    raw: Sequence[Any], providers: Sequence[str], *, queued: bool = False
+    raw: Sequence[Any], providers: Sequence[str], *, queued: bool = False, pinned: bool = False
 ) -> Decision:
     chosen, now_ms, bucket, wait_ms, tcode, spent = (int(x) for x in raw[:6])
     index = chosen - 1 if chosen else None
     tenant = TenantCode(tcode)
     if wait_ms == LATE:
         return Decision(None, now_ms, bucket, wait_ms, ())
+    if pinned:  # the pin's two at the very end
+        d = _decode_decision(raw[:-2], providers, queued=queued)
+        return replace(d, pin=PinOutcome(int(raw[-2])), pinned=decode_text(raw[-1]))
     if queued:  # the queue's four at the end
         state, rank, length = (int(x) for x in raw[-4:-1])
         d = _decode_decision(raw[:-4], providers)

@@ -121,7 +121,7 @@ def test_the_json_schema_is_stable() -> None:
         "name", "kind", "weight", "health", "health_since_ms", "last_error",
         "probe_latency_ms", "circuit", "circuit_until_ms", "cooldown_until_ms", "drained",
         "in_flight", "max_in_flight", "rpm_used", "rpm_limit", "tpm_used", "tpm_limit",
-        "ttft_ewma_ms", "tpot_ewma_ms", "outcomes",
+        "ttft_ewma_ms", "tpot_ewma_ms", "outcomes", "pins",
     ]  # fmt: skip
     assert data["routes"][0] == {
         "model": "chat", "strategy": "weighted",

@@ -19,11 +19,15 @@
 -- ARGV[8]       1 = return every target's figures (for the decision log), 0 = codes only
 -- ARGV[9]       not after (Redis ms): run later than this, the call leases nothing and returns
 --               {0, now, bucket, -3} (its caller has given up on it; see LostLease, store.py)
--- ARGV[10+6(i-1) ..] target i: rpm, tpm, max_in_flight (0 = unlimited), weight,
+-- ARGV[10]      the optional blocks present, as letters in this order: 't' the tenant, 'q' the
+--               route's wait queue, 'a' affinity ('' none). Each present block's KEYS follow
+--               the targets' (from KEYS[3+2n]) and its ARGV theirs (from ARGV[11+6n]), in the
+--               same order, each block's layout as below (K and A: where its own begin).
+-- ARGV[11+6(i-1) ..] target i: rpm, tpm, max_in_flight (0 = unlimited), weight,
 --               tokens to reserve, excluded (1 = skip)
--- The tenant (when KEYS holds more than 2 + 2n keys):
--- KEYS[3+2n]    the tenant's hash: its window's past seconds (r:<s>, t:<s>)   Keys.tenant
--- KEYS[4+2n]    the tenant's live figures, packed (struct '<dddddddddd': rpm, tpm, in flight,
+-- The tenant ('t', 2 KEYS, 11 ARGV):
+-- KEYS[K]       the tenant's hash: its window's past seconds (r:<s>, t:<s>)   Keys.tenant
+-- KEYS[K+1]     the tenant's live figures, packed (struct '<dddddddddd': rpm, tpm, in flight,
 --               next maintenance ms, period, spend, this second, its requests, its tokens,
 --               the oldest second held; see router/state/tenantstate.py)   Keys.tenant_live
 --               One GET and one SET per admission; the second's figures go to the hash once
@@ -31,7 +35,7 @@
 --               max_in_flight: such a tenant's lease ids end in '@<tenant>', and whatever
 --               removes a lease (release, or the purge of an expired one here or in
 --               release.lua) takes it off that tenant's count.
--- ARGV[10+6n ..] its rpm, tpm, max_in_flight (0 = unlimited), tokens to reserve, budget
+-- ARGV[A ..]    its rpm, tpm, max_in_flight (0 = unlimited), tokens to reserve, budget
 --               (nano-USD, 0 = none), its period (1 day, 2 week, 3 month: spend is kept per
 --               period, with a budget or not), cost to reserve (nano-USD), 1 = count this
 --               request in its RPM (0: a failover attempt of a request already counted), then
@@ -39,10 +43,39 @@
 --               Redis's clock is in it)
 -- The tenant is checked first: over one of its limits, no target is looked at (codes 9) and
 -- nothing is leased, so a tenant at its limit takes nothing another tenant could use.
+-- The queue ('q', 4 KEYS, 10 ARGV): see "The route's wait queue" below.
+-- Affinity ('a', 1 KEY, 5 ARGV):
+-- KEYS[K]       the pin: '<provider>|<expires ms>|<tenant>', with that expiry (PX)
+--               Keys.pin (a session or prefix key) or Keys.response_pin (a response id)
+-- ARGV[A ..]    mode (1 preferred, 2 required), ttl (ms) of a pin written now, the request's
+--               tenant ('' none), load factor, the route's targets in the key's rendezvous
+--               order (1-based indices, comma-separated: router/state/affinity.py)
+-- Each provider's pins are counted in a zset beside its hash ('<...>:pins:<provider>',
+-- Keys.pins: the pin key's suffix after the pool tag -> expiry ms), its name derived from the
+-- provider hash's as the tenant keys are below; trimmed of expired entries when written.
+-- Preferred: a pinned target that can take the request (code 0) takes it (HIT); one that
+-- cannot leaves the choice to the strategy, and the pin moves to its choice (MOVED when the
+-- pinned target is out of service or excluded, SPILLED when it is only full). No pin (or one
+-- naming no target of the route): the first eligible target of the rendezvous order whose in
+-- flight + 1 <= ceil(load factor * (in flight of the eligible + 1) / eligible count) takes it
+-- (NEW; SPILLED when the order's first eligible target was passed over for its load); the
+-- strategy chooses should none fit. A pin is written only when made, moved, or used with less
+-- than 90 % of its ttl left: a hot pin costs one GET, and lives 0.9 to 1 ttl after its last use.
+-- A pin never refuses: with no eligible target the answer is as without one (NONE).
+-- Required: a pin of another tenant is treated as absent and nothing is leased or looked at
+-- (FOREIGN); its target takes the request (HIT, refreshed as above) or nothing is leased
+-- (PIN_UNAVAILABLE: its code says why; wait is that target's; -2 when the pin names no target
+-- of the route); no pin: the strategy chooses and nothing is written (NONE).
+-- Only the strategy's own choices move its state (the rotation, the SWRR weights); with this
+-- block round robin looks at every target (a pin may name one the rotation would not reach).
 -- Returns {chosen (1-based, 0 = none), now ms, bucket s, wait ms (-1 unknown, -2 never,
 --          -3 too late), tenant code, tenant spend this period (nano-USD, after this
 --          request), then per target: code, and with ARGV[8] = 1 (and the tenant admitted):
---          in flight, rpm used, tpm used, score}
+--          in flight, rpm used, tpm used, score,
+--          then with a queue: its state, rank, length, the ticket's place (text),
+--          then with affinity: its outcome (router.strategies.PinOutcome: 0 none, 1 hit, 2 new,
+--          3 spilled, 4 moved, 5 pin unavailable, 6 foreign), the pin's provider before this
+--          decision ('' none, and always for foreign)}
 -- Tenant codes: 0 admitted (or no tenant), 1 in flight full, 2 rpm, 3 tpm, 4 budget spent.
 -- Codes: 0 ok, 1 excluded, 2 unhealthy, 3 cooling down, 4 in flight full, 5 rpm, 6 tpm,
 --        7 drained by an operator, 8 circuit open (or its one half-open trial in flight),
@@ -128,7 +161,7 @@ end})
 -- Look at target i: its shared figures, its limits, and whether it can take this request.
 local T = {}
 local function view(i)
-  local a, pk = 4 + 6 * i, KEYS[1 + 2 * i]
+  local a, pk = 5 + 6 * i, KEYS[1 + 2 * i]
   local f = call('HMGET', pk, unpack(F))
   local rpm, tpm, inflight, nm = N[f[1]] or 0, N[f[2]] or 0, N[f[3]], N[f[4]]
   local maintain = nm == nil or nm <= now or inflight == nil
@@ -229,14 +262,62 @@ local function period(code)
 end
 -- period:end
 
-local extra = #KEYS - 2 - 2 * n  -- 0, 2 (a tenant), 4 (a queue) or 6 (both)
-local tenant = extra == 2 or extra == 6
+-- The optional blocks (ARGV[10]): which are present, where each one's KEYS and ARGV begin.
+local tenant, Q, A = false, false, false
+local t_k, t_a, q_k, q_a, a_k, a_a
+if ARGV[10] ~= '' then
+  local k, a = 3 + 2 * n, 11 + 6 * n
+  for b in string.gmatch(ARGV[10], '.') do
+    if b == 't' then tenant, t_k, t_a, k, a = true, k, a, k + 2, a + 11
+    elseif b == 'q' then Q, q_k, q_a, k, a = true, k, a, k + 4, a + 10
+    elseif b == 'a' then A, a_k, a_a, k, a = true, k, a, k + 1, a + 5 end
+  end
+end
+
+-- The queue's keys and ticket (its part of the decision: see below).
+local qk, qe, qv, qw, q_member, q_rank, q_state, q_f = nil, nil, nil, nil, nil, -1, 0, 0
+local q_admit, q_args = false, 0  -- q_admit: this request's ticket is the head
+if Q then
+  q_args, q_member = q_a, ARGV[q_a]
+  qk, qe, qv, qw = KEYS[q_k], KEYS[q_k + 1], KEYS[q_k + 2], KEYS[q_k + 3]
+end
+
+-- The pin: read first, so that another tenant's required pin costs nothing else.
+local a_key, a_mode, a_ttl, a_tenant, a_prov, a_exp, a_base
+local a_out, a_lock = 0, false  -- a_lock: a required pin decides (the strategy does not)
+if A then
+  a_key, a_mode, a_ttl, a_tenant = KEYS[a_k], N[ARGV[a_a]], N[ARGV[a_a + 1]], ARGV[a_a + 2]
+  a_base = string.match(KEYS[3], '^(.+):provider:')
+  local v = call('GET', a_key)
+  if v then
+    local p, e, t = string.match(v, '^([^|]*)|(%d+)|(.*)$')
+    if p then a_prov, a_exp = p, tonumber(e) end
+    if p and a_mode == 2 and t ~= a_tenant then a_out, a_prov = 6, nil end
+  end
+end
+
+-- The answer's tails: the queue's figures, then the pin's.
+local function finish(out)
+  if Q then
+    out[#out + 1], out[#out + 2], out[#out + 3] = q_state, q_rank, call('ZCARD', qk)
+    out[#out + 1] = tostring(call('ZSCORE', qk, q_member) or -1)
+  end
+  if A then out[#out + 1], out[#out + 2] = a_out, a_prov or '' end
+  return out
+end
+local function refused(wait, code, spent)  -- nothing looked at, nothing leased
+  local out = {0, now, sec, wait, code, spent}
+  for i = 1, n do out[6 + i] = 9 end
+  return finish(out)
+end
+if a_out == 6 then return refused(-2, 0, 0) end
+
 -- the tenant's live figures (plain locals: a table costs an allocation per call)
 local tk, tv, t_rpm, t_tpm, t_inf, t_nm, t_per, t_sp, t_cs, t_cr, t_ct, t_wh
 local t_tokens, t_counted, t_pid, t_cost, t_maxf, t_dirty
 if tenant then
-  local a = 10 + 6 * n
-  tk, tv = KEYS[3 + 2 * n], KEYS[4 + 2 * n]
+  local a = t_a
+  tk, tv = KEYS[t_k], KEYS[t_k + 1]
   local rpmL, tpmL, maxf, tokens = N[ARGV[a]], N[ARGV[a + 1]], N[ARGV[a + 2]], N[ARGV[a + 3]]
   local budget, cost, counted = N[ARGV[a + 4]], N[ARGV[a + 6]], ARGV[a + 7] == '1'
   local v = call('GET', tv)
@@ -300,9 +381,7 @@ if tenant then
     if dirty then
       call('SET', tv, struct.pack(LIVE, rpm, tpm, inflight, nm, per, sp, cs, cr, ct, wh))
     end
-    local out = {0, now, sec, wait, code, sp}
-    for i = 1, n do out[6 + i] = 9 end
-    return out
+    return refused(wait, code, sp)
   end
   t_rpm, t_tpm, t_inf, t_nm, t_per, t_sp, t_cs, t_cr, t_ct, t_wh =
     rpm, tpm, inflight, nm, per, sp, cs, cr, ct, wh
@@ -319,19 +398,17 @@ local function tenant_flush()
   end
 end
 
--- The route's wait queue (when KEYS holds 4 more keys: the queue, its expiries, its clock,
--- the pool's waiting count; ARGV from 10 + 6n, after the tenant's 11 when there is one):
+-- The route's wait queue ('q': KEYS the queue, its expiries, its clock, the pool's waiting
+-- count; ARGV, from A):
 -- the ticket ('<id>|<tenant>|<priority>'), 1 = this request holds it already, its priority,
--- its tenant's weight and name, the ticket's TTL (ms), 1 = it may wait, the queue's bound.
+-- its tenant's weight and name, the ticket's TTL (ms), 1 = it may wait, the queue's bound,
+-- the channel that wakes waiters ('<prefix>:freed'), the route.
 -- Places: priority band first (higher first), then the ticket's virtual finish time (fair
 -- queueing: a tenant's next ticket finishes 1/weight after the later of its last one and the
 -- route's virtual time V, the finish of the last admitted). Only the queue's head may be
 -- admitted while tickets wait: a request that arrives then takes a ticket, and goes on at once
 -- when that ticket is the head (a light tenant's is, ahead of a flooding tenant's backlog).
 local BAND, PMAX = 1e9, 100  -- a band's width in places (virtual times stay below it)
-local Q = extra >= 4
-local qk, qe, qv, qw, q_member, q_rank, q_state, q_f = nil, nil, nil, nil, nil, -1, 0, 0
-local q_admit, q_args = false, 0  -- q_admit: this request's ticket is the head
 local function enqueue()  -- take a ticket: its band, then its virtual finish
   local a = q_args
   local prio, weight, who = N[ARGV[a + 2]], N[ARGV[a + 3]], 'f:' .. ARGV[a + 4]
@@ -343,11 +420,7 @@ local function enqueue()  -- take a ticket: its band, then its virtual finish
   call('INCR', qw)
 end
 if Q then
-  local a = 10 + 6 * n + (tenant and 11 or 0)
-  local b = 2 + 2 * n + (tenant and 2 or 0)
-  q_args = a
-  qk, qe, qv, qw = KEYS[b + 1], KEYS[b + 2], KEYS[b + 3], KEYS[b + 4]
-  q_member = ARGV[a]
+  local a = q_a
   local holds, may_wait, qmax = ARGV[a + 1] == '1', ARGV[a + 6] == '1', N[ARGV[a + 7]]
   local head = call('ZRANGE', qk, 0, 0)[1]
   if head then  -- tickets wait: those of waiters that died leave first
@@ -381,16 +454,60 @@ if Q then
   end
   if q_state ~= 0 then
     tenant_flush()
-    local out = {0, now, sec, -1, 0, t_sp or 0}
-    for i = 1, n do out[6 + i] = 9 end
-    out[#out + 1], out[#out + 2], out[#out + 3] = q_state, q_rank, call('ZCARD', qk)
-    out[#out + 1] = tostring(call('ZSCORE', qk, q_member) or -1)
-    return out
+    return refused(-1, 0, t_sp or 0)
   end
 end
 
-local best, any = nil, false
-if strategy == 'round_robin' and not detail then
+-- The pin's choice (every target viewed): the target it sends the request to, if any, and
+-- its outcome in a_out (see the header).
+local OUT = {[1] = true, [2] = true, [7] = true, [8] = true}  -- excluded, or out of service
+local function pin_choice(any)
+  local pinned
+  if a_prov then
+    local pk = a_base .. ':provider:' .. a_prov
+    for i = 1, n do
+      if KEYS[1 + 2 * i] == pk then pinned = i break end
+    end
+  end
+  if pinned and T[pinned].code == 0 then a_out = 1 return pinned end
+  if a_mode == 2 then
+    a_lock, a_out = a_prov ~= nil, a_prov and 5 or 0
+    return nil, pinned
+  end
+  if pinned then a_out = OUT[T[pinned].code] and 4 or 3 return nil end
+  if not any then return nil end
+  -- consistent hashing with bounded loads: the first of the key's order that stays in bound
+  local m, load = 0, 0
+  for i = 1, n do
+    if T[i].code == 0 then m, load = m + 1, load + T[i].inflight end
+  end
+  local cap, first = math.ceil(N[ARGV[a_a + 3]] * (load + 1) / m), nil
+  for s in string.gmatch(ARGV[a_a + 4], '%d+') do
+    local i = N[s]
+    if T[i] and T[i].code == 0 then
+      first = first or i
+      if T[i].inflight + 1 <= cap then
+        a_out = i == first and 2 or 3
+        return i
+      end
+    end
+  end
+  a_out = first and 3 or 2  -- the strategy chooses
+end
+
+-- Write the pin to target i, and count it there (off the provider it leaves).
+local function pin_write(i)
+  local name = string.sub(KEYS[1 + 2 * i], #a_base + 11)  -- after '<base>:provider:'
+  local exp, member = now + a_ttl, string.sub(a_key, #a_base + 2)
+  call('SET', a_key, name .. '|' .. fmt('%d', exp) .. '|' .. a_tenant, 'PX', a_ttl)
+  if a_prov and a_prov ~= name then call('ZREM', a_base .. ':pins:' .. a_prov, member) end
+  local z = a_base .. ':pins:' .. name
+  call('ZREMRANGEBYSCORE', z, '-inf', now)
+  call('ZADD', z, exp, member)
+end
+
+local best, any, a_pinned = nil, false, nil
+if strategy == 'round_robin' and not detail and not A then
   -- the next target in the rotation with room: the ones after it need not be looked at
   local start = call('INCR', KEYS[1])
   for k = 0, n - 1 do
@@ -407,7 +524,8 @@ for i = 1, n do
     any = any or T[i].code == 0
   end
 end
-if best then  -- chosen above
+if A then best, a_pinned = pin_choice(any) end
+if best or a_lock then  -- chosen above, or by a required pin
 elseif any and strategy == 'weighted' then
   local cw, j = {}, 0
   local stored = call('GET', KEYS[2])
@@ -440,7 +558,9 @@ elseif any then
 end
 
 local wait = -2
+if A and not best and a_out ~= 5 then a_out = 0 end  -- no target: the pin took no part
 if best then
+  if a_out ~= 0 and (a_out ~= 1 or a_exp - now < 0.9 * a_ttl) then pin_write(best) end
   local pk, lk, t = KEYS[1 + 2 * best], KEYS[2 + 2 * best], T[best]
   local added = call('ZADD', lk, now + ttl, lease)
   -- this second's bucket, then the totals and the lease count read above in one write; a
@@ -491,7 +611,8 @@ else
   -- When will one target have room? The window part frees as its oldest buckets leave.
   for i = 1, n do
     local t, w = T[i], nil
-    if t.code >= 3 and t.code ~= 7 and not (t.tpmL > 0 and t.tokens > t.tpmL) then
+    if a_lock and i ~= a_pinned then t = nil end  -- only the required pin's target counts
+    if t and t.code >= 3 and t.code ~= 7 and not (t.tpmL > 0 and t.tokens > t.tpmL) then
       w = max(0, t.cool - now, t.circ_until - now)
       local needR = (t.rpmL > 0) and (t.rpm + 1 - t.rpmL) or 0
       local needT = (t.tpmL > 0) and (t.tpm + t.tokens - t.tpmL) or 0
@@ -512,10 +633,7 @@ end
 local out, k = {best or 0, now, sec, wait, 0, t_sp or 0}, 6
 if not detail then
   for i = 1, n do out[6 + i] = T[i] and T[i].code or 9 end  -- 9: not looked at
-  if Q then
-    out[#out + 1], out[#out + 2], out[#out + 3] = q_state, q_rank, call('ZCARD', qk)
-    out[#out + 1] = tostring(call('ZSCORE', qk, q_member) or -1)
-  end
+  if Q or A then return finish(out) end
   return out
 end
 for i = 1, n do
@@ -527,8 +645,4 @@ for i = 1, n do
   out[k + 1], out[k + 2], out[k + 3], out[k + 4], out[k + 5] = t.code, t.inflight, t.rpm, t.tpm, s
   k = k + 5
 end
-if Q then
-  out[k + 1], out[k + 2], out[k + 3] = q_state, q_rank, call('ZCARD', qk)
-  out[k + 4] = tostring(call('ZSCORE', qk, q_member) or -1)
-end
-return out
+return finish(out)

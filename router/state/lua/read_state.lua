@@ -14,7 +14,9 @@
 -- ARGV[2]          m, the number of routes with a queue (0 when absent)
 -- Returns {seconds, microseconds (Redis TIME), leader (false when none), epoch, version,
 --          {replica id, last beat ms, ...},
---          then per provider: {HGETALL of its hash}, unexpired leases,
+--          then per provider: {HGETALL of its hash}, unexpired leases, unexpired pins (its
+--          pins zset '<base>:pins:<provider>', Keys.pins, named from its hash's key: the
+--          same slot),
 --          then per queued route: {unexpired tickets, '<tenant>|<priority>', count, ...},
 --          then per replica record: {HGETALL of the record} ({} once it expired)}
 -- A route's tickets cost O(its waiting tickets), at most its max_queue (10,000 by default):
@@ -30,6 +32,8 @@ local out = {clock[1], clock[2], redis.call('GET', KEYS[1]),
 for i = 1, n do
   out[#out + 1] = redis.call('HGETALL', KEYS[3 + 2 * i])
   out[#out + 1] = redis.call('ZCOUNT', KEYS[4 + 2 * i], '(' .. now, '+inf')
+  local base, name = string.match(KEYS[3 + 2 * i], '^(.+):provider:(.+)$')
+  out[#out + 1] = redis.call('ZCOUNT', base .. ':pins:' .. name, '(' .. now, '+inf')
 end
 for j = 1, m do
   -- a ticket whose expiry has passed is a dead waiter's: the acquire script drops it

@@ -19,19 +19,29 @@
 -- ARGV[12]  circuit: first cooldown (ms), doubled on each reopening
 -- ARGV[13]  circuit: longest cooldown (ms)
 -- ARGV[14]  health channel, ARGV[15] provider name, ARGV[16] pool (for the published event)
--- The tenant (when KEYS holds 7 keys):
--- KEYS[4]   tenant hash (its window's past seconds)  Keys.tenant
--- KEYS[5]   tenant live figures (packed: acquire.lua) Keys.tenant_live
--- KEYS[6]   usage of the day the lease was taken     Keys.usage('day', ...)
--- KEYS[7]   usage of its month                       Keys.usage('month', ...)
--- ARGV[17]  tenant token correction: actual minus reserved (in bucket ARGV[3])
--- ARGV[18]  spend correction (nano-USD): actual cost minus the reserved cost
--- ARGV[19]  the period number the cost was reserved in (corrected only while it lasts)
--- ARGV[20]  usage field prefix '<tenant>|<route>|<provider>|'
--- ARGV[21]  prompt tokens, ARGV[22] completion tokens, ARGV[23] cost (nano-USD): the usage
--- ARGV[24]  1 = record the usage (the provider served the request), 0 = not
--- ARGV[25]  day usage TTL (s), ARGV[26] month usage TTL (s)
--- ARGV[27]  1 = the tenant has live figures (a limit or a budget: acquire.lua keeps them)
+-- ARGV[17]  the optional blocks present, as letters in this order: 't' the tenant, 'r' a
+--           response pin ('' none); each one's KEYS follow KEYS[3], its ARGV ARGV[17], in the
+--           same order (K and A below: where its own begin)
+-- The tenant ('t', 4 KEYS, 11 ARGV):
+-- KEYS[K]   tenant hash (its window's past seconds)  Keys.tenant
+-- KEYS[K+1] tenant live figures (packed: acquire.lua) Keys.tenant_live
+-- KEYS[K+2] usage of the day the lease was taken     Keys.usage('day', ...)
+-- KEYS[K+3] usage of its month                       Keys.usage('month', ...)
+-- ARGV[A]   tenant token correction: actual minus reserved (in bucket ARGV[3])
+-- ARGV[A+1] spend correction (nano-USD): actual cost minus the reserved cost
+-- ARGV[A+2] the period number the cost was reserved in (corrected only while it lasts)
+-- ARGV[A+3] usage field prefix '<tenant>|<route>|<provider>|'
+-- ARGV[A+4] prompt tokens, ARGV[A+5] completion tokens, ARGV[A+6] cost (nano-USD): the usage
+-- ARGV[A+7] 1 = record the usage (the provider served the request), 0 = not
+-- ARGV[A+8] day usage TTL (s), ARGV[A+9] month usage TTL (s)
+-- ARGV[A+10] 1 = the tenant has live figures (a limit or a budget: acquire.lua keeps them)
+-- A response pin ('r', 2 KEYS, 2 ARGV): a served Responses API answer's id, pinned to this
+-- provider so that a follow-up (previous_response_id) on any replica goes where its state is.
+-- KEYS[K]   the pin: '<provider>|<expires ms>|<tenant>' (PX ttl)   Keys.response_pin
+-- KEYS[K+1] the provider's pins (the pin key's suffix after the pool tag -> expiry ms;
+--           trimmed of the expired here)                         Keys.pins
+-- ARGV[A]   ttl (ms), ARGV[A+1] the tenant ('' none)
+-- Written first, so a retried release (its lease gone) writes it all the same.
 -- The tenant's part is applied once per lease, by the call that removes the provider lease;
 -- a lease id ending in '@<tenant>' is counted in that tenant's in flight (see acquire.lua).
 -- Returns 1 when the lease was released by this call, 2 when it was and its failure opened
@@ -43,6 +53,24 @@ local pk, lk = KEYS[1], KEYS[2]
 local clock = redis.call('TIME')
 local sec = tonumber(clock[1])
 local now = sec * 1000 + math.floor(tonumber(clock[2]) / 1000)
+local base = string.match(pk, '^(.+):provider:')
+
+local t_k, t_a, r_k, r_a  -- where the optional blocks begin (ARGV[17])
+if ARGV[17] ~= '' then
+  local k, a = 4, 18
+  for b in string.gmatch(ARGV[17], '.') do
+    if b == 't' then t_k, t_a, k, a = k, a, k + 4, a + 11
+    elseif b == 'r' then r_k, r_a, k, a = k, a, k + 2, a + 2 end
+  end
+end
+if r_k then
+  local rk, z, ttl = KEYS[r_k], KEYS[r_k + 1], tonumber(ARGV[r_a])
+  local exp = now + ttl
+  redis.call('SET', rk, ARGV[15] .. '|' .. string.format('%d', exp) .. '|' .. ARGV[r_a + 1],
+    'PX', ttl)
+  redis.call('ZREMRANGEBYSCORE', z, '-inf', now)
+  redis.call('ZADD', z, exp, string.sub(rk, #base + 2))
+end
 
 local cooldown = tonumber(ARGV[8])
 if cooldown > 0 then
@@ -79,7 +107,6 @@ local function off(key)  -- one request less in flight for the tenant of these f
   end
 end
 -- expired leases leave their tenants' in-flight counts too (a replica that died)
-local base = string.match(pk, '^(.+):provider:')
 local gone = redis.call('ZRANGEBYSCORE', lk, '-inf', now)
 if #gone > 0 then
   for _, id in ipairs(gone) do
@@ -96,15 +123,15 @@ if (tonumber(redis.call('GET', base .. ':waiting')) or 0) > 0 then
 end
 
 local mine = string.match(ARGV[1], '@([^@]+)$')  -- counted in its tenant's in flight
-if #KEYS >= 7 then
-  local tk, tv = KEYS[4], KEYS[5]
-  local v = ARGV[27] == '1' and redis.call('GET', tv)  -- an unlimited tenant has none
+if t_k then
+  local tk, tv, a = KEYS[t_k], KEYS[t_k + 1], t_a
+  local v = ARGV[a + 10] == '1' and redis.call('GET', tv)  -- an unlimited tenant has none
   if v then
     -- rpm, tpm, in flight, next maintenance, period, spend, second, its requests, its
     -- tokens, oldest second
     local f = {struct.unpack(LIVE, v)}
     if mine then f[3] = math.max(0, f[3] - 1) end
-    local bucket, correction = tonumber(ARGV[3]), tonumber(ARGV[17])
+    local bucket, correction = tonumber(ARGV[3]), tonumber(ARGV[a])
     if correction ~= 0 and bucket == f[7] then
       correction = math.max(correction, -f[9])
       f[9], f[2] = f[9] + correction, f[2] + correction
@@ -117,21 +144,21 @@ if #KEYS >= 7 then
         f[2] = f[2] + correction
       end
     end
-    local spend = tonumber(ARGV[18])
-    if spend ~= 0 and f[5] == tonumber(ARGV[19]) then f[6] = f[6] + spend end
+    local spend = tonumber(ARGV[a + 1])
+    if spend ~= 0 and f[5] == tonumber(ARGV[a + 2]) then f[6] = f[6] + spend end
     redis.call('SET', tv, struct.pack(LIVE, unpack(f, 1, 10)))
   end
-  if ARGV[24] == '1' then
-    local p = ARGV[20]
-    for k = 6, 7 do
-      local uk = KEYS[k]
+  if ARGV[a + 7] == '1' then
+    local p = ARGV[a + 3]
+    for k = 2, 3 do  -- the day's usage, then the month's
+      local uk = KEYS[t_k + k]
       -- a hash's first field is some field's first write: the expiry is set then
       if redis.call('HINCRBY', uk, p .. 'req', 1) == 1 then
-        redis.call('EXPIRE', uk, ARGV[19 + k], 'NX')
+        redis.call('EXPIRE', uk, ARGV[a + 6 + k], 'NX')
       end
-      redis.call('HINCRBY', uk, p .. 'in', ARGV[21])
-      redis.call('HINCRBY', uk, p .. 'out', ARGV[22])
-      redis.call('HINCRBY', uk, p .. 'cost', ARGV[23])
+      redis.call('HINCRBY', uk, p .. 'in', ARGV[a + 4])
+      redis.call('HINCRBY', uk, p .. 'out', ARGV[a + 5])
+      redis.call('HINCRBY', uk, p .. 'cost', ARGV[a + 6])
     end
   end
 elseif mine then
