@@ -31,9 +31,9 @@ from router.errors import (
     AllAttemptsFailed,
     Attempt,
     BadRequest,
+    ClientError,
     PinnedUnavailable,
     PreviousResponseNotFound,
-    ClientError,
     ProviderClientError,
     Saturated,
     StoreError,
@@ -47,6 +47,7 @@ from router.replica.healthview import HealthView
 from router.replica.leases import LeaseKeeper
 from router.replica.refusal import REASONS, refusal, tenant_refusal
 from router.replica.waitroom import IDLE_LOOK_S, WaitRoom
+from router.state.affinity import PinRequest
 from router.state.store import (
     Decision,
     Lease,
@@ -58,7 +59,6 @@ from router.state.store import (
     TenantPlan,
     Ticket,
 )
-from router.state.affinity import PinRequest
 from router.strategies import CAPACITY, Code, PinOutcome, TenantCode
 from router.telemetry.logs import decisions_logged
 from router.telemetry.metrics import RouterMetrics

@@ -28,8 +28,9 @@ def gateway(
     cluster: Cluster, tmp: Path, redis_url: str, key: str, strategy: str = "round_robin",
     limits: dict[str, Any] | None = None, latency_ms: int = 0,
 ) -> Gateway:  # fmt: skip
+    extra = {"limits": limits} if limits else {}
     mocks = [
-        Mock(p, "--completion-tokens", "3", "--latency-ms", str(latency_ms), limits=limits)
+        Mock(p, "--completion-tokens", "3", "--latency-ms", str(latency_ms), **extra)
         for p in PROVIDERS
     ]
     targets = [{"provider": p, "model": "m"} for p in PROVIDERS]
