@@ -254,7 +254,10 @@ def choose(
 
 
 def bounded_hash(
-    targets: Sequence[TargetView], eligible: Sequence[bool], order: Sequence[int], load_factor: float
+    targets: Sequence[TargetView],
+    eligible: Sequence[bool],
+    order: Sequence[int],
+    load_factor: float,
 ) -> tuple[int | None, int | None]:
     """Consistent hashing with bounded loads: the first eligible target of ``order`` (0-based
     indices, rendezvous order) whose in flight, with this request, stays within

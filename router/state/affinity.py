@@ -78,7 +78,9 @@ class PinRequest:
         """The pin request of an affinity key's ``value`` on ``route``."""
         digest = affinity_digest(route, value)
         order = tuple(hrw_order(digest, providers))
-        return cls("route", digest, PinMode.PREFERRED, int(ttl_s * 1000), order, load_factor, tenant)
+        return cls(
+            "route", digest, PinMode.PREFERRED, int(ttl_s * 1000), order, load_factor, tenant
+        )
 
     @classmethod
     def response(cls, response_id: str, *, ttl_s: float, tenant: str = "") -> PinRequest:
