@@ -27,11 +27,14 @@ def _row(table: Table, *cells: str | Text, style: str = "") -> None:
 def _table(title: str, columns: Sequence[str], figures: Collection[str] = ()) -> Table:
     """A table whose ``figures`` columns are right-aligned and never wrap, so that no number
     is ever cut; the others wrap at spaces and fold a long name onto more lines when the
-    console is narrow (rich's default cuts both to an ellipsis: ``prov… weig…`` at 80)."""
+    console is narrow (rich's default cuts both to an ellipsis: ``prov… weig…`` at 80).
+    The circuit's state stays on one line too: the names fold first."""
     table = Table(title=Text(title), title_justify="left")
     for name in columns:
         if name in figures:
             table.add_column(name, justify="right", no_wrap=True)
+        elif name == _CIRCUIT_COLUMN:
+            table.add_column(name, no_wrap=True)
         else:
             table.add_column(name, overflow="fold")
     return table
@@ -75,7 +78,8 @@ def _circuit(p: ProviderState, now_ms: int) -> Text:
 
 # pins (affinity pins naming the provider) sit in the status part: the load part at 80
 # columns has no room left for a sixth figure without folding the names to a few letters
-_STATUS = ("provider", "weight", "health", "circuit / cooldown", "drained", "pins")
+_CIRCUIT_COLUMN = "circuit / cooldown"
+_STATUS = ("provider", "weight", "health", _CIRCUIT_COLUMN, "drained", "pins")
 _LOAD = ("in flight", "RPM", "TPM", "TTFT ms", "TPOT ms")
 _FIGURES = frozenset({"weight", "pins", *_LOAD})
 

@@ -197,3 +197,37 @@ async def test_a_blocked_provider_without_its_gate_flag_is_seen(
     assert (await take(store, plan, "up-again", tokens=1)).index == 0
     assert await r.hget(pk, "gate") is None  # nothing blocks: the flag is dropped
     await r.aclose()
+
+
+async def test_a_tenant_refused_in_a_queued_route_decodes(redis_url: str) -> None:
+    """The tenant's refusal carries the queue's tail like every other answer (the script's
+    optional blocks are named in ARGV[10], so the answer's shape follows from the call)."""
+    from router.config import TenantSpec
+    from router.state.store import QueueState, TenantPlan, Ticket
+    from router.strategies import TenantCode
+
+    s = Store.from_config(config(redis_url))
+    await s.start()
+    try:
+        cfg = config(redis_url)
+        plan = plan_of(s, cfg)
+        spec = TenantSpec.model_validate({"name": "t", "limits": {"rpm": 1}})
+        t = TenantPlan.build(spec, s.keys)
+        ticket = Ticket("q1|t|0", False, 0, 1, "t", may_wait=True)
+        kw: dict[str, Any] = {"tenant": t, "tenant_tokens": 1, "ticket": ticket}
+        d = await s.acquire(plan, "l1", [1], [False], rand=0, expected_output=1, **kw)
+        assert d.index == 0
+        d = await s.acquire(plan, "l2", [1], [False], rand=0, expected_output=1, **kw)
+        assert (d.index, d.tenant_code, d.queue_state) == (None, TenantCode.RPM, QueueState.NONE)
+    finally:
+        await s.close()
+
+
+async def test_release_pins_a_response_without_a_tenant(store: Store, redis_url: str) -> None:
+    plan = plan_of(store, config(redis_url, rpm=3, tpm=1000))
+    d = await take(store, plan, "l1")
+    lease = Lease("l1", "p", d.bucket, 100)
+    assert await store.release(lease, Outcome("ok", response_id="resp_x")) == 1
+    assert await store.response_pin("resp_x") == ("p", "")
+    fields = await store.provider_fields("p")
+    assert (fields["rpm"], fields["o:ok"]) == ("1", "1")  # the rest of the release as before

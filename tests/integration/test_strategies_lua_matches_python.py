@@ -7,7 +7,7 @@ from dataclasses import replace
 
 import pytest
 import redis
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from router.budgets import period_bounds, period_id
@@ -17,11 +17,15 @@ from router.state.store import _decode_decision, _script
 from router.state.tenantstate import pack_live, unpack_live
 from router.strategies import (
     Code,
+    PinOutcome,
+    PinView,
     TargetView,
     TenantCode,
     TenantUse,
+    bounded_hash,
     choose,
     eligibility,
+    place,
     tenant_verdict,
 )
 
@@ -118,7 +122,7 @@ def test_same_choice(
     client.set(KEYS.swrr(route), ",".join(str(w) for w in swrr[: len(views)]))
     keys = [KEYS.rotation(route), KEYS.swrr(route)]
     args: list[object] = [strategy.value, "lease-1", 30000, rand, expected, len(views)]
-    args += [WINDOW_BUCKETS, 1, (now_s + 60) * 1000]  # detail, and a deadline not reached
+    args += [WINDOW_BUCKETS, 1, (now_s + 60) * 1000, ""]  # detail, a deadline, no blocks
     for name, v in zip(names, views, strict=True):
         keys += [KEYS.provider(name), KEYS.leases(name)]
         args += [v.rpm, v.tpm, v.max_in_flight, v.weight, v.tokens, int(v.excluded)]
@@ -220,7 +224,7 @@ def test_same_tenant_verdict(
     keys = [KEYS.rotation("r"), KEYS.swrr("r"), KEYS.provider(names[0]), KEYS.leases(names[0])]
     keys += [tk, tv]
     args: list[object] = ["round_robin", "lease-1", 30000, 0, 16, 1, WINDOW_BUCKETS, 1]
-    args += [(now_s + 60) * 1000, 0, 0, 0, 1, tokens, 0]
+    args += [(now_s + 60) * 1000, "t", 0, 0, 0, 1, tokens, 0]
     args += [use.rpm, use.tpm, use.max_in_flight, tokens, use.budget, 3, cost, int(counted)]
     # the caller's guess of the period: right, or a month off (the script computes it then)
     args += period_bounds(BudgetPeriod.MONTH, now_s - (0 if guess else 40 * 86_400))
@@ -238,3 +242,118 @@ def test_same_tenant_verdict(
         )  # fmt: skip
         # in flight is counted only for a tenant with a limit on it
         assert f["in_flight"] == use.in_flight + (1 if use.max_in_flight else 0)
+
+
+PIN_TTL = 600_000
+GHOST = "gone"
+"""A provider no target of the route names (a pin left by an older config)."""
+
+
+@settings(
+    max_examples=600, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    strategy=st.sampled_from(list(Strategy)),
+    views=st.lists(target_views, min_size=1, max_size=6),
+    rotation=st.integers(0, 1000),
+    rand=st.integers(0, 2**31),
+    swrr=st.lists(st.integers(-10, 10), min_size=6, max_size=6),
+    pin=st.sampled_from([None, None, GHOST, 0, 1, 2, 3, 4, 5]),
+    order=st.permutations(range(6)),
+    cut=st.sampled_from([6, 6, 6, 2, 1, 0]),
+    load_factor=st.sampled_from([1.0, 1.25, 2.0, 10.0]),
+    required=st.booleans(),
+    foreign=st.sampled_from([False, False, False, True]),
+    stale=st.booleans(),
+    detail=st.booleans(),
+)
+def test_same_pin_choice(
+    client: redis.Redis,
+    strategy: Strategy,
+    views: list[TargetView],
+    rotation: int,
+    rand: int,
+    swrr: list[int],
+    pin: int | str | None,
+    order: list[int],
+    cut: int,
+    load_factor: float,
+    required: bool,
+    foreign: bool,
+    stale: bool,
+    detail: bool,
+) -> None:
+    """With an affinity block the Lua chooses as ``place`` does, with the same outcome; it
+    writes the pin only when made, moved or due (``pin_due``), and moves the strategy's state
+    (the rotation, the SWRR weights) only when the strategy chose."""
+    now_s = int(client.time()[0])
+    names = _seed(client, views, now_s)
+    n, route = len(views), "r"
+    order = [i for i in order if i < n][:cut]  # cut short: the strategy may have to choose
+    pinned = pin if isinstance(pin, str) or pin is None else names[pin % n]
+    client.set(KEYS.rotation(route), rotation)
+    client.set(KEYS.swrr(route), ",".join(str(w) for w in swrr[:n]))
+    pin_key = KEYS.response_pin("resp_1") if required else KEYS.pin(route, "d1")
+    # a fresh pin is not written again; a stale one (under 90 % of its TTL left) is
+    expires = (now_s + 1) * 1000 + (PIN_TTL // 2 if stale else PIN_TTL)
+    stored = f"{pinned}|{expires}|{'other' if foreign else 'me'}"
+    if pinned is not None:
+        client.set(pin_key, stored, px=PIN_TTL)
+    keys = [KEYS.rotation(route), KEYS.swrr(route)]
+    args: list[object] = [strategy.value, "lease-1", 30000, rand, 16, n]
+    args += [WINDOW_BUCKETS, int(detail), (now_s + 60) * 1000, "a"]
+    for name, v in zip(names, views, strict=True):
+        keys += [KEYS.provider(name), KEYS.leases(name)]
+        args += [v.rpm, v.tpm, v.max_in_flight, v.weight, v.tokens, int(v.excluded)]
+    keys.append(pin_key)
+    args += [2 if required else 1, PIN_TTL, "me", repr(load_factor)]
+    args.append(",".join(str(i + 1) for i in order))
+    raw = client.register_script(_script("acquire"))(keys=keys, args=args)
+    d = _decode_decision(raw, names, pinned=True)
+
+    now_ms = now_s * 1000 + 500
+    views_now = [_with_cooling(v, now_ms) for v in views]
+    if required and pinned is not None and foreign:  # another tenant's: nothing looked at
+        event("FOREIGN")
+        assert (d.index, d.pin, d.pinned) == (None, PinOutcome.FOREIGN, "")
+        assert all(c.code is Code.UNSEEN for c in d.candidates)
+        return
+    view = PinView(pinned, order, load_factor, required)
+    spec, outcome = place(
+        strategy, views_now, names, now_ms, view,
+        rotation=rotation + 1, rand=rand, swrr=swrr[:n], expected_output=16,
+    )  # fmt: skip
+    event(outcome.name)
+    assert (d.index, d.pin, d.pinned) == (spec.index, outcome, pinned or "")
+    assert [c.code for c in d.candidates] == [eligibility(v, now_ms) for v in views_now]
+
+    written = client.get(pin_key)
+    made = outcome in (PinOutcome.NEW, PinOutcome.SPILLED, PinOutcome.MOVED)
+    if made or (outcome is PinOutcome.HIT and stale):
+        assert spec.index is not None
+        provider, at, tenant = written.decode().split("|")
+        assert (provider, tenant) == (names[spec.index], "me")
+        assert int(at) - PIN_TTL == d.now_ms
+        member = pin_key.removeprefix(KEYS.base + ":")
+        assert client.zscore(KEYS.pins(provider), member) == int(at)
+        if pinned is not None and pinned != provider:
+            assert client.zscore(KEYS.pins(pinned), member) is None
+    else:
+        assert written == (stored.encode() if pinned is not None else None)
+
+    # the strategy's state moves only when the strategy chose
+    eligible = [eligibility(v, now_ms) is Code.OK for v in views_now]
+    hashed = bounded_hash(views_now, eligible, order, load_factor)[0]
+    if pinned in names or required:
+        hashed = None  # the pin or the strategy chose
+    by_pin = outcome is PinOutcome.HIT or hashed is not None
+    by_strategy = spec.index is not None and not by_pin
+    if strategy is Strategy.ROUND_ROBIN:
+        assert client.get(KEYS.rotation(route)) == str(rotation + by_strategy).encode()
+    if strategy is Strategy.WEIGHTED:
+        got = [int(float(w)) for w in client.get(KEYS.swrr(route)).decode().split(",")]
+        if by_strategy:
+            want = [c for c, ok in zip(spec.swrr, eligible, strict=True) if ok]
+            assert [c for c, ok in zip(got, eligible, strict=True) if ok] == want
+        else:
+            assert got == swrr[:n]
