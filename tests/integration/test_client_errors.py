@@ -141,10 +141,13 @@ def test_queued_requests_wait_for_room(gw: Gateway) -> None:
     assert stats["received"] == 3
 
 
-def test_no_usable_provider_is_503(gw: Gateway) -> None:
+def test_a_route_none_of_whose_targets_serves_the_api_is_a_400(gw: Gateway) -> None:
+    """Not an outage (no retry helps): the route cannot serve embeddings, and says so."""
     r = httpx.post(f"{gw.urls[0]}/v1/embeddings", json={"model": "claude-only", "input": "x"},
                    headers=auth())  # fmt: skip
-    assert_openai_error(r, 503)
+    error = assert_openai_error(r, 400)
+    assert "serves embeddings" in error["message"]
+    assert r.json()["error"]["param"] == "model"
 
 
 def test_no_secret_in_responses_logs_or_redis(gw: Gateway, redis_port: int) -> None:
