@@ -72,6 +72,12 @@ def test_sessions_stay_on_their_target_over_both_replicas(
     counts = affinity_counts(gw.urls[0]) + affinity_counts(gw.urls[1])
     assert counts["new"] == 20
     assert counts["hit"] >= 178
+    # the decision log says when a pin decided (and the key's value never shows)
+    logged = "".join(proc.output() for proc, _ in gw.replicas)
+    assert '"pin":"hit"' in logged
+    assert '"pin":"new"' in logged
+    assert "its affinity pin" in logged
+    assert "session-1" not in logged
     state = json.loads(ctl(gw, "state", "--json"))
     pins = {p["name"]: p["pins"] for p in state["providers"]}
     assert sum(pins.values()) == 20
