@@ -119,10 +119,8 @@ def _calls(store: Store, shape: Shape, first: int, count: int) -> list[tuple[Any
     return out
 
 
-def instructions(shape: Shape, measured: int, work: Path) -> int:
-    """Instructions a redis-server ran for the warm-up calls and ``measured`` more."""
-    port = free_port()
-    out = work / f"cg.{port}"
+def _started(port: int, out: Path) -> tuple[subprocess.Popen[bytes], redis.Redis]:
+    """A redis-server on ``port`` under callgrind, once it answers."""
     proc = subprocess.Popen(
         ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}", "redis-server",
          "--port", str(port), "--save", "", "--appendonly", "no", "--hz", "1"],
@@ -133,22 +131,42 @@ def instructions(shape: Shape, measured: int, work: Path) -> int:
     while True:
         try:
             client.ping()
-            break
+            return proc, client
         except redis.ConnectionError:
             if time.monotonic() > deadline:
                 proc.kill()
                 raise
             time.sleep(0.1)
-    store = Store(client, KEYS, 30_000, embedded=False)
+
+
+def _seed(client: redis.Redis, store: Store, shape: Shape, calls: int) -> None:
+    """Every script loaded; for ``drained_first``, every call's key pinned to that target."""
     for name in SCRIPTS:
         client.script_load(_script(name))
+    if not shape.drained_first:
+        return
+    client.hset(KEYS.provider("p0"), mapping={"drain": "1", "gate": 1})
+    for i in range(calls):
+        pin = shape.pin(i)
+        if pin is not None:
+            client.set(store.pin_key("m", pin), "p0|99999999999999|", px=3_600_000)
+
+
+def _totals(out: Path) -> int:
+    for line in out.read_text().splitlines():
+        if line.startswith(("summary:", "totals:")):
+            return int(line.split()[1])
+    raise RuntimeError(f"no totals in {out}")
+
+
+def instructions(shape: Shape, measured: int, work: Path) -> int:
+    """Instructions a redis-server ran for the warm-up calls and ``measured`` more."""
+    port = free_port()
+    out = work / f"cg.{port}"
+    proc, client = _started(port, out)
+    store = Store(client, KEYS, 30_000, embedded=False)
+    _seed(client, store, shape, WARM + measured)
     sha = client.script_load(_script("acquire"))
-    if shape.drained_first:
-        client.hset(KEYS.provider("p0"), mapping={"drain": "1", "gate": 1})
-        for i in range(WARM + measured):  # every key pinned to the drained target
-            pin = shape.pin(i)
-            if pin is not None:
-                client.set(store.pin_key("m", pin), "p0|99999999999999|", px=3_600_000)
     for first, count in ((0, WARM), (WARM, measured)):
         pipe = client.pipeline(transaction=False)
         for call in _calls(store, shape, first, count):
@@ -158,10 +176,7 @@ def instructions(shape: Shape, measured: int, work: Path) -> int:
                 raise RuntimeError(f"{shape.name}: a call chose no target: {answer}")
     client.shutdown(nosave=True)
     proc.wait()
-    for line in out.read_text().splitlines():
-        if line.startswith(("summary:", "totals:")):
-            return int(line.split()[1])
-    raise RuntimeError(f"no totals in {out}")
+    return _totals(out)
 
 
 def main() -> None:
