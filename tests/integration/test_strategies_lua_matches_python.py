@@ -325,7 +325,10 @@ def test_same_pin_choice(
     )  # fmt: skip
     event(outcome.name)
     assert (d.index, d.pin, d.pinned) == (spec.index, outcome, pinned or "")
-    assert [c.code for c in d.candidates] == [eligibility(v, now_ms) for v in views_now]
+    codes = [eligibility(v, now_ms) for v in views_now]
+    if outcome is PinOutcome.HIT and not detail:  # a hit looks at its target only
+        codes = [c if i == spec.index else Code.UNSEEN for i, c in enumerate(codes)]
+    assert [c.code for c in d.candidates] == codes
 
     written = client.get(pin_key)
     made = outcome in (PinOutcome.NEW, PinOutcome.SPILLED, PinOutcome.MOVED)

@@ -66,8 +66,9 @@
 -- (FOREIGN); its target takes the request (HIT, refreshed as above) or nothing is leased
 -- (PIN_UNAVAILABLE: its code says why; wait is that target's; -2 when the pin names no target
 -- of the route); no pin: the strategy chooses and nothing is written (NONE).
--- Only the strategy's own choices move its state (the rotation, the SWRR weights); with this
--- block round robin looks at every target (a pin may name one the rotation would not reach).
+-- Only the strategy's own choices move its state (the rotation, the SWRR weights). With this
+-- block round robin looks at every target (a pin may name one the rotation would not reach),
+-- except that without ARGV[8] a hit looks at its target only (the others' codes are 9).
 -- Returns {chosen (1-based, 0 = none), now ms, bucket s, wait ms (-1 unknown, -2 never,
 --          -3 too late), tenant code, tenant spend this period (nano-USD, after this
 --          request), then per target: code, and with ARGV[8] = 1 (and the tenant admitted):
@@ -464,6 +465,12 @@ if Q then
 end
 
 local best, any, a_pinned = nil, false, nil
+if a_prov then  -- the pin's target among the route's
+  local pk = a_base .. ':provider:' .. a_prov
+  for i = 1, n do
+    if KEYS[1 + 2 * i] == pk then a_pinned = i break end
+  end
+end
 if strategy == 'round_robin' and not detail and not A then
   -- the next target in the rotation with room: the ones after it need not be looked at
   local start = call('INCR', KEYS[1])
@@ -472,8 +479,12 @@ if strategy == 'round_robin' and not detail and not A then
     if view(i).code == 0 then best = i break end
   end
   if not best then call('DECR', KEYS[1]) end  -- as if never turned (the full view's rule)
+elseif a_pinned and not detail and view(a_pinned).code == 0 then
+  best = a_pinned  -- a hit: the other targets need not be looked at (9, as round robin's)
 else
-  for i = 1, n do view(i) end
+  for i = 1, n do
+    if not T[i] then view(i) end
+  end
 end
 for i = 1, n do
   if T[i] then
@@ -485,12 +496,6 @@ end
 -- outcome (see the header). Inline, not a function: each function made per call, and even one
 -- never made, costs the calls without the block (Lua's GC walks every prototype; measured).
 if A then
-  if a_prov then
-    local pk = a_base .. ':provider:' .. a_prov
-    for i = 1, n do
-      if KEYS[1 + 2 * i] == pk then a_pinned = i break end
-    end
-  end
   local c = a_pinned and T[a_pinned].code
   if c == 0 then best, a_out = a_pinned, 1
   elseif a_mode == 2 then a_lock, a_out = a_prov ~= nil, a_prov and 5 or 0
