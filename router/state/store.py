@@ -580,35 +580,12 @@ class Store:
         route's wait queue takes part; with ``affinity`` the request's pin is read, followed
         and written in the same call (``Decision.pin`` says what it did)."""
         sent = _wall_ms()
-        args: list[Any] = [
-            plan.route.strategy.value,
-            lease_id,
-            self.lease_ttl_ms,
-            rand,
-            expected_output,
-            len(plan.providers),
-            WINDOW_BUCKETS,
-            1 if detail else 0,
-            not_after_ms or sent + self._skew_ms + self.late_ms,
-            "",  # the optional blocks present: set below
-        ]
-        for i, (rpm, tpm, maxf, weight) in enumerate(plan.static):
-            args += (rpm, tpm, maxf, weight, tokens[i], 1 if excluded[i] else 0)
-        keys: list[str] = list(plan.keys)
-        blocks = ""
-        if tenant is not None and tenant.tracked:
-            blocks += "t"
-            keys += tenant.keys
-            args += self._tenant_args(tenant, tenant_tokens, cost_nano, counted, sent)
-        if ticket is not None:
-            blocks += "q"
-            keys += self._queue_keys(plan.route.model)
-            args += self._queue_args(plan.route, ticket)
-        if affinity is not None:
-            blocks += "a"
-            keys.append(self.pin_key(plan.route.model, affinity))
-            args += _pin_args(affinity)
-        args[9] = blocks
+        keys, args = self.acquire_layout(
+            plan, lease_id, tokens, excluded, rand=rand, expected_output=expected_output,
+            detail=detail, not_after_ms=not_after_ms or sent + self._skew_ms + self.late_ms,
+            tenant=tenant, tenant_tokens=tenant_tokens, cost_nano=cost_nano, counted=counted,
+            ticket=ticket, affinity=affinity, sent_ms=sent,
+        )  # fmt: skip
         raw = await self.call("acquire", keys, args)
         d = _decode_decision(
             raw, plan.providers, queued=ticket is not None, pinned=affinity is not None
@@ -618,6 +595,58 @@ class Store:
             # (a slow reconnect first, a stalled event loop, or our clock stepped back)
             raise StoreError("the acquire reached Redis after its deadline")
         return d
+
+    def acquire_layout(
+        self,
+        plan: RoutePlan,
+        lease_id: str,
+        tokens: Sequence[int],
+        excluded: Sequence[bool],
+        *,
+        rand: int,
+        expected_output: int,
+        detail: bool,
+        not_after_ms: int,
+        tenant: TenantPlan | None = None,
+        tenant_tokens: int = 0,
+        cost_nano: int = 0,
+        counted: bool = True,
+        ticket: Ticket | None = None,
+        affinity: PinRequest | None = None,
+        sent_ms: int = 0,
+    ) -> tuple[list[str], list[Any]]:
+        """The acquire script's KEYS and ARGV for these arguments (``acquire``'s; its header
+        documents them); ``sent_ms`` (our clock) guesses the tenant's spend period."""
+        args: list[Any] = [
+            plan.route.strategy.value,
+            lease_id,
+            self.lease_ttl_ms,
+            rand,
+            expected_output,
+            len(plan.providers),
+            WINDOW_BUCKETS,
+            1 if detail else 0,
+            not_after_ms,
+            "",  # the optional blocks present: set below
+        ]
+        for i, (rpm, tpm, maxf, weight) in enumerate(plan.static):
+            args += (rpm, tpm, maxf, weight, tokens[i], 1 if excluded[i] else 0)
+        keys: list[str] = list(plan.keys)
+        blocks = ""
+        if tenant is not None and tenant.tracked:
+            blocks += "t"
+            keys += tenant.keys
+            args += self._tenant_args(tenant, tenant_tokens, cost_nano, counted, sent_ms)
+        if ticket is not None:
+            blocks += "q"
+            keys += self._queue_keys(plan.route.model)
+            args += self._queue_args(plan.route, ticket)
+        if affinity is not None:
+            blocks += "a"
+            keys.append(self.pin_key(plan.route.model, affinity))
+            args += _pin_args(affinity)
+        args[9] = blocks
+        return keys, args
 
     def _tenant_args(
         self, tenant: TenantPlan, tokens: int, cost_nano: int, counted: bool, sent_ms: int

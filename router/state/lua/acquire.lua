@@ -66,8 +66,9 @@
 -- (FOREIGN); its target takes the request (HIT, refreshed as above) or nothing is leased
 -- (PIN_UNAVAILABLE: its code says why; wait is that target's; -2 when the pin names no target
 -- of the route); no pin: the strategy chooses and nothing is written (NONE).
--- Only the strategy's own choices move its state (the rotation, the SWRR weights); with this
--- block round robin looks at every target (a pin may name one the rotation would not reach).
+-- Only the strategy's own choices move its state (the rotation, the SWRR weights). With this
+-- block round robin looks at every target (a pin may name one the rotation would not reach),
+-- except that without ARGV[8] a hit looks at its target only (the others' codes are 9).
 -- Returns {chosen (1-based, 0 = none), now ms, bucket s, wait ms (-1 unknown, -2 never,
 --          -3 too late), tenant code, tenant spend this period (nano-USD, after this
 --          request), then per target: code, and with ARGV[8] = 1 (and the tenant admitted):
@@ -296,19 +297,24 @@ if A then
   end
 end
 
--- The answer's tails: the queue's figures, then the pin's.
-local function finish(out)
-  if Q then
-    out[#out + 1], out[#out + 2], out[#out + 3] = q_state, q_rank, call('ZCARD', qk)
-    out[#out + 1] = tostring(call('ZSCORE', qk, q_member) or -1)
+-- The answer's tails: the queue's figures, then the pin's. (A function is made, with its
+-- upvalues, each time its definition runs: the ones only blocks use are made only with them,
+-- which keeps a call without blocks at its old cost, measured: loadtest/script_cost.py.)
+local finish, refused
+if tenant or Q or A then
+  finish = function(out)
+    if Q then
+      out[#out + 1], out[#out + 2], out[#out + 3] = q_state, q_rank, call('ZCARD', qk)
+      out[#out + 1] = tostring(call('ZSCORE', qk, q_member) or -1)
+    end
+    if A then out[#out + 1], out[#out + 2] = a_out, a_prov or '' end
+    return out
   end
-  if A then out[#out + 1], out[#out + 2] = a_out, a_prov or '' end
-  return out
-end
-local function refused(wait, code, spent)  -- nothing looked at, nothing leased
-  local out = {0, now, sec, wait, code, spent}
-  for i = 1, n do out[6 + i] = 9 end
-  return finish(out)
+  refused = function(wait, code, spent)  -- nothing looked at, nothing leased
+    local out = {0, now, sec, wait, code, spent}
+    for i = 1, n do out[6 + i] = 9 end
+    return finish(out)
+  end
 end
 if a_out == 6 then return refused(-2, 0, 0) end
 
@@ -458,55 +464,13 @@ if Q then
   end
 end
 
--- The pin's choice (every target viewed): the target it sends the request to, if any, and
--- its outcome in a_out (see the header).
-local OUT = {[1] = true, [2] = true, [7] = true, [8] = true}  -- excluded, or out of service
-local function pin_choice(any)
-  local pinned
-  if a_prov then
-    local pk = a_base .. ':provider:' .. a_prov
-    for i = 1, n do
-      if KEYS[1 + 2 * i] == pk then pinned = i break end
-    end
-  end
-  if pinned and T[pinned].code == 0 then a_out = 1 return pinned end
-  if a_mode == 2 then
-    a_lock, a_out = a_prov ~= nil, a_prov and 5 or 0
-    return nil, pinned
-  end
-  if pinned then a_out = OUT[T[pinned].code] and 4 or 3 return nil end
-  if not any then return nil end
-  -- consistent hashing with bounded loads: the first of the key's order that stays in bound
-  local m, load = 0, 0
-  for i = 1, n do
-    if T[i].code == 0 then m, load = m + 1, load + T[i].inflight end
-  end
-  local cap, first = math.ceil(N[ARGV[a_a + 3]] * (load + 1) / m), nil
-  for s in string.gmatch(ARGV[a_a + 4], '%d+') do
-    local i = N[s]
-    if T[i] and T[i].code == 0 then
-      first = first or i
-      if T[i].inflight + 1 <= cap then
-        a_out = i == first and 2 or 3
-        return i
-      end
-    end
-  end
-  a_out = first and 3 or 2  -- the strategy chooses
-end
-
--- Write the pin to target i, and count it there (off the provider it leaves).
-local function pin_write(i)
-  local name = string.sub(KEYS[1 + 2 * i], #a_base + 11)  -- after '<base>:provider:'
-  local exp, member = now + a_ttl, string.sub(a_key, #a_base + 2)
-  call('SET', a_key, name .. '|' .. fmt('%d', exp) .. '|' .. a_tenant, 'PX', a_ttl)
-  if a_prov and a_prov ~= name then call('ZREM', a_base .. ':pins:' .. a_prov, member) end
-  local z = a_base .. ':pins:' .. name
-  call('ZREMRANGEBYSCORE', z, '-inf', now)
-  call('ZADD', z, exp, member)
-end
-
 local best, any, a_pinned = nil, false, nil
+if a_prov then  -- the pin's target among the route's
+  local pk = a_base .. ':provider:' .. a_prov
+  for i = 1, n do
+    if KEYS[1 + 2 * i] == pk then a_pinned = i break end
+  end
+end
 if strategy == 'round_robin' and not detail and not A then
   -- the next target in the rotation with room: the ones after it need not be looked at
   local start = call('INCR', KEYS[1])
@@ -515,8 +479,12 @@ if strategy == 'round_robin' and not detail and not A then
     if view(i).code == 0 then best = i break end
   end
   if not best then call('DECR', KEYS[1]) end  -- as if never turned (the full view's rule)
+elseif a_pinned and not detail and view(a_pinned).code == 0 then
+  best = a_pinned  -- a hit: the other targets need not be looked at (9, as round robin's)
 else
-  for i = 1, n do view(i) end
+  for i = 1, n do
+    if not T[i] then view(i) end
+  end
 end
 for i = 1, n do
   if T[i] then
@@ -524,7 +492,31 @@ for i = 1, n do
     any = any or T[i].code == 0
   end
 end
-if A then best, a_pinned = pin_choice(any) end
+-- The pin's choice (every target viewed): the target it sends the request to, if any, and its
+-- outcome (see the header). Inline, not a function: each function made per call, and even one
+-- never made, costs the calls without the block (Lua's GC walks every prototype; measured).
+if A then
+  local c = a_pinned and T[a_pinned].code
+  if c == 0 then best, a_out = a_pinned, 1
+  elseif a_mode == 2 then a_lock, a_out = a_prov ~= nil, a_prov and 5 or 0
+  elseif c then a_out = (c == 1 or c == 2 or c == 7 or c == 8) and 4 or 3  -- moved, or spilled
+  elseif any then
+    -- consistent hashing with bounded loads: the first of the key's order that stays in bound
+    local m, load, first = 0, 0, nil
+    for i = 1, n do
+      if T[i].code == 0 then m, load = m + 1, load + T[i].inflight end
+    end
+    local cap = math.ceil(N[ARGV[a_a + 3]] * (load + 1) / m)
+    for s in string.gmatch(ARGV[a_a + 4], '%d+') do
+      local i = N[s]
+      if T[i] and T[i].code == 0 then
+        first = first or i
+        if T[i].inflight + 1 <= cap then best = i break end
+      end
+    end
+    a_out = (best ~= first and first) and 3 or 2  -- none in bound: the strategy chooses
+  end
+end
 if best or a_lock then  -- chosen above, or by a required pin
 elseif any and strategy == 'weighted' then
   local cw, j = {}, 0
@@ -560,7 +552,16 @@ end
 local wait = -2
 if A and not best and a_out ~= 5 then a_out = 0 end  -- no target: the pin took no part
 if best then
-  if a_out ~= 0 and (a_out ~= 1 or a_exp - now < 0.9 * a_ttl) then pin_write(best) end
+  if a_out ~= 0 and (a_out ~= 1 or a_exp - now < 0.9 * a_ttl) then
+    -- the pin to this target, counted there (and off the provider it leaves)
+    local name = string.sub(KEYS[1 + 2 * best], #a_base + 11)  -- after '<base>:provider:'
+    local exp, member = now + a_ttl, string.sub(a_key, #a_base + 2)
+    call('SET', a_key, name .. '|' .. fmt('%d', exp) .. '|' .. a_tenant, 'PX', a_ttl)
+    if a_prov and a_prov ~= name then call('ZREM', a_base .. ':pins:' .. a_prov, member) end
+    local z = a_base .. ':pins:' .. name
+    call('ZREMRANGEBYSCORE', z, '-inf', now)
+    call('ZADD', z, exp, member)
+  end
   local pk, lk, t = KEYS[1 + 2 * best], KEYS[2 + 2 * best], T[best]
   local added = call('ZADD', lk, now + ttl, lease)
   -- this second's bucket, then the totals and the lease count read above in one write; a
@@ -645,4 +646,5 @@ for i = 1, n do
   out[k + 1], out[k + 2], out[k + 3], out[k + 4], out[k + 5] = t.code, t.inflight, t.rpm, t.tpm, s
   k = k + 5
 end
-return finish(out)
+if Q or A then return finish(out) end
+return out
