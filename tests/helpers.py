@@ -7,6 +7,7 @@ import contextlib
 import functools
 import os
 import socket
+import subprocess
 import sys
 import tempfile
 import time
@@ -206,6 +207,16 @@ class Gateway:
     def counts(self) -> dict[str, int]:
         """Requests each provider answered with 200, by its own count."""
         return {name: int(m.stats()["ok"]) for name, m in self.mocks.items()}
+
+
+def ctl(gw: Gateway, *args: str, columns: int = 160) -> str:
+    """Run ``routerctl`` on the gateway's config; its output, checked to hold no secret."""
+    argv = [sys.executable, "-m", "router.ctl", *args, "--config", str(gw.config)]
+    env = {**os.environ, **ENV, "COLUMNS": str(columns)}
+    done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=30)
+    assert done.returncode == 0, done.stderr
+    assert not any(secret in done.stdout for secret in SECRETS)
+    return done.stdout
 
 
 def write_config(

@@ -1,4 +1,5 @@
-"""Fixtures shared by the integration tests of the upstream client."""
+"""Fixtures shared by integration tests: the upstream client's, and the in-process mock
+providers' (``inproc``)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,9 @@ from collections.abc import AsyncIterator
 import pytest
 
 from router.upstream.client import Upstream
+from tests.integration.inproc import http, start_mock
+
+__all__ = ["http", "start_mock", "upstream"]
 
 
 @pytest.fixture

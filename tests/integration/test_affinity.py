@@ -8,9 +8,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +15,7 @@ import anthropic
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.helpers import CLIENT_KEY, ENV, SECRETS, Cluster, Gateway, Mock, start_gateway
+from tests.helpers import CLIENT_KEY, Cluster, Gateway, Mock, ctl, start_gateway
 
 PROVIDERS = ("a", "b", "c")
 HEADERS = {"Authorization": f"Bearer {CLIENT_KEY}"}
@@ -168,12 +165,3 @@ def affinity_counts(url: str) -> collections.Counter[str]:
             if s.name == "router_affinity_total":
                 out[s.labels["outcome"]] += int(s.value)
     return out
-
-
-def ctl(gw: Gateway, *args: str) -> str:
-    argv = [sys.executable, "-m", "router.ctl", *args, "--config", str(gw.config)]
-    env = {**os.environ, **ENV, "COLUMNS": "160"}
-    done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=30)
-    assert done.returncode == 0, done.stderr
-    assert not any(secret in done.stdout for secret in SECRETS)
-    return done.stdout

@@ -2,17 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
 from typing import Any
 
 import httpx
 import openai
 import orjson
 import pytest
-from aiohttp import web
 
-from loadtest.mock_provider import PROVIDER_KEY, MockConfig, MockProvider, build_app
+from tests.integration.inproc import Start, sdk, stats
 
 WEATHER = {
     "type": "function",
@@ -24,52 +21,6 @@ WEATHER = {
         "required": ["city"],
     },
 }
-
-
-@dataclass
-class Mock:
-    """A running in-process mock provider."""
-
-    url: str
-    provider: MockProvider
-
-
-Start = Callable[..., Awaitable[Mock]]
-
-
-@pytest.fixture
-async def start_mock() -> AsyncIterator[Start]:
-    """Factory starting mock providers on free ports; all are stopped at the end of the test."""
-    runners: list[web.AppRunner] = []
-
-    async def start(**options: Any) -> Mock:
-        app = build_app(MockConfig(**options))
-        runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.5)
-        await runner.setup()
-        runners.append(runner)
-        await web.TCPSite(runner, "127.0.0.1", 0).start()
-        return Mock(f"http://127.0.0.1:{runner.addresses[0][1]}", app[PROVIDER_KEY])
-
-    yield start
-    for runner in runners:
-        await runner.cleanup()
-
-
-@pytest.fixture
-async def http() -> AsyncIterator[httpx.AsyncClient]:
-    """A plain HTTP client."""
-    async with httpx.AsyncClient(timeout=5.0) as client:
-        yield client
-
-
-def sdk(mock: Mock, api_key: str = "sk-test") -> openai.AsyncOpenAI:
-    """The official OpenAI client pointed at the mock, without retries hiding failures."""
-    return openai.AsyncOpenAI(base_url=f"{mock.url}/v1", api_key=api_key, max_retries=0)
-
-
-async def stats(http: httpx.AsyncClient, mock: Mock) -> dict[str, Any]:
-    """GET /stats."""
-    return (await http.get(f"{mock.url}/stats")).json()
 
 
 def sse_events(text: str) -> list[tuple[str, dict[str, Any]]]:

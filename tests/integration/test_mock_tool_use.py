@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
 from typing import Any
 
 import anthropic
@@ -12,9 +10,8 @@ import httpx
 import openai
 import orjson
 import pytest
-from aiohttp import web
 
-from loadtest.mock_provider import PROVIDER_KEY, MockConfig, MockProvider, build_app
+from tests.integration.inproc import Mock, Start
 
 SCHEMA = {
     "type": "object",
@@ -36,42 +33,6 @@ CLAUDE_TOOLS: list[Any] = [
     {"name": "get_time", "input_schema": {"type": "object", "properties": {"tz": {}}}},
 ]
 HELLO: list[Any] = [{"role": "user", "content": "hello world!"}]  # 12 chars -> 3 tokens
-
-
-@dataclass
-class Mock:
-    """A running in-process mock provider."""
-
-    url: str
-    provider: MockProvider
-
-
-Start = Callable[..., Awaitable[Mock]]
-
-
-@pytest.fixture
-async def start_mock() -> AsyncIterator[Start]:
-    """Factory starting mock providers on free ports; all are stopped at the end of the test."""
-    runners: list[web.AppRunner] = []
-
-    async def start(**options: Any) -> Mock:
-        app = build_app(MockConfig(**options))
-        runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.5)
-        await runner.setup()
-        runners.append(runner)
-        await web.TCPSite(runner, "127.0.0.1", 0).start()
-        return Mock(f"http://127.0.0.1:{runner.addresses[0][1]}", app[PROVIDER_KEY])
-
-    yield start
-    for runner in runners:
-        await runner.cleanup()
-
-
-@pytest.fixture
-async def http() -> AsyncIterator[httpx.AsyncClient]:
-    """A plain HTTP client."""
-    async with httpx.AsyncClient(timeout=5.0) as client:
-        yield client
 
 
 def oai(mock: Mock) -> openai.AsyncOpenAI:

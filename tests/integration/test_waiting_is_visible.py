@@ -7,9 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -23,11 +20,9 @@ from router.state.keys import Keys
 from router.state.store import Store
 from tests.helpers import (
     ADMIN_TOKEN,
-    ENV,
-    SECRETS,
     Cluster,
-    Gateway,
     Mock,
+    ctl,
     start_gateway,
     wait_until,
 )
@@ -89,15 +84,6 @@ async def test_read_state_counts_the_unexpired_tickets_per_tenant_and_priority(
     chat, plain = state.routes
     assert chat.queue == QueueState(5.0, 50, 6, tuple(WaitingState(**w) for w in WAITING))
     assert plain.queue is None  # it never waits: no queue is read
-
-
-def ctl(gw: Gateway, *args: str) -> str:
-    argv = [sys.executable, "-m", "router.ctl", *args, "--config", str(gw.config)]
-    env = {**os.environ, **ENV, "COLUMNS": "160"}
-    done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=30)
-    assert done.returncode == 0, done.stderr
-    assert not any(secret in done.stdout for secret in SECRETS)
-    return done.stdout
 
 
 def waiting_gauge(url: str) -> dict[tuple[str, str, str], float]:

@@ -115,6 +115,41 @@ class EventSplitter:
         return tail
 
 
+class EventTranslator:
+    """A stream translator that works one complete SSE event at a time: ``_event`` says what
+    an event becomes; ``feed`` and ``close`` split the bytes into events (bounded by
+    ``max_event_bytes``) and join what they become."""
+
+    def __init__(self, max_event_bytes: int = MAX_EVENT_BYTES) -> None:
+        self._splitter = EventSplitter(max_event_bytes)
+        self.usage: Usage | None = None
+        self.content_chunks = 0
+        self.finished = False
+
+    @property
+    def events(self) -> int:
+        """Complete SSE events read so far (keep-alives and pings included)."""
+        return self._splitter.events
+
+    def feed(self, data: bytes) -> bytes:
+        """What every event that ``data`` completes becomes, in order."""
+        buf, ends = self._splitter.push(data)
+        out: list[bytes] = []
+        start = 0
+        for end in ends:
+            out.append(self._event(buf[start:end]))
+            start = end
+        return b"".join(out)
+
+    def close(self) -> bytes:
+        """What a last event that lacked its blank line becomes; nothing is invented."""
+        tail = self._splitter.rest()
+        return self._event(tail) if tail.strip() else b""
+
+    def _event(self, event: bytes) -> bytes:
+        raise NotImplementedError
+
+
 def sse_fields(event: bytes) -> tuple[bytes | None, bytes | None]:
     """The ``event:`` name and the joined ``data:`` lines of one SSE event (None if absent)."""
     name: bytes | None = None

@@ -425,41 +425,18 @@ def _frame(obj: dict[str, Any]) -> bytes:
 _DONE_FRAME = b"data: [DONE]\n\n"
 
 
-class AnthropicStream:
+class AnthropicStream(_common.EventTranslator):
     """Translates Anthropic's SSE events into OpenAI ``chat.completion.chunk`` frames."""
 
     def __init__(self, include_usage: bool, max_event_bytes: int = _common.MAX_EVENT_BYTES) -> None:
         self._include_usage = include_usage
-        self._splitter = _common.EventSplitter(max_event_bytes)
+        super().__init__(max_event_bytes)
         # Replaced by the message id at message_start; a fallback keeps frames well-formed.
         self._id = f"chatcmpl-{uuid.uuid4().hex}"
         self._model: Any = None
         self._created = int(time.time())
         self._tool_calls = 0
         self._prompt_tokens = 0
-        self.usage: Usage | None = None
-        self.content_chunks = 0
-        self.finished = False
-
-    @property
-    def events(self) -> int:
-        """Complete SSE events read so far (pings included)."""
-        return self._splitter.events
-
-    def feed(self, data: bytes) -> bytes:
-        """The OpenAI frames for every Anthropic event that ``data`` completes."""
-        buf, ends = self._splitter.push(data)
-        out: list[bytes] = []
-        start = 0
-        for end in ends:
-            out.append(self._event(buf[start:end]))
-            start = end
-        return b"".join(out)
-
-    def close(self) -> bytes:
-        """Frames for a last event that lacked its blank line; no [DONE] is invented."""
-        tail = self._splitter.rest()
-        return self._event(tail) if tail.strip() else b""
 
     def _event(self, event: bytes) -> bytes:
         name, data = _common.sse_fields(event)

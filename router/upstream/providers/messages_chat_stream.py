@@ -28,7 +28,6 @@ import orjson
 
 from router.errors import UpstreamProtocolError
 from router.upstream.providers import _common
-from router.upstream.providers.base import Usage
 from router.upstream.providers.messages_from_chat import message_id, stop_reason, usage_json
 
 _DONE = b"[DONE]"
@@ -41,41 +40,18 @@ def frame(kind: str, obj: dict[str, Any]) -> bytes:
     return b"event: " + kind.encode() + b"\ndata: " + orjson.dumps(obj) + b"\n\n"
 
 
-class ChatToMessagesStream:
+class ChatToMessagesStream(_common.EventTranslator):
     """Translates an OpenAI chat stream into Anthropic's Messages events, incrementally."""
 
     def __init__(self, model: str, max_event_bytes: int = _common.MAX_EVENT_BYTES) -> None:
         self._model = model
-        self._splitter = _common.EventSplitter(max_event_bytes)
+        super().__init__(max_event_bytes)
         self._started = False
         self._blocks = 0  # content blocks opened so far
         self._open: int | None = None  # the open block: _TEXT, a tool call's index, or none
         self._tools: set[int] = set()  # tool call indexes seen
         self._finish: Any = None  # the finish reason, once it came
         self._usage_obj: dict[str, int] | None = None
-        self.usage: Usage | None = None
-        self.content_chunks = 0
-        self.finished = False
-
-    @property
-    def events(self) -> int:
-        """Complete SSE events read so far (keep-alives included)."""
-        return self._splitter.events
-
-    def feed(self, data: bytes) -> bytes:
-        """The Anthropic events for every OpenAI event ``data`` completes."""
-        buf, ends = self._splitter.push(data)
-        out: list[bytes] = []
-        start = 0
-        for end in ends:
-            out.append(self._event(buf[start:end]))
-            start = end
-        return b"".join(out)
-
-    def close(self) -> bytes:
-        """The events of a last OpenAI event that lacked its blank line; nothing invented."""
-        tail = self._splitter.rest()
-        return self._event(tail) if tail.strip() else b""
 
     def _event(self, event: bytes) -> bytes:
         _, data = _common.sse_fields(event)
