@@ -118,7 +118,10 @@ class EventSplitter:
 class EventTranslator:
     """A stream translator that works one complete SSE event at a time: ``_event`` says what
     an event becomes; ``feed`` and ``close`` split the bytes into events (bounded by
-    ``max_event_bytes``) and join what they become."""
+    ``max_event_bytes``) and join what they become. A subclass that relays bytes as they came
+    overrides ``feed`` and ``close`` too."""
+
+    __slots__ = ("_splitter", "content_chunks", "finished", "usage")
 
     def __init__(self, max_event_bytes: int = MAX_EVENT_BYTES) -> None:
         self._splitter = EventSplitter(max_event_bytes)

@@ -116,24 +116,16 @@ def stream_error(obj: dict[str, Any]) -> UpstreamError:
     return UpstreamStatusError(f"{status} {message}", status)
 
 
-class PassthroughStream:
+class PassthroughStream(_common.EventTranslator):
     """Relays Anthropic SSE events unchanged, reading what accounting needs."""
 
-    __slots__ = ("_error", "_prompt", "_sent", "_splitter", "content_chunks", "finished", "usage")
+    __slots__ = ("_error", "_prompt", "_sent")
 
     def __init__(self, max_event_bytes: int = _common.MAX_EVENT_BYTES) -> None:
-        self._splitter = _common.EventSplitter(max_event_bytes)
+        super().__init__(max_event_bytes)
         self._sent = False  # whether any byte has been handed out
         self._error: UpstreamError | None = None
         self._prompt = 0
-        self.usage: Usage | None = None
-        self.content_chunks = 0
-        self.finished = False
-
-    @property
-    def events(self) -> int:
-        """Complete SSE events read so far (pings included)."""
-        return self._splitter.events
 
     @property
     def failed(self) -> bool:

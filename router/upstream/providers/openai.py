@@ -15,7 +15,7 @@ from typing import Any, ClassVar
 from router.config import Provider
 from router.errors import UpstreamProtocolError
 from router.upstream.providers import _common
-from router.upstream.providers.base import RateLimitInfo, Translated, UpstreamRequest, Usage
+from router.upstream.providers.base import RateLimitInfo, Translated, UpstreamRequest
 
 _USAGE = b'"usage"'
 # Both compact (OpenAI) and spaced (Python json.dumps, e.g. some vLLM versions) null usage.
@@ -108,22 +108,14 @@ def _checked(payload: bytes, field: str) -> Translated:
     return Translated(body=payload, usage=_common.openai_usage(obj))
 
 
-class OpenAIStream:
+class OpenAIStream(_common.EventTranslator):
     """Forwards OpenAI SSE events verbatim, reading only what accounting needs."""
 
-    __slots__ = ("_include_usage", "_splitter", "content_chunks", "finished", "usage")
+    __slots__ = ("_include_usage",)
 
     def __init__(self, include_usage: bool, max_event_bytes: int = _common.MAX_EVENT_BYTES) -> None:
+        super().__init__(max_event_bytes)
         self._include_usage = include_usage
-        self._splitter = _common.EventSplitter(max_event_bytes)
-        self.usage: Usage | None = None
-        self.content_chunks = 0
-        self.finished = False
-
-    @property
-    def events(self) -> int:
-        """Complete SSE events read so far."""
-        return self._splitter.events
 
     def feed(self, data: bytes) -> bytes:
         """Every event completed by ``data``, in order, minus an unwanted usage chunk."""
