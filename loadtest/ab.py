@@ -8,8 +8,9 @@ against the same nginx upstream and Redis (``loadtest.bench``'s rig and placemen
 replica alone on core 0). ``BASE_DIR`` is a checkout of the base (``git worktree add``);
 this checkout is the new one. Each round runs wrk at 32 connections on each route named
 (round_robin by default; ``affinity`` is a route with a session pin on ``body:user``, which
-only the new checkout has, if it knows affinity). Prints requests/s per round, the means,
-the difference, and the Redis calls per request.
+only the new checkout has, if it knows affinity). Prints requests/s per round, the router's CPU
+seconds per 1,000 requests, the Redis calls per request and the server time per script call,
+then the means and the difference.
 """
 
 from __future__ import annotations
@@ -80,6 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     new = Path(__file__).resolve().parent.parent
     results: dict[tuple[str, str], list[float]] = {}
     calls: dict[tuple[str, str], list[float]] = {}
+    cpu: dict[tuple[str, str], list[float]] = {}
     with tempfile.TemporaryDirectory() as tmp, Rig(Path(tmp)) as rig:
         up = start_upstreams(rig)
         for k in range(args.rounds):
@@ -100,14 +102,17 @@ def main(argv: list[str] | None = None) -> int:
                     figures = meter.figures()
                     results.setdefault((label, route), []).append(res.rps)
                     calls.setdefault((label, route), []).append(figures["redis_calls_per_req"])
+                    cpu.setdefault((label, route), []).append(figures["cpu_s_per_1k"])
                     per_req = figures["redis_calls_per_req"]
                     print(f"round {k + 1} {label:4} {route:12} {res.rps:8.0f} req/s  "
-                          f"{per_req} Redis calls/req", flush=True)  # fmt: skip
+                          f"{figures['cpu_s_per_1k']:.4f} CPU s/1k  {per_req} Redis calls/req "
+                          f"{figures['redis_usec_per_evalsha']} us/script", flush=True)  # fmt: skip
                 rig.stop(proc)
     print()
     for (label, route), rps in sorted(results.items()):
         print(f"{label:4} {route:12} mean {statistics.mean(rps):8.0f} req/s "
-              f"(min {min(rps):.0f}, max {max(rps):.0f}); Redis calls/req "
+              f"(min {min(rps):.0f}, max {max(rps):.0f}); router CPU s/1k "
+              f"{statistics.mean(cpu[(label, route)]):.4f}; Redis calls/req "
               f"{statistics.mean(calls[(label, route)]):.3f}")  # fmt: skip
     for route in routes:
         if ("base", route) in results and ("new", route) in results:
