@@ -18,6 +18,7 @@ import itertools
 import math
 import random
 import signal
+import ssl
 import struct
 import time
 from collections import deque
@@ -104,11 +105,20 @@ class MockConfig:
     api_key: str | None = None
     fault: str = "none"
     seed: int | None = None
+    tls_cert: str | None = None
+    """Serve HTTPS with this certificate (PEM; its key in ``tls_key``)."""
+    tls_key: str | None = None
+    tls_client_ca: str | None = None
+    """Require a client certificate signed by this CA (PEM): mutual TLS."""
 
     def __post_init__(self) -> None:
         """Normalise 'unlimited' and reject settings the server could not honour."""
         _check_choice("api", self.api, APIS)
         _check_choice("tpm_accounting", self.tpm_accounting, ACCOUNTING)
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("--tls-cert and --tls-key go together")
+        if self.tls_client_ca is not None and self.tls_cert is None:
+            raise ValueError("--tls-client-ca needs --tls-cert")
         _check_choice("fault", self.fault, FAULT_MODES)
         if not 0.0 <= self.error_rate <= 1.0:
             raise ValueError(f"error_rate must be within 0..1, got {self.error_rate}")
@@ -1096,16 +1106,30 @@ async def start_server(cfg: MockConfig) -> tuple[web.AppRunner, int]:
     """Start serving ``cfg`` in this event loop; return the runner and the real port."""
     runner = web.AppRunner(build_app(cfg), access_log=None, shutdown_timeout=2.0)
     await runner.setup()
-    site = web.TCPSite(runner, cfg.host, cfg.port)
+    site = web.TCPSite(runner, cfg.host, cfg.port, ssl_context=_tls_context(cfg))
     await site.start()
     return runner, int(runner.addresses[0][1])
+
+
+def _tls_context(cfg: MockConfig) -> ssl.SSLContext | None:
+    """The server's TLS context when ``--tls-cert`` is given (client certs required with
+    ``--tls-client-ca``)."""
+    if cfg.tls_cert is None:
+        return None
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.load_cert_chain(cfg.tls_cert, cfg.tls_key)
+    if cfg.tls_client_ca is not None:
+        ctx.load_verify_locations(cfg.tls_client_ca)
+        ctx.verify_mode = ssl.CERT_REQUIRED
+    return ctx
 
 
 async def serve(cfg: MockConfig) -> None:
     """Run until SIGINT/SIGTERM, announcing the listening URL on stdout."""
     runner, port = await start_server(cfg)
     host = f"[{cfg.host}]" if ":" in cfg.host else cfg.host
-    print(f"mock-provider {cfg.name} listening on http://{host}:{port}", flush=True)
+    scheme = "https" if cfg.tls_cert else "http"
+    print(f"mock-provider {cfg.name} listening on {scheme}://{host}:{port}", flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -1138,6 +1162,9 @@ def parse_args(argv: list[str] | None = None) -> MockConfig:
     p.add_argument("--api-key", default=None)
     p.add_argument("--fault", choices=FAULT_MODES, default="none")
     p.add_argument("--seed", type=int, default=None, help="seed for jitter and error rate")
+    p.add_argument("--tls-cert", default=None, help="serve HTTPS with this cert (PEM)")
+    p.add_argument("--tls-key", default=None, help="the --tls-cert's key (PEM)")
+    p.add_argument("--tls-client-ca", default=None, help="require client certs of this CA")
     return MockConfig(**vars(p.parse_args(argv)))
 
 

@@ -25,6 +25,7 @@ from pydantic import (
     PrivateAttr,
     SecretStr,
     ValidationError,
+    model_validator,
 )
 
 from router.errors import ConfigError
@@ -210,6 +211,24 @@ class Bounds(_Model):
     max_event_bytes: Annotated[int, Field(gt=0)] = 4 * 1024 * 1024
 
 
+class ProviderTLS(_Model):
+    """How to reach an https provider: ``ca_file`` (PEM) replaces the system's CAs when set;
+    ``cert_file`` and ``key_file`` (PEM) are a client certificate for mutual TLS;
+    ``verify: false`` accepts any server certificate (testing only: anyone on the path can
+    read the provider key)."""
+
+    ca_file: Annotated[str, Field(min_length=1, max_length=4096)] | None = None
+    cert_file: Annotated[str, Field(min_length=1, max_length=4096)] | None = None
+    key_file: Annotated[str, Field(min_length=1, max_length=4096)] | None = None
+    verify: bool = True
+
+    @model_validator(mode="after")
+    def _key_with_cert(self) -> ProviderTLS:
+        if self.key_file is not None and self.cert_file is None:
+            raise ValueError("key_file needs cert_file")
+        return self
+
+
 class Provider(_Model):
     name: Annotated[str, Field(pattern=NAME_PATTERN)]
     kind: ProviderKind
@@ -224,6 +243,12 @@ class Provider(_Model):
     health: HealthCheck = HealthCheck()
     circuit: Circuit = Circuit()
     anthropic_version: str = "2023-06-01"
+    max_connections: Annotated[int, Field(ge=1, le=10_000)] | None = None
+    """The most connections a replica keeps open (or opening) to this provider; a request
+    past it waits (first come, first served) for one to be free, until its deadline.
+    ``None``: no cap."""
+    tls: ProviderTLS | None = None
+    """TLS settings of an https provider (``None``: the system's CAs, no client cert)."""
 
 
 class Price(_Model):

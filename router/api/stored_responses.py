@@ -91,7 +91,7 @@ async def _forward(
         req = req.__class__(f"{req.url}?{query}", req.headers, req.body, req.method)
     loop = asyncio.get_running_loop()
     deadline = loop.time() + STORED_TIMEOUT_S
-    resp = await gw.upstream.send(req, provider.timeouts, deadline, provider.bounds)
+    resp = await gw.upstream.send(req, provider.timeouts, deadline, provider.bounds, provider)
     try:
         payload = await resp.read(deadline)
     finally:

@@ -608,7 +608,9 @@ class Dispatcher:
         req = codec.request(provider, model, job.body, job.budgets[index], job.inbound)
         self.tel.inject(req.headers, job.traceparent)
         started = asyncio.get_running_loop().time()
-        resp = await self.upstream.send(req, provider.timeouts, job.deadline, provider.bounds)
+        resp = await self.upstream.send(
+            req, provider.timeouts, job.deadline, provider.bounds, provider
+        )
         streaming = job.op is not Operation.EMBEDDINGS and bool(job.body.get("stream"))
         handed_over = False
         try:

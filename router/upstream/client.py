@@ -20,11 +20,12 @@ Errors become ``UpstreamError``s here, with messages that name no URL or header 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ssl
 import time
 import zlib
 from collections import deque
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from types import TracebackType
 from typing import cast
@@ -32,7 +33,7 @@ from urllib.parse import urlsplit
 
 import httptools
 
-from router.config import Bounds, Timeouts
+from router.config import Bounds, Provider, ProviderTLS, Timeouts
 from router.errors import (
     UpstreamConnectError,
     UpstreamError,
@@ -82,15 +83,21 @@ class _Connection(asyncio.Protocol):
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop
+        self.pool: _Pool | None = None
+        """The capped pool this connection counts against (``None``: uncapped)."""
         self.transport: asyncio.Transport | None = None
         self.parser = httptools.HttpResponseParser(self)
         self.closed = False
+        self.tls = False
+        self.answered = False
+        """Whether an answer came whole on it (a TLS connection lost before: see ``_lost``)."""
         self.idle_since = 0.0
         self.resp: UpstreamResponse | None = None
 
     # asyncio.Protocol
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
+        self.tls = transport.get_extra_info("ssl_object") is not None
 
     def data_received(self, data: bytes) -> None:
         resp = self.resp
@@ -125,7 +132,10 @@ class _Connection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
         if self.resp is not None:
-            self.resp._lost()
+            self.resp._lost(self.tls and not self.answered)
+        if self.pool is not None:
+            self.pool.freed()
+            self.pool = None
 
     # httptools callbacks
     def on_header(self, name: bytes, value: bytes) -> None:
@@ -145,6 +155,7 @@ class _Connection(asyncio.Protocol):
 
     def on_message_complete(self) -> None:
         assert self.resp is not None
+        self.answered = True
         self.resp._complete(self.parser.should_keep_alive())
 
     def abort(self) -> None:
@@ -230,11 +241,15 @@ class UpstreamResponse:
         self._done, self._keep_alive = True, keep_alive
         self._wake()
 
-    def _lost(self) -> None:
+    def _lost(self, new_tls: bool) -> None:
         if self._done or self._error is not None:
             return
         if not self._headed:
-            self._fail(UpstreamConnectError("connection lost sending the request"))
+            if new_tls:  # TLS 1.3 refuses a client certificate after the handshake: a bare EOF
+                why = "a new TLS connection was closed unanswered (client certificate refused?)"
+                self._fail(UpstreamConnectError(why))
+            else:
+                self._fail(UpstreamConnectError("connection lost sending the request"))
         elif "content-length" not in self.headers and "transfer-encoding" not in self.headers:
             self._complete(False)  # a body delimited by the connection's end
         else:
@@ -367,10 +382,81 @@ class UpstreamResponse:
 
 
 class _Pool:
-    """Idle keep-alive connections of one origin, most recently used first."""
+    """Idle keep-alive connections of one origin, most recently used first.
 
-    def __init__(self) -> None:
+    With a ``limit`` (a provider's ``max_connections``) it counts the connections open or
+    opening; a request past the limit waits in line (``acquire``) for one given back (handed
+    to it directly) or closed (its slot handed on).
+    """
+
+    def __init__(self, limit: int | None = None) -> None:
         self.idle: deque[_Connection] = deque()
+        self.limit = limit
+        self.opened = 0
+        self.waiters: deque[asyncio.Future[_Connection | None]] = deque()
+
+    async def acquire(
+        self, loop: asyncio.AbstractEventLoop, connect: _Connect, until: float
+    ) -> _Connection:
+        """A connection within the limit, waiting until ``until`` (loop time) for one."""
+        while True:
+            conn = self.take()
+            if conn is not None:
+                return conn
+            assert self.limit is not None
+            if self.opened < self.limit and not self.waiters:
+                self.opened += 1
+                return await self._open(connect)
+            waiter: asyncio.Future[_Connection | None] = loop.create_future()
+            self.waiters.append(waiter)
+            try:
+                async with asyncio.timeout_at(until):
+                    got = await waiter
+            except BaseException as exc:
+                self._give_back(waiter)
+                if isinstance(exc, TimeoutError):
+                    raise UpstreamTimeout("waited for a connection past the deadline") from None
+                raise
+            if got is None:  # a slot, passed on by a closed connection
+                return await self._open(connect)
+            if not got.closed:
+                return got
+            # handed over, then closed by the provider: its slot went on; wait again
+
+    def _give_back(self, waiter: asyncio.Future[_Connection | None]) -> None:
+        """A waiter gave up: return what it may have been handed meanwhile."""
+        if not waiter.done() or waiter.cancelled():
+            waiter.cancel()
+            with contextlib.suppress(ValueError):
+                self.waiters.remove(waiter)
+            return
+        got = waiter.result()
+        if got is None:
+            self.freed()
+        elif not got.closed:
+            self.put(got)
+
+    async def _open(self, connect: _Connect) -> _Connection:
+        """Open a connection in a slot already counted."""
+        try:
+            conn = await connect()
+        except BaseException:
+            self.freed()
+            raise
+        if conn.closed:  # lost before it was counted: free its slot here
+            self.freed()
+        else:
+            conn.pool = self
+        return conn
+
+    def freed(self) -> None:
+        """A counted connection closed (or failed to open): its slot goes to the next waiter."""
+        while self.waiters:
+            waiter = self.waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+                return
+        self.opened -= 1
 
     def take(self) -> _Connection | None:
         now = time.monotonic()
@@ -382,6 +468,11 @@ class _Pool:
         return None
 
     def put(self, conn: _Connection) -> None:
+        while self.waiters:  # only ever with a limit
+            waiter = self.waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(conn)
+                return
         conn.idle_since = time.monotonic()
         self.idle.append(conn)
 
@@ -390,13 +481,18 @@ class _Pool:
             self.idle.pop().abort()
 
 
+_Connect = Callable[[], Awaitable[_Connection]]
+_PoolKey = tuple[str, str, int] | tuple[str, str, int, int | None, ProviderTLS | None]
+
+
 class Upstream:
-    """Sends provider requests over keep-alive connections pooled per origin."""
+    """Sends provider requests over keep-alive connections pooled per origin (and per egress
+    setting: a provider's connection cap and TLS settings)."""
 
     def __init__(self) -> None:
-        self._pools: dict[tuple[str, str, int], _Pool] = {}
+        self._pools: dict[_PoolKey, _Pool] = {}
         self._targets: dict[str, _Target] = {}
-        self._tls: ssl.SSLContext | None = None
+        self._tls: dict[ProviderTLS | None, ssl.SSLContext] = {}
         self._started = False
 
     async def start(self) -> None:
@@ -415,11 +511,14 @@ class Upstream:
         timeouts: Timeouts,
         deadline: float,
         bounds: Bounds = DEFAULT_BOUNDS,
+        provider: Provider | None = None,
     ) -> UpstreamResponse:
         """Send ``req`` (its method: POST, or GET/DELETE for a stored response); return once
         the status and headers arrived, by ``deadline`` at latest.
 
         The answer's waits end by ``deadline`` too (until moved); ``bounds`` caps what it may hold.
+        ``provider``'s egress settings apply: ``max_connections`` (a request past it waits for
+        a connection, by ``deadline``) and ``tls``.
         """
         if not self._started:
             raise RuntimeError("Upstream.start() was not awaited")
@@ -432,12 +531,24 @@ class Upstream:
             target = _target(req.url)
             if len(self._targets) < MAX_CACHED_URLS:  # (GET /v1/responses/<id>: one per id)
                 self._targets[req.url] = target
-        key = (target.scheme, target.host, target.port)
+        key: _PoolKey = (target.scheme, target.host, target.port)
+        limit = tls = None
+        if provider is not None and (provider.max_connections or provider.tls):
+            limit, tls = provider.max_connections, provider.tls
+            key = (target.scheme, target.host, target.port, limit, tls)
         pool = self._pools.get(key)
         if pool is None:
-            pool = self._pools[key] = _Pool()
+            pool = self._pools[key] = _Pool(limit)
         head_and_body = _request_bytes(target, req)
-        conn = pool.take() or await self._connect(loop, target, min(timeouts.connect_s, left))
+        if limit is None:
+            conn = pool.take() or await self._connect(
+                loop, target, tls, min(timeouts.connect_s, left)
+            )
+        else:
+            within = min(timeouts.connect_s, left)
+            conn = await pool.acquire(
+                loop, lambda: self._connect(loop, target, tls, within), deadline
+            )
         resp = UpstreamResponse(conn, pool, timeouts.read_s, bounds, deadline)
         conn.resp = resp
         assert conn.transport is not None
@@ -449,14 +560,39 @@ class Upstream:
             raise
         return resp
 
+    def _tls_context(self, settings: ProviderTLS | None) -> ssl.SSLContext:
+        """The TLS context of ``settings``, made once per distinct setting."""
+        ctx = self._tls.get(settings)
+        if ctx is not None:
+            return ctx
+        if settings is None:
+            ctx = ssl.create_default_context()
+        else:
+            try:
+                ctx = ssl.create_default_context(cafile=settings.ca_file)
+                if settings.cert_file is not None:
+                    ctx.load_cert_chain(settings.cert_file, settings.key_file)
+            except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
+                what = (
+                    getattr(exc, "reason", None) or getattr(exc, "strerror", None) or "unreadable"
+                )
+                raise UpstreamConnectError(
+                    f"TLS setup failed: the CA or client cert ({what})"
+                ) from None
+            if not settings.verify:
+                ctx.check_hostname = False
+                ctx.verify_mode = ssl.CERT_NONE
+        self._tls[settings] = ctx
+        return ctx
+
     async def _connect(
-        self, loop: asyncio.AbstractEventLoop, target: _Target, within: float
+        self,
+        loop: asyncio.AbstractEventLoop,
+        target: _Target,
+        settings: ProviderTLS | None,
+        within: float,
     ) -> _Connection:
-        tls = None
-        if target.scheme == "https":
-            if self._tls is None:
-                self._tls = ssl.create_default_context()
-            tls = self._tls
+        tls = self._tls_context(settings) if target.scheme == "https" else None
         try:
             async with asyncio.timeout(within):
                 _, conn = await loop.create_connection(

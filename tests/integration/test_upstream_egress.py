@@ -1,0 +1,268 @@
+"""The upstream client's egress settings against real servers on loopback: a provider's
+``max_connections`` (requests past it wait for a connection, never more are opened) and its
+``tls`` (CA, client certificate: mutual TLS against the mock provider serving HTTPS)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import subprocess
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+from aiohttp import web
+
+from loadtest.mock_provider import PROVIDER_KEY, MockConfig, MockProvider, start_server
+from router.config import Provider, ProviderTLS, Timeouts
+from router.errors import UpstreamConnectError, UpstreamTimeout
+from router.upstream.client import Upstream
+from router.upstream.providers.base import UpstreamRequest
+from tests.helpers import async_wait_until
+
+pytestmark = pytest.mark.slow
+
+BODY = orjson.dumps({"model": "m", "messages": [{"role": "user", "content": "hi"}]})
+TIMEOUTS = Timeouts(connect_s=5.0, read_s=10.0)
+
+
+@dataclass
+class Mock:
+    port: int
+    provider: MockProvider
+
+
+StartMock = Callable[..., Awaitable[Mock]]
+
+
+@pytest.fixture
+async def start_mock() -> AsyncIterator[StartMock]:
+    """Mock providers (``MockConfig`` options, TLS ones included) in the test's loop."""
+    runners: list[web.AppRunner] = []
+
+    async def start(**options: Any) -> Mock:
+        runner, port = await start_server(MockConfig(port=0, **options))
+        runners.append(runner)
+        assert runner.app is not None
+        return Mock(port, runner.app[PROVIDER_KEY])
+
+    yield start
+    for runner in runners:
+        await runner.cleanup()
+
+
+@pytest.fixture
+async def upstream() -> AsyncIterator[Upstream]:
+    up = Upstream()
+    await up.start()
+    yield up
+    await up.close()
+
+
+def provider(url: str, **fields: Any) -> Provider:
+    return Provider.model_validate({"name": "p", "kind": "openai", "base_url": url, **fields})
+
+
+async def call(up: Upstream, url: str, prov: Provider, within: float = 20.0) -> int:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + within
+    req = UpstreamRequest(f"{url}/v1/chat/completions", {"content-type": "application/json"}, BODY)
+    async with await up.send(req, TIMEOUTS, deadline, provider=prov) as resp:
+        await resp.read(deadline)
+        return resp.status
+
+
+@dataclass
+class Counter:
+    """A TCP relay in front of a server that counts the connections through it."""
+
+    port: int = 0
+    accepted: int = 0
+    live: int = 0
+    peak: int = 0
+
+
+@contextlib.asynccontextmanager
+async def counting_relay(target_port: int) -> AsyncIterator[Counter]:
+    counter = Counter()
+    tasks: set[asyncio.Task[None]] = set()
+
+    async def pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while data := await reader.read(65536):
+                writer.write(data)
+                await writer.drain()
+        except ConnectionError:
+            pass
+        finally:
+            writer.close()
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        tasks.add(task)
+        counter.accepted += 1
+        counter.live += 1
+        counter.peak = max(counter.peak, counter.live)
+        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", target_port)
+        try:
+            await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
+        finally:
+            up_writer.close()
+            counter.live -= 1
+            writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    counter.port = server.sockets[0].getsockname()[1]
+    try:
+        yield counter
+    finally:
+        server.close()
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await server.wait_closed()
+
+
+async def test_max_connections_caps_the_connections_and_the_rest_wait(
+    upstream: Upstream, start_mock: StartMock
+) -> None:
+    mock = await start_mock(latency_ms=300.0)
+    async with counting_relay(mock.port) as relay:
+        url = f"http://127.0.0.1:{relay.port}"
+        prov = provider(url, max_connections=4)
+        statuses = await asyncio.gather(*(call(upstream, url, prov) for _ in range(50)))
+        assert statuses == [200] * 50
+        assert relay.peak <= 4
+        assert relay.accepted <= 4
+    assert mock.provider.stats.in_flight_peak <= 4
+
+
+async def test_a_request_waits_for_a_connection_until_its_deadline(
+    upstream: Upstream, start_mock: StartMock
+) -> None:
+    mock = await start_mock(latency_ms=3000.0)
+    url = f"http://127.0.0.1:{mock.port}"
+    prov = provider(url, max_connections=1)
+    holder = asyncio.create_task(call(upstream, url, prov))
+
+    async def holding() -> bool:
+        return mock.provider.stats.in_flight == 1
+
+    await async_wait_until(holding, what="the first request in flight")
+    with pytest.raises(UpstreamTimeout, match="waited for a connection"):
+        await call(upstream, url, prov, within=0.2)
+    assert await holder == 200
+    assert await call(upstream, url, prov) == 200  # the slot came back
+
+
+async def test_a_closed_connection_hands_its_slot_on(
+    upstream: Upstream, start_mock: StartMock
+) -> None:
+    """A connection that fails (the provider went away) frees its slot for the waiter."""
+    mock = await start_mock(latency_ms=300.0)
+    url = f"http://127.0.0.1:{mock.port}"
+    prov = provider(url, max_connections=1)
+    dead = provider("http://127.0.0.1:1", max_connections=1)  # refused: slot freed at once
+    for _ in range(3):
+        with pytest.raises(UpstreamConnectError):
+            await call(upstream, "http://127.0.0.1:1", dead)
+    results = await asyncio.gather(*(call(upstream, url, prov) for _ in range(5)))
+    assert results == [200] * 5
+
+
+# TLS -----------------------------------------------------------------------------------
+
+
+@dataclass
+class Pki:
+    ca: Path
+    other_ca: Path
+    server_cert: Path
+    server_key: Path
+    client_cert: Path
+    client_key: Path
+
+
+def _openssl(*args: str | Path, cwd: Path) -> None:
+    subprocess.run(["openssl", *map(str, args)], cwd=cwd, check=True, capture_output=True)
+
+
+def _make_ca(d: Path, name: str) -> None:
+    _openssl("req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
+             "-nodes", "-keyout", f"{name}.key", "-out", f"{name}.pem", "-days", "2",
+             "-subj", f"/CN={name}", "-addext", "basicConstraints=critical,CA:TRUE",
+             "-addext", "keyUsage=critical,keyCertSign,cRLSign", cwd=d)  # fmt: skip
+
+
+def _make_leaf(d: Path, name: str, ext: str) -> None:
+    (d / f"{name}.ext").write_text(ext)
+    _openssl("req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
+             "-keyout", f"{name}.key", "-out", f"{name}.csr", "-subj", f"/CN={name}",
+             cwd=d)  # fmt: skip
+    _openssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca.key",
+             "-CAcreateserial", "-out", f"{name}.pem", "-days", "2", "-extfile", f"{name}.ext",
+             cwd=d)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
+    """A CA, a server cert for 127.0.0.1 and a client cert it signed; another CA."""
+    d = tmp_path_factory.mktemp("pki")
+    _make_ca(d, "ca")
+    _make_ca(d, "other")
+    _make_leaf(d, "server", "subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth\n")
+    _make_leaf(d, "client", "extendedKeyUsage=clientAuth\n")
+    return Pki(d / "ca.pem", d / "other.pem", d / "server.pem", d / "server.key",
+               d / "client.pem", d / "client.key")  # fmt: skip
+
+
+async def test_mutual_tls_with_the_providers_ca_and_client_cert(
+    upstream: Upstream, start_mock: StartMock, pki: Pki
+) -> None:
+    mock = await start_mock(
+        tls_cert=str(pki.server_cert), tls_key=str(pki.server_key), tls_client_ca=str(pki.ca)
+    )
+    url = f"https://127.0.0.1:{mock.port}"
+    tls = {"ca_file": str(pki.ca), "cert_file": str(pki.client_cert),
+           "key_file": str(pki.client_key)}  # fmt: skip
+    prov = provider(url, tls=tls)
+    assert [await call(upstream, url, prov) for _ in range(3)] == [200] * 3
+    assert mock.provider.stats.in_flight_peak == 1
+
+    with pytest.raises(UpstreamConnectError, match="TLS"):  # no client cert
+        await call(upstream, url, provider(url, tls={"ca_file": str(pki.ca)}))
+    with pytest.raises(UpstreamConnectError, match="TLS handshake failed"):  # not our CA
+        await call(upstream, url, provider(url, tls={**tls, "ca_file": str(pki.other_ca)}))
+    with pytest.raises(UpstreamConnectError, match="TLS handshake failed"):  # system CAs
+        await call(upstream, url, provider(url))
+
+
+async def test_verify_false_accepts_any_certificate(
+    upstream: Upstream, start_mock: StartMock, pki: Pki
+) -> None:
+    mock = await start_mock(tls_cert=str(pki.server_cert), tls_key=str(pki.server_key))
+    url = f"https://127.0.0.1:{mock.port}"
+    assert await call(upstream, url, provider(url, tls={"verify": False})) == 200
+
+
+async def test_an_unreadable_ca_file_is_a_clear_connect_error(
+    upstream: Upstream, tmp_path: Path
+) -> None:
+    url = "https://127.0.0.1:1"
+    prov = provider(url, tls={"ca_file": str(tmp_path / "missing.pem")})
+    with pytest.raises(UpstreamConnectError, match="TLS setup failed") as info:
+        await call(upstream, url, prov)
+    assert "missing.pem" not in str(info.value)
+
+
+def test_tls_settings_are_checked() -> None:
+    with pytest.raises(ValueError, match="key_file needs cert_file"):
+        ProviderTLS(key_file="k.pem")
+    with pytest.raises(ValueError, match="max_connections"):
+        provider("http://x", max_connections=0)
+    with pytest.raises(ValueError, match="max_connections"):
+        provider("http://x", max_connections=10_001)
