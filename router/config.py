@@ -249,6 +249,12 @@ class Provider(_Model):
     ``None``: no cap."""
     tls: ProviderTLS | None = None
     """TLS settings of an https provider (``None``: the system's CAs, no client cert)."""
+    proxy: Annotated[str, Field(max_length=2048, pattern=r"^(none|http://[^\s/]+/?)$")] | None = (
+        None
+    )
+    """The forward proxy to reach it through, ``http://[user:pass@]host:port``, or ``none``
+    (directly, whatever ``HTTPS_PROXY``/``HTTP_PROXY`` say). ``None``: as the environment
+    says (``NO_PROXY`` included)."""
 
 
 class Price(_Model):

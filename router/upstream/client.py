@@ -21,11 +21,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import ssl
 import time
 import zlib
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass
 from types import TracebackType
 from typing import cast
@@ -41,6 +42,7 @@ from router.errors import (
     UpstreamTimeout,
 )
 from router.upstream.providers.base import UpstreamRequest
+from router.upstream.proxy import Proxy, ProxyEnv, open_tunnel, parse_proxy
 
 KEEPALIVE_S = 30.0
 """An idle pooled connection older than this is closed rather than reused."""
@@ -57,16 +59,18 @@ parsed each time once this many are held)."""
 
 @dataclass(frozen=True, slots=True)
 class _Target:
-    """Where a URL goes: its origin (pool key), the request line's path, the Host header."""
+    """Where a URL goes: its origin (pool key), the request line's path, the Host header, and
+    the proxy the environment gives it."""
 
     scheme: str
     host: str
     port: int
     path: bytes
     host_header: bytes
+    proxy: Proxy | None = None
 
 
-def _target(url: str) -> _Target:
+def _target(url: str, env: ProxyEnv) -> _Target:
     u = urlsplit(url)
     if u.scheme not in ("http", "https") or not u.hostname:
         raise UpstreamProtocolError("the provider's URL is not http(s)")
@@ -75,7 +79,14 @@ def _target(url: str) -> _Target:
     path = (u.path or "/") + (f"?{u.query}" if u.query else "")
     host = u.hostname if ":" not in u.hostname else f"[{u.hostname}]"
     host_header = host if port == default else f"{host}:{port}"
-    return _Target(u.scheme, u.hostname, port, path.encode("ascii"), host_header.encode("ascii"))
+    return _Target(
+        u.scheme,
+        u.hostname,
+        port,
+        path.encode("ascii"),
+        host_header.encode("ascii"),
+        env.for_target(u.scheme, u.hostname),
+    )
 
 
 class _Connection(asyncio.Protocol):
@@ -389,9 +400,13 @@ class _Pool:
     to it directly) or closed (its slot handed on).
     """
 
-    def __init__(self, limit: int | None = None) -> None:
+    def __init__(
+        self, limit: int | None = None, tls: ProviderTLS | None = None, proxy: Proxy | None = None
+    ) -> None:
         self.idle: deque[_Connection] = deque()
         self.limit = limit
+        self.tls = tls
+        self.proxy = proxy
         self.opened = 0
         self.waiters: deque[asyncio.Future[_Connection | None]] = deque()
 
@@ -482,21 +497,25 @@ class _Pool:
 
 
 _Connect = Callable[[], Awaitable[_Connection]]
-_PoolKey = tuple[str, str, int] | tuple[str, str, int, int | None, ProviderTLS | None]
+_PoolKey = tuple[str, str, int] | tuple[str, str, int, int | None, ProviderTLS | None, Proxy | None]
 
 
 class Upstream:
     """Sends provider requests over keep-alive connections pooled per origin (and per egress
-    setting: a provider's connection cap and TLS settings)."""
+    setting: a provider's connection cap, TLS settings and proxy)."""
 
     def __init__(self) -> None:
         self._pools: dict[_PoolKey, _Pool] = {}
         self._targets: dict[str, _Target] = {}
         self._tls: dict[ProviderTLS | None, ssl.SSLContext] = {}
+        self._proxies: dict[str, Proxy | None] = {"none": None}
+        self._env = ProxyEnv()
         self._started = False
 
-    async def start(self) -> None:
-        """Get ready to send (inside the running event loop)."""
+    async def start(self, environ: Mapping[str, str] | None = None) -> None:
+        """Get ready to send (inside the running event loop); read the proxy variables of
+        ``environ`` (default: the process's environment) once."""
+        self._env = ProxyEnv.from_environ(os.environ if environ is None else environ)
         self._started = True
 
     async def close(self) -> None:
@@ -518,7 +537,7 @@ class Upstream:
 
         The answer's waits end by ``deadline`` too (until moved); ``bounds`` caps what it may hold.
         ``provider``'s egress settings apply: ``max_connections`` (a request past it waits for
-        a connection, by ``deadline``) and ``tls``.
+        a connection, by ``deadline``), ``tls`` and ``proxy``.
         """
         if not self._started:
             raise RuntimeError("Upstream.start() was not awaited")
@@ -528,26 +547,17 @@ class Upstream:
             raise UpstreamTimeout("the route's time ran out before this attempt")
         target = self._targets.get(req.url)
         if target is None:
-            target = _target(req.url)
+            target = _target(req.url, self._env)
             if len(self._targets) < MAX_CACHED_URLS:  # (GET /v1/responses/<id>: one per id)
                 self._targets[req.url] = target
-        key: _PoolKey = (target.scheme, target.host, target.port)
-        limit = tls = None
-        if provider is not None and (provider.max_connections or provider.tls):
-            limit, tls = provider.max_connections, provider.tls
-            key = (target.scheme, target.host, target.port, limit, tls)
-        pool = self._pools.get(key)
-        if pool is None:
-            pool = self._pools[key] = _Pool(limit)
+        pool = self._pool(target, provider)
         head_and_body = _request_bytes(target, req)
-        if limit is None:
-            conn = pool.take() or await self._connect(
-                loop, target, tls, min(timeouts.connect_s, left)
-            )
+        within = min(timeouts.connect_s, left)
+        if pool.limit is None:
+            conn = pool.take() or await self._connect(loop, target, pool, within)
         else:
-            within = min(timeouts.connect_s, left)
             conn = await pool.acquire(
-                loop, lambda: self._connect(loop, target, tls, within), deadline
+                loop, lambda: self._connect(loop, target, pool, within), deadline
             )
         resp = UpstreamResponse(conn, pool, timeouts.read_s, bounds, deadline)
         conn.resp = resp
@@ -559,6 +569,32 @@ class Upstream:
             resp.close()
             raise
         return resp
+
+    def _pool(self, target: _Target, provider: Provider | None) -> _Pool:
+        """The pool of ``target``'s origin with ``provider``'s egress settings."""
+        key: _PoolKey = (target.scheme, target.host, target.port)
+        limit = tls = None
+        proxy = target.proxy
+        if provider is not None and (provider.max_connections or provider.tls or provider.proxy):
+            limit, tls = provider.max_connections, provider.tls
+            if provider.proxy is not None:
+                proxy = self._proxy(provider.proxy)
+            key = (target.scheme, target.host, target.port, limit, tls, proxy)
+        elif proxy is not None:
+            key = (target.scheme, target.host, target.port, None, None, proxy)
+        pool = self._pools.get(key)
+        if pool is None:
+            pool = self._pools[key] = _Pool(limit, tls, proxy)
+        return pool
+
+    def _proxy(self, setting: str) -> Proxy | None:
+        """A provider's ``proxy`` setting parsed (once): ``none`` is no proxy."""
+        if setting not in self._proxies:
+            try:
+                self._proxies[setting] = parse_proxy(setting)
+            except ValueError as exc:  # the config's pattern lets a bad port through
+                raise UpstreamConnectError(f"the provider's proxy setting: {exc}") from None
+        return self._proxies[setting]
 
     def _tls_context(self, settings: ProviderTLS | None) -> ssl.SSLContext:
         """The TLS context of ``settings``, made once per distinct setting."""
@@ -589,12 +625,14 @@ class Upstream:
         self,
         loop: asyncio.AbstractEventLoop,
         target: _Target,
-        settings: ProviderTLS | None,
+        pool: _Pool,
         within: float,
     ) -> _Connection:
-        tls = self._tls_context(settings) if target.scheme == "https" else None
+        tls = self._tls_context(pool.tls) if target.scheme == "https" else None
         try:
             async with asyncio.timeout(within):
+                if pool.proxy is not None:
+                    return await self._tunnel(loop, target, tls, pool.proxy)
                 _, conn = await loop.create_connection(
                     lambda: _Connection(loop),
                     target.host,
@@ -608,6 +646,30 @@ class Upstream:
             raise UpstreamConnectError(f"TLS handshake failed ({exc.reason})") from None
         except OSError as exc:
             raise UpstreamConnectError(f"could not connect ({exc.strerror or 'refused'})") from None
+        return conn
+
+    async def _tunnel(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        target: _Target,
+        tls: ssl.SSLContext | None,
+        proxy: Proxy,
+    ) -> _Connection:
+        """A connection through ``proxy``'s CONNECT tunnel, TLS inside it for https."""
+        transport = await open_tunnel(loop, proxy, target.host, target.port)
+        conn = _Connection(loop)
+        try:
+            if tls is not None:
+                tunneled = await loop.start_tls(transport, conn, tls, server_hostname=target.host)
+                if tunneled is None:
+                    raise UpstreamConnectError("TLS could not start in the proxy's tunnel")
+                transport = tunneled
+            else:
+                transport.set_protocol(conn)
+        except BaseException:
+            transport.abort()
+            raise
+        conn.connection_made(transport)
         return conn
 
 

@@ -1,13 +1,15 @@
 """The upstream client's egress settings against real servers on loopback: a provider's
-``max_connections`` (requests past it wait for a connection, never more are opened) and its
-``tls`` (CA, client certificate: mutual TLS against the mock provider serving HTTPS)."""
+``max_connections`` (requests past it wait for a connection, never more are opened), its
+``tls`` (CA, client certificate: mutual TLS against the mock provider serving HTTPS) and the
+forward proxy (a real one, proxy.py, behind a relay that counts the connections to it)."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import subprocess
-from collections.abc import AsyncIterator, Awaitable, Callable
+import sys
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,11 +19,12 @@ import pytest
 from aiohttp import web
 
 from loadtest.mock_provider import PROVIDER_KEY, MockConfig, MockProvider, start_server
+from loadtest.procs import free_port
 from router.config import Provider, ProviderTLS, Timeouts
 from router.errors import UpstreamConnectError, UpstreamTimeout
 from router.upstream.client import Upstream
 from router.upstream.providers.base import UpstreamRequest
-from tests.helpers import async_wait_until
+from tests.helpers import async_wait_until, port_open, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -266,3 +269,110 @@ def test_tls_settings_are_checked() -> None:
         provider("http://x", max_connections=0)
     with pytest.raises(ValueError, match="max_connections"):
         provider("http://x", max_connections=10_001)
+
+
+# Proxies ---------------------------------------------------------------------------------
+
+PROXY_USER, PROXY_PASSWORD = "router", "s3cret-pw"
+
+
+@pytest.fixture(scope="module")
+def forward_proxy() -> Iterator[int]:
+    """A real forward proxy on loopback (proxy.py) asking for Basic credentials: its port."""
+    port = free_port()
+    argv = [sys.executable, "-m", "proxy", "--hostname", "127.0.0.1", "--port", str(port),
+            "--basic-auth", f"{PROXY_USER}:{PROXY_PASSWORD}", "--num-workers", "1",
+            "--num-acceptors", "1"]  # fmt: skip
+    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_until(lambda: port_open(port), 20.0, "proxy.py listening")
+        yield port
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+def proxy_url(port: int, password: str = PROXY_PASSWORD) -> str:
+    return f"http://{PROXY_USER}:{password}@127.0.0.1:{port}"
+
+
+async def stream_text(up: Upstream, url: str, prov: Provider | None = None) -> str:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 20.0
+    body = orjson.dumps({**orjson.loads(BODY), "stream": True})
+    req = UpstreamRequest(f"{url}/v1/chat/completions", {"content-type": "application/json"}, body)
+    async with await up.send(req, TIMEOUTS, deadline, provider=prov) as resp:
+        assert resp.status == 200
+        return b"".join([chunk async for chunk in resp.chunks()]).decode()
+
+
+async def test_the_environments_proxy_carries_plain_and_streamed_requests(
+    start_mock: StartMock, forward_proxy: int
+) -> None:
+    mock = await start_mock()
+    url = f"http://127.0.0.1:{mock.port}"
+    async with counting_relay(forward_proxy) as relay:
+        up = Upstream()
+        await up.start({"http_proxy": proxy_url(relay.port), "HTTPS_PROXY": "http://unused:1"})
+        try:
+            assert await call(up, url, provider(url)) == 200
+            assert "data: [DONE]" in await stream_text(up, url, provider(url))
+        finally:
+            await up.close()
+        assert relay.accepted == 1  # one tunnel, kept alive for both
+    assert mock.provider.stats.in_flight_peak == 1
+
+
+async def test_an_https_provider_through_the_proxy_speaks_tls_inside_the_tunnel(
+    start_mock: StartMock, forward_proxy: int, pki: Pki
+) -> None:
+    mock = await start_mock(
+        tls_cert=str(pki.server_cert), tls_key=str(pki.server_key), tls_client_ca=str(pki.ca)
+    )
+    url = f"https://127.0.0.1:{mock.port}"
+    tls = {"ca_file": str(pki.ca), "cert_file": str(pki.client_cert),
+           "key_file": str(pki.client_key)}  # fmt: skip
+    async with counting_relay(forward_proxy) as relay:
+        prov = provider(url, tls=tls, proxy=proxy_url(relay.port))
+        up = Upstream()
+        await up.start({})
+        try:
+            assert await call(up, url, prov) == 200
+            assert "data: [DONE]" in await stream_text(up, url, prov)
+        finally:
+            await up.close()
+        assert relay.accepted == 1
+
+
+async def test_no_proxy_and_proxy_none_go_direct(start_mock: StartMock, forward_proxy: int) -> None:
+    mock = await start_mock()
+    url = f"http://127.0.0.1:{mock.port}"
+    async with counting_relay(forward_proxy) as relay:
+        for env, prov in [
+            ({"HTTP_PROXY": proxy_url(relay.port), "NO_PROXY": "example.com, 127.0.0.1"},
+             provider(url)),
+            ({"HTTP_PROXY": proxy_url(relay.port)}, provider(url, proxy="none")),
+        ]:  # fmt: skip
+            up = Upstream()
+            await up.start(env)
+            try:
+                assert await call(up, url, prov) == 200
+            finally:
+                await up.close()
+        assert relay.accepted == 0
+
+
+async def test_a_proxy_that_refuses_or_is_gone_is_a_connect_error_naming_no_secret(
+    upstream: Upstream, start_mock: StartMock, forward_proxy: int
+) -> None:
+    mock = await start_mock()
+    url = f"http://127.0.0.1:{mock.port}"
+    wrong = provider(url, proxy=proxy_url(forward_proxy, password="wrong-pw"))
+    with pytest.raises(UpstreamConnectError, match=r"wants credentials \(407\)") as info:
+        await call(upstream, url, wrong)
+    assert "wrong-pw" not in str(info.value)
+    gone = provider(url, proxy=proxy_url(free_port()))
+    with pytest.raises(UpstreamConnectError, match="could not connect to the proxy") as info:
+        await call(upstream, url, gone)
+    assert PROXY_PASSWORD not in str(info.value)
+    assert mock.provider.stats.in_flight_peak == 0
