@@ -43,6 +43,7 @@ from router.errors import (
 )
 from router.upstream.providers.base import UpstreamRequest
 from router.upstream.proxy import Proxy, ProxyEnv, open_tunnel, parse_proxy
+from router.upstream.resolver import DNS_TTL_S, Resolver
 
 KEEPALIVE_S = 30.0
 """An idle pooled connection older than this is closed rather than reused."""
@@ -504,8 +505,9 @@ class Upstream:
     """Sends provider requests over keep-alive connections pooled per origin (and per egress
     setting: a provider's connection cap, TLS settings and proxy)."""
 
-    def __init__(self) -> None:
+    def __init__(self, dns_ttl_s: float = DNS_TTL_S) -> None:
         self._pools: dict[_PoolKey, _Pool] = {}
+        self._resolver = Resolver(dns_ttl_s)
         self._targets: dict[str, _Target] = {}
         self._tls: dict[ProviderTLS | None, ssl.SSLContext] = {}
         self._proxies: dict[str, Proxy | None] = {"none": None}
@@ -633,20 +635,42 @@ class Upstream:
             async with asyncio.timeout(within):
                 if pool.proxy is not None:
                     return await self._tunnel(loop, target, tls, pool.proxy)
-                _, conn = await loop.create_connection(
-                    lambda: _Connection(loop),
-                    target.host,
-                    target.port,
-                    ssl=tls,
-                    server_hostname=target.host if tls else None,
-                )
+                return await self._direct(loop, target, tls)
         except TimeoutError:
             raise UpstreamTimeout("timed out connecting") from None
         except ssl.SSLError as exc:
             raise UpstreamConnectError(f"TLS handshake failed ({exc.reason})") from None
         except OSError as exc:
             raise UpstreamConnectError(f"could not connect ({exc.strerror or 'refused'})") from None
-        return conn
+
+    async def _direct(
+        self, loop: asyncio.AbstractEventLoop, target: _Target, tls: ssl.SSLContext | None
+    ) -> _Connection:
+        """A connection to the first of ``target``'s addresses that answers; when all of a
+        cached answer's refuse, the name is looked up again (the provider moved) and tried."""
+        addresses, cached = await self._resolver.resolve(loop, target.host, target.port)
+        error: OSError | None = None
+        for family, address, port in addresses:
+            try:
+                _, conn = await loop.create_connection(
+                    lambda: _Connection(loop),
+                    address,
+                    port,
+                    family=family,
+                    ssl=tls,
+                    server_hostname=target.host if tls else None,
+                )
+            except ssl.SSLError:
+                raise
+            except OSError as exc:
+                error = exc
+                continue
+            return conn
+        if cached:
+            self._resolver.forget(target.host, target.port)
+            return await self._direct(loop, target, tls)
+        assert error is not None
+        raise error
 
     async def _tunnel(
         self,

@@ -7,10 +7,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -376,3 +377,64 @@ async def test_a_proxy_that_refuses_or_is_gone_is_a_connect_error_naming_no_secr
         await call(upstream, url, gone)
     assert PROXY_PASSWORD not in str(info.value)
     assert mock.provider.stats.in_flight_peak == 0
+
+
+# DNS ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class Lookups:
+    """Counts the event loop's getaddrinfo calls by host; the first answers can be stale."""
+
+    calls: list[str] = field(default_factory=list)
+    stale: int = 0
+    """How many first answers point at 127.0.0.2 (where nothing listens: a moved provider)."""
+
+
+@pytest.fixture
+async def lookups(monkeypatch: pytest.MonkeyPatch) -> Lookups:
+    loop = asyncio.get_running_loop()
+    real = loop.getaddrinfo
+    seen = Lookups()
+
+    async def counting(host: Any, port: Any, **kwargs: Any) -> Any:
+        seen.calls.append(str(host))
+        infos = await real(host, port, **kwargs)
+        if seen.stale:
+            seen.stale -= 1
+            return [(socket.AF_INET, *i[1:4], ("127.0.0.2", port)) for i in infos[:1]]
+        return infos
+
+    monkeypatch.setattr(loop, "getaddrinfo", counting)
+    return seen
+
+
+async def test_a_name_is_looked_up_once_per_ttl(start_mock: StartMock, lookups: Lookups) -> None:
+    mock = await start_mock(latency_ms=100.0)
+    url = f"http://localhost:{mock.port}"
+    for ttl, expected in [(30.0, 1), (0.0, 2)]:
+        lookups.calls.clear()
+        up = Upstream(dns_ttl_s=ttl)
+        await up.start({})
+        try:
+            statuses = await asyncio.gather(*(call(up, url, provider(url)) for _ in range(5)))
+            await up.close()  # every connection closed: the next call opens one
+            statuses.append(await call(up, url, provider(url)))
+        finally:
+            await up.close()
+        assert statuses == [200] * 6
+        assert lookups.calls == ["localhost"] * expected
+    assert mock.provider.stats.in_flight_peak >= 2  # (concurrent connections shared a lookup)
+
+
+async def test_a_refused_cached_address_is_looked_up_again(
+    upstream: Upstream, start_mock: StartMock, lookups: Lookups
+) -> None:
+    mock = await start_mock()
+    url = f"http://localhost:{mock.port}"
+    lookups.stale = 1  # the first answer: 127.0.0.2, where nothing listens
+    with pytest.raises(UpstreamConnectError, match="could not connect"):
+        await call(upstream, url, provider(url))  # a fresh answer refused: no second lookup
+    assert lookups.calls == ["localhost"]
+    assert await call(upstream, url, provider(url)) == 200  # cached, refused, looked up again
+    assert lookups.calls == ["localhost"] * 2
