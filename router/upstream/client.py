@@ -518,6 +518,7 @@ class Upstream:
         """Get ready to send (inside the running event loop); read the proxy variables of
         ``environ`` (default: the process's environment) once."""
         self._env = ProxyEnv.from_environ(os.environ if environ is None else environ)
+        self._targets.clear()  # each holds the environment's proxy for it
         self._started = True
 
     async def close(self) -> None:
