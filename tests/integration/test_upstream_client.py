@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import pytest
 
 from loadtest.procs import free_port
-from router.config import Timeouts
+from router.config import Provider, Timeouts
 from router.errors import (
     UpstreamConnectError,
     UpstreamProtocolError,
@@ -210,3 +210,23 @@ async def test_a_header_with_a_line_break_is_refused_before_sending(
             request(server, headers={"traceparent": "x\r\nX-Injected: 1"}), TIMEOUTS, deadline()
         )
     assert server.requests == []
+
+
+async def test_a_capped_provider_that_closes_each_connection_hands_the_slots_on(
+    upstream: Upstream, server: Server
+) -> None:
+    """With ``max_connections``, a connection the provider closes frees its slot for the
+    next waiter (no request waits out its deadline)."""
+    server.answer = lambda _req: [ok_response(b'{"ok":true}', b"Connection: close"), b""]
+    prov = Provider.model_validate(
+        {"name": "p", "kind": "openai", "base_url": "http://x", "max_connections": 2}
+    )
+
+    async def one() -> tuple[int, bytes]:
+        resp = await upstream.send(request(server), TIMEOUTS, deadline(), provider=prov)
+        async with resp:
+            return resp.status, await resp.read(deadline())
+
+    results = await asyncio.gather(*(one() for _ in range(12)))
+    assert results == [(200, b'{"ok":true}')] * 12
+    assert server.connections == 12
