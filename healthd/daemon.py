@@ -25,7 +25,7 @@ import httpx
 from aiohttp import web
 
 from healthd.metrics import Metrics
-from healthd.probe import ProbeResult, probe
+from healthd.probe import ProbeClients, ProbeResult, probe
 from healthd.server import make_app, start_server
 from router.config import Config, Provider, masked_url
 from router.errors import StoreError
@@ -76,11 +76,11 @@ class HealthDaemon:
     async def serve(self) -> None:
         """Run until SIGTERM/SIGINT: startup, the leadership loop, graceful shutdown."""
         with self._capture_signals():
-            runner, client = await self._startup()
+            runner, clients = await self._startup()
             try:
                 await self._main_loop()
             finally:
-                await self._shutdown(runner, client)
+                await self._shutdown(runner, clients)
 
     def stop(self) -> None:
         """Ask the daemon to shut down (call it in the loop's thread; signals hand over to it)."""
@@ -106,17 +106,16 @@ class HealthDaemon:
             for sig, handler in original.items():
                 signal.signal(sig, handler)
 
-    async def _startup(self) -> tuple[web.AppRunner, httpx.AsyncClient]:
+    async def _startup(self) -> tuple[web.AppRunner, ProbeClients]:
         try:
             await self._reach_store()
             runner = await start_server(make_app(self), self.host, self.port)
         except (StoreError, OSError):
             await self._store.close()
             raise
-        # trust_env=False: probes go where the router's own requests go, not via a proxy
-        client = httpx.AsyncClient(trust_env=False, headers={"user-agent": "healthd"})
+        clients = ProbeClients()
         for p in self.cfg.providers:
-            task = asyncio.create_task(self._probe_loop(client, p), name=f"probe {p.name}")
+            task = asyncio.create_task(self._probe_loop(clients.of(p), p), name=f"probe {p.name}")
             task.add_done_callback(self._task_done)
             self._tasks.append(task)
         log.info(
@@ -130,7 +129,7 @@ class HealthDaemon:
                 store=masked_url(self.cfg.redis_url or ""),
             ),
         )
-        return runner, client
+        return runner, clients
 
     async def _reach_store(self) -> None:
         """Reach Redis within ``redis.startup_timeout_s``, as a replica does: past it the
@@ -273,7 +272,7 @@ class HealthDaemon:
         self.failed = True
         self.stop()
 
-    async def _shutdown(self, runner: web.AppRunner, client: httpx.AsyncClient) -> None:
+    async def _shutdown(self, runner: web.AppRunner, clients: ProbeClients) -> None:
         log.info("shutting down", extra=_fields(id=self.id, leading=self.leading))
         for task in self._tasks:
             task.cancel()
@@ -289,7 +288,7 @@ class HealthDaemon:
         else:
             if resigned:
                 log.info("resigned", extra=_fields(id=self.id, epoch=self.epoch))
-        await client.aclose()
+        await clients.close()
         await runner.cleanup()
         await self._store.close()
         log.info("stopped", extra=_fields(id=self.id))

@@ -11,13 +11,17 @@ The error text is short and never holds a URL, a header or a key: ``HTTP 503``,
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import ssl
 import time
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 import httpx
 
-from router.config import Provider
+from router.config import Provider, ProviderTLS
+from router.errors import UpstreamConnectError
+from router.upstream.client import tls_context
 from router.upstream.providers import adapter_for, api_url
 
 
@@ -82,3 +86,41 @@ async def probe(client: httpx.AsyncClient, provider: Provider) -> ProbeResult:
 
 def _result(started: float, ok: bool, error: str) -> ProbeResult:
     return ProbeResult(ok, (time.perf_counter() - started) * 1000, error)
+
+
+class ProbeClients:
+    """httpx clients that reach each provider the way the router's requests do: through its
+    ``tls`` settings (CA, client certificate, verify) and its proxy (its own ``proxy``, else
+    the environment's ``HTTPS_PROXY``/``HTTP_PROXY``/``NO_PROXY``); one client per distinct
+    setting."""
+
+    def __init__(self) -> None:
+        self._clients: dict[tuple[ProviderTLS | None, str | None], httpx.AsyncClient] = {}
+
+    def of(self, provider: Provider) -> httpx.AsyncClient:
+        """The client that probes ``provider``."""
+        key = (provider.tls, provider.proxy)
+        client = self._clients.get(key)
+        if client is None:
+            client = self._clients[key] = _client(provider)
+        return client
+
+    async def close(self) -> None:
+        for client in self._clients.values():
+            await client.aclose()
+
+
+def _client(provider: Provider) -> httpx.AsyncClient:
+    verify: ssl.SSLContext | bool = True
+    if provider.tls is not None:
+        # unreadable files: the system's CAs, so the probes fail (and say why) as requests do
+        with contextlib.suppress(UpstreamConnectError):
+            verify = tls_context(provider.tls)
+    headers = {"user-agent": "healthd"}
+    if provider.proxy == "none":
+        return httpx.AsyncClient(verify=verify, trust_env=False, headers=headers)
+    if provider.proxy is not None:
+        return httpx.AsyncClient(
+            verify=verify, proxy=provider.proxy, trust_env=False, headers=headers
+        )
+    return httpx.AsyncClient(verify=verify, trust_env=True, headers=headers)

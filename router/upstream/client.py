@@ -501,6 +501,24 @@ _Connect = Callable[[], Awaitable[_Connection]]
 _PoolKey = tuple[str, str, int] | tuple[str, str, int, int | None, ProviderTLS | None, Proxy | None]
 
 
+def tls_context(settings: ProviderTLS | None) -> ssl.SSLContext:
+    """A TLS context for a provider's ``tls`` settings (the system's CAs when none); raises
+    ``UpstreamConnectError`` without the file's path when a file cannot be read."""
+    if settings is None:
+        return ssl.create_default_context()
+    try:
+        ctx = ssl.create_default_context(cafile=settings.ca_file)
+        if settings.cert_file is not None:
+            ctx.load_cert_chain(settings.cert_file, settings.key_file)
+    except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
+        what = getattr(exc, "reason", None) or getattr(exc, "strerror", None) or "unreadable"
+        raise UpstreamConnectError(f"TLS setup failed: the CA or client cert ({what})") from None
+    if not settings.verify:
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+    return ctx
+
+
 class Upstream:
     """Sends provider requests over keep-alive connections pooled per origin (and per egress
     setting: a provider's connection cap, TLS settings and proxy)."""
@@ -602,26 +620,8 @@ class Upstream:
     def _tls_context(self, settings: ProviderTLS | None) -> ssl.SSLContext:
         """The TLS context of ``settings``, made once per distinct setting."""
         ctx = self._tls.get(settings)
-        if ctx is not None:
-            return ctx
-        if settings is None:
-            ctx = ssl.create_default_context()
-        else:
-            try:
-                ctx = ssl.create_default_context(cafile=settings.ca_file)
-                if settings.cert_file is not None:
-                    ctx.load_cert_chain(settings.cert_file, settings.key_file)
-            except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
-                what = (
-                    getattr(exc, "reason", None) or getattr(exc, "strerror", None) or "unreadable"
-                )
-                raise UpstreamConnectError(
-                    f"TLS setup failed: the CA or client cert ({what})"
-                ) from None
-            if not settings.verify:
-                ctx.check_hostname = False
-                ctx.verify_mode = ssl.CERT_NONE
-        self._tls[settings] = ctx
+        if ctx is None:
+            ctx = self._tls[settings] = tls_context(settings)
         return ctx
 
     async def _connect(

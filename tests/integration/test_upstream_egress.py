@@ -19,6 +19,7 @@ import orjson
 import pytest
 from aiohttp import web
 
+from healthd.probe import ProbeClients, probe
 from loadtest.mock_provider import PROVIDER_KEY, MockConfig, MockProvider, start_server
 from loadtest.procs import free_port
 from router.config import Provider, ProviderTLS, Timeouts
@@ -438,3 +439,30 @@ async def test_a_refused_cached_address_is_looked_up_again(
     assert lookups.calls == ["localhost"]
     assert await call(upstream, url, provider(url)) == 200  # cached, refused, looked up again
     assert lookups.calls == ["localhost"] * 2
+
+
+async def test_healthds_probes_reach_a_provider_the_way_requests_do(
+    start_mock: StartMock, pki: Pki, forward_proxy: int
+) -> None:
+    """healthd probes over httpx, with the provider's own TLS settings and proxy: a provider
+    behind mutual TLS is probed up, and is down to a probe without its client certificate."""
+    mock = await start_mock(
+        tls_cert=str(pki.server_cert), tls_key=str(pki.server_key), tls_client_ca=str(pki.ca)
+    )
+    url = f"https://127.0.0.1:{mock.port}/v1"
+    tls = {"ca_file": str(pki.ca), "cert_file": str(pki.client_cert),
+           "key_file": str(pki.client_key)}  # fmt: skip
+    clients = ProbeClients()
+    try:
+        with_cert = provider(url, tls=tls)
+        assert (await probe(clients.of(with_cert), with_cert)).ok
+        without = provider(url, tls={"ca_file": str(pki.ca)})
+        result = await probe(clients.of(without), without)
+        assert not result.ok
+        assert "connect failed" in result.error or "request failed" in result.error
+        plain = await start_mock()
+        proxied = provider(f"http://127.0.0.1:{plain.port}/v1", proxy=proxy_url(forward_proxy))
+        assert (await probe(clients.of(proxied), proxied)).ok
+        assert clients.of(with_cert) is clients.of(provider(url, tls=tls))  # one per setting
+    finally:
+        await clients.close()
