@@ -11,6 +11,7 @@ start-up.
 from __future__ import annotations
 
 import asyncio
+import functools
 import itertools
 import logging
 import time
@@ -31,6 +32,7 @@ from router.errors import StoreError
 from router.state.affinity import Pin, PinRequest
 from router.state.keys import USAGE_DAY_TTL_S, USAGE_MONTH_TTL_S, WINDOW_BUCKETS, Keys
 from router.state.muxredis import MuxRedis
+from router.state.topology import SENTINEL_SCHEMES, SentinelTopology
 from router.strategies import Code, PinOutcome, TenantCode
 
 log = logging.getLogger("router.store")
@@ -88,6 +90,11 @@ class _HiredisPacking:
 
 class _SSLConnection(_HiredisPacking, aioredis.SSLConnection):
     pass
+
+
+def _settings(timeout: float, connect_timeout_ms: int) -> dict[str, Any]:
+    """The socket settings of a Sentinel or Cluster topology's data connections."""
+    return {"socket_timeout": timeout, "socket_connect_timeout": connect_timeout_ms / 1000}
 
 
 def _pool(
@@ -377,9 +384,12 @@ class Store:
         mux: MuxRedis | None = None,
         late_ms: int = 1000,
         response_pin_ttl_ms: int = 86_400_000,
+        subscriber_pool: Callable[[], aioredis.ConnectionPool] | None = None,
     ) -> None:
         self.client = client
         self.mux = mux
+        self.subscriber_pool = subscriber_pool
+        """Makes a subscription's own one-connection pool (``None``: like the client's)."""
         """The scripts' shared pipelined connection (``None``: they go through ``client``)."""
         self.keys = keys
         self.lease_ttl_ms = lease_ttl_ms
@@ -417,11 +427,21 @@ class Store:
                 response_pin_ttl_ms=pins,
             )  # fmt: skip
         timeout = cfg.redis.timeout_ms / 1000
-        pool = _pool(cfg.redis_url, cfg.redis.pool_size, timeout, cfg.redis.connect_timeout_ms)
-        client = aioredis.Redis(connection_pool=pool)
-        # TLS (rediss://) keeps redis-py's pooled connections for the scripts too
-        tls = pool.connection_class is _SSLConnection
-        mux = None if tls else MuxRedis(cfg.redis_url, timeout)
+        subscriber_pool: Callable[[], aioredis.ConnectionPool] | None = None
+        if cfg.redis_url.startswith(SENTINEL_SCHEMES):
+            sentinel = SentinelTopology(
+                cfg.redis_url, _settings(timeout, cfg.redis.connect_timeout_ms)
+            )
+            client = aioredis.Redis(connection_pool=sentinel.pool(cfg.redis.pool_size))
+            tls = sentinel.url.tls
+            mux = None if tls else MuxRedis(sentinel.mux_url(), timeout, sentinel.resolve)
+            subscriber_pool = functools.partial(sentinel.pool, 1, socket_timeout=None)
+        else:
+            pool = _pool(cfg.redis_url, cfg.redis.pool_size, timeout, cfg.redis.connect_timeout_ms)
+            client = aioredis.Redis(connection_pool=pool)
+            # TLS (rediss://) keeps redis-py's pooled connections for the scripts too
+            tls = pool.connection_class is _SSLConnection
+            mux = None if tls else MuxRedis(cfg.redis_url, timeout)
         # How long after its deadline was taken an acquire may run for a caller still
         # waiting. Shared connection: the call's timeout, and a fifth more for connecting
         # first (a millisecond on a LAN) or a busy event loop. Pool: the wait for a free
@@ -436,7 +456,7 @@ class Store:
             late = call_ms + max(10, call_ms // 5)
         return cls(
             client, keys, ttl, embedded=False, circuits=circuits, mux=mux, late_ms=late,
-            response_pin_ttl_ms=pins,
+            response_pin_ttl_ms=pins, subscriber_pool=subscriber_pool,
         )  # fmt: skip
 
     async def start(self, warm: int = 8) -> None:
@@ -517,6 +537,8 @@ class Store:
         """Subscribe to ``channel`` on a connection of its own (no read timeout)."""
         if self.embedded:
             client = self.client
+        elif self.subscriber_pool is not None:
+            client = aioredis.Redis.from_pool(self.subscriber_pool())
         else:
             # the pool's connection class and settings (TLS, password, db): a connection
             # made by hand here once went plain to a rediss:// server, and failed every time

@@ -1,0 +1,140 @@
+"""Two replicas on ``redis+sentinel://``: a primary, its replica and three sentinels (quorum
+2) as real processes. Round robin stays global, an RPM limit exact; then the primary is
+killed (SIGKILL) under traffic: the replicas ride the outage out degraded, find the promoted
+replica through the sentinels, and count exactly again. The figures are printed."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import threading
+import time
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+from tests.helpers import CLIENT_KEY, Cluster, Gateway, Mock, ctl, start_gateway, wait_until
+from tests.topologies import SentinelSet, sentinel_set
+
+RPM = 20
+
+
+@pytest.fixture
+def sentinels(tmp_path: Path) -> Iterator[SentinelSet]:
+    d = tmp_path / "sentinel"
+    d.mkdir()
+    with sentinel_set(d) as s:
+        yield s
+
+
+def chat(url: str, model: str) -> int:
+    """One chat completion through the openai SDK; the HTTP status (no retries)."""
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key=CLIENT_KEY, max_retries=0, timeout=30)
+    try:
+        client.chat.completions.create(
+            model=model, messages=[{"role": "user", "content": "hi"}], max_tokens=5
+        )
+    except openai.APIStatusError as exc:
+        return exc.status_code
+    finally:
+        client.close()
+    return 200
+
+
+def burst(gw: Gateway, model: str, n: int) -> Counter[int]:
+    """``n`` requests alternating the replicas; the statuses counted."""
+    urls = itertools.cycle(gw.urls)
+    return Counter(chat(next(urls), model) for _ in range(n))
+
+
+def status(url: str) -> str:
+    try:
+        return str(httpx.get(f"{url}/readyz", timeout=2).json()["status"])
+    except httpx.HTTPError:
+        return "unreachable"
+
+
+class Traffic(threading.Thread):
+    """Chat requests alternating the replicas until stopped; every status kept."""
+
+    def __init__(self, gw: Gateway) -> None:
+        super().__init__(daemon=True)
+        self.gw = gw
+        self.statuses: Counter[int] = Counter()
+        self.stop = threading.Event()
+
+    def run(self) -> None:
+        urls = itertools.cycle(self.gw.urls)
+        while not self.stop.is_set():
+            self.statuses[chat(next(urls), "chat")] += 1
+
+
+def test_sentinel_failover_under_traffic(
+    cluster: Cluster, tmp_path: Path, sentinels: SentinelSet
+) -> None:
+    mocks = [
+        Mock("a", "--latency-ms", "5"),
+        Mock("b", "--latency-ms", "5"),
+        Mock("c", "--latency-ms", "5"),
+        Mock("r1", "--rpm", str(RPM), limits={"rpm": RPM}),
+        Mock("r2", "--rpm", str(RPM), limits={"rpm": RPM}),
+    ]
+    routes = [
+        {"model": "chat", "strategy": "round_robin",
+         "targets": [{"provider": p, "model": "m"} for p in "abc"]},
+        {"model": "limited", "targets": [{"provider": "r1", "model": "m"}]},
+        {"model": "limited-after", "targets": [{"provider": "r2", "model": "m"}]},
+    ]  # fmt: skip
+    gw = start_gateway(cluster, tmp_path, sentinels.url, mocks, routes, replicas=2)
+
+    # round robin is one counter in Redis: global over both replicas
+    assert burst(gw, "chat", 60) == {200: 60}
+    counts = gw.counts()
+    assert all(abs(counts[p] - 20) <= 1 for p in "abc"), counts
+
+    # the RPM limit is exact: the provider never refuses
+    before = burst(gw, "limited", 2 * RPM)
+    assert before == {200: RPM, 429: RPM}, before
+    assert gw.mocks["r1"].stats()["rate_limited"] == 0
+
+    state = json.loads(ctl(gw, "state", "--json"))
+    assert {p["name"] for p in state["providers"]} >= {"a", "b", "c"}
+
+    traffic = Traffic(gw)
+    traffic.start()
+    wait_until(lambda: sum(traffic.statuses.values()) >= 10, 10, "traffic to flow")
+    killed = time.monotonic()
+    sentinels.primary.kill()
+    new = ("127.0.0.1", sentinels.replica_port)
+    wait_until(lambda: sentinels.primary_address() == new, 30, "the sentinels' failover")
+    promoted = time.monotonic()
+    wait_until(
+        lambda: all(status(u) == "ready" for u in gw.urls), 30, "both replicas back on Redis"
+    )
+    back = time.monotonic()
+    served = sum(traffic.statuses.values())
+    wait_until(lambda: sum(traffic.statuses.values()) >= served + 10, 10, "traffic after")
+    traffic.stop.set()
+    traffic.join(30)
+
+    fives = {s: n for s, n in traffic.statuses.items() if s >= 500}
+    assert fives == {}, traffic.statuses
+    degraded = [httpx.get(f"{u}/readyz", timeout=2).json() for u in gw.urls]
+
+    after = burst(gw, "limited-after", 2 * RPM)
+    assert after == {200: RPM, 429: RPM}, after
+    assert gw.mocks["r2"].stats()["rate_limited"] == 0
+    state = json.loads(ctl(gw, "state", "--json"))
+    assert len(state["providers"]) == 5
+
+    print(
+        f"\nsentinel: round robin {counts}; rpm before {dict(before)} after {dict(after)};"
+        f" failover by the sentinels {1000 * (promoted - killed):.0f} ms;"
+        f" kill to both replicas ready {1000 * (back - killed):.0f} ms;"
+        f" replicas' degraded_s {[d['degraded_s'] for d in degraded]};"
+        f" traffic {dict(traffic.statuses)} (5xx: {sum(fives.values())})"
+    )
