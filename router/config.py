@@ -95,10 +95,13 @@ def _masked_param(param: str) -> str:
 
 REDIS_SCHEMES = (
     "redis://", "rediss://", "unix://", "redis+sentinel://", "rediss+sentinel://",
+    "redis+cluster://", "rediss+cluster://",
 )  # fmt: skip
 _SENTINEL_URL = re.compile(
     r"^rediss?\+sentinel://([^/]*@)?[^@/]+:\d+(,[^@/,]+:\d+)*/[^/?#]+(/\d+)?$"
 )
+
+_CLUSTER_URL = re.compile(r"^rediss?\+cluster://([^/]*@)?[^@/]+:\d+(,[^@/,]+:\d+)*/?$")
 
 
 def _redis_url(url: str | None) -> str | None:
@@ -112,6 +115,10 @@ def _redis_url(url: str | None) -> str | None:
         raise ValueError(
             "a sentinel redis_url reads redis+sentinel://[user:password@]host:port"
             "[,host:port...]/<primary-name>[/db]"
+        )
+    if "+cluster://" in url and not _CLUSTER_URL.match(url):
+        raise ValueError(
+            "a cluster redis_url reads redis+cluster://[user:password@]host:port[,host:port...]"
         )
     return url
 

@@ -1,4 +1,5 @@
-"""Redis topologies as real processes on loopback: a Sentinel-watched primary and its replica.
+"""Redis topologies as real processes on loopback: a Sentinel-watched primary and its
+replica, a Redis Cluster; and the traffic (openai SDK) their failover tests send.
 
 Every process is started here and stopped here by its PID; nothing is written outside the
 test's own directory.
@@ -7,16 +8,29 @@ test's own directory.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
+import subprocess
+import threading
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import httpx
+import openai
 import redis
 
 from loadtest.procs import Proc, free_port
-from tests.helpers import port_open, redis_argv, redis_server_binary, wait_until
+from tests.helpers import (
+    CLIENT_KEY,
+    Gateway,
+    port_open,
+    redis_argv,
+    redis_server_binary,
+    wait_until,
+)
 
 SERVICE = "routerprimary"
 """The primary's name in the sentinels' configuration (the URL's path)."""
@@ -112,3 +126,127 @@ def sentinel_set(log_dir: Path) -> Iterator[SentinelSet]:
     finally:
         for proc in reversed(procs):
             proc.stop()
+
+
+@dataclass
+class ClusterSet:
+    """A Redis Cluster of three primaries, each with one replica."""
+
+    nodes: dict[int, Proc]
+    """Every node's process by its port."""
+
+    @property
+    def url(self) -> str:
+        return "redis+cluster://" + ",".join(f"127.0.0.1:{p}" for p in list(self.nodes)[:3])
+
+    def owner(self, key: str) -> int | None:
+        """The port of the primary serving ``key``'s slot, as a live node says now."""
+        for port, proc in self.nodes.items():
+            if not proc.alive():
+                continue
+            slot = ask(port, "CLUSTER", "KEYSLOT", key)
+            shards = ask(port, "CLUSTER", "SLOTS")
+            if slot is None or not shards:
+                continue
+            for first, last, primary, *_ in shards:
+                if int(first) <= int(slot) <= int(last):
+                    return int(primary[1])
+        return None
+
+    def replica_of(self, primary_port: int) -> int:
+        """The port of the replica following the primary on ``primary_port``."""
+        for port in self.nodes:
+            info = ask(port, "INFO", "replication")
+            if info and info.get("role") == "slave" and int(info["master_port"]) == primary_port:
+                return port
+        raise LookupError(f"no replica follows {primary_port}")
+
+    def healthy(self) -> bool:
+        """Every live node says ``cluster_state:ok``."""
+        for port, proc in self.nodes.items():
+            if proc.alive():
+                info = ask(port, "CLUSTER", "INFO")
+                if not info or "cluster_state:ok" not in str(info):
+                    return False
+        return True
+
+
+@contextlib.contextmanager
+def redis_cluster(log_dir: Path) -> Iterator[ClusterSet]:
+    """Start six cluster-enabled servers, join them (one replica per primary), and wait until
+    every node says the cluster is ok; stop them all after."""
+    env = dict(os.environ)
+    nodes: dict[int, Proc] = {}
+    try:
+        for _ in range(6):
+            port = free_port()
+            d = log_dir / f"node-{port}"
+            d.mkdir()
+            argv = [
+                *redis_argv(port, d), "--cluster-enabled", "yes",
+                "--cluster-config-file", str(d / "nodes.conf"), "--cluster-node-timeout", "1000",
+                # its bus port, else port + 10000: past 65535 for a high free port
+                "--cluster-port", str(free_port()),
+            ]  # fmt: skip
+            nodes[port] = Proc(f"redis-node-{port}", argv, env, log_dir)
+        wait_until(lambda: all(port_open(p) for p in nodes), 10, "the cluster's nodes")
+        redis_cli = str(Path(redis_server_binary()).with_name("redis-cli"))
+        create = [redis_cli, "--cluster", "create", *(f"127.0.0.1:{p}" for p in nodes),
+                  "--cluster-replicas", "1", "--cluster-yes"]  # fmt: skip
+        subprocess.run(create, check=True, capture_output=True, timeout=60)
+        cluster = ClusterSet(nodes)
+        wait_until(cluster.healthy, 30, "cluster_state:ok on every node")
+        wait_until(
+            lambda: sum(ask(p, "INFO", "replication").get("role") == "slave" for p in nodes) == 3
+            and all(
+                ask(p, "INFO", "replication").get("master_link_status", "up") == "up"
+                for p in nodes
+            ),
+            30, "every replica in sync",
+        )  # fmt: skip
+        yield cluster
+    finally:
+        for proc in reversed(nodes.values()):
+            proc.stop()
+
+
+def chat(url: str, model: str) -> int:
+    """One chat completion through the openai SDK; the HTTP status (no retries)."""
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key=CLIENT_KEY, max_retries=0, timeout=30)
+    try:
+        client.chat.completions.create(
+            model=model, messages=[{"role": "user", "content": "hi"}], max_tokens=5
+        )
+    except openai.APIStatusError as exc:
+        return exc.status_code
+    finally:
+        client.close()
+    return 200
+
+
+def burst(gw: Gateway, model: str, n: int) -> Counter[int]:
+    """``n`` requests alternating the replicas; the statuses counted."""
+    urls = itertools.cycle(gw.urls)
+    return Counter(chat(next(urls), model) for _ in range(n))
+
+
+def status(url: str) -> str:
+    try:
+        return str(httpx.get(f"{url}/readyz", timeout=2).json()["status"])
+    except httpx.HTTPError:
+        return "unreachable"
+
+
+class Traffic(threading.Thread):
+    """Chat requests alternating the replicas until stopped; every status kept."""
+
+    def __init__(self, gw: Gateway) -> None:
+        super().__init__(daemon=True)
+        self.gw = gw
+        self.statuses: Counter[int] = Counter()
+        self.stop = threading.Event()
+
+    def run(self) -> None:
+        urls = itertools.cycle(self.gw.urls)
+        while not self.stop.is_set():
+            self.statuses[chat(next(urls), "chat")] += 1

@@ -16,9 +16,10 @@ within the timeout still failed most of them.) A lost connection fails every cal
 it with ``ConnectionError``; the next call connects again. A script Redis does not know
 (restarted, ``SCRIPT FLUSH``) is sent once in full with ``EVAL``, which also caches it.
 
-Given a ``resolver`` (Sentinel), each new connection asks it where the primary is, and a
-``READONLY`` reply (the server became a replica) gives the connection up, so the next call
-asks again. Without one the URL's address is fixed and nothing else changes.
+Given a ``resolver`` (Sentinel, Cluster), each new connection asks it where to connect, and a
+``READONLY`` reply (the server became a replica) or a ``MOVED``/``ASK`` one (another node
+owns the slot now) gives the connection up, so the next call asks again. Without one the
+URL's address is fixed and nothing else changes.
 """
 
 from __future__ import annotations
@@ -49,6 +50,8 @@ def _reply_error(err: hiredis.ReplyError) -> rx.RedisError:
         return rx.AuthenticationError(text)
     if text.startswith("READONLY"):
         return rx.ReadOnlyError(text)
+    if text.startswith(("MOVED", "ASK ")):
+        return rx.MovedError(text.split(" ", 1)[1])
     return rx.ResponseError(text)
 
 
@@ -190,8 +193,8 @@ class MuxRedis:
             return await proto.send(_pack(*args))
         try:
             return await proto.send(_pack(*args))
-        except rx.ReadOnlyError:  # a replica now: the next call asks where the primary is
-            proto.fail(rx.ConnectionError("the server became a replica"))
+        except (rx.ReadOnlyError, rx.MovedError):  # the next call asks where to go now
+            proto.fail(rx.ConnectionError("the server no longer holds the pool's keys"))
             raise
 
     async def evalsha(self, sha: str, script: str, keys: Any, args: Any) -> Any:

@@ -32,7 +32,12 @@ from router.errors import StoreError
 from router.state.affinity import Pin, PinRequest
 from router.state.keys import USAGE_DAY_TTL_S, USAGE_MONTH_TTL_S, WINDOW_BUCKETS, Keys
 from router.state.muxredis import MuxRedis
-from router.state.topology import SENTINEL_SCHEMES, SentinelTopology
+from router.state.topology import (
+    CLUSTER_SCHEMES,
+    SENTINEL_SCHEMES,
+    ClusterTopology,
+    SentinelTopology,
+)
 from router.strategies import Code, PinOutcome, TenantCode
 
 log = logging.getLogger("router.store")
@@ -428,14 +433,20 @@ class Store:
             )  # fmt: skip
         timeout = cfg.redis.timeout_ms / 1000
         subscriber_pool: Callable[[], aioredis.ConnectionPool] | None = None
+        settings = _settings(timeout, cfg.redis.connect_timeout_ms)
+        client: Any
         if cfg.redis_url.startswith(SENTINEL_SCHEMES):
-            sentinel = SentinelTopology(
-                cfg.redis_url, _settings(timeout, cfg.redis.connect_timeout_ms)
-            )
+            sentinel = SentinelTopology(cfg.redis_url, settings)
             client = aioredis.Redis(connection_pool=sentinel.pool(cfg.redis.pool_size))
             tls = sentinel.url.tls
-            mux = None if tls else MuxRedis(sentinel.mux_url(), timeout, sentinel.resolve)
+            mux = None if tls else MuxRedis(sentinel.url.mux_url(), timeout, sentinel.resolve)
             subscriber_pool = functools.partial(sentinel.pool, 1, socket_timeout=None)
+        elif cfg.redis_url.startswith(CLUSTER_SCHEMES):
+            cluster = ClusterTopology(cfg.redis_url, settings, cfg.redis.pool_size, keys.waiting())
+            client = cluster.client
+            tls = cluster.url.tls
+            mux = None if tls else MuxRedis(cluster.url.mux_url(), timeout, cluster.resolve)
+            subscriber_pool = cluster.subscriber_pool
         else:
             pool = _pool(cfg.redis_url, cfg.redis.pool_size, timeout, cfg.redis.connect_timeout_ms)
             client = aioredis.Redis(connection_pool=pool)
@@ -561,7 +572,8 @@ class Store:
         if self.mux is not None:
             await self.mux.close()
         await self.client.aclose()
-        await self.client.connection_pool.disconnect()
+        if isinstance(self.client, aioredis.Redis):  # a RedisCluster closes its nodes itself
+            await self.client.connection_pool.disconnect()
 
     async def ping(self) -> None:
         """Raise ``StoreError`` unless Redis answers."""

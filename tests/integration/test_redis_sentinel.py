@@ -5,20 +5,16 @@ replica through the sentinels, and count exactly again. The figures are printed.
 
 from __future__ import annotations
 
-import itertools
 import json
-import threading
 import time
-from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
-import openai
 import pytest
 
-from tests.helpers import CLIENT_KEY, Cluster, Gateway, Mock, ctl, start_gateway, wait_until
-from tests.topologies import SentinelSet, sentinel_set
+from tests.helpers import Cluster, Mock, ctl, start_gateway, wait_until
+from tests.topologies import SentinelSet, Traffic, burst, sentinel_set, status
 
 RPM = 20
 
@@ -29,48 +25,6 @@ def sentinels(tmp_path: Path) -> Iterator[SentinelSet]:
     d.mkdir()
     with sentinel_set(d) as s:
         yield s
-
-
-def chat(url: str, model: str) -> int:
-    """One chat completion through the openai SDK; the HTTP status (no retries)."""
-    client = openai.OpenAI(base_url=f"{url}/v1", api_key=CLIENT_KEY, max_retries=0, timeout=30)
-    try:
-        client.chat.completions.create(
-            model=model, messages=[{"role": "user", "content": "hi"}], max_tokens=5
-        )
-    except openai.APIStatusError as exc:
-        return exc.status_code
-    finally:
-        client.close()
-    return 200
-
-
-def burst(gw: Gateway, model: str, n: int) -> Counter[int]:
-    """``n`` requests alternating the replicas; the statuses counted."""
-    urls = itertools.cycle(gw.urls)
-    return Counter(chat(next(urls), model) for _ in range(n))
-
-
-def status(url: str) -> str:
-    try:
-        return str(httpx.get(f"{url}/readyz", timeout=2).json()["status"])
-    except httpx.HTTPError:
-        return "unreachable"
-
-
-class Traffic(threading.Thread):
-    """Chat requests alternating the replicas until stopped; every status kept."""
-
-    def __init__(self, gw: Gateway) -> None:
-        super().__init__(daemon=True)
-        self.gw = gw
-        self.statuses: Counter[int] = Counter()
-        self.stop = threading.Event()
-
-    def run(self) -> None:
-        urls = itertools.cycle(self.gw.urls)
-        while not self.stop.is_set():
-            self.statuses[chat(next(urls), "chat")] += 1
 
 
 def test_sentinel_failover_under_traffic(

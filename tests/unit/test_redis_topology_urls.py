@@ -6,18 +6,18 @@ import pytest
 
 from router.config import masked_url, parse_config
 from router.errors import ConfigError
-from router.state.topology import SentinelURL, parse_sentinel_url
+from router.state.topology import TopologyURL, parse_url
 
 SECRET = "s3cr%2Fet"
 
 
 def test_a_sentinel_url_gives_its_sentinels_primary_db_and_credentials() -> None:
     url = f"rediss+sentinel://app:{SECRET}@10.0.0.1:26379,[::1]:26380/main/3"
-    assert parse_sentinel_url(url) == SentinelURL(
-        sentinels=(("10.0.0.1", 26379), ("::1", 26380)),
+    assert parse_url(url) == TopologyURL(
+        hosts=(("10.0.0.1", 26379), ("::1", 26380)),
         service="main", db=3, username="app", password="s3cr/et", tls=True,
     )  # fmt: skip
-    assert parse_sentinel_url("redis+sentinel://h:1/p").password is None
+    assert parse_url("redis+sentinel://h:1/p").password is None
 
 
 @pytest.mark.parametrize(
@@ -31,7 +31,7 @@ def test_a_sentinel_url_gives_its_sentinels_primary_db_and_credentials() -> None
 )
 def test_a_malformed_sentinel_url_is_refused(url: str) -> None:
     with pytest.raises(ValueError, match="sentinel"):
-        parse_sentinel_url(url)
+        parse_url(url)
 
 
 @pytest.mark.parametrize(
@@ -42,6 +42,9 @@ def test_a_malformed_sentinel_url_is_refused(url: str) -> None:
         ("redis+sentinel://a:1,b:2", False),
         ("http://a:1/0", False),
         ("redis://a:1/0", True),
+        ("redis+cluster://a:1,b:2", True),
+        (f"rediss+cluster://u:{SECRET}@a:1/", True),
+        ("redis+cluster://a:1/main", False),
     ],
 )
 def test_the_config_accepts_the_redis_schemes_only(url: str, ok: bool) -> None:
@@ -53,6 +56,16 @@ def test_the_config_accepts_the_redis_schemes_only(url: str, ok: bool) -> None:
     wrong = [p for p in problems if p[0] == "redis_url"]
     assert not wrong if ok else wrong, problems
     assert all(SECRET not in text for _, text in problems)
+
+
+def test_a_cluster_url_gives_its_nodes_and_credentials() -> None:
+    url = f"redis+cluster://:{SECRET}@n1:7000,n2:7001"
+    parsed = parse_url(url)
+    assert parsed.hosts == (("n1", 7000), ("n2", 7001))
+    assert (parsed.password, parsed.username, parsed.tls) == ("s3cr/et", None, False)
+    with pytest.raises(ValueError, match="no path"):
+        parse_url("redis+cluster://n1:7000/0")
+    assert masked_url(url) == "redis+cluster://***@n1:7000,n2:7001"
 
 
 def test_a_sentinel_urls_password_is_masked() -> None:

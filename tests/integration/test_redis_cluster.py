@@ -1,0 +1,117 @@
+"""Two replicas on ``redis+cluster://``: three primaries and three replicas as real
+processes. Round robin stays global and an RPM limit exact; then the primary owning the
+pool's slot is failed over, planned (``CLUSTER FAILOVER`` on its replica) and unplanned
+(SIGKILL), under traffic: no 5xx, counting exact again after. The figures are printed."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from router.state.keys import Keys
+from tests.helpers import (
+    Cluster,
+    Gateway,
+    Mock,
+    ctl,
+    redis_server_binary,
+    start_gateway,
+    wait_until,
+)
+from tests.topologies import ClusterSet, Traffic, burst, redis_cluster, status
+
+RPM = 20
+SLOT_KEY = Keys("rc", "default").waiting()
+"""A key in the pool's slot: the node owning it runs every script."""
+
+
+@pytest.fixture
+def nodes(tmp_path: Path) -> Iterator[ClusterSet]:
+    d = tmp_path / "cluster"
+    d.mkdir()
+    with redis_cluster(d) as c:
+        yield c
+
+
+def failover(gw: Gateway, nodes: ClusterSet, kill: bool) -> dict[str, float | int]:
+    """Move the pool's slot to the owner's replica under traffic; the episode's figures."""
+    owner = nodes.owner(SLOT_KEY)
+    assert owner is not None
+    successor = nodes.replica_of(owner)
+    traffic = Traffic(gw)
+    traffic.start()
+    wait_until(lambda: sum(traffic.statuses.values()) >= 10, 10, "traffic to flow")
+    started = time.monotonic()
+    if kill:
+        nodes.nodes[owner].kill()
+    else:
+        cli = str(Path(redis_server_binary()).with_name("redis-cli"))
+        subprocess.run(
+            [cli, "-p", str(successor), "CLUSTER", "FAILOVER"],
+            check=True,
+            timeout=10,
+            capture_output=True,
+        )
+    wait_until(lambda: nodes.owner(SLOT_KEY) == successor, 30, "the slot's new owner")
+    moved = time.monotonic()
+    wait_until(lambda: all(status(u) == "ready" for u in gw.urls), 30, "both replicas ready")
+    back = time.monotonic()
+    served = sum(traffic.statuses.values())
+    wait_until(lambda: sum(traffic.statuses.values()) >= served + 10, 10, "traffic after")
+    traffic.stop.set()
+    traffic.join(30)
+    fives = sum(n for s, n in traffic.statuses.items() if s >= 500)
+    assert fives == 0, traffic.statuses
+    return {
+        "moved_ms": round(1000 * (moved - started)),
+        "ready_ms": round(1000 * (back - started)),
+        "requests": sum(traffic.statuses.values()),
+        "ok": traffic.statuses[200],
+        "5xx": fives,
+    }
+
+
+def test_cluster_failovers_under_traffic(
+    cluster: Cluster, tmp_path: Path, nodes: ClusterSet
+) -> None:
+    mocks = [
+        Mock("a", "--latency-ms", "5"),
+        Mock("b", "--latency-ms", "5"),
+        Mock("c", "--latency-ms", "5"),
+        Mock("r1", "--rpm", str(RPM), limits={"rpm": RPM}),
+        Mock("r2", "--rpm", str(RPM), limits={"rpm": RPM}),
+    ]
+    routes = [
+        {"model": "chat", "strategy": "round_robin",
+         "targets": [{"provider": p, "model": "m"} for p in "abc"]},
+        {"model": "limited", "targets": [{"provider": "r1", "model": "m"}]},
+        {"model": "limited-after", "targets": [{"provider": "r2", "model": "m"}]},
+    ]  # fmt: skip
+    gw = start_gateway(cluster, tmp_path, nodes.url, mocks, routes, replicas=2)
+
+    assert burst(gw, "chat", 60) == {200: 60}
+    counts = gw.counts()
+    assert all(abs(counts[p] - 20) <= 1 for p in "abc"), counts
+    before = burst(gw, "limited", 2 * RPM)
+    assert before == {200: RPM, 429: RPM}, before
+    assert gw.mocks["r1"].stats()["rate_limited"] == 0
+    state = json.loads(ctl(gw, "state", "--json"))
+    assert {p["name"] for p in state["providers"]} >= {"a", "b", "c"}
+
+    planned = failover(gw, nodes, kill=False)
+    unplanned = failover(gw, nodes, kill=True)
+
+    after = burst(gw, "limited-after", 2 * RPM)
+    assert after == {200: RPM, 429: RPM}, after
+    assert gw.mocks["r2"].stats()["rate_limited"] == 0
+    state = json.loads(ctl(gw, "state", "--json"))
+    assert len(state["providers"]) == 5
+    print(
+        f"\ncluster: round robin {counts}; rpm before {dict(before)} after {dict(after)};"
+        f" planned failover {planned}; SIGKILL of the slot's primary {unplanned}"
+    )
