@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import json
 import os
 import subprocess
+import sys
 import threading
 from collections import Counter
 from collections.abc import Iterator
@@ -24,8 +26,12 @@ import redis
 
 from loadtest.procs import Proc, free_port
 from tests.helpers import (
+    ADMIN_TOKEN,
     CLIENT_KEY,
+    ENV,
+    Cluster,
     Gateway,
+    ctl,
     port_open,
     redis_argv,
     redis_server_binary,
@@ -210,9 +216,9 @@ def redis_cluster(log_dir: Path) -> Iterator[ClusterSet]:
             proc.stop()
 
 
-def chat(url: str, model: str) -> int:
+def chat(url: str, model: str, key: str = CLIENT_KEY) -> int:
     """One chat completion through the openai SDK; the HTTP status (no retries)."""
-    client = openai.OpenAI(base_url=f"{url}/v1", api_key=CLIENT_KEY, max_retries=0, timeout=30)
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key=key, max_retries=0, timeout=30)
     try:
         client.chat.completions.create(
             model=model, messages=[{"role": "user", "content": "hi"}], max_tokens=5
@@ -250,3 +256,55 @@ class Traffic(threading.Thread):
         urls = itertools.cycle(self.gw.urls)
         while not self.stop.is_set():
             self.statuses[chat(next(urls), "chat")] += 1
+
+
+def start_healthd(cluster: Cluster, config: Path) -> Proc:
+    """One healthd on the gateway's config; waits until it serves /healthz."""
+    port = free_port()
+    argv = [sys.executable, "-m", "healthd.cli", "--config", str(config), "--port", str(port)]
+    proc = cluster.start("healthd", argv, {**ENV, "REDIS_URL": ""})
+
+    def up() -> bool:
+        if not proc.alive():
+            raise RuntimeError(f"healthd exited:\n{proc.output()}")
+        with contextlib.suppress(httpx.HTTPError):
+            return httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1).status_code == 200
+        return False
+
+    wait_until(up, 20, "healthd to serve")
+    return proc
+
+
+def state(gw: Gateway) -> dict[str, Any]:
+    """``routerctl state --json``."""
+    return dict(json.loads(ctl(gw, "state", "--json")))
+
+
+def healthd_leads_and_publishes(gw: Gateway) -> None:
+    """healthd holds the lease and its probes are in Redis (``routerctl state``) and, through
+    pub/sub, in both replicas' views (``/readyz``)."""
+
+    def seen() -> bool:
+        s = state(gw)
+        up = all(p["health"] == "up" for p in s["providers"])
+        views = [httpx.get(f"{u}/readyz", timeout=2).json()["providers"] for u in gw.urls]
+        return (
+            bool(s["healthd"]["leader"])
+            and up
+            and all(all(p["health"] == "up" for p in v.values()) for v in views)
+        )
+
+    wait_until(seen, 20, "healthd's probes in Redis and in both replicas")
+
+
+def tenant_key_on_both_replicas(gw: Gateway, name: str) -> None:
+    """A tenant created and a key issued on one replica (the registry, its channel) admit a
+    request on the other."""
+    first, second = gw.urls
+    headers = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+    r = httpx.post(f"{first}/admin/tenants", json={"name": name}, headers=headers, timeout=10)
+    assert r.status_code == 201, r.text
+    r = httpx.post(f"{first}/admin/tenants/{name}/keys", headers=headers, timeout=10)
+    assert r.status_code == 201, r.text
+    key = r.json()["key"]
+    wait_until(lambda: chat(second, "chat", key) == 200, 5, "the new key on the other replica")

@@ -5,7 +5,6 @@ pool's slot is failed over, planned (``CLUSTER FAILOVER`` on its replica) and un
 
 from __future__ import annotations
 
-import json
 import subprocess
 import time
 from collections.abc import Iterator
@@ -18,14 +17,24 @@ from tests.helpers import (
     Cluster,
     Gateway,
     Mock,
-    ctl,
     redis_server_binary,
     start_gateway,
     wait_until,
 )
-from tests.topologies import ClusterSet, Traffic, burst, redis_cluster, status
+from tests.topologies import (
+    ClusterSet,
+    Traffic,
+    burst,
+    healthd_leads_and_publishes,
+    redis_cluster,
+    start_healthd,
+    state,
+    status,
+    tenant_key_on_both_replicas,
+)
 
 RPM = 20
+FAST = {"interval_s": 0.3, "timeout_s": 0.5, "rise": 2, "fall": 2}
 SLOT_KEY = Keys("rc", "default").waiting()
 """A key in the pool's slot: the node owning it runs every script."""
 
@@ -80,11 +89,11 @@ def test_cluster_failovers_under_traffic(
     cluster: Cluster, tmp_path: Path, nodes: ClusterSet
 ) -> None:
     mocks = [
-        Mock("a", "--latency-ms", "5"),
-        Mock("b", "--latency-ms", "5"),
-        Mock("c", "--latency-ms", "5"),
-        Mock("r1", "--rpm", str(RPM), limits={"rpm": RPM}),
-        Mock("r2", "--rpm", str(RPM), limits={"rpm": RPM}),
+        Mock("a", "--latency-ms", "5", health=FAST),
+        Mock("b", "--latency-ms", "5", health=FAST),
+        Mock("c", "--latency-ms", "5", health=FAST),
+        Mock("r1", "--rpm", str(RPM), limits={"rpm": RPM}, health=FAST),
+        Mock("r2", "--rpm", str(RPM), limits={"rpm": RPM}, health=FAST),
     ]
     routes = [
         {"model": "chat", "strategy": "round_robin",
@@ -100,17 +109,19 @@ def test_cluster_failovers_under_traffic(
     before = burst(gw, "limited", 2 * RPM)
     assert before == {200: RPM, 429: RPM}, before
     assert gw.mocks["r1"].stats()["rate_limited"] == 0
-    state = json.loads(ctl(gw, "state", "--json"))
-    assert {p["name"] for p in state["providers"]} >= {"a", "b", "c"}
+    start_healthd(cluster, gw.config)
+    healthd_leads_and_publishes(gw)
+    tenant_key_on_both_replicas(gw, "team-before")
 
     planned = failover(gw, nodes, kill=False)
     unplanned = failover(gw, nodes, kill=True)
 
+    healthd_leads_and_publishes(gw)  # the lease, the probes and pub/sub survived
+    tenant_key_on_both_replicas(gw, "team-after")
     after = burst(gw, "limited-after", 2 * RPM)
     assert after == {200: RPM, 429: RPM}, after
     assert gw.mocks["r2"].stats()["rate_limited"] == 0
-    state = json.loads(ctl(gw, "state", "--json"))
-    assert len(state["providers"]) == 5
+    assert len(state(gw)["providers"]) == 5
     print(
         f"\ncluster: round robin {counts}; rpm before {dict(before)} after {dict(after)};"
         f" planned failover {planned}; SIGKILL of the slot's primary {unplanned}"

@@ -5,7 +5,6 @@ replica through the sentinels, and count exactly again. The figures are printed.
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -13,10 +12,21 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.helpers import Cluster, Mock, ctl, start_gateway, wait_until
-from tests.topologies import SentinelSet, Traffic, burst, sentinel_set, status
+from tests.helpers import Cluster, Mock, start_gateway, wait_until
+from tests.topologies import (
+    SentinelSet,
+    Traffic,
+    burst,
+    healthd_leads_and_publishes,
+    sentinel_set,
+    start_healthd,
+    state,
+    status,
+    tenant_key_on_both_replicas,
+)
 
 RPM = 20
+FAST = {"interval_s": 0.3, "timeout_s": 0.5, "rise": 2, "fall": 2}
 
 
 @pytest.fixture
@@ -31,11 +41,11 @@ def test_sentinel_failover_under_traffic(
     cluster: Cluster, tmp_path: Path, sentinels: SentinelSet
 ) -> None:
     mocks = [
-        Mock("a", "--latency-ms", "5"),
-        Mock("b", "--latency-ms", "5"),
-        Mock("c", "--latency-ms", "5"),
-        Mock("r1", "--rpm", str(RPM), limits={"rpm": RPM}),
-        Mock("r2", "--rpm", str(RPM), limits={"rpm": RPM}),
+        Mock("a", "--latency-ms", "5", health=FAST),
+        Mock("b", "--latency-ms", "5", health=FAST),
+        Mock("c", "--latency-ms", "5", health=FAST),
+        Mock("r1", "--rpm", str(RPM), limits={"rpm": RPM}, health=FAST),
+        Mock("r2", "--rpm", str(RPM), limits={"rpm": RPM}, health=FAST),
     ]
     routes = [
         {"model": "chat", "strategy": "round_robin",
@@ -55,8 +65,9 @@ def test_sentinel_failover_under_traffic(
     assert before == {200: RPM, 429: RPM}, before
     assert gw.mocks["r1"].stats()["rate_limited"] == 0
 
-    state = json.loads(ctl(gw, "state", "--json"))
-    assert {p["name"] for p in state["providers"]} >= {"a", "b", "c"}
+    start_healthd(cluster, gw.config)
+    healthd_leads_and_publishes(gw)
+    tenant_key_on_both_replicas(gw, "team-before")
 
     traffic = Traffic(gw)
     traffic.start()
@@ -79,11 +90,12 @@ def test_sentinel_failover_under_traffic(
     assert fives == {}, traffic.statuses
     degraded = [httpx.get(f"{u}/readyz", timeout=2).json() for u in gw.urls]
 
+    healthd_leads_and_publishes(gw)  # the lease, the probes and pub/sub survived
+    tenant_key_on_both_replicas(gw, "team-after")
     after = burst(gw, "limited-after", 2 * RPM)
     assert after == {200: RPM, 429: RPM}, after
     assert gw.mocks["r2"].stats()["rate_limited"] == 0
-    state = json.loads(ctl(gw, "state", "--json"))
-    assert len(state["providers"]) == 5
+    assert len(state(gw)["providers"]) == 5
 
     print(
         f"\nsentinel: round robin {counts}; rpm before {dict(before)} after {dict(after)};"
