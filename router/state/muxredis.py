@@ -234,8 +234,10 @@ class MuxRedis:
                     _, proto = await loop.create_connection(
                         lambda: _Protocol(loop, self.timeout), host, port
                     )
-        except (OSError, TimeoutError, rx.ConnectionError) as exc:
+        except (OSError, TimeoutError) as exc:
             raise rx.ConnectionError(f"cannot connect to Redis: {exc!r}") from None
+        except rx.ConnectionError as exc:  # the resolver's: no primary known, no node answers
+            raise rx.ConnectionError(f"cannot find where to connect: {exc}") from None
         try:
             if self.password is not None:
                 auth = (self.username, self.password) if self.username else (self.password,)

@@ -2,7 +2,8 @@
 
 The scripts, two per request, and the recovery probe (``TIME``) run over one shared pipelined
 connection (``router.state.muxredis``); pub/sub, inspection and ``/readyz`` use redis-py's pool
-(over TLS the scripts too). Every Redis failure becomes a
+(over TLS the scripts too). Redis may be one server, a Sentinel-watched primary or a Cluster
+(``router.state.topology``: the URL's scheme says which). Every Redis failure becomes a
 ``StoreError`` here, so callers never see redis-py's errors. With no Redis URL the store
 runs on an in-process fakeredis with the same Lua scripts: one replica only, said loudly at
 start-up.
@@ -11,11 +12,12 @@ start-up.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import itertools
 import logging
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from enum import IntEnum
 from importlib import resources
@@ -390,8 +392,11 @@ class Store:
         late_ms: int = 1000,
         response_pin_ttl_ms: int = 86_400_000,
         subscriber_pool: Callable[[], aioredis.ConnectionPool] | None = None,
+        on_close: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
         self.client = client
+        self._on_close = on_close
+        """Closes what the topology holds besides the client (the sentinels' connections)."""
         self.mux = mux
         self.subscriber_pool = subscriber_pool
         """Makes a subscription's own one-connection pool (``None``: like the client's)."""
@@ -433,6 +438,7 @@ class Store:
             )  # fmt: skip
         timeout = cfg.redis.timeout_ms / 1000
         subscriber_pool: Callable[[], aioredis.ConnectionPool] | None = None
+        on_close: Callable[[], Awaitable[None]] | None = None
         settings = _settings(timeout, cfg.redis.connect_timeout_ms)
         client: Any
         if cfg.redis_url.startswith(SENTINEL_SCHEMES):
@@ -441,6 +447,7 @@ class Store:
             tls = sentinel.url.tls
             mux = None if tls else MuxRedis(sentinel.url.mux_url(), timeout, sentinel.resolve)
             subscriber_pool = functools.partial(sentinel.pool, 1, socket_timeout=None)
+            on_close = sentinel.sentinel.aclose
         elif cfg.redis_url.startswith(CLUSTER_SCHEMES):
             cluster = ClusterTopology(cfg.redis_url, settings, cfg.redis.pool_size, keys.waiting())
             client = cluster.client
@@ -467,7 +474,7 @@ class Store:
             late = call_ms + max(10, call_ms // 5)
         return cls(
             client, keys, ttl, embedded=False, circuits=circuits, mux=mux, late_ms=late,
-            response_pin_ttl_ms=pins, subscriber_pool=subscriber_pool,
+            response_pin_ttl_ms=pins, subscriber_pool=subscriber_pool, on_close=on_close,
         )  # fmt: skip
 
     async def start(self, warm: int = 8) -> None:
@@ -574,6 +581,9 @@ class Store:
         await self.client.aclose()
         if isinstance(self.client, aioredis.Redis):  # a RedisCluster closes its nodes itself
             await self.client.connection_pool.disconnect()
+        if self._on_close is not None:
+            with contextlib.suppress(RedisError, OSError):
+                await self._on_close()
 
     async def ping(self) -> None:
         """Raise ``StoreError`` unless Redis answers."""
