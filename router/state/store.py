@@ -398,9 +398,9 @@ class Store:
         self._on_close = on_close
         """Closes what the topology holds besides the client (the sentinels' connections)."""
         self.mux = mux
+        """The scripts' shared pipelined connection (``None``: they go through ``client``)."""
         self.subscriber_pool = subscriber_pool
         """Makes a subscription's own one-connection pool (``None``: like the client's)."""
-        """The scripts' shared pipelined connection (``None``: they go through ``client``)."""
         self.keys = keys
         self.lease_ttl_ms = lease_ttl_ms
         self.embedded = embedded
@@ -442,7 +442,7 @@ class Store:
         settings = _settings(timeout, cfg.redis.connect_timeout_ms)
         client: Any
         if cfg.redis_url.startswith(SENTINEL_SCHEMES):
-            sentinel = SentinelTopology(cfg.redis_url, settings)
+            sentinel = SentinelTopology(cfg.redis_url, settings, max(timeout, POOL_WAIT_S))
             client = aioredis.Redis(connection_pool=sentinel.pool(cfg.redis.pool_size))
             tls = sentinel.url.tls
             mux = None if tls else MuxRedis(sentinel.url.mux_url(), timeout, sentinel.resolve)

@@ -64,12 +64,12 @@ def parse_url(url: str) -> TopologyURL:
         userinfo, hostpart = "", rest
     user, colon, password = userinfo.partition(":")
     hosts, _, path = hostpart.partition("/")
-    sentinels = []
+    addresses = []
     for item in hosts.split(","):
         host, _, port = item.strip().rpartition(":")
         if not host or not port.isdigit() or not 0 < int(port) < 65536:
             raise ValueError(f"{scheme}:// takes its hosts as host:port[,host:port...]")
-        sentinels.append((host.strip("[]"), int(port)))
+        addresses.append((host.strip("[]"), int(port)))
     service, _, db = path.partition("/")
     cluster = scheme.endswith("+cluster")
     if cluster and path:
@@ -79,7 +79,7 @@ def parse_url(url: str) -> TopologyURL:
     if db and not db.isdigit():
         raise ValueError(f"{scheme}:// takes a database number after the primary's name")
     return TopologyURL(
-        hosts=tuple(sentinels),
+        hosts=tuple(addresses),
         service=unquote(service),
         db=int(db or 0),
         username=unquote(user) or None,
@@ -88,11 +88,18 @@ def parse_url(url: str) -> TopologyURL:
     )
 
 
+class _BlockingSentinelPool(SentinelConnectionPool, aioredis.BlockingConnectionPool):
+    """A sentinel pool whose callers wait for a free connection (``timeout`` seconds), as
+    with a single server's pool: a burst beyond the pool's size is local contention, not an
+    outage, and must not fail calls."""
+
+
 class SentinelTopology:
     """A primary found through its sentinels: the pools and the scripts' resolver."""
 
-    def __init__(self, url: str, settings: dict[str, Any]) -> None:
+    def __init__(self, url: str, settings: dict[str, Any], pool_wait_s: float) -> None:
         self.url = parse_url(url)
+        self.pool_wait_s = pool_wait_s
         sentinel_kwargs = {k: v for k, v in settings.items() if k.startswith("socket_")}
         sentinels = list(self.url.hosts)
         self.sentinel = Sentinel(sentinels, sentinel_kwargs=sentinel_kwargs)  # type: ignore[no-untyped-call]
@@ -102,9 +109,10 @@ class SentinelTopology:
     def pool(self, size: int, **overrides: Any) -> SentinelConnectionPool:
         """A pool of connections to the current primary (re-asked on every new connection)."""
         u = self.url
-        return SentinelConnectionPool(  # type: ignore[no-untyped-call]
-            u.service, self.sentinel, max_connections=size, username=u.username,
-            password=u.password, db=u.db, ssl=u.tls, **{**self.settings, **overrides},
+        return _BlockingSentinelPool(  # type: ignore[no-untyped-call]
+            u.service, self.sentinel, max_connections=size, timeout=self.pool_wait_s,
+            username=u.username, password=u.password, db=u.db, ssl=u.tls,
+            **{**self.settings, **overrides},
         )  # fmt: skip
 
     async def resolve(self) -> tuple[str, int]:

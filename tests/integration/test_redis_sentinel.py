@@ -5,6 +5,7 @@ replica through the sentinels, and count exactly again. The figures are printed.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -12,7 +13,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.helpers import Cluster, Mock, start_gateway, wait_until
+from router.config import load_config
+from router.state.store import Store
+from tests.helpers import ENV, Cluster, Mock, start_gateway, wait_until, write_config
 from tests.topologies import (
     SentinelSet,
     Traffic,
@@ -104,3 +107,24 @@ def test_sentinel_failover_under_traffic(
         f" replicas' degraded_s {[d['degraded_s'] for d in degraded]};"
         f" traffic {dict(traffic.statuses)} (5xx: {sum(fives.values())})"
     )
+
+
+async def test_a_burst_past_the_pool_waits_and_a_subscription_hears_the_primary(
+    tmp_path: Path, sentinels: SentinelSet
+) -> None:
+    routes = [{"model": "chat", "targets": [{"provider": "a", "model": "m"}]}]
+    redis = {"pool_size": 1, "timeout_ms": 500}
+    path = write_config(tmp_path / "r.yaml", sentinels.url, [Mock("a")], routes, redis=redis)
+    cfg = load_config(path, dict(ENV))
+    store = Store.from_config(cfg)
+    await store.start(warm=1)
+    try:
+        # one pooled connection, fifty callers: they wait for it (no "Too many connections")
+        await asyncio.gather(*(store.ping() for _ in range(50)))
+        sub = await store.subscribe("chan")
+        await store.client.publish("chan", b"hello")
+        heard = [await sub.next(within=1) for _ in range(2)]  # the first: the subscribe ack
+        assert b"hello" in heard
+        await sub.close()
+    finally:
+        await store.close()
