@@ -5,21 +5,29 @@ pool's slot is failed over, planned (``CLUSTER FAILOVER`` on its replica) and un
 
 from __future__ import annotations
 
+import contextlib
 import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from redis.exceptions import RedisError
 
+from router.config import load_config
+from router.errors import StoreError
 from router.state.keys import Keys
+from router.state.store import Store
 from tests.helpers import (
+    ENV,
     Cluster,
     Gateway,
     Mock,
+    async_wait_until,
     redis_server_binary,
     start_gateway,
     wait_until,
+    write_config,
 )
 from tests.topologies import (
     ClusterSet,
@@ -126,3 +134,31 @@ def test_cluster_failovers_under_traffic(
         f"\ncluster: round robin {counts}; rpm before {dict(before)} after {dict(after)};"
         f" planned failover {planned}; SIGKILL of the slot's primary {unplanned}"
     )
+
+
+async def test_a_subscription_whose_node_dies_comes_back_on_another(
+    tmp_path: Path, nodes: ClusterSet
+) -> None:
+    routes = [{"model": "chat", "targets": [{"provider": "a", "model": "m"}]}]
+    path = write_config(tmp_path / "r.yaml", nodes.url, [Mock("a")], routes)
+    store = Store.from_config(load_config(path, dict(ENV)))
+    await store.start(warm=1)
+    try:
+        sub = await store.subscribe("chan")
+        port = sub._pubsub.connection.port
+        nodes.nodes[port].kill()
+        with pytest.raises(StoreError):  # the node is gone: the subscriber hears of it
+            await sub.next(within=5)
+        await sub.close()
+        sub = await store.subscribe("chan")  # the next known node
+        assert sub._pubsub.connection.port != port
+
+        async def heard() -> bool:
+            with contextlib.suppress(RedisError):  # the cluster may be failing over
+                await store.client.publish("chan", b"hello")
+            return await sub.next(within=0.5) == b"hello"
+
+        await async_wait_until(heard, 30, "a message on the new node")
+        await sub.close()
+    finally:
+        await store.close()
