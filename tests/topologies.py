@@ -40,6 +40,8 @@ from tests.helpers import (
 
 SERVICE = "routerprimary"
 """The primary's name in the sentinels' configuration (the URL's path)."""
+PASSWORD = "sentinel-set-password-7c1e"
+"""The sentinel set's data nodes require it (the URL carries it): printed nowhere."""
 
 
 @dataclass
@@ -56,22 +58,22 @@ class SentinelSet:
     @property
     def url(self) -> str:
         hosts = ",".join(f"127.0.0.1:{p}" for p in self.sentinel_ports)
-        return f"redis+sentinel://{hosts}/{SERVICE}/0"
+        return f"redis+sentinel://:{PASSWORD}@{hosts}/{SERVICE}/0"
 
-    def primary_address(self) -> tuple[str, int] | None:
-        """Where the sentinels say the primary is (the first sentinel that answers)."""
+    def primary_addresses(self) -> set[tuple[str, int] | None]:
+        """Where each sentinel says the primary is (``None``: it did not answer)."""
+        found: set[tuple[str, int] | None] = set()
         for port in self.sentinel_ports:
             addr = ask(port, "SENTINEL", "GET-MASTER-ADDR-BY-NAME", SERVICE)
-            if addr:
-                return str(addr[0]), int(addr[1])
-        return None
+            found.add((str(addr[0]), int(addr[1])) if addr else None)
+        return found
 
 
-def ask(port: int, *command: str) -> Any:
+def ask(port: int, *command: str, password: str | None = None) -> Any:
     """One command to the server on ``port``; ``None`` if it does not answer."""
     with (
         contextlib.suppress(redis.RedisError),
-        redis.Redis(port=port, socket_timeout=1, decode_responses=True) as r,
+        redis.Redis(port=port, password=password, socket_timeout=1, decode_responses=True) as r,
     ):
         return r.execute_command(*command)
     return None
@@ -87,7 +89,7 @@ def _sentinel_ready(port: int) -> bool:
 
 
 def _replica_synced(port: int) -> bool:
-    info = ask(port, "INFO", "replication")
+    info = ask(port, "INFO", "replication", password=PASSWORD)
     return bool(info) and info.get("master_link_status") == "up"
 
 
@@ -100,16 +102,13 @@ def sentinel_set(log_dir: Path) -> Iterator[SentinelSet]:
         pport, rport = free_port(), free_port()
         (log_dir / "primary").mkdir()
         (log_dir / "replica").mkdir()
-        primary = Proc(
-            f"redis-primary-{pport}", redis_argv(pport, log_dir / "primary"), env, log_dir
-        )
+        auth = ["--requirepass", PASSWORD, "--masterauth", PASSWORD]
+        primary_argv = [*redis_argv(pport, log_dir / "primary"), *auth]
+        primary = Proc(f"redis-primary-{pport}", primary_argv, env, log_dir)
         procs.append(primary)
         replica_argv = [
-            *redis_argv(rport, log_dir / "replica"),
-            "--replicaof",
-            "127.0.0.1",
-            str(pport),
-        ]
+            *redis_argv(rport, log_dir / "replica"), *auth, "--replicaof", "127.0.0.1", str(pport),
+        ]  # fmt: skip
         replica = Proc(f"redis-replica-{rport}", replica_argv, env, log_dir)
         procs.append(replica)
         wait_until(lambda: port_open(pport) and port_open(rport), 10, "primary and replica")
@@ -120,6 +119,7 @@ def sentinel_set(log_dir: Path) -> Iterator[SentinelSet]:
             conf.write_text(
                 f"port {port}\nbind 127.0.0.1\ndir {log_dir}\n"
                 f"sentinel monitor {SERVICE} 127.0.0.1 {pport} 2\n"
+                f"sentinel auth-pass {SERVICE} {PASSWORD}\n"
                 f"sentinel down-after-milliseconds {SERVICE} 500\n"
                 f"sentinel failover-timeout {SERVICE} 2000\n"
                 f"sentinel parallel-syncs {SERVICE} 1\n"
