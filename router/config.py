@@ -94,6 +94,36 @@ def _masked_param(param: str) -> str:
     return param if name in SAFE_QUERY or not eq else f"{name}=***"
 
 
+REDIS_SCHEMES = (
+    "redis://", "rediss://", "unix://", "redis+sentinel://", "rediss+sentinel://",
+    "redis+cluster://", "rediss+cluster://",
+)  # fmt: skip
+_SENTINEL_URL = re.compile(
+    r"^rediss?\+sentinel://([^/]*@)?[^@/]+:\d+(,[^@/,]+:\d+)*/[^/?#]+(/\d+)?$"
+)
+
+_CLUSTER_URL = re.compile(r"^rediss?\+cluster://([^/]*@)?[^@/]+:\d+(,[^@/,]+:\d+)*/?$")
+
+
+def _redis_url(url: str | None) -> str | None:
+    """A URL of a scheme we connect with; a sentinel URL in its one form. The error never
+    shows the URL (it may hold a password)."""
+    if url is None:
+        return None
+    if not url.startswith(REDIS_SCHEMES):
+        raise ValueError(f"redis_url must start with one of: {', '.join(REDIS_SCHEMES)}")
+    if "+sentinel://" in url and not _SENTINEL_URL.match(url):
+        raise ValueError(
+            "a sentinel redis_url reads redis+sentinel://[user:password@]host:port"
+            "[,host:port...]/<primary-name>[/db]"
+        )
+    if "+cluster://" in url and not _CLUSTER_URL.match(url):
+        raise ValueError(
+            "a cluster redis_url reads redis+cluster://[user:password@]host:port[,host:port...]"
+        )
+    return url
+
+
 def _registered_kind(kind: str) -> str:
     """A provider kind is the name of an adapter (``router.upstream.providers``): a new kind
     is one adapter module and its registration line, nothing here."""
@@ -458,7 +488,7 @@ class LogSettings(_Model):
 class Config(_Model):
     """The whole configuration of a replica (and of healthd, which reads the same file)."""
 
-    redis_url: Annotated[str | None, Field(repr=False)] = None
+    redis_url: Annotated[str | None, Field(repr=False), AfterValidator(_redis_url)] = None
     """May carry a password: kept out of the model's repr (a test failure printed it)."""
     key_prefix: Annotated[str, Field(pattern=r"^[A-Za-z0-9_-]{1,32}$")] = "rc"
     pool: Annotated[str, Field(pattern=r"^[A-Za-z0-9_-]{1,32}$")] = "default"

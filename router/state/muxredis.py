@@ -15,6 +15,11 @@ the first late reply failed every call queued behind it, so a Redis answering mo
 within the timeout still failed most of them.) A lost connection fails every call queued on
 it with ``ConnectionError``; the next call connects again. A script Redis does not know
 (restarted, ``SCRIPT FLUSH``) is sent once in full with ``EVAL``, which also caches it.
+
+Given a ``resolver`` (Sentinel, Cluster), each new connection asks it where to connect, and a
+``READONLY`` reply (the server became a replica) or a ``MOVED``/``ASK`` one (another node
+owns the slot now) gives the connection up, so the next call asks again. Without one the
+URL's address is fixed and nothing else changes.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ import asyncio
 import contextlib
 import socket
 from collections import deque
+from collections.abc import Awaitable, Callable
 from typing import Any, cast
 
 import hiredis
@@ -42,6 +48,10 @@ def _reply_error(err: hiredis.ReplyError) -> rx.RedisError:
         return rx.NoScriptError(text)
     if text.startswith(("NOAUTH", "WRONGPASS")):
         return rx.AuthenticationError(text)
+    if text.startswith("READONLY"):
+        return rx.ReadOnlyError(text)
+    if text.startswith(("MOVED", "ASK ")):
+        return rx.MovedError(text.split(" ", 1)[1])
     return rx.ResponseError(text)
 
 
@@ -154,7 +164,10 @@ class _Protocol(asyncio.Protocol):
 class MuxRedis:
     """Commands and scripts over one shared, pipelined connection (``redis://`` or ``unix://``)."""
 
-    def __init__(self, url: str, timeout: float) -> None:
+    def __init__(
+        self, url: str, timeout: float,
+        resolver: Callable[[], Awaitable[tuple[str, int]]] | None = None,
+    ) -> None:  # fmt: skip
         if not url.startswith(("redis://", "unix://")):
             raise ValueError("the shared connection takes redis:// or unix:// URLs")
         # redis-py's own parser, so this connection and the pool read one URL the same way
@@ -166,6 +179,8 @@ class MuxRedis:
         self.password: str | None = kw.get("password")
         self.db: int = kw.get("db") or 0
         self.timeout = timeout
+        self.resolver = resolver
+        """Where to connect, asked before each new connection (``None``: the URL's host)."""
         self._proto: _Protocol | None = None
         self._connecting: asyncio.Future[_Protocol] | None = None
 
@@ -174,7 +189,13 @@ class MuxRedis:
         proto = self._proto
         if proto is None or proto.closed is not None:
             proto = await self._connection()
-        return await proto.send(_pack(*args))
+        if self.resolver is None:
+            return await proto.send(_pack(*args))
+        try:
+            return await proto.send(_pack(*args))
+        except (rx.ReadOnlyError, rx.MovedError):  # the next call asks where to go now
+            proto.fail(rx.ConnectionError("the server no longer holds the pool's keys"))
+            raise
 
     async def evalsha(self, sha: str, script: str, keys: Any, args: Any) -> Any:
         """Run a script by its SHA1; when Redis lacks it, send it in full (which caches it)."""
@@ -200,18 +221,23 @@ class MuxRedis:
 
     async def _connect(self) -> _Protocol:
         loop = asyncio.get_running_loop()
+        host, port = self.host, self.port
         try:
             async with asyncio.timeout(self.timeout):
+                if self.resolver is not None:
+                    host, port = await self.resolver()
                 if self.path is not None:
                     _, proto = await loop.create_unix_connection(
                         lambda: _Protocol(loop, self.timeout), self.path
                     )
                 else:
                     _, proto = await loop.create_connection(
-                        lambda: _Protocol(loop, self.timeout), self.host, self.port
+                        lambda: _Protocol(loop, self.timeout), host, port
                     )
         except (OSError, TimeoutError) as exc:
             raise rx.ConnectionError(f"cannot connect to Redis: {exc!r}") from None
+        except rx.ConnectionError as exc:  # the resolver's: no primary known, no node answers
+            raise rx.ConnectionError(f"cannot find where to connect: {exc}") from None
         try:
             if self.password is not None:
                 auth = (self.username, self.password) if self.username else (self.password,)

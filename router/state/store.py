@@ -2,7 +2,8 @@
 
 The scripts, two per request, and the recovery probe (``TIME``) run over one shared pipelined
 connection (``router.state.muxredis``); pub/sub, inspection and ``/readyz`` use redis-py's pool
-(over TLS the scripts too). Every Redis failure becomes a
+(over TLS the scripts too). Redis may be one server, a Sentinel-watched primary or a Cluster
+(``router.state.topology``: the URL's scheme says which). Every Redis failure becomes a
 ``StoreError`` here, so callers never see redis-py's errors. With no Redis URL the store
 runs on an in-process fakeredis with the same Lua scripts: one replica only, said loudly at
 start-up.
@@ -11,10 +12,12 @@ start-up.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import functools
 import itertools
 import logging
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from enum import IntEnum
 from importlib import resources
@@ -31,6 +34,12 @@ from router.errors import StoreError
 from router.state.affinity import Pin, PinRequest
 from router.state.keys import USAGE_DAY_TTL_S, USAGE_MONTH_TTL_S, WINDOW_BUCKETS, Keys
 from router.state.muxredis import MuxRedis
+from router.state.topology import (
+    CLUSTER_SCHEMES,
+    SENTINEL_SCHEMES,
+    ClusterTopology,
+    SentinelTopology,
+)
 from router.strategies import Code, PinOutcome, TenantCode
 
 log = logging.getLogger("router.store")
@@ -88,6 +97,11 @@ class _HiredisPacking:
 
 class _SSLConnection(_HiredisPacking, aioredis.SSLConnection):
     pass
+
+
+def _settings(timeout: float, connect_timeout_ms: int) -> dict[str, Any]:
+    """The socket settings of a Sentinel or Cluster topology's data connections."""
+    return {"socket_timeout": timeout, "socket_connect_timeout": connect_timeout_ms / 1000}
 
 
 def _pool(
@@ -377,10 +391,16 @@ class Store:
         mux: MuxRedis | None = None,
         late_ms: int = 1000,
         response_pin_ttl_ms: int = 86_400_000,
+        subscriber_pool: Callable[[], aioredis.ConnectionPool] | None = None,
+        on_close: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
         self.client = client
+        self._on_close = on_close
+        """Closes what the topology holds besides the client (the sentinels' connections)."""
         self.mux = mux
         """The scripts' shared pipelined connection (``None``: they go through ``client``)."""
+        self.subscriber_pool = subscriber_pool
+        """Makes a subscription's own one-connection pool (``None``: like the client's)."""
         self.keys = keys
         self.lease_ttl_ms = lease_ttl_ms
         self.embedded = embedded
@@ -417,11 +437,29 @@ class Store:
                 response_pin_ttl_ms=pins,
             )  # fmt: skip
         timeout = cfg.redis.timeout_ms / 1000
-        pool = _pool(cfg.redis_url, cfg.redis.pool_size, timeout, cfg.redis.connect_timeout_ms)
-        client = aioredis.Redis(connection_pool=pool)
-        # TLS (rediss://) keeps redis-py's pooled connections for the scripts too
-        tls = pool.connection_class is _SSLConnection
-        mux = None if tls else MuxRedis(cfg.redis_url, timeout)
+        subscriber_pool: Callable[[], aioredis.ConnectionPool] | None = None
+        on_close: Callable[[], Awaitable[None]] | None = None
+        settings = _settings(timeout, cfg.redis.connect_timeout_ms)
+        client: Any
+        if cfg.redis_url.startswith(SENTINEL_SCHEMES):
+            sentinel = SentinelTopology(cfg.redis_url, settings, max(timeout, POOL_WAIT_S))
+            client = aioredis.Redis(connection_pool=sentinel.pool(cfg.redis.pool_size))
+            tls = sentinel.url.tls
+            mux = None if tls else MuxRedis(sentinel.url.mux_url(), timeout, sentinel.resolve)
+            subscriber_pool = functools.partial(sentinel.pool, 1, socket_timeout=None)
+            on_close = sentinel.sentinel.aclose
+        elif cfg.redis_url.startswith(CLUSTER_SCHEMES):
+            cluster = ClusterTopology(cfg.redis_url, settings, cfg.redis.pool_size, keys.waiting())
+            client = cluster.client
+            tls = cluster.url.tls
+            mux = None if tls else MuxRedis(cluster.url.mux_url(), timeout, cluster.resolve)
+            subscriber_pool = cluster.subscriber_pool
+        else:
+            pool = _pool(cfg.redis_url, cfg.redis.pool_size, timeout, cfg.redis.connect_timeout_ms)
+            client = aioredis.Redis(connection_pool=pool)
+            # TLS (rediss://) keeps redis-py's pooled connections for the scripts too
+            tls = pool.connection_class is _SSLConnection
+            mux = None if tls else MuxRedis(cfg.redis_url, timeout)
         # How long after its deadline was taken an acquire may run for a caller still
         # waiting. Shared connection: the call's timeout, and a fifth more for connecting
         # first (a millisecond on a LAN) or a busy event loop. Pool: the wait for a free
@@ -436,7 +474,7 @@ class Store:
             late = call_ms + max(10, call_ms // 5)
         return cls(
             client, keys, ttl, embedded=False, circuits=circuits, mux=mux, late_ms=late,
-            response_pin_ttl_ms=pins,
+            response_pin_ttl_ms=pins, subscriber_pool=subscriber_pool, on_close=on_close,
         )  # fmt: skip
 
     async def start(self, warm: int = 8) -> None:
@@ -517,6 +555,8 @@ class Store:
         """Subscribe to ``channel`` on a connection of its own (no read timeout)."""
         if self.embedded:
             client = self.client
+        elif self.subscriber_pool is not None:
+            client = aioredis.Redis.from_pool(self.subscriber_pool())
         else:
             # the pool's connection class and settings (TLS, password, db): a connection
             # made by hand here once went plain to a rediss:// server, and failed every time
@@ -539,7 +579,11 @@ class Store:
         if self.mux is not None:
             await self.mux.close()
         await self.client.aclose()
-        await self.client.connection_pool.disconnect()
+        if isinstance(self.client, aioredis.Redis):  # a RedisCluster closes its nodes itself
+            await self.client.connection_pool.disconnect()
+        if self._on_close is not None:
+            with contextlib.suppress(RedisError, OSError):
+                await self._on_close()
 
     async def ping(self) -> None:
         """Raise ``StoreError`` unless Redis answers."""

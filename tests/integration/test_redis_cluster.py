@@ -1,0 +1,171 @@
+"""Two replicas on ``redis+cluster://``: three primaries and three replicas as real
+processes. Round robin stays global and an RPM limit exact; then the primary owning the
+pool's slot is failed over, planned (``CLUSTER FAILOVER`` on its replica) and unplanned
+(SIGKILL), under traffic: no 5xx, counting exact again after. The figures are printed."""
+
+from __future__ import annotations
+
+import contextlib
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from redis.exceptions import RedisError
+
+from router.config import load_config
+from router.errors import StoreError
+from router.state.keys import Keys
+from router.state.store import Store
+from tests.helpers import (
+    ENV,
+    Cluster,
+    Gateway,
+    Mock,
+    async_wait_until,
+    redis_server_binary,
+    start_gateway,
+    wait_until,
+    write_config,
+)
+from tests.topologies import (
+    ClusterSet,
+    Traffic,
+    burst,
+    healthd_leads_and_publishes,
+    redis_cluster,
+    start_healthd,
+    state,
+    status,
+    tenant_key_on_both_replicas,
+)
+
+RPM = 20
+FAST = {"interval_s": 0.3, "timeout_s": 0.5, "rise": 2, "fall": 2}
+SLOT_KEY = Keys("rc", "default").waiting()
+"""A key in the pool's slot: the node owning it runs every script."""
+
+
+@pytest.fixture
+def nodes(tmp_path: Path) -> Iterator[ClusterSet]:
+    d = tmp_path / "cluster"
+    d.mkdir()
+    with redis_cluster(d) as c:
+        yield c
+
+
+def failover(gw: Gateway, nodes: ClusterSet, kill: bool) -> dict[str, float | int]:
+    """Move the pool's slot to the owner's replica under traffic; the episode's figures."""
+    owner = nodes.owner(SLOT_KEY)
+    assert owner is not None
+    successor = nodes.replica_of(owner)
+    traffic = Traffic(gw)
+    traffic.start()
+    wait_until(lambda: sum(traffic.statuses.values()) >= 10, 10, "traffic to flow")
+    started = time.monotonic()
+    if kill:
+        nodes.nodes[owner].kill()
+    else:
+        cli = str(Path(redis_server_binary()).with_name("redis-cli"))
+        subprocess.run(
+            [cli, "-p", str(successor), "CLUSTER", "FAILOVER"],
+            check=True,
+            timeout=10,
+            capture_output=True,
+        )
+    wait_until(lambda: nodes.owner(SLOT_KEY) == successor, 30, "the slot's new owner")
+    moved = time.monotonic()
+    wait_until(lambda: all(status(u) == "ready" for u in gw.urls), 30, "both replicas ready")
+    back = time.monotonic()
+    served = sum(traffic.statuses.values())
+    wait_until(lambda: sum(traffic.statuses.values()) >= served + 10, 10, "traffic after")
+    traffic.stop.set()
+    traffic.join(30)
+    fives = sum(n for s, n in traffic.statuses.items() if s >= 500)
+    assert fives == 0, traffic.statuses
+    return {
+        "moved_ms": round(1000 * (moved - started)),
+        "ready_ms": round(1000 * (back - started)),
+        "requests": sum(traffic.statuses.values()),
+        "ok": traffic.statuses[200],
+        "5xx": fives,
+    }
+
+
+def test_cluster_failovers_under_traffic(
+    cluster: Cluster, tmp_path: Path, nodes: ClusterSet
+) -> None:
+    mocks = [
+        Mock("a", "--latency-ms", "5", health=FAST),
+        Mock("b", "--latency-ms", "5", health=FAST),
+        Mock("c", "--latency-ms", "5", health=FAST),
+        Mock("r1", "--rpm", str(RPM), limits={"rpm": RPM}, health=FAST),
+        Mock("r2", "--rpm", str(RPM), limits={"rpm": RPM}, health=FAST),
+    ]
+    routes = [
+        {"model": "chat", "strategy": "round_robin",
+         "targets": [{"provider": p, "model": "m"} for p in "abc"]},
+        {"model": "limited", "targets": [{"provider": "r1", "model": "m"}]},
+        {"model": "limited-after", "targets": [{"provider": "r2", "model": "m"}]},
+    ]  # fmt: skip
+    gw = start_gateway(cluster, tmp_path, nodes.url, mocks, routes, replicas=2)
+
+    assert burst(gw, "chat", 60) == {200: 60}
+    counts = gw.counts()
+    assert all(abs(counts[p] - 20) <= 1 for p in "abc"), counts
+    before = burst(gw, "limited", 2 * RPM)
+    assert before == {200: RPM, 429: RPM}, before
+    assert gw.mocks["r1"].stats()["rate_limited"] == 0
+    start_healthd(cluster, gw.config)
+    healthd_leads_and_publishes(gw)
+    tenant_key_on_both_replicas(gw, "team-before")
+
+    planned = failover(gw, nodes, kill=False)
+    unplanned = failover(gw, nodes, kill=True)
+
+    healthd_leads_and_publishes(gw)  # the lease, the probes and pub/sub survived
+    tenant_key_on_both_replicas(gw, "team-after")
+    after = burst(gw, "limited-after", 2 * RPM)
+    assert after == {200: RPM, 429: RPM}, after
+    assert gw.mocks["r2"].stats()["rate_limited"] == 0
+    assert len(state(gw)["providers"]) == 5
+    print(
+        f"\ncluster: round robin {counts}; rpm before {dict(before)} after {dict(after)};"
+        f" planned failover {planned}; SIGKILL of the slot's primary {unplanned}"
+    )
+
+
+async def test_a_subscription_whose_node_dies_comes_back_on_another(
+    tmp_path: Path, nodes: ClusterSet
+) -> None:
+    routes = [{"model": "chat", "targets": [{"provider": "a", "model": "m"}]}]
+    path = write_config(tmp_path / "r.yaml", nodes.url, [Mock("a")], routes)
+    store = Store.from_config(load_config(path, dict(ENV)))
+    await store.start(warm=1)
+    try:
+        sub = await store.subscribe("chan")
+        port = sub._pubsub.connection.port
+        nodes.nodes[port].kill()
+
+        async def lost() -> bool:  # redis-py retries the dead node a few times first
+            try:
+                await sub.next(within=0.5)
+            except StoreError:
+                return True
+            return False
+
+        await async_wait_until(lost, 30, "the subscription to fail")
+        await sub.close()
+        sub = await store.subscribe("chan")  # the next known node
+        assert sub._pubsub.connection.port != port
+
+        async def heard() -> bool:
+            with contextlib.suppress(RedisError):  # the cluster may be failing over
+                await store.client.publish("chan", b"hello")
+            return await sub.next(within=0.5) == b"hello"
+
+        await async_wait_until(heard, 30, "a message on the new node")
+        await sub.close()
+    finally:
+        await store.close()

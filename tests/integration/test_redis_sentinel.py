@@ -1,0 +1,135 @@
+"""Two replicas on ``redis+sentinel://``: a primary, its replica and three sentinels (quorum
+2) as real processes. Round robin stays global, an RPM limit exact; then the primary is
+killed (SIGKILL) under traffic: the replicas ride the outage out degraded, find the promoted
+replica through the sentinels, and count exactly again. The figures are printed."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from router.config import load_config
+from router.state.store import Store
+from tests.helpers import ENV, Cluster, Mock, ctl, start_gateway, wait_until, write_config
+from tests.topologies import (
+    PASSWORD,
+    SentinelSet,
+    Traffic,
+    burst,
+    healthd_leads_and_publishes,
+    sentinel_set,
+    start_healthd,
+    state,
+    status,
+    tenant_key_on_both_replicas,
+)
+
+RPM = 20
+FAST = {"interval_s": 0.3, "timeout_s": 0.5, "rise": 2, "fall": 2}
+
+
+@pytest.fixture
+def sentinels(tmp_path: Path) -> Iterator[SentinelSet]:
+    d = tmp_path / "sentinel"
+    d.mkdir()
+    with sentinel_set(d) as s:
+        yield s
+
+
+def test_sentinel_failover_under_traffic(
+    cluster: Cluster, tmp_path: Path, sentinels: SentinelSet
+) -> None:
+    mocks = [
+        Mock("a", "--latency-ms", "5", health=FAST),
+        Mock("b", "--latency-ms", "5", health=FAST),
+        Mock("c", "--latency-ms", "5", health=FAST),
+        Mock("r1", "--rpm", str(RPM), limits={"rpm": RPM}, health=FAST),
+        Mock("r2", "--rpm", str(RPM), limits={"rpm": RPM}, health=FAST),
+    ]
+    routes = [
+        {"model": "chat", "strategy": "round_robin",
+         "targets": [{"provider": p, "model": "m"} for p in "abc"]},
+        {"model": "limited", "targets": [{"provider": "r1", "model": "m"}]},
+        {"model": "limited-after", "targets": [{"provider": "r2", "model": "m"}]},
+    ]  # fmt: skip
+    gw = start_gateway(cluster, tmp_path, sentinels.url, mocks, routes, replicas=2)
+
+    # round robin is one counter in Redis: global over both replicas
+    assert burst(gw, "chat", 60) == {200: 60}
+    counts = gw.counts()
+    assert all(abs(counts[p] - 20) <= 1 for p in "abc"), counts
+
+    # the RPM limit is exact: the provider never refuses
+    before = burst(gw, "limited", 2 * RPM)
+    assert before == {200: RPM, 429: RPM}, before
+    assert gw.mocks["r1"].stats()["rate_limited"] == 0
+
+    start_healthd(cluster, gw.config)
+    healthd_leads_and_publishes(gw)
+    tenant_key_on_both_replicas(gw, "team-before")
+
+    traffic = Traffic(gw)
+    traffic.start()
+    wait_until(lambda: sum(traffic.statuses.values()) >= 10, 10, "traffic to flow")
+    killed = time.monotonic()
+    sentinels.primary.kill()
+    new = ("127.0.0.1", sentinels.replica_port)
+    wait_until(lambda: new in sentinels.primary_addresses(), 30, "the sentinels' failover")
+    promoted = time.monotonic()
+    wait_until(
+        lambda: all(status(u) == "ready" for u in gw.urls), 30, "both replicas back on Redis"
+    )
+    back = time.monotonic()
+    # a one-shot client (routerctl) asks any sentinel: wait until all of them know
+    wait_until(lambda: sentinels.primary_addresses() == {new}, 30, "every sentinel's view")
+    served = sum(traffic.statuses.values())
+    wait_until(lambda: sum(traffic.statuses.values()) >= served + 10, 10, "traffic after")
+    traffic.stop.set()
+    traffic.join(30)
+
+    fives = {s: n for s, n in traffic.statuses.items() if s >= 500}
+    assert fives == {}, traffic.statuses
+    degraded = [httpx.get(f"{u}/readyz", timeout=2).json() for u in gw.urls]
+
+    healthd_leads_and_publishes(gw)  # the lease, the probes and pub/sub survived
+    tenant_key_on_both_replicas(gw, "team-after")
+    after = burst(gw, "limited-after", 2 * RPM)
+    assert after == {200: RPM, 429: RPM}, after
+    assert gw.mocks["r2"].stats()["rate_limited"] == 0
+    assert len(state(gw)["providers"]) == 5
+    printed = [ctl(gw, "state"), *(proc.output() for proc in cluster.procs)]  # healthd too
+    assert not any(PASSWORD in text for text in printed)
+
+    print(
+        f"\nsentinel: round robin {counts}; rpm before {dict(before)} after {dict(after)};"
+        f" failover by the sentinels {1000 * (promoted - killed):.0f} ms;"
+        f" kill to both replicas ready {1000 * (back - killed):.0f} ms;"
+        f" replicas' degraded_s {[d['degraded_s'] for d in degraded]};"
+        f" traffic {dict(traffic.statuses)} (5xx: {sum(fives.values())})"
+    )
+
+
+async def test_a_burst_past_the_pool_waits_and_a_subscription_hears_the_primary(
+    tmp_path: Path, sentinels: SentinelSet
+) -> None:
+    routes = [{"model": "chat", "targets": [{"provider": "a", "model": "m"}]}]
+    redis = {"pool_size": 1, "timeout_ms": 500}
+    path = write_config(tmp_path / "r.yaml", sentinels.url, [Mock("a")], routes, redis=redis)
+    cfg = load_config(path, dict(ENV))
+    store = Store.from_config(cfg)
+    await store.start(warm=1)
+    try:
+        # one pooled connection, fifty callers: they wait for it (no "Too many connections")
+        await asyncio.gather(*(store.ping() for _ in range(50)))
+        sub = await store.subscribe("chan")
+        await store.client.publish("chan", b"hello")
+        heard = [await sub.next(within=1) for _ in range(2)]  # the first: the subscribe ack
+        assert b"hello" in heard
+        await sub.close()
+    finally:
+        await store.close()

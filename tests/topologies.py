@@ -1,0 +1,310 @@
+"""Redis topologies as real processes on loopback: a Sentinel-watched primary and its
+replica, a Redis Cluster; and the traffic (openai SDK) their failover tests send.
+
+Every process is started here and stopped here by its PID; nothing is written outside the
+test's own directory.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import json
+import os
+import subprocess
+import sys
+import threading
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import openai
+import redis
+
+from loadtest.procs import Proc, free_port
+from tests.helpers import (
+    ADMIN_TOKEN,
+    CLIENT_KEY,
+    ENV,
+    Cluster,
+    Gateway,
+    ctl,
+    port_open,
+    redis_argv,
+    redis_server_binary,
+    wait_until,
+)
+
+SERVICE = "routerprimary"
+"""The primary's name in the sentinels' configuration (the URL's path)."""
+PASSWORD = "sentinel-set-password-7c1e"
+"""The sentinel set's data nodes require it (the URL carries it): printed nowhere."""
+
+
+@dataclass
+class SentinelSet:
+    """One primary, one replica, three sentinels (quorum 2)."""
+
+    primary: Proc
+    primary_port: int
+    replica: Proc
+    replica_port: int
+    sentinel_ports: list[int]
+    procs: list[Proc] = field(default_factory=list)
+
+    @property
+    def url(self) -> str:
+        hosts = ",".join(f"127.0.0.1:{p}" for p in self.sentinel_ports)
+        return f"redis+sentinel://:{PASSWORD}@{hosts}/{SERVICE}/0"
+
+    def primary_addresses(self) -> set[tuple[str, int] | None]:
+        """Where each sentinel says the primary is (``None``: it did not answer)."""
+        found: set[tuple[str, int] | None] = set()
+        for port in self.sentinel_ports:
+            addr = ask(port, "SENTINEL", "GET-MASTER-ADDR-BY-NAME", SERVICE)
+            found.add((str(addr[0]), int(addr[1])) if addr else None)
+        return found
+
+
+def ask(port: int, *command: str, password: str | None = None) -> Any:
+    """One command to the server on ``port``; ``None`` if it does not answer."""
+    with (
+        contextlib.suppress(redis.RedisError),
+        redis.Redis(port=port, password=password, socket_timeout=1, decode_responses=True) as r,
+    ):
+        return r.execute_command(*command)
+    return None
+
+
+def _sentinel_ready(port: int) -> bool:
+    """The sentinel on ``port`` sees the primary, its replica and the two other sentinels."""
+    state = ask(port, "SENTINEL", "MASTER", SERVICE)
+    if not state:
+        return False
+    info = dict(zip(state[::2], state[1::2], strict=True)) if isinstance(state, list) else state
+    return int(info["num-slaves"]) >= 1 and int(info["num-other-sentinels"]) >= 2
+
+
+def _replica_synced(port: int) -> bool:
+    info = ask(port, "INFO", "replication", password=PASSWORD)
+    return bool(info) and info.get("master_link_status") == "up"
+
+
+@contextlib.contextmanager
+def sentinel_set(log_dir: Path) -> Iterator[SentinelSet]:
+    """Start the set and wait until every sentinel sees the whole of it; stop it all after."""
+    procs: list[Proc] = []
+    env = dict(os.environ)
+    try:
+        pport, rport = free_port(), free_port()
+        (log_dir / "primary").mkdir()
+        (log_dir / "replica").mkdir()
+        auth = ["--requirepass", PASSWORD, "--masterauth", PASSWORD]
+        primary_argv = [*redis_argv(pport, log_dir / "primary"), *auth]
+        primary = Proc(f"redis-primary-{pport}", primary_argv, env, log_dir)
+        procs.append(primary)
+        replica_argv = [
+            *redis_argv(rport, log_dir / "replica"), *auth, "--replicaof", "127.0.0.1", str(pport),
+        ]  # fmt: skip
+        replica = Proc(f"redis-replica-{rport}", replica_argv, env, log_dir)
+        procs.append(replica)
+        wait_until(lambda: port_open(pport) and port_open(rport), 10, "primary and replica")
+        wait_until(lambda: _replica_synced(rport), 10, "the replica to sync")
+        sports = [free_port() for _ in range(3)]
+        for port in sports:
+            conf = log_dir / f"sentinel-{port}.conf"
+            conf.write_text(
+                f"port {port}\nbind 127.0.0.1\ndir {log_dir}\n"
+                f"sentinel monitor {SERVICE} 127.0.0.1 {pport} 2\n"
+                f"sentinel auth-pass {SERVICE} {PASSWORD}\n"
+                f"sentinel down-after-milliseconds {SERVICE} 500\n"
+                f"sentinel failover-timeout {SERVICE} 2000\n"
+                f"sentinel parallel-syncs {SERVICE} 1\n"
+            )
+            argv = [redis_server_binary(), str(conf), "--sentinel"]
+            procs.append(Proc(f"sentinel-{port}", argv, env, log_dir))
+        for port in sports:
+            wait_until(lambda p=port: _sentinel_ready(p), 20, f"sentinel {port} to see the set")
+        yield SentinelSet(primary, pport, replica, rport, sports, procs)
+    finally:
+        for proc in reversed(procs):
+            proc.stop()
+
+
+@dataclass
+class ClusterSet:
+    """A Redis Cluster of three primaries, each with one replica."""
+
+    nodes: dict[int, Proc]
+    """Every node's process by its port."""
+
+    @property
+    def url(self) -> str:
+        return "redis+cluster://" + ",".join(f"127.0.0.1:{p}" for p in list(self.nodes)[:3])
+
+    def owner(self, key: str) -> int | None:
+        """The port of the primary serving ``key``'s slot, as a live node says now."""
+        for port, proc in self.nodes.items():
+            if not proc.alive():
+                continue
+            slot = ask(port, "CLUSTER", "KEYSLOT", key)
+            shards = ask(port, "CLUSTER", "SLOTS")
+            if slot is None or not shards:
+                continue
+            for first, last, primary, *_ in shards:
+                if int(first) <= int(slot) <= int(last):
+                    return int(primary[1])
+        return None
+
+    def replica_of(self, primary_port: int) -> int:
+        """The port of the replica following the primary on ``primary_port``."""
+        for port in self.nodes:
+            info = ask(port, "INFO", "replication")
+            if info and info.get("role") == "slave" and int(info["master_port"]) == primary_port:
+                return port
+        raise LookupError(f"no replica follows {primary_port}")
+
+    def healthy(self) -> bool:
+        """Every live node says ``cluster_state:ok``."""
+        for port, proc in self.nodes.items():
+            if proc.alive():
+                info = ask(port, "CLUSTER", "INFO")
+                if not info or "cluster_state:ok" not in str(info):
+                    return False
+        return True
+
+
+@contextlib.contextmanager
+def redis_cluster(log_dir: Path) -> Iterator[ClusterSet]:
+    """Start six cluster-enabled servers, join them (one replica per primary), and wait until
+    every node says the cluster is ok; stop them all after."""
+    env = dict(os.environ)
+    nodes: dict[int, Proc] = {}
+    try:
+        for _ in range(6):
+            port = free_port()
+            d = log_dir / f"node-{port}"
+            d.mkdir()
+            argv = [
+                *redis_argv(port, d), "--cluster-enabled", "yes",
+                "--cluster-config-file", str(d / "nodes.conf"), "--cluster-node-timeout", "1000",
+                # its bus port, else port + 10000: past 65535 for a high free port
+                "--cluster-port", str(free_port()),
+            ]  # fmt: skip
+            nodes[port] = Proc(f"redis-node-{port}", argv, env, log_dir)
+        wait_until(lambda: all(port_open(p) for p in nodes), 10, "the cluster's nodes")
+        redis_cli = str(Path(redis_server_binary()).with_name("redis-cli"))
+        create = [redis_cli, "--cluster", "create", *(f"127.0.0.1:{p}" for p in nodes),
+                  "--cluster-replicas", "1", "--cluster-yes"]  # fmt: skip
+        subprocess.run(create, check=True, capture_output=True, timeout=60)
+        cluster = ClusterSet(nodes)
+        wait_until(cluster.healthy, 30, "cluster_state:ok on every node")
+        wait_until(
+            lambda: sum(ask(p, "INFO", "replication").get("role") == "slave" for p in nodes) == 3
+            and all(
+                ask(p, "INFO", "replication").get("master_link_status", "up") == "up"
+                for p in nodes
+            ),
+            30, "every replica in sync",
+        )  # fmt: skip
+        yield cluster
+    finally:
+        for proc in reversed(nodes.values()):
+            proc.stop()
+
+
+def chat(url: str, model: str, key: str = CLIENT_KEY) -> int:
+    """One chat completion through the openai SDK; the HTTP status (no retries)."""
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key=key, max_retries=0, timeout=30)
+    try:
+        client.chat.completions.create(
+            model=model, messages=[{"role": "user", "content": "hi"}], max_tokens=5
+        )
+    except openai.APIStatusError as exc:
+        return exc.status_code
+    finally:
+        client.close()
+    return 200
+
+
+def burst(gw: Gateway, model: str, n: int) -> Counter[int]:
+    """``n`` requests alternating the replicas; the statuses counted."""
+    urls = itertools.cycle(gw.urls)
+    return Counter(chat(next(urls), model) for _ in range(n))
+
+
+def status(url: str) -> str:
+    try:
+        return str(httpx.get(f"{url}/readyz", timeout=2).json()["status"])
+    except httpx.HTTPError:
+        return "unreachable"
+
+
+class Traffic(threading.Thread):
+    """Chat requests alternating the replicas until stopped; every status kept."""
+
+    def __init__(self, gw: Gateway) -> None:
+        super().__init__(daemon=True)
+        self.gw = gw
+        self.statuses: Counter[int] = Counter()
+        self.stop = threading.Event()
+
+    def run(self) -> None:
+        urls = itertools.cycle(self.gw.urls)
+        while not self.stop.is_set():
+            self.statuses[chat(next(urls), "chat")] += 1
+
+
+def start_healthd(cluster: Cluster, config: Path) -> Proc:
+    """One healthd on the gateway's config; waits until it serves /healthz."""
+    port = free_port()
+    argv = [sys.executable, "-m", "healthd.cli", "--config", str(config), "--port", str(port)]
+    proc = cluster.start("healthd", argv, {**ENV, "REDIS_URL": ""})
+
+    def up() -> bool:
+        if not proc.alive():
+            raise RuntimeError(f"healthd exited:\n{proc.output()}")
+        with contextlib.suppress(httpx.HTTPError):
+            return httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1).status_code == 200
+        return False
+
+    wait_until(up, 20, "healthd to serve")
+    return proc
+
+
+def state(gw: Gateway) -> dict[str, Any]:
+    """``routerctl state --json``."""
+    return dict(json.loads(ctl(gw, "state", "--json")))
+
+
+def healthd_leads_and_publishes(gw: Gateway) -> None:
+    """healthd holds the lease and its probes are in Redis (``routerctl state``) and, through
+    pub/sub, in both replicas' views (``/readyz``)."""
+
+    def seen() -> bool:
+        s = state(gw)
+        up = all(p["health"] == "up" for p in s["providers"])
+        views = [httpx.get(f"{u}/readyz", timeout=2).json()["providers"] for u in gw.urls]
+        return (
+            bool(s["healthd"]["leader"])
+            and up
+            and all(all(p["health"] == "up" for p in v.values()) for v in views)
+        )
+
+    wait_until(seen, 20, "healthd's probes in Redis and in both replicas")
+
+
+def tenant_key_on_both_replicas(gw: Gateway, name: str) -> None:
+    """A tenant created and a key issued on one replica (the registry, its channel) admit a
+    request on the other."""
+    first, second = gw.urls
+    headers = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+    r = httpx.post(f"{first}/admin/tenants", json={"name": name}, headers=headers, timeout=10)
+    assert r.status_code == 201, r.text
+    r = httpx.post(f"{first}/admin/tenants/{name}/keys", headers=headers, timeout=10)
+    assert r.status_code == 201, r.text
+    key = r.json()["key"]
+    wait_until(lambda: chat(second, "chat", key) == 200, 5, "the new key on the other replica")
