@@ -3,13 +3,16 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-# Debian packages the tests drive: redis-server (required), haproxy (the local front load
-# balancer), docker-compose (to validate docker-compose.yml; no engine needed). Installed
+# Debian packages the tests drive: redis-server (required; its sentinel mode too), redis-cli
+# (Redis Cluster topologies), openssl (test CAs), haproxy (the local front load balancer),
+# docker-compose (to validate docker-compose.yml; no engine needed). Installed
 # when missing and we are root; otherwise we say how.
 missing=()
 command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
 command -v haproxy >/dev/null 2>&1 || [ -x /usr/sbin/haproxy ] || missing+=(haproxy)
 command -v docker-compose >/dev/null 2>&1 || missing+=(docker-compose)  # `config` only
+command -v redis-cli >/dev/null 2>&1 || missing+=(redis-tools)  # `--cluster create`
+command -v openssl >/dev/null 2>&1 || missing+=(openssl)  # the TLS tests' certificates
 if [ ${#missing[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
     echo "installing missing Debian packages: ${missing[*]}" >&2
