@@ -31,10 +31,12 @@ from tests.helpers import (
     ENV,
     Cluster,
     Gateway,
+    Mock,
     ctl,
     port_open,
     redis_argv,
     redis_server_binary,
+    start_gateway,
     wait_until,
 )
 
@@ -308,3 +310,41 @@ def tenant_key_on_both_replicas(gw: Gateway, name: str) -> None:
     assert r.status_code == 201, r.text
     key = r.json()["key"]
     wait_until(lambda: chat(second, "chat", key) == 200, 5, "the new key on the other replica")
+
+
+RPM = 20
+"""The RPM limit of the exactness checks' providers (the router's and the mock's own)."""
+FAST = {"interval_s": 0.3, "timeout_s": 0.5, "rise": 2, "fall": 2}
+"""healthd's probes, fast enough for a failover test."""
+
+
+def topology_gateway(cluster: Cluster, tmp: Path, redis_url: str) -> Gateway:
+    """Two replicas on ``redis_url``: route ``chat`` round robin over a, b, c; ``limited`` and
+    ``limited-after`` each on one provider with an RPM limit (before and after a failover)."""
+    mocks = [Mock(p, "--latency-ms", "5", health=FAST) for p in "abc"]
+    mocks += [Mock(p, "--rpm", str(RPM), limits={"rpm": RPM}, health=FAST) for p in ("r1", "r2")]
+    routes = [
+        {"model": "chat", "strategy": "round_robin",
+         "targets": [{"provider": p, "model": "m"} for p in "abc"]},
+        {"model": "limited", "targets": [{"provider": "r1", "model": "m"}]},
+        {"model": "limited-after", "targets": [{"provider": "r2", "model": "m"}]},
+    ]  # fmt: skip
+    return start_gateway(cluster, tmp, redis_url, mocks, routes, replicas=2)
+
+
+def global_round_robin(gw: Gateway) -> dict[str, int]:
+    """Round robin is one counter in Redis: each of a, b, c gets 20 of 60 requests (+-1) sent
+    alternately to both replicas. Returns the providers' counts."""
+    assert burst(gw, "chat", 60) == {200: 60}
+    counts = gw.counts()
+    assert all(abs(counts[p] - 20) <= 1 for p in "abc"), counts
+    return counts
+
+
+def exact_rpm(gw: Gateway, route: str, provider: str) -> dict[int, int]:
+    """The RPM limit is exact: of 2 x RPM requests, RPM are served and RPM refused by the
+    router; the provider never answers 429. Returns the statuses."""
+    statuses = burst(gw, route, 2 * RPM)
+    assert statuses == {200: RPM, 429: RPM}, statuses
+    assert gw.mocks[provider].stats()["rate_limited"] == 0
+    return dict(statuses)

@@ -15,22 +15,21 @@ import pytest
 
 from router.config import load_config
 from router.state.store import Store
-from tests.helpers import ENV, Cluster, Mock, ctl, start_gateway, wait_until, write_config
+from tests.helpers import ENV, Cluster, Mock, ctl, wait_until, write_config
 from tests.topologies import (
     PASSWORD,
     SentinelSet,
     Traffic,
-    burst,
+    exact_rpm,
+    global_round_robin,
     healthd_leads_and_publishes,
     sentinel_set,
     start_healthd,
     state,
     status,
     tenant_key_on_both_replicas,
+    topology_gateway,
 )
-
-RPM = 20
-FAST = {"interval_s": 0.3, "timeout_s": 0.5, "rise": 2, "fall": 2}
 
 
 @pytest.fixture
@@ -44,31 +43,9 @@ def sentinels(tmp_path: Path) -> Iterator[SentinelSet]:
 def test_sentinel_failover_under_traffic(
     cluster: Cluster, tmp_path: Path, sentinels: SentinelSet
 ) -> None:
-    mocks = [
-        Mock("a", "--latency-ms", "5", health=FAST),
-        Mock("b", "--latency-ms", "5", health=FAST),
-        Mock("c", "--latency-ms", "5", health=FAST),
-        Mock("r1", "--rpm", str(RPM), limits={"rpm": RPM}, health=FAST),
-        Mock("r2", "--rpm", str(RPM), limits={"rpm": RPM}, health=FAST),
-    ]
-    routes = [
-        {"model": "chat", "strategy": "round_robin",
-         "targets": [{"provider": p, "model": "m"} for p in "abc"]},
-        {"model": "limited", "targets": [{"provider": "r1", "model": "m"}]},
-        {"model": "limited-after", "targets": [{"provider": "r2", "model": "m"}]},
-    ]  # fmt: skip
-    gw = start_gateway(cluster, tmp_path, sentinels.url, mocks, routes, replicas=2)
-
-    # round robin is one counter in Redis: global over both replicas
-    assert burst(gw, "chat", 60) == {200: 60}
-    counts = gw.counts()
-    assert all(abs(counts[p] - 20) <= 1 for p in "abc"), counts
-
-    # the RPM limit is exact: the provider never refuses
-    before = burst(gw, "limited", 2 * RPM)
-    assert before == {200: RPM, 429: RPM}, before
-    assert gw.mocks["r1"].stats()["rate_limited"] == 0
-
+    gw = topology_gateway(cluster, tmp_path, sentinels.url)
+    counts = global_round_robin(gw)
+    before = exact_rpm(gw, "limited", "r1")
     start_healthd(cluster, gw.config)
     healthd_leads_and_publishes(gw)
     tenant_key_on_both_replicas(gw, "team-before")
@@ -98,9 +75,7 @@ def test_sentinel_failover_under_traffic(
 
     healthd_leads_and_publishes(gw)  # the lease, the probes and pub/sub survived
     tenant_key_on_both_replicas(gw, "team-after")
-    after = burst(gw, "limited-after", 2 * RPM)
-    assert after == {200: RPM, 429: RPM}, after
-    assert gw.mocks["r2"].stats()["rate_limited"] == 0
+    after = exact_rpm(gw, "limited-after", "r2")
     assert len(state(gw)["providers"]) == 5
     printed = [ctl(gw, "state"), *(proc.output() for proc in cluster.procs)]  # healthd too
     assert not any(PASSWORD in text for text in printed)
