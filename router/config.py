@@ -523,6 +523,9 @@ class Config(_Model):
     every endpoint, the two hot ones included), without a key: they hold no secret, but name
     the admin API. Off: those paths are 404s like any unknown path."""
     lease_ttl_s: Annotated[float, Field(ge=1, le=3600)] = 30.0
+    dns_ttl_s: Annotated[float, Field(ge=0, le=3600)] = 30.0
+    """How long a replica keeps a provider host's DNS answer (0: look it up for every new
+    connection); all cached addresses refusing also looks it up again."""
     response_pin_ttl_s: Annotated[float, Field(ge=60, le=30 * 86400)] = 86400.0
     """How long a Responses API answer's id stays pinned to the provider that made it (for
     ``previous_response_id`` and ``GET``/``DELETE /v1/responses/{id}`` from any replica)."""

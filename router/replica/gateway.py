@@ -35,7 +35,7 @@ class Gateway:
         self.cfg = cfg
         self.replica = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self.store = store or Store.from_config(cfg)
-        self.upstream = Upstream()
+        self.upstream = Upstream(cfg.dns_ttl_s)
         self.mode = SharedMode(self.store, cfg.redis.degrade_after_ms / 1000)
         self.local = LocalState(cfg)
         self.telemetry = Telemetry("router", self.replica)
