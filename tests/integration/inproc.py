@@ -13,7 +13,7 @@ import openai
 import pytest
 from aiohttp import web
 
-from loadtest.mock_provider import PROVIDER_KEY, MockConfig, MockProvider, build_app
+from loadtest.mock_provider import PROVIDER_KEY, MockConfig, MockProvider, start_server
 
 
 @dataclass
@@ -22,6 +22,7 @@ class Mock:
 
     url: str
     provider: MockProvider
+    port: int
 
 
 Start = Callable[..., Awaitable[Mock]]
@@ -29,16 +30,15 @@ Start = Callable[..., Awaitable[Mock]]
 
 @pytest.fixture
 async def start_mock() -> AsyncIterator[Start]:
-    """Factory starting mock providers on free ports; all are stopped at the end of the test."""
+    """Factory starting mock providers (``MockConfig`` options, TLS ones included) on free
+    ports; all are stopped at the end of the test. ``url`` is the plain-HTTP one."""
     runners: list[web.AppRunner] = []
 
     async def start(**options: Any) -> Mock:
-        app = build_app(MockConfig(**options))
-        runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.5)
-        await runner.setup()
+        runner, port = await start_server(MockConfig(**{"port": 0, **options}))
         runners.append(runner)
-        await web.TCPSite(runner, "127.0.0.1", 0).start()
-        return Mock(f"http://127.0.0.1:{runner.addresses[0][1]}", app[PROVIDER_KEY])
+        assert runner.app is not None
+        return Mock(f"http://127.0.0.1:{port}", runner.app[PROVIDER_KEY], port)
 
     yield start
     for runner in runners:

@@ -10,61 +10,27 @@ import contextlib
 import socket
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import orjson
 import pytest
-from aiohttp import web
 
 from healthd.probe import ProbeClients, probe
-from loadtest.mock_provider import PROVIDER_KEY, MockConfig, MockProvider, start_server
 from loadtest.procs import free_port
 from router.config import Provider, ProviderTLS, Timeouts
 from router.errors import UpstreamConnectError, UpstreamTimeout
 from router.upstream.client import Upstream
 from router.upstream.providers.base import UpstreamRequest
 from tests.helpers import async_wait_until, port_open, wait_until
+from tests.integration.inproc import Start as StartMock
 
 pytestmark = pytest.mark.slow
 
 BODY = orjson.dumps({"model": "m", "messages": [{"role": "user", "content": "hi"}]})
 TIMEOUTS = Timeouts(connect_s=5.0, read_s=10.0)
-
-
-@dataclass
-class Mock:
-    port: int
-    provider: MockProvider
-
-
-StartMock = Callable[..., Awaitable[Mock]]
-
-
-@pytest.fixture
-async def start_mock() -> AsyncIterator[StartMock]:
-    """Mock providers (``MockConfig`` options, TLS ones included) in the test's loop."""
-    runners: list[web.AppRunner] = []
-
-    async def start(**options: Any) -> Mock:
-        runner, port = await start_server(MockConfig(port=0, **options))
-        runners.append(runner)
-        assert runner.app is not None
-        return Mock(port, runner.app[PROVIDER_KEY])
-
-    yield start
-    for runner in runners:
-        await runner.cleanup()
-
-
-@pytest.fixture
-async def upstream() -> AsyncIterator[Upstream]:
-    up = Upstream()
-    await up.start()
-    yield up
-    await up.close()
 
 
 def provider(url: str, **fields: Any) -> Provider:
@@ -191,6 +157,16 @@ class Pki:
     client_cert: Path
     client_key: Path
 
+    def mtls_server(self) -> dict[str, str]:
+        """The mock's options: serve HTTPS with the server cert, require a client cert."""
+        return {"tls_cert": str(self.server_cert), "tls_key": str(self.server_key),
+                "tls_client_ca": str(self.ca)}  # fmt: skip
+
+    def client_tls(self) -> dict[str, str]:
+        """A provider's ``tls``: the CA and the client cert it signed."""
+        return {"ca_file": str(self.ca), "cert_file": str(self.client_cert),
+                "key_file": str(self.client_key)}  # fmt: skip
+
 
 def _openssl(*args: str | Path, cwd: Path) -> None:
     subprocess.run(["openssl", *map(str, args)], cwd=cwd, check=True, capture_output=True)
@@ -228,12 +204,9 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
 async def test_mutual_tls_with_the_providers_ca_and_client_cert(
     upstream: Upstream, start_mock: StartMock, pki: Pki
 ) -> None:
-    mock = await start_mock(
-        tls_cert=str(pki.server_cert), tls_key=str(pki.server_key), tls_client_ca=str(pki.ca)
-    )
+    mock = await start_mock(**pki.mtls_server())
     url = f"https://127.0.0.1:{mock.port}"
-    tls = {"ca_file": str(pki.ca), "cert_file": str(pki.client_cert),
-           "key_file": str(pki.client_key)}  # fmt: skip
+    tls = pki.client_tls()
     prov = provider(url, tls=tls)
     assert [await call(upstream, url, prov) for _ in range(3)] == [200] * 3
     assert mock.provider.stats.in_flight_peak == 1
@@ -328,12 +301,9 @@ async def test_the_environments_proxy_carries_plain_and_streamed_requests(
 async def test_an_https_provider_through_the_proxy_speaks_tls_inside_the_tunnel(
     start_mock: StartMock, forward_proxy: int, pki: Pki
 ) -> None:
-    mock = await start_mock(
-        tls_cert=str(pki.server_cert), tls_key=str(pki.server_key), tls_client_ca=str(pki.ca)
-    )
+    mock = await start_mock(**pki.mtls_server())
     url = f"https://127.0.0.1:{mock.port}"
-    tls = {"ca_file": str(pki.ca), "cert_file": str(pki.client_cert),
-           "key_file": str(pki.client_key)}  # fmt: skip
+    tls = pki.client_tls()
     async with counting_relay(forward_proxy) as relay:
         prov = provider(url, tls=tls, proxy=proxy_url(relay.port))
         up = Upstream()
@@ -446,12 +416,9 @@ async def test_healthds_probes_reach_a_provider_the_way_requests_do(
 ) -> None:
     """healthd probes over httpx, with the provider's own TLS settings and proxy: a provider
     behind mutual TLS is probed up, and is down to a probe without its client certificate."""
-    mock = await start_mock(
-        tls_cert=str(pki.server_cert), tls_key=str(pki.server_key), tls_client_ca=str(pki.ca)
-    )
+    mock = await start_mock(**pki.mtls_server())
     url = f"https://127.0.0.1:{mock.port}/v1"
-    tls = {"ca_file": str(pki.ca), "cert_file": str(pki.client_cert),
-           "key_file": str(pki.client_key)}  # fmt: skip
+    tls = pki.client_tls()
     clients = ProbeClients()
     try:
         with_cert = provider(url, tls=tls)
