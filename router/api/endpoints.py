@@ -55,11 +55,6 @@ PATHS = {
 }
 FORWARDED = {Operation.MESSAGES: (b"anthropic-version", b"anthropic-beta")}
 """The client's headers each API passes on to the codecs (which check and forward them)."""
-_API = {
-    Operation.CHAT: affinity_keys.CHAT,
-    Operation.MESSAGES: affinity_keys.MESSAGES,
-    Operation.RESPONSES: affinity_keys.RESPONSES,
-}
 _JSON = (b"content-type", b"application/json")
 _SSE = [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache")]
 _INTERNAL_BODY = orjson.dumps(INTERNAL_ERROR)
@@ -231,9 +226,8 @@ class _Exchange:
             if values:
                 forwarded[name.decode()] = ",".join(values)
         key = None
-        api = _API.get(self.op)
-        if route.affinity is not None and api is not None:
-            key = affinity_keys.affinity_value(route.affinity, api, self.headers, data)
+        if route.affinity is not None and self.op is not Operation.EMBEDDINGS:
+            key = affinity_keys.affinity_value(route.affinity, self.op.value, self.headers, data)
         return await self.gw.dispatcher.serve(
             self.op,
             route,

@@ -11,6 +11,7 @@ and the input-items listing (``GET /v1/responses/{id}/input_items``).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 
 import orjson
 from fastapi import FastAPI, Request, Response
@@ -88,7 +89,7 @@ async def _forward(
         req = responses.delete_request(provider, response_id)
     query = request.url.query
     if query and len(query) <= MAX_QUERY:
-        req = req.__class__(f"{req.url}?{query}", req.headers, req.body, req.method)
+        req = dataclasses.replace(req, url=f"{req.url}?{query}")
     loop = asyncio.get_running_loop()
     deadline = loop.time() + STORED_TIMEOUT_S
     resp = await gw.upstream.send(req, provider.timeouts, deadline, provider.bounds, provider)

@@ -22,19 +22,18 @@ from typing import Any
 import orjson
 
 from router.config import Affinity
+from router.upstream.codecs import CHAT, MESSAGES, RESPONSES
 
 MAX_VALUE_BYTES = 4096
 """A header or body value longer than this is hashed all the same, but cut here first (a key
 is an identifier: a longer one is a mistake or an attack, never a reason for more work)."""
 
-CHAT, MESSAGES, RESPONSES = "chat", "messages", "responses"
-"""The request shapes a prefix can be read from."""
-
 
 def affinity_value(
     affinity: Affinity, api: str, headers: Mapping[bytes, bytes], body: dict[str, Any]
 ) -> str | None:
-    """The request's affinity key under ``affinity``, or ``None`` when it has none."""
+    """The request's affinity key under ``affinity``, or ``None`` when it has none; ``api``:
+    the inbound API it came in (``router.upstream.codecs``' names)."""
     source = affinity.key
     if source == "prefix":
         return prefix_hash(api, body, affinity.prefix_messages)
