@@ -5,7 +5,8 @@ cd "$(dirname "$0")/.."
 
 # Debian packages the tests drive: redis-server (required; its sentinel mode too), redis-cli
 # (Redis Cluster topologies), openssl (test CAs), haproxy (the local front load balancer),
-# docker-compose (to validate docker-compose.yml; no engine needed). Installed
+# docker-compose (to validate docker-compose.yml; no engine needed), iptables (a Redis
+# primary cut off from its sentinels, on loopback). Installed
 # when missing and we are root; otherwise we say how.
 missing=()
 command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
@@ -13,6 +14,7 @@ command -v haproxy >/dev/null 2>&1 || [ -x /usr/sbin/haproxy ] || missing+=(hapr
 command -v docker-compose >/dev/null 2>&1 || missing+=(docker-compose)  # `config` only
 command -v redis-cli >/dev/null 2>&1 || missing+=(redis-tools)  # `--cluster create`
 command -v openssl >/dev/null 2>&1 || missing+=(openssl)  # the TLS tests' certificates
+command -v iptables >/dev/null 2>&1 || missing+=(iptables)  # tests/integration/test_failover_loss.py
 if [ ${#missing[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
     echo "installing missing Debian packages: ${missing[*]}" >&2

@@ -17,9 +17,13 @@ it with ``ConnectionError``; the next call connects again. A script Redis does n
 (restarted, ``SCRIPT FLUSH``) is sent once in full with ``EVAL``, which also caches it.
 
 Given a ``resolver`` (Sentinel, Cluster), each new connection asks it where to connect, and a
-``READONLY`` reply (the server became a replica) or a ``MOVED``/``ASK`` one (another node
-owns the slot now) gives the connection up, so the next call asks again. Without one the
-URL's address is fixed and nothing else changes.
+``READONLY`` reply (the server became a replica), a ``MOVED``/``ASK`` one (another node
+owns the slot now) or a ``NOREPLICAS`` one (the primary lost its replicas for longer than its
+``min-replicas-max-lag``: it is cut off, and a failover is likely under way) gives the
+connection up, so the next call asks again. ``retire`` does the same without failing
+anything: the calls already sent finish on the old connection, the next ones go to where the
+resolver says (the topology heard of a switch). Without a resolver the URL's address is
+fixed and nothing else changes.
 """
 
 from __future__ import annotations
@@ -42,6 +46,11 @@ def _pack(*args: Any) -> bytes:
     return packed
 
 
+class NoReplicasError(rx.ResponseError):
+    """``NOREPLICAS``: the primary refuses writes, having heard from too few replicas lately
+    (its ``min-replicas-to-write`` and ``min-replicas-max-lag``)."""
+
+
 def _reply_error(err: hiredis.ReplyError) -> rx.RedisError:
     text = str(err)
     if text.startswith("NOSCRIPT"):
@@ -52,6 +61,8 @@ def _reply_error(err: hiredis.ReplyError) -> rx.RedisError:
         return rx.ReadOnlyError(text)
     if text.startswith(("MOVED", "ASK ")):
         return rx.MovedError(text.split(" ", 1)[1])
+    if text.startswith("NOREPLICAS"):
+        return NoReplicasError(text)
     return rx.ResponseError(text)
 
 
@@ -75,6 +86,8 @@ class _Protocol(asyncio.Protocol):
         self.gone: asyncio.Future[None] = loop.create_future()
         """Done once the transport has closed its socket."""
         self._timer: asyncio.TimerHandle | None = None
+        self.retiring = False
+        """No call is sent on it any more: it closes once every call sent has its reply."""
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
@@ -118,6 +131,14 @@ class _Protocol(asyncio.Protocol):
                     fut.set_result(reply)
         except (hiredis.ProtocolError, IndexError) as exc:
             self.fail(rx.ConnectionError(f"bad reply from Redis: {exc!r}"))
+        if self.retiring and not self.pending:
+            self.fail(rx.ConnectionError("connection retired by the router"))
+
+    def retire(self) -> None:
+        """Close once every call sent on it has its reply (or failed as late)."""
+        self.retiring = True
+        if not self.pending:
+            self.fail(rx.ConnectionError("connection retired by the router"))
 
     def connection_lost(self, exc: Exception | None) -> None:
         if not self.gone.done():
@@ -183,6 +204,8 @@ class MuxRedis:
         """Where to connect, asked before each new connection (``None``: the URL's host)."""
         self._proto: _Protocol | None = None
         self._connecting: asyncio.Future[_Protocol] | None = None
+        self._retired: set[_Protocol] = set()
+        """Retired connections still waiting for replies (``close`` closes them too)."""
 
     async def execute(self, *args: Any) -> Any:
         """Send one command and return its reply (redis-py's exceptions on failure)."""
@@ -193,9 +216,19 @@ class MuxRedis:
             return await proto.send(_pack(*args))
         try:
             return await proto.send(_pack(*args))
-        except (rx.ReadOnlyError, rx.MovedError):  # the next call asks where to go now
+        except (rx.ReadOnlyError, rx.MovedError, NoReplicasError):
+            # the next call asks where to go now
             proto.fail(rx.ConnectionError("the server no longer holds the pool's keys"))
             raise
+
+    def retire(self) -> None:
+        """The next call connects again (asking the resolver); the calls already sent on the
+        current connection still get their replies there, then it closes."""
+        proto, self._proto = self._proto, None
+        if proto is not None and proto.closed is None:
+            proto.retire()
+            self._retired.add(proto)
+            proto.gone.add_done_callback(lambda _: self._retired.discard(proto))
 
     async def evalsha(self, sha: str, script: str, keys: Any, args: Any) -> Any:
         """Run a script by its SHA1; when Redis lacks it, send it in full (which caches it)."""
@@ -206,8 +239,9 @@ class MuxRedis:
 
     async def close(self) -> None:
         """Close the connection; calls still queued fail with ``ConnectionError``."""
-        if self._proto is not None:
-            proto, self._proto = self._proto, None
+        protos = [*self._retired, *([self._proto] if self._proto is not None else [])]
+        self._proto = None
+        for proto in protos:
             proto.fail(rx.ConnectionError("connection closed by the router"))
             with contextlib.suppress(TimeoutError):  # the socket is closed a loop turn later
                 await asyncio.wait_for(asyncio.shield(proto.gone), 1.0)

@@ -17,7 +17,7 @@ import functools
 import itertools
 import logging
 import time
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass, replace
 from enum import IntEnum
 from importlib import resources
@@ -393,10 +393,14 @@ class Store:
         response_pin_ttl_ms: int = 86_400_000,
         subscriber_pool: Callable[[], aioredis.ConnectionPool] | None = None,
         on_close: Callable[[], Awaitable[None]] | None = None,
+        watch: Callable[[Callable[[], Awaitable[None]]], Coroutine[Any, Any, None]] | None = None,
     ) -> None:
         self.client = client
         self._on_close = on_close
         """Closes what the topology holds besides the client (the sentinels' connections)."""
+        self._watch = watch
+        """Runs from ``start`` to ``close``, calling back when the primary changed (Sentinel)."""
+        self._watcher: asyncio.Task[None] | None = None
         self.mux = mux
         """The scripts' shared pipelined connection (``None``: they go through ``client``)."""
         self.subscriber_pool = subscriber_pool
@@ -439,6 +443,7 @@ class Store:
         timeout = cfg.redis.timeout_ms / 1000
         subscriber_pool: Callable[[], aioredis.ConnectionPool] | None = None
         on_close: Callable[[], Awaitable[None]] | None = None
+        watch: Callable[[Callable[[], Awaitable[None]]], Coroutine[Any, Any, None]] | None = None
         settings = _settings(timeout, cfg.redis.connect_timeout_ms)
         client: Any
         if cfg.redis_url.startswith(SENTINEL_SCHEMES):
@@ -448,6 +453,7 @@ class Store:
             mux = None if tls else MuxRedis(sentinel.url.mux_url(), timeout, sentinel.resolve)
             subscriber_pool = functools.partial(sentinel.pool, 1, socket_timeout=None)
             on_close = sentinel.sentinel.aclose
+            watch = sentinel.watch
         elif cfg.redis_url.startswith(CLUSTER_SCHEMES):
             cluster = ClusterTopology(cfg.redis_url, settings, cfg.redis.pool_size, keys.waiting())
             client = cluster.client
@@ -475,10 +481,13 @@ class Store:
         return cls(
             client, keys, ttl, embedded=False, circuits=circuits, mux=mux, late_ms=late,
             response_pin_ttl_ms=pins, subscriber_pool=subscriber_pool, on_close=on_close,
+            watch=watch,
         )  # fmt: skip
 
     async def start(self, warm: int = 8) -> None:
         """Open ``warm`` connections and load the scripts, so the first requests wait on neither."""
+        if self._watch is not None and self._watcher is None:
+            self._watcher = asyncio.create_task(self._watch(self._primary_switched))
         try:
             await asyncio.gather(*(self.client.ping() for _ in range(warm)))
             if self.mux is not None:
@@ -574,8 +583,23 @@ class Store:
             raise StoreError(f"subscribe failed: {exc}") from exc
         return Subscription(pubsub, None if self.embedded else client)
 
+    async def _primary_switched(self) -> None:
+        """The primary moved (the sentinels said so): the scripts' next call connects to the
+        new one (those sent already finish where they are), and the pooled connections are
+        closed, busy ones too, so none goes on to the old primary, which may still answer
+        (cut off from its sentinels, not from us) and whose writes are then lost."""
+        if self.mux is not None:
+            self.mux.retire()
+        with contextlib.suppress(RedisError, OSError):
+            await self.client.connection_pool.disconnect(inuse_connections=True)
+
     async def close(self) -> None:
         """Close the connections (the pool too: a client given a pool does not own it)."""
+        if self._watcher is not None:
+            self._watcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._watcher
+            self._watcher = None
         if self.mux is not None:
             await self.mux.close()
         await self.client.aclose()

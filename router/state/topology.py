@@ -10,6 +10,12 @@ reply (the old primary came back as a replica).
 The user and password are the data nodes'; the sentinels are asked without them (the usual
 set-up: sentinels on a private network, ``requirepass`` on the data nodes).
 
+A primary cut off from its sentinels and replicas, but not from us, still answers: asking
+the sentinels only on a new connection, a replica would go on writing there, and every write
+after the failover is lost when the old primary comes back as a replica. So ``watch``
+listens to the sentinels' ``+switch-master`` announcements (as Jedis's sentinel pool does)
+and says when the primary changed; the store then moves its connections.
+
 ``redis+cluster://[user:pass@]host:port[,host:port...]`` (and ``rediss+cluster://``) names
 some nodes of a Redis Cluster: the pooled client is redis-py's ``RedisCluster``; every key of
 a script call carries the pool's hash tag, so all of them live on the one node owning that
@@ -21,7 +27,11 @@ one takes the next known node, so a subscriber whose node died comes back on ano
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import itertools
+import logging
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote, unquote
@@ -29,6 +39,15 @@ from urllib.parse import quote, unquote
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
+from redis.exceptions import RedisError
+
+log = logging.getLogger("router.redis")
+
+WATCH_PING_S = 5.0
+"""How long a sentinel's subscription may be silent before it is pinged; one that does not
+answer within as long again is left for the next sentinel."""
+WATCH_RETRY_S = 1.0
+"""Pause before the next sentinel after one failed (or none answered)."""
 
 SENTINEL_SCHEMES = ("redis+sentinel://", "rediss+sentinel://")
 CLUSTER_SCHEMES = ("redis+cluster://", "rediss+cluster://")
@@ -100,9 +119,10 @@ class SentinelTopology:
     def __init__(self, url: str, settings: dict[str, Any], pool_wait_s: float) -> None:
         self.url = parse_url(url)
         self.pool_wait_s = pool_wait_s
-        sentinel_kwargs = {k: v for k, v in settings.items() if k.startswith("socket_")}
+        self.sentinel_kwargs = {k: v for k, v in settings.items() if k.startswith("socket_")}
+        """How the sentinels are reached (their socket timeouts)."""
         sentinels = list(self.url.hosts)
-        self.sentinel = Sentinel(sentinels, sentinel_kwargs=sentinel_kwargs)  # type: ignore[no-untyped-call]
+        self.sentinel = Sentinel(sentinels, sentinel_kwargs=self.sentinel_kwargs)  # type: ignore[no-untyped-call]
         self.settings = settings
         """The data connections' settings (timeouts)."""
 
@@ -119,6 +139,48 @@ class SentinelTopology:
         """The primary's address as the sentinels say now."""
         host, port = await self.sentinel.discover_master(self.url.service)
         return str(host), int(port)
+
+    async def watch(self, switched: Callable[[], Awaitable[None]]) -> None:
+        """Run until cancelled: await ``switched()`` whenever the primary changes.
+
+        Subscribed to ``+switch-master`` on one sentinel at a time (the next one after a
+        failure); on each new subscription the primary is asked for again, so a switch
+        announced while no sentinel was heard is not missed."""
+        known: tuple[str, int] | None = None
+        for turn in itertools.count():
+            host, port = self.url.hosts[turn % len(self.url.hosts)]
+            conn = aioredis.Redis(host=host, port=port, **{
+                **self.sentinel_kwargs, "socket_timeout": None,
+            })  # fmt: skip
+            try:
+                async with conn.pubsub(ignore_subscribe_messages=True) as sub:
+                    await sub.subscribe("+switch-master")
+                    now = await self.resolve()
+                    if known is not None and now != known:
+                        await switched()
+                    known = now
+                    while True:
+                        message = await sub.get_message(timeout=WATCH_PING_S)
+                        if message is None:
+                            await sub.ping()
+                            message = await sub.get_message(timeout=WATCH_PING_S)
+                            if message is None:
+                                raise TimeoutError("the sentinel did not answer a ping")
+                        data = message.get("data")
+                        if message["type"] != "message" or not isinstance(data, bytes):
+                            continue
+                        name, *_, new_host, new_port = data.decode(errors="replace").split()
+                        if name == self.url.service:
+                            log.warning("redis primary %r moved to %s:%s", name, new_host,
+                                        new_port)  # fmt: skip
+                            known = (new_host, int(new_port))
+                            await switched()
+            except (RedisError, OSError, TimeoutError, ValueError) as exc:
+                log.debug("sentinel %s:%d not watched: %r", host, port, exc)
+            finally:
+                with contextlib.suppress(RedisError, OSError):
+                    await conn.aclose()
+            await asyncio.sleep(WATCH_RETRY_S)
 
 
 class ClusterTopology:
