@@ -16,11 +16,12 @@ within the timeout still failed most of them.) A lost connection fails every cal
 it with ``ConnectionError``; the next call connects again. A script Redis does not know
 (restarted, ``SCRIPT FLUSH``) is sent once in full with ``EVAL``, which also caches it.
 
-Given a ``resolver`` (Sentinel, Cluster), each new connection asks it where to connect, and a
-``READONLY`` reply (the server became a replica), a ``MOVED``/``ASK`` one (another node
-owns the slot now) or a ``NOREPLICAS`` one (the primary lost its replicas for longer than its
-``min-replicas-max-lag``: it is cut off, and a failover is likely under way) gives the
-connection up, so the next call asks again. ``retire`` does the same without failing
+Given a ``resolver`` (Sentinel, Cluster), each new connection asks it where to connect, and
+one of these replies gives the connection up, so that the next call asks again: ``READONLY``
+(the server became a replica), ``MOVED`` or ``ASK`` (another node owns the slot now),
+``NOREPLICAS`` (the primary has not heard from its replicas for longer than its
+``min-replicas-max-lag``: it is cut off, a failover is likely under way) and ``CLUSTERDOWN``
+(a cluster node cut off from the majority). ``retire`` does the same without failing
 anything: the calls already sent finish on the old connection, the next ones go to where the
 resolver says (the topology heard of a switch). Without a resolver the URL's address is
 fixed and nothing else changes.
@@ -63,6 +64,8 @@ def _reply_error(err: hiredis.ReplyError) -> rx.RedisError:
         return rx.MovedError(text.split(" ", 1)[1])
     if text.startswith("NOREPLICAS"):
         return NoReplicasError(text)
+    if text.startswith("CLUSTERDOWN"):
+        return rx.ClusterDownError(text)
     return rx.ResponseError(text)
 
 
@@ -216,7 +219,7 @@ class MuxRedis:
             return await proto.send(_pack(*args))
         try:
             return await proto.send(_pack(*args))
-        except (rx.ReadOnlyError, rx.MovedError, NoReplicasError):
+        except (rx.ReadOnlyError, rx.MovedError, NoReplicasError, rx.ClusterDownError):
             # the next call asks where to go now
             proto.fail(rx.ConnectionError("the server no longer holds the pool's keys"))
             raise

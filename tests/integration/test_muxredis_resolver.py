@@ -1,5 +1,5 @@
 """The scripts' shared connection with a resolver (Sentinel, Cluster): it asks where to
-connect at every new connection, and a READONLY, MOVED or NOREPLICAS reply makes it ask
+connect at every new connection, and a READONLY, MOVED, NOREPLICAS or CLUSTERDOWN reply makes it ask
 again; ``retire`` makes it ask again without failing the calls already sent."""
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from router.state.muxredis import MuxRedis, NoReplicasError
         (b"-MOVED 866 127.0.0.1:7001\r\n", rx.MovedError),
         (b"-ASK 866 127.0.0.1:7001\r\n", rx.MovedError),
         (b"-NOREPLICAS Not enough good replicas to write.\r\n", NoReplicasError),
+        (b"-CLUSTERDOWN The cluster is down\r\n", rx.ClusterDownError),
     ],
 )
 async def test_a_node_that_no_longer_serves_the_keys_is_left_for_the_resolvers_answer(
