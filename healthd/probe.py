@@ -21,8 +21,8 @@ import httpx
 
 from router.config import Provider, ProviderTLS
 from router.errors import UpstreamConnectError
-from router.upstream.client import tls_context
 from router.upstream.providers import adapter_for, api_url
+from router.upstream.tlsfiles import TLSContexts
 
 
 class ProbeResult(NamedTuple):
@@ -92,30 +92,40 @@ class ProbeClients:
     """httpx clients that reach each provider the way the router's requests do: through its
     ``tls`` settings (CA, client certificate, verify) and its proxy (its own ``proxy``, else
     the environment's ``HTTPS_PROXY``/``HTTP_PROXY``/``NO_PROXY``); one client per distinct
-    setting."""
+    setting, made again when its TLS files change on disk (as the router's connections do)."""
 
-    def __init__(self) -> None:
-        self._clients: dict[tuple[ProviderTLS | None, str | None], httpx.AsyncClient] = {}
+    def __init__(self, tls: TLSContexts | None = None) -> None:
+        self._clients: dict[
+            tuple[ProviderTLS | None, str | None], tuple[int, httpx.AsyncClient]
+        ] = {}
+        self._retired: list[httpx.AsyncClient] = []
+        """Clients made for older TLS files: closed with the rest (probes may still use them)."""
+        self._tls = tls or TLSContexts()
 
     def of(self, provider: Provider) -> httpx.AsyncClient:
         """The client that probes ``provider``."""
         key = (provider.tls, provider.proxy)
-        client = self._clients.get(key)
-        if client is None:
-            client = self._clients[key] = _client(provider)
+        verify: ssl.SSLContext | bool = True
+        generation = 0
+        if provider.tls is not None:
+            # unreadable files: the system's CAs, so the probes fail (and say why) as requests do
+            with contextlib.suppress(UpstreamConnectError):
+                verify, generation = self._tls.get(provider.tls)
+        held = self._clients.get(key)
+        if held is not None and held[0] == generation:
+            return held[1]
+        if held is not None:
+            self._retired.append(held[1])
+        client = _client(provider, verify)
+        self._clients[key] = (generation, client)
         return client
 
     async def close(self) -> None:
-        for client in self._clients.values():
+        for client in [*self._retired, *(c for _, c in self._clients.values())]:
             await client.aclose()
 
 
-def _client(provider: Provider) -> httpx.AsyncClient:
-    verify: ssl.SSLContext | bool = True
-    if provider.tls is not None:
-        # unreadable files: the system's CAs, so the probes fail (and say why) as requests do
-        with contextlib.suppress(UpstreamConnectError):
-            verify = tls_context(provider.tls)
+def _client(provider: Provider, verify: ssl.SSLContext | bool) -> httpx.AsyncClient:
     headers = {"user-agent": "healthd"}
     if provider.proxy == "none":
         return httpx.AsyncClient(verify=verify, trust_env=False, headers=headers)

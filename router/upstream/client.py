@@ -44,6 +44,7 @@ from router.errors import (
 from router.upstream.providers.base import UpstreamRequest
 from router.upstream.proxy import Proxy, ProxyEnv, open_tunnel, parse_proxy
 from router.upstream.resolver import DNS_TTL_S, Resolver
+from router.upstream.tlsfiles import TLS_RECHECK_S, TLSContexts
 
 KEEPALIVE_S = 30.0
 """An idle pooled connection older than this is closed rather than reused."""
@@ -501,33 +502,15 @@ _Connect = Callable[[], Awaitable[_Connection]]
 _PoolKey = tuple[str, str, int] | tuple[str, str, int, int | None, ProviderTLS | None, Proxy | None]
 
 
-def tls_context(settings: ProviderTLS | None) -> ssl.SSLContext:
-    """A TLS context for a provider's ``tls`` settings (the system's CAs when none); raises
-    ``UpstreamConnectError`` without the file's path when a file cannot be read."""
-    if settings is None:
-        return ssl.create_default_context()
-    try:
-        ctx = ssl.create_default_context(cafile=settings.ca_file)
-        if settings.cert_file is not None:
-            ctx.load_cert_chain(settings.cert_file, settings.key_file)
-    except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
-        what = getattr(exc, "reason", None) or getattr(exc, "strerror", None) or "unreadable"
-        raise UpstreamConnectError(f"TLS setup failed: the CA or client cert ({what})") from None
-    if not settings.verify:
-        ctx.check_hostname = False
-        ctx.verify_mode = ssl.CERT_NONE
-    return ctx
-
-
 class Upstream:
     """Sends provider requests over keep-alive connections pooled per origin (and per egress
     setting: a provider's connection cap, TLS settings and proxy)."""
 
-    def __init__(self, dns_ttl_s: float = DNS_TTL_S) -> None:
+    def __init__(self, dns_ttl_s: float = DNS_TTL_S, tls_recheck_s: float = TLS_RECHECK_S) -> None:
         self._pools: dict[_PoolKey, _Pool] = {}
         self._resolver = Resolver(dns_ttl_s)
         self._targets: dict[str, _Target] = {}
-        self._tls: dict[ProviderTLS | None, ssl.SSLContext] = {}
+        self._tls = TLSContexts(tls_recheck_s)
         self._proxies: dict[str, Proxy | None] = {"none": None}
         self._env = ProxyEnv()
         self._started = False
@@ -618,11 +601,8 @@ class Upstream:
         return self._proxies[setting]
 
     def _tls_context(self, settings: ProviderTLS | None) -> ssl.SSLContext:
-        """The TLS context of ``settings``, made once per distinct setting."""
-        ctx = self._tls.get(settings)
-        if ctx is None:
-            ctx = self._tls[settings] = tls_context(settings)
-        return ctx
+        """The TLS context of ``settings`` (re-made when its files change)."""
+        return self._tls.get(settings)[0]
 
     async def _connect(
         self,

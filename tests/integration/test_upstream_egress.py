@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import shutil
 import socket
 import subprocess
 import sys
@@ -15,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import httpx
 import orjson
 import pytest
 
@@ -24,6 +26,7 @@ from router.config import Provider, ProviderTLS, Timeouts
 from router.errors import UpstreamConnectError, UpstreamTimeout
 from router.upstream.client import Upstream
 from router.upstream.providers.base import UpstreamRequest
+from router.upstream.tlsfiles import TLSContexts
 from tests.helpers import async_wait_until, port_open, wait_until
 from tests.integration.inproc import Start as StartMock
 
@@ -217,6 +220,32 @@ async def test_mutual_tls_with_the_providers_ca_and_client_cert(
         await call(upstream, url, provider(url, tls={**tls, "ca_file": str(pki.other_ca)}))
     with pytest.raises(UpstreamConnectError, match="TLS handshake failed"):  # system CAs
         await call(upstream, url, provider(url))
+
+
+async def test_renewed_tls_files_are_used_by_the_next_connections(
+    start_mock: StartMock, pki: Pki, tmp_path: Path
+) -> None:
+    """The provider's CA bundle is replaced on disk (a rotated CA, a renewed mounted secret):
+    new connections use it without a restart; healthd's probe client follows too."""
+    mock = await start_mock(**pki.mtls_server())
+    url = f"https://127.0.0.1:{mock.port}"
+    ca = tmp_path / "ca-bundle.pem"
+    shutil.copyfile(pki.other_ca, ca)  # the wrong CA first
+    prov = provider(url, tls={**pki.client_tls(), "ca_file": str(ca)})
+    up = Upstream(tls_recheck_s=0)  # re-check at every new connection (10 s by default)
+    await up.start()
+    probes = ProbeClients(TLSContexts(recheck_s=0))
+    try:
+        with pytest.raises(UpstreamConnectError, match="TLS handshake failed"):
+            await call(up, url, prov)
+        with pytest.raises(httpx.ConnectError):
+            await probes.of(prov).get(f"{url}/v1/models")
+        shutil.copyfile(pki.ca, ca)
+        assert await call(up, url, prov) == 200
+        assert (await probes.of(prov).get(f"{url}/v1/models")).status_code == 200
+    finally:
+        await up.close()
+        await probes.close()
 
 
 async def test_verify_false_accepts_any_certificate(
