@@ -17,6 +17,7 @@ import functools
 import itertools
 import logging
 import time
+import weakref
 from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass, replace
 from enum import IntEnum
@@ -401,6 +402,8 @@ class Store:
         self._watch = watch
         """Runs from ``start`` to ``close``, calling back when the primary changed (Sentinel)."""
         self._watcher: asyncio.Task[None] | None = None
+        self._subscriptions: weakref.WeakSet[Subscription] = weakref.WeakSet()
+        """Open subscriptions: told to subscribe again when the primary moves."""
         self.mux = mux
         """The scripts' shared pipelined connection (``None``: they go through ``client``)."""
         self.subscriber_pool = subscriber_pool
@@ -581,15 +584,20 @@ class Store:
             if client is not self.client:
                 await client.aclose()
             raise StoreError(f"subscribe failed: {exc}") from exc
-        return Subscription(pubsub, None if self.embedded else client)
+        sub = Subscription(pubsub, None if self.embedded else client)
+        self._subscriptions.add(sub)
+        return sub
 
     async def _primary_switched(self) -> None:
         """The primary moved (the sentinels said so): the scripts' next call connects to the
         new one (those sent already finish where they are), and the pooled connections are
         closed, busy ones too, so none goes on to the old primary, which may still answer
-        (cut off from its sentinels, not from us) and whose writes are then lost."""
+        (cut off from its sentinels, not from us) and whose writes are then lost; the
+        subscriptions are told to subscribe again."""
         if self.mux is not None:
             self.mux.retire()
+        for sub in self._subscriptions:
+            sub.moved = True
         with contextlib.suppress(RedisError, OSError):
             await self.client.connection_pool.disconnect(inuse_connections=True)
 
@@ -933,9 +941,15 @@ class Subscription:
     def __init__(self, pubsub: Any, client: Any) -> None:
         self._pubsub = pubsub
         self._client = client
+        self.moved = False
+        """The primary moved: the next ``next`` fails, so its caller subscribes again there
+        (a primary cut off from its sentinels still answers, but hears nothing published on
+        the new one)."""
 
     async def next(self, within: float) -> bytes | None:
         """The next message's data, or ``None`` when none came ``within`` seconds."""
+        if self.moved:
+            raise StoreError("subscription left: the primary moved")
         try:
             msg = await self._pubsub.get_message(timeout=within)
         except (RedisError, OSError) as exc:

@@ -250,6 +250,7 @@ async def test_a_primary_cut_off_is_left_at_the_switch(tmp_path: Path, run: int)
 
         promoted = s.replica_port
         new = aioredis.Redis(port=promoted, password=PASSWORD)
+        sub = await store.subscribe("events")
         workers = [asyncio.create_task(worker(w)) for w in range(IN_FLIGHT)]
         try:
             await asyncio.sleep(LOAD_S)
@@ -269,7 +270,16 @@ async def test_a_primary_cut_off_is_left_at_the_switch(tmp_path: Path, run: int)
                 )
                 stop.set()
                 await asyncio.gather(*workers)
+                # the subscription on the old primary is told to go; a new one is on the new
+                with pytest.raises(StoreError, match="the primary moved"):
+                    await sub.next(within=0.01)
+                again = await store.subscribe("events")
+                await new.publish("events", b"after the switch")
+                heard = await async_wait_until(lambda: again.next(within=1), 10, "the message")
+                assert heard == b"after the switch"
+                await again.close()
         finally:
+            await sub.close()
             stop.set()
             await asyncio.gather(*workers, return_exceptions=True)
             await store.close()
