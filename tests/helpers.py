@@ -23,6 +23,7 @@ from loadtest.procs import Proc, free_port
 from router.config import load_config
 from router.state.health import HealthStore, ProbeWrite
 from router.state.store import Store
+from tests.tls import Certs
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -120,12 +121,15 @@ def redis_server_binary() -> str:
     return found
 
 
-def redis_argv(port: int, data_dir: Path) -> list[str]:
-    """The command line of a private, throw-away redis-server (nothing written to disk)."""
+def redis_argv(port: int, data_dir: Path, certs: Certs | None = None) -> list[str]:
+    """The command line of a private, throw-away redis-server (nothing written to disk); with
+    ``certs``, it listens with TLS only and speaks TLS to its primary. A replica's first sync
+    starts at once (Redis waits 5 s by default for more replicas to share it)."""
+    listen = certs.server_args(port) if certs else ["--port", str(port)]
     return [
-        redis_server_binary(),
-        "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-        "--dir", str(data_dir), "--protected-mode", "yes",
+        redis_server_binary(), *listen,
+        "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+        "--dir", str(data_dir), "--protected-mode", "yes", "--repl-diskless-sync-delay", "0",
     ]  # fmt: skip
 
 
@@ -272,6 +276,23 @@ async def write_with_epoch(config: Path, epoch: int) -> ProbeWrite:
         return await HealthStore(store).report_probe("a", epoch, False, 1.0, "stale", 1, 1)
     finally:
         await store.close()
+
+
+async def drain_through_the_store(config: Path, provider: str) -> None:
+    """Drain ``provider`` through a store of its own on the config's Redis (what routerctl
+    does): the replicas hear of it by pub/sub."""
+    store = Store.from_config(load_config(config, dict(ENV)))
+    await store.start(warm=1)
+    try:
+        await HealthStore(store).set_drain(provider, True)
+    finally:
+        await store.close()
+
+
+def drained(url: str, provider: str) -> bool:
+    """The replica at ``url`` is ready and sees ``provider`` drained (``/readyz``)."""
+    body = httpx.get(f"{url}/readyz", timeout=5).json()
+    return bool(body["status"] == "ready" and body["providers"][provider]["drained"])
 
 
 def local_config(tmp: Path) -> Path:

@@ -14,9 +14,10 @@ from urllib.parse import quote
 import httpx
 import pytest
 import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
-from router.config import Config, load_config
-from router.state.health import HealthStore
+from router.config import load_config
 from router.state.keys import Keys
 from router.state.store import Store, _SSLConnection
 from tests.helpers import (
@@ -25,6 +26,8 @@ from tests.helpers import (
     Cluster,
     Mock,
     auth,
+    drain_through_the_store,
+    drained,
     free_port,
     port_open,
     redis_server_binary,
@@ -49,8 +52,10 @@ class TlsRedis:
         return f"rediss://{USER}:{PASSWORD}@127.0.0.1:{self.port}/0?{self.certs.query()}"
 
     def client(self, user: str = USER) -> redis.Redis:
+        # no retries: a refused login is said at once (redis-py retries it for 5 s)
         return redis.Redis(port=self.port, username=user, password=PASSWORD,
-                           decode_responses=True, **self.certs.client_kwargs())  # fmt: skip
+                           decode_responses=True, retry=Retry(NoBackoff(), 0),
+                           **self.certs.client_kwargs())  # fmt: skip
 
 
 @pytest.fixture
@@ -68,25 +73,11 @@ def tls_redis(cluster: Cluster, tmp_path: Path) -> TlsRedis:
     return TlsRedis(port, certs)
 
 
-def config_of(path: Path) -> Config:
-    return load_config(path, dict(ENV))
-
-
-async def drain_through_the_store(cfg: Config, provider: str) -> None:
-    store = Store.from_config(cfg)
-    await store.start()
-    try:
-        await HealthStore(store).set_drain(provider, True)
-    finally:
-        await store.close()
-
-
 def test_a_replica_on_rediss_runs_its_scripts_and_hears_health_events(
     cluster: Cluster, tmp_path: Path, tls_redis: TlsRedis
 ) -> None:
     routes = [{"model": "chat", "targets": [{"provider": "p", "model": "m"}]}]
     gw = start_gateway(cluster, tmp_path, tls_redis.url, [Mock("p")], routes, replicas=1)
-    cfg = config_of(gw.config)
 
     # the user is the only way in: the default user, even with the password, is refused
     with pytest.raises(redis.AuthenticationError):
@@ -101,16 +92,14 @@ def test_a_replica_on_rediss_runs_its_scripts_and_hears_health_events(
 
     # the health subscription, over TLS: a drain written elsewhere reaches the replica by
     # pub/sub (its periodic re-read, replica.resync_s, is 30 s away)
-    def drained() -> bool:
-        body = httpx.get(f"{gw.urls[0]}/readyz", timeout=5).json()
-        return bool(body["status"] == "ready" and body["providers"]["p"]["drained"])
-
-    assert not drained()
-    asyncio.run(drain_through_the_store(cfg, "p"))
-    wait_until(drained, 10, "the replica to hear of the drain")
+    assert not drained(gw.urls[0], "p")
+    asyncio.run(drain_through_the_store(gw.config, "p"))
+    wait_until(lambda: drained(gw.urls[0], "p"), 10, "the replica to hear of the drain")
 
     # the project's connection class (hiredis packing), not redis-py's plain SSLConnection
-    used = Store.from_config(cfg).client.connection_pool.connection_class
+    used = Store.from_config(
+        load_config(gw.config, dict(ENV))
+    ).client.connection_pool.connection_class
     assert used is _SSLConnection, used.__name__
 
     # the password is in the URL; it must be in no output
