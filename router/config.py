@@ -747,6 +747,11 @@ def parse_config(
     elif resolve:
         refs = _raw_secret_refs(data)
         problems += [_unset(path, ref.env) for path, ref in refs if not env.get(ref.env)]
+    if env.get("REDIS_URL"):  # checked as redis_url is (model_copy checks nothing)
+        try:
+            _redis_url(env["REDIS_URL"])
+        except ValueError as exc:
+            problems.append(("REDIS_URL", str(exc)))
     if problems or cfg is None:
         raise ConfigError(problems)
     if env.get("REDIS_URL"):

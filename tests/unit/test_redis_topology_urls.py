@@ -213,3 +213,19 @@ def test_every_connection_of_a_cluster_topology_gets_the_tls_options() -> None:
     assert (pool.connection_kwargs["ssl_ca_certs"], pool.connection_kwargs["password"]) == (
         "/ca.pem", "s3cr/et",
     )  # fmt: skip
+
+
+def test_redis_url_from_the_environment_is_checked_too() -> None:
+    minimal = {
+        "client_keys": [{"env": "CK"}],
+        "providers": [{"name": "a", "kind": "openai", "base_url": "http://127.0.0.1:1/v1"}],
+        "routes": [{"model": "m", "targets": [{"provider": "a", "model": "x"}]}],
+    }
+    env = {"REDIS_URL": f"rediss+cluster://u:{SECRET}@a:1?ssl_ca_cert=/ca.pem"}
+    with pytest.raises(ConfigError) as caught:
+        parse_config(minimal, env, resolve=False)
+    problems = dict(caught.value.problems)
+    assert "unknown option 'ssl_ca_cert'" in problems["REDIS_URL"]
+    assert SECRET not in str(caught.value.problems)
+    good = {"REDIS_URL": f"rediss+cluster://u:{SECRET}@a:1?ssl_ca_certs=/ca.pem"}
+    assert parse_config(minimal, good, resolve=False).redis_url == good["REDIS_URL"]
