@@ -79,6 +79,10 @@ class SentinelSet:
     procs: list[Proc] = field(default_factory=list)
     certs: Certs | None = None
     """The test CA of a TLS-only set (``None``: plain, as before)."""
+    plain_sentinels: bool = False
+    """With ``certs``: the sentinels answer clients on a plain port and want a password
+    (``requirepass``) instead of their ACL user; they speak TLS to the data nodes and to each
+    other (on a TLS port of their own)."""
 
     @property
     def data(self) -> Login:
@@ -88,21 +92,22 @@ class SentinelSet:
 
     @property
     def sentinels(self) -> Login:
-        return Login(SENTINEL_USER, SENTINEL_PASSWORD, self.certs) if self.certs else Login()
-
-    @property
-    def secrets(self) -> tuple[str, ...]:
-        return (TLS_PASSWORD, SENTINEL_PASSWORD) if self.certs else (PASSWORD,)
+        if self.certs is None:
+            return Login()
+        if self.plain_sentinels:
+            return Login(password=SENTINEL_PASSWORD)
+        return Login(SENTINEL_USER, SENTINEL_PASSWORD, self.certs)
 
     @property
     def url(self) -> str:
         hosts = ",".join(f"127.0.0.1:{p}" for p in self.sentinel_ports)
         if self.certs is None:
             return f"redis+sentinel://:{PASSWORD}@{hosts}/{SERVICE}/0"
-        query = (
-            f"{self.certs.query()}&sentinel_username={SENTINEL_USER}"
-            f"&sentinel_password={SENTINEL_PASSWORD}"
-        )
+        query = f"{self.certs.query()}&sentinel_password={SENTINEL_PASSWORD}"
+        if self.plain_sentinels:
+            query += "&sentinel_ssl=false"
+        else:
+            query += f"&sentinel_username={SENTINEL_USER}"
         return f"rediss+sentinel://{TLS_USER}:{TLS_PASSWORD}@{hosts}/{SERVICE}/0?{query}"
 
     def primary_addresses(self) -> set[tuple[str, int] | None]:
@@ -147,13 +152,22 @@ def _data_auth(certs: Certs | None) -> list[str]:
             "--masterauth", TLS_PASSWORD]  # fmt: skip
 
 
-def _sentinel_conf(port: int, log_dir: Path, primary_port: int, certs: Certs | None) -> str:
+def _sentinel_conf(
+    port: int, log_dir: Path, primary_port: int, certs: Certs | None, plain: bool
+) -> str:
     listen = [f"port {port}"]
     auth = [f"sentinel auth-pass {SERVICE} {PASSWORD}"]
-    if certs is not None:  # TLS only; its own ACL user, which it also logs in to its peers as
+    if certs is not None and plain:
+        # clients on the plain port; the peers on the TLS one, which it announces to them (with
+        # tls-replication a sentinel reaches everything over TLS: peers too); requirepass is
+        # also what it logs in to its peers with
+        peers = certs.server_lines(free_port())[1:]  # not "port 0"
+        listen = [f"port {port}", *peers, f"requirepass {SENTINEL_PASSWORD}"]
+    elif certs is not None:  # TLS only; its own ACL user, which it also logs in to peers as
         listen = [*certs.server_lines(port), *acl_lines(SENTINEL_USER, SENTINEL_PASSWORD),
                   f"sentinel sentinel-user {SENTINEL_USER}",
                   f"sentinel sentinel-pass {SENTINEL_PASSWORD}"]  # fmt: skip
+    if certs is not None:
         auth = [f"sentinel auth-user {SERVICE} {TLS_USER}",
                 f"sentinel auth-pass {SERVICE} {TLS_PASSWORD}"]  # fmt: skip
     lines = [
@@ -166,9 +180,12 @@ def _sentinel_conf(port: int, log_dir: Path, primary_port: int, certs: Certs | N
 
 
 @contextlib.contextmanager
-def sentinel_set(log_dir: Path, certs: Certs | None = None) -> Iterator[SentinelSet]:
+def sentinel_set(
+    log_dir: Path, certs: Certs | None = None, plain_sentinels: bool = False
+) -> Iterator[SentinelSet]:
     """Start the set and wait until every sentinel sees the whole of it; stop it all after.
-    With ``certs``, every process speaks TLS only and admits ACL users only."""
+    With ``certs``, every process speaks TLS only and admits ACL users only (but see
+    ``SentinelSet.plain_sentinels``)."""
     procs: list[Proc] = []
     env = dict(os.environ)
     try:
@@ -185,13 +202,13 @@ def sentinel_set(log_dir: Path, certs: Certs | None = None) -> Iterator[Sentinel
         ]  # fmt: skip
         replica = Proc(f"redis-replica-{rport}", replica_argv, env, log_dir)
         procs.append(replica)
-        found = SentinelSet(primary, pport, replica, rport, [], procs, certs)
+        found = SentinelSet(primary, pport, replica, rport, [], procs, certs, plain_sentinels)
         wait_until(lambda: port_open(pport) and port_open(rport), 10, "primary and replica")
         wait_until(lambda: _replica_synced(rport, found.data), 10, "the replica to sync")
         found.sentinel_ports = [free_port() for _ in range(3)]
         for port in found.sentinel_ports:
             conf = log_dir / f"sentinel-{port}.conf"
-            conf.write_text(_sentinel_conf(port, log_dir, pport, certs))
+            conf.write_text(_sentinel_conf(port, log_dir, pport, certs, plain_sentinels))
             argv = [redis_server_binary(), str(conf), "--sentinel"]
             procs.append(Proc(f"sentinel-{port}", argv, env, log_dir))
         for port in found.sentinel_ports:

@@ -3,7 +3,9 @@ the data nodes', and the sentinels' own. Two replicas serve the openai SDK throu
 ``rediss+sentinel://user:pass@.../primary?ssl_ca_certs=...&sentinel_username=...
 &sentinel_password=...`` and ``rediss+cluster://user:pass@...?ssl_ca_certs=...``: round robin
 global, an RPM limit exact, pub/sub heard (a drain; healthd's probes), the sentinels' primary
-followed across a failover; routerctl works; no password shows up in any output."""
+followed across a failover; routerctl works; no password shows up in any output. And
+``sentinel_ssl=false``: sentinels answering on a plain port with a password (``requirepass``)
+in front of TLS data nodes."""
 
 from __future__ import annotations
 
@@ -18,14 +20,21 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
+from router.config import load_config
+from router.errors import StoreError
+from router.state.health import HealthStore
+from router.state.store import Store
 from tests.helpers import (
     ENV,
     ROOT,
     Cluster,
+    Mock,
+    async_wait_until,
     ctl,
     drain_through_the_store,
     drained,
     wait_until,
+    write_config,
 )
 from tests.tls import Certs, make_certificates
 from tests.topologies import (
@@ -132,3 +141,48 @@ def test_a_tls_cluster_with_an_acl_user(cluster: Cluster, tmp_path: Path, certs:
         f"\ntls cluster: round robin {counts}; rpm {rpm}; set up {set_up - started:.1f} s;"
         f" wall {time.monotonic() - started:.1f} s"
     )
+
+
+async def test_plain_sentinels_with_a_password_in_front_of_tls_data_nodes(
+    tmp_path: Path, certs: Certs
+) -> None:
+    """``sentinel_ssl=false``: the sentinels answer on a plain port and want a password
+    (``requirepass``, no user); the data nodes speak TLS only. The store's scripts and its
+    subscription follow the primary across a failover."""
+    d = tmp_path / "sentinel"
+    d.mkdir()
+    with sentinel_set(d, certs, plain_sentinels=True) as sentinels:
+        assert "sentinel_ssl=false" in sentinels.url
+        routes = [{"model": "chat", "targets": [{"provider": "a", "model": "m"}]}]
+        path = write_config(tmp_path / "r.yaml", sentinels.url, [Mock("a")], routes)
+        store = Store.from_config(load_config(path, dict(ENV)))
+        await store.start(warm=1)
+        try:
+            await HealthStore(store).set_drain("a", True)  # a script, over TLS
+            sub = await store.subscribe("chan")
+            await store.client.publish("chan", b"before")
+            assert b"before" in [await sub.next(within=1) for _ in range(2)]  # after the ack
+            await sub.close()
+
+            sentinels.primary.kill()
+            new = ("127.0.0.1", sentinels.replica_port)
+            await async_wait_until(
+                lambda: asyncio.to_thread(lambda: sentinels.primary_addresses() == {new}),
+                30, "the failover",
+            )  # fmt: skip
+
+            async def answers() -> bool:
+                try:
+                    await HealthStore(store).set_drain("a", False)
+                except StoreError:
+                    return False
+                return True
+
+            await async_wait_until(answers, 10, "the store on the new primary")
+            sub = await store.subscribe("chan")
+            await store.client.publish("chan", b"after")
+            assert b"after" in [await sub.next(within=1) for _ in range(2)]
+            await sub.close()
+        finally:
+            await store.close()
+        assert_no_secret([p.output() for p in sentinels.procs])
