@@ -79,19 +79,29 @@ class Cluster:
         self.procs.append(proc)
         return proc
 
-    def mock(self, name: str, port: int, *args: str) -> Proc:
-        """Start a mock provider and wait until it serves."""
+    def mock(self, name: str, port: int, *args: str, wait: bool = True) -> Proc:
+        """Start a mock provider and (unless ``wait`` is false) wait until it serves."""
         argv = [sys.executable, "-m", "loadtest.mock_provider", "--port", str(port)]
         proc = self.start(f"mock-{name}", [*argv, "--name", name, *args])
-        self._wait_http(proc, f"http://127.0.0.1:{port}/stats")
+        if wait:
+            self.wait_mock(proc, port)
         return proc
 
-    def router(self, name: str, config: Path, port: int, env: dict[str, str]) -> Proc:
-        """Start a router replica and wait until it is ready."""
+    def wait_mock(self, proc: Proc, port: int) -> None:
+        self._wait_http(proc, f"http://127.0.0.1:{port}/stats")
+
+    def router(
+        self, name: str, config: Path, port: int, env: dict[str, str], wait: bool = True
+    ) -> Proc:
+        """Start a router replica and (unless ``wait`` is false) wait until it is ready."""
         argv = [sys.executable, "-m", "router.cli", "--config", str(config)]
         proc = self.start(name, [*argv, "--host", "127.0.0.1", "--port", str(port)], env)
-        self._wait_http(proc, f"http://127.0.0.1:{port}/readyz")
+        if wait:
+            self.wait_router(proc, port)
         return proc
+
+    def wait_router(self, proc: Proc, port: int) -> None:
+        self._wait_http(proc, f"http://127.0.0.1:{port}/readyz")
 
     def _wait_http(self, proc: Proc, url: str, timeout: float = 20.0) -> None:
         def ready() -> bool:
@@ -197,12 +207,20 @@ class Gateway:
 
     def add_replica(self, env: dict[str, str] | None = None) -> str:
         """Start one more replica; return its base URL."""
-        port = free_port()
-        n = len(self.replicas)
-        proc = self.cluster.router(f"router-{n}", self.config, port, {**ENV, **(env or {})})
-        url = f"http://127.0.0.1:{port}"
-        self.replicas.append((proc, url))
-        return url
+        return self.add_replicas(1, env)[0]
+
+    def add_replicas(self, n: int, env: dict[str, str] | None = None) -> list[str]:
+        """Start ``n`` more replicas at once, then wait until all are ready; their URLs."""
+        started = []
+        for _ in range(n):
+            port = free_port()
+            name = f"router-{len(self.replicas)}"
+            proc = self.cluster.router(name, self.config, port, {**ENV, **(env or {})}, False)
+            self.replicas.append((proc, f"http://127.0.0.1:{port}"))
+            started.append((proc, port))
+        for proc, port in started:
+            self.cluster.wait_router(proc, port)
+        return [f"http://127.0.0.1:{port}" for _, port in started]
 
     @property
     def urls(self) -> list[str]:
@@ -249,16 +267,19 @@ def start_gateway(
     cluster: Cluster, tmp: Path, redis_url: str | None, mocks: list[Mock],
     routes: list[dict[str, Any]], replicas: int = 1, **extra: Any,
 ) -> Gateway:  # fmt: skip
-    """Start the mocks, write the config, start ``replicas`` routers."""
+    """Start the mocks, write the config, start ``replicas`` routers (each kind all at once,
+    then waited for: the processes' start-ups overlap)."""
+    started = []
     for m in mocks:
         if m.alias_of is not None:
             continue
         args = ["--api", m.api, "--api-key", PROVIDER_KEY, *m.args]
-        cluster.mock(m.name, m.port, *args)
+        started.append((cluster.mock(m.name, m.port, *args, wait=False), m.port))
+    for proc, port in started:
+        cluster.wait_mock(proc, port)
     config = write_config(tmp / "router.yaml", redis_url, mocks, routes, **extra)
     gw = Gateway(cluster, config, mocks)
-    for _ in range(replicas):
-        gw.add_replica()
+    gw.add_replicas(replicas)
     return gw
 
 
