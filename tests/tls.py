@@ -29,18 +29,26 @@ class Certs:
     ca: Path
     cert: Path
     key: Path
+    mutual: bool = False
+    """Servers want a client certificate the CA signed (``tls-auth-clients yes``); clients
+    show the same certificate (no extended key usage: good for both ends)."""
 
     def query(self) -> str:
-        """The URL query option naming the CA (``ssl_ca_certs=...``)."""
-        return f"ssl_ca_certs={quote(str(self.ca), safe='')}"
+        """The URL query options naming the CA (``ssl_ca_certs=...``), and the client's
+        certificate and key when ``mutual``."""
+        q = f"ssl_ca_certs={quote(str(self.ca), safe='')}"
+        if self.mutual:
+            q += f"&ssl_certfile={quote(str(self.cert), safe='')}"
+            q += f"&ssl_keyfile={quote(str(self.key), safe='')}"
+        return q
 
     def server_lines(self, port: int) -> list[str]:
         """The config lines of a server (or sentinel) listening with TLS only on ``port`` and
         speaking TLS to the servers it connects to (its primary, the monitored ones)."""
         return [
             "port 0", f"tls-port {port}", f"tls-cert-file {self.cert}",
-            f"tls-key-file {self.key}", f"tls-ca-cert-file {self.ca}", "tls-auth-clients no",
-            "tls-replication yes",
+            f"tls-key-file {self.key}", f"tls-ca-cert-file {self.ca}",
+            f"tls-auth-clients {'yes' if self.mutual else 'no'}", "tls-replication yes",
         ]  # fmt: skip
 
     def server_args(self, port: int) -> list[str]:
@@ -48,8 +56,12 @@ class Certs:
         return [arg for line in self.server_lines(port) for arg in _option(line)]
 
     def client_kwargs(self) -> dict[str, Any]:
-        """redis-py's arguments of a client trusting the CA."""
-        return {"ssl": True, "ssl_ca_certs": str(self.ca)}
+        """redis-py's arguments of a client trusting the CA (showing the certificate when
+        ``mutual``)."""
+        shown = (
+            {"ssl_certfile": str(self.cert), "ssl_keyfile": str(self.key)} if self.mutual else {}
+        )
+        return {"ssl": True, "ssl_ca_certs": str(self.ca), **shown}
 
 
 def make_certificates(d: Path) -> Certs:

@@ -1,7 +1,8 @@
 """Sentinel and Cluster over TLS only, with a CA made here and ACL users (``default`` off):
 the data nodes', and the sentinels' own. Two replicas serve the openai SDK through
-``rediss+sentinel://user:pass@.../primary?ssl_ca_certs=...&sentinel_username=...
-&sentinel_password=...`` and ``rediss+cluster://user:pass@...?ssl_ca_certs=...``: round robin
+``rediss+sentinel://user:pass@.../primary?ssl_ca_certs=...&ssl_certfile=...&ssl_keyfile=...
+&sentinel_username=...&sentinel_password=...`` (every server of that set wants a client
+certificate) and ``rediss+cluster://user:pass@...?ssl_ca_certs=...``: round robin
 global, an RPM limit exact, pub/sub heard (a drain; healthd's probes), the sentinels' primary
 followed across a failover; routerctl works; no password shows up in any output. And
 ``sentinel_ssl=false``: sentinels answering on a plain port with a password (``requirepass``)
@@ -13,6 +14,7 @@ import asyncio
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -79,16 +81,27 @@ def test_a_tls_sentinel_set_with_acl_users(cluster: Cluster, tmp_path: Path, cer
     started = time.monotonic()
     d = tmp_path / "sentinel"
     d.mkdir()
+    certs = replace(certs, mutual=True)  # every server wants the client's certificate too
     with sentinel_set(d, certs) as sentinels:
-        # the sentinels speak TLS only and want their own user
-        for tls in (certs.client_kwargs(), {}):  # no user; no TLS
-            with pytest.raises(redis.RedisError), redis.Redis(
+        assert "&ssl_certfile=" in sentinels.url
+        # the sentinels want TLS, their own user and a client certificate: each is needed
+        full = sentinels.sentinels.kwargs()
+        no_user = {**full, "username": None, "password": None}
+        no_cert = {**full, "ssl_certfile": None, "ssl_keyfile": None}
+        no_tls = {"username": full["username"], "password": full["password"]}
+        for kwargs in (full, no_user, no_cert, no_tls):
+            with redis.Redis(
                 port=sentinels.sentinel_ports[0], socket_timeout=1, retry=Retry(NoBackoff(), 0),
-                **tls,
+                **kwargs,
             ) as r:  # fmt: skip
-                r.execute_command("SENTINEL", "MASTERS")
+                if kwargs is full:
+                    assert r.execute_command("SENTINEL", "MASTERS")
+                    continue
+                with pytest.raises(redis.RedisError):
+                    r.execute_command("SENTINEL", "MASTERS")
         set_up = time.monotonic()
         gw = topology_gateway(cluster, tmp_path, sentinels.url)
+        gw_up = time.monotonic()
         counts = global_round_robin(gw)
         before = exact_rpm(gw, "limited", "r1")
 
@@ -112,7 +125,8 @@ def test_a_tls_sentinel_set_with_acl_users(cluster: Cluster, tmp_path: Path, cer
         assert_no_secret([p.output() for p in sentinels.procs])
     print(
         f"\ntls sentinel: round robin {counts}; rpm before {before} after {after};"
-        f" set up {set_up - started:.1f} s; kill to both ready {back - killed:.1f} s;"
+        f" set up {set_up - started:.1f} s; gateway up {gw_up - set_up:.1f} s;"
+        f" kill to both ready {back - killed:.1f} s;"
         f" wall {time.monotonic() - started:.1f} s"
     )
 
@@ -124,6 +138,7 @@ def test_a_tls_cluster_with_an_acl_user(cluster: Cluster, tmp_path: Path, certs:
     with redis_cluster(d, certs) as nodes:
         set_up = time.monotonic()
         gw = topology_gateway(cluster, tmp_path, nodes.url)
+        gw_up = time.monotonic()
         counts = global_round_robin(gw)  # the scripts, on the slot's node, over TLS
         rpm = exact_rpm(gw, "limited", "r1")
 
@@ -139,6 +154,7 @@ def test_a_tls_cluster_with_an_acl_user(cluster: Cluster, tmp_path: Path, certs:
         assert_no_secret([p.output() for p in nodes.nodes.values()])
     print(
         f"\ntls cluster: round robin {counts}; rpm {rpm}; set up {set_up - started:.1f} s;"
+        f" gateway up {gw_up - set_up:.1f} s;"
         f" wall {time.monotonic() - started:.1f} s"
     )
 
