@@ -26,6 +26,7 @@ from typing import Any
 import hiredis
 import redis.asyncio as aioredis
 from redis.asyncio.connection import parse_url
+from redis.asyncio.sentinel import SentinelManagedSSLConnection
 from redis.exceptions import RedisError
 
 from router.budgets import NANO, PERIOD_CODES, period_bounds, period_label
@@ -97,6 +98,10 @@ class _HiredisPacking:
 
 class _SSLConnection(_HiredisPacking, aioredis.SSLConnection):
     pass
+
+
+class _SentinelSSLConnection(_HiredisPacking, SentinelManagedSSLConnection):
+    """A ``rediss+sentinel`` pool's connection: the scripts go through it too."""
 
 
 def _settings(timeout: float, connect_timeout_ms: int) -> dict[str, Any]:
@@ -443,10 +448,11 @@ class Store:
         client: Any
         if cfg.redis_url.startswith(SENTINEL_SCHEMES):
             sentinel = SentinelTopology(cfg.redis_url, settings, max(timeout, POOL_WAIT_S))
-            client = aioredis.Redis(connection_pool=sentinel.pool(cfg.redis.pool_size))
             tls = sentinel.url.tls
+            own = {"connection_class": _SentinelSSLConnection} if tls else {}
+            client = aioredis.Redis(connection_pool=sentinel.pool(cfg.redis.pool_size, **own))
             mux = None if tls else MuxRedis(sentinel.url.mux_url(), timeout, sentinel.resolve)
-            subscriber_pool = functools.partial(sentinel.pool, 1, socket_timeout=None)
+            subscriber_pool = functools.partial(sentinel.pool, 1, socket_timeout=None, **own)
             on_close = sentinel.sentinel.aclose
         elif cfg.redis_url.startswith(CLUSTER_SCHEMES):
             cluster = ClusterTopology(cfg.redis_url, settings, cfg.redis.pool_size, keys.waiting())

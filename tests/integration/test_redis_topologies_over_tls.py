@@ -25,7 +25,7 @@ from redis.retry import Retry
 from router.config import load_config
 from router.errors import StoreError
 from router.state.health import HealthStore
-from router.state.store import Store
+from router.state.store import Store, _SentinelSSLConnection
 from tests.helpers import (
     ENV,
     ROOT,
@@ -117,6 +117,14 @@ def test_a_tls_sentinel_set_with_acl_users(cluster: Cluster, tmp_path: Path, cer
         wait_until(lambda: all(status(u) == "ready" for u in gw.urls), 30, "both ready")
         back = time.monotonic()
         after = exact_rpm(gw, "limited-after", "r2")
+
+        # the scripts' pooled connections pack with hiredis, as over rediss:// (not redis-py's
+        # own SentinelManagedSSLConnection)
+        store = Store.from_config(load_config(gw.config, dict(ENV)))
+        used = store.client.connection_pool.connection_class
+        assert used is _SentinelSSLConnection, used.__name__
+        assert store.subscriber_pool is not None
+        assert store.subscriber_pool().connection_class is _SentinelSSLConnection
 
         shown = check_config(gw.config)
         assert "sentinel_password=***" in shown, shown

@@ -7,10 +7,12 @@ import re
 
 import pytest
 import redis.asyncio as aioredis
+from redis.asyncio.sentinel import SentinelManagedConnection
 
 from router.config import masked_url, parse_config
 from router.errors import ConfigError
 from router.redis_url import TLSOptions, TopologyURL, parse_url
+from router.state.store import Store, _SentinelSSLConnection
 from router.state.topology import ClusterTopology, SentinelTopology
 
 SECRET = "s3cr%2Fet"
@@ -229,3 +231,22 @@ def test_redis_url_from_the_environment_is_checked_too() -> None:
     assert SECRET not in str(caught.value.problems)
     good = {"REDIS_URL": f"rediss+cluster://u:{SECRET}@a:1?ssl_ca_certs=/ca.pem"}
     assert parse_config(minimal, good, resolve=False).redis_url == good["REDIS_URL"]
+
+
+def test_a_tls_sentinel_stores_pooled_connections_pack_with_hiredis() -> None:
+    """Over TLS the scripts go through the pool: its connections (and the subscriptions')
+    pack with hiredis as rediss:// ones do; without TLS, the shared connection runs them."""
+    minimal = {
+        "client_keys": [{"env": "CK"}],
+        "providers": [{"name": "a", "kind": "openai", "base_url": "http://127.0.0.1:1/v1"}],
+        "routes": [{"model": "m", "targets": [{"provider": "a", "model": "x"}]}],
+    }
+    for url, cls, mux in [
+        ("rediss+sentinel://a:1/m?ssl_ca_certs=/ca.pem", _SentinelSSLConnection, False),
+        ("redis+sentinel://a:1/m", SentinelManagedConnection, True),
+    ]:
+        store = Store.from_config(parse_config({**minimal, "redis_url": url}, {}, resolve=False))
+        assert store.client.connection_pool.connection_class is cls
+        assert store.subscriber_pool is not None
+        assert store.subscriber_pool().connection_class is cls
+        assert (store.mux is not None) is mux
