@@ -4,18 +4,25 @@ config, masked when printed; the topologies' connections get the options."""
 from __future__ import annotations
 
 import re
+from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
 from redis.asyncio.sentinel import SentinelManagedConnection
 
 from router.config import masked_url, parse_config
-from router.errors import ConfigError
+from router.errors import ConfigError, StoreError
 from router.redis_url import TLSOptions, TopologyURL, parse_url
 from router.state.store import Store, _SentinelSSLConnection
 from router.state.topology import ClusterTopology, SentinelTopology
 
 SECRET = "s3cr%2Fet"
+MINIMAL: dict[str, Any] = {
+    "client_keys": [{"env": "CK"}],
+    "providers": [{"name": "a", "kind": "openai", "base_url": "http://127.0.0.1:1/v1"}],
+    "routes": [{"model": "m", "targets": [{"provider": "a", "model": "x"}]}],
+}
+"""The least config the checks pass (its redis_url is each test's)."""
 
 
 def test_a_sentinel_url_gives_its_sentinels_primary_db_and_credentials() -> None:
@@ -218,35 +225,39 @@ def test_every_connection_of_a_cluster_topology_gets_the_tls_options() -> None:
 
 
 def test_redis_url_from_the_environment_is_checked_too() -> None:
-    minimal = {
-        "client_keys": [{"env": "CK"}],
-        "providers": [{"name": "a", "kind": "openai", "base_url": "http://127.0.0.1:1/v1"}],
-        "routes": [{"model": "m", "targets": [{"provider": "a", "model": "x"}]}],
-    }
     env = {"REDIS_URL": f"rediss+cluster://u:{SECRET}@a:1?ssl_ca_cert=/ca.pem"}
     with pytest.raises(ConfigError) as caught:
-        parse_config(minimal, env, resolve=False)
+        parse_config(MINIMAL, env, resolve=False)
     problems = dict(caught.value.problems)
     assert "unknown option 'ssl_ca_cert'" in problems["REDIS_URL"]
     assert SECRET not in str(caught.value.problems)
     good = {"REDIS_URL": f"rediss+cluster://u:{SECRET}@a:1?ssl_ca_certs=/ca.pem"}
-    assert parse_config(minimal, good, resolve=False).redis_url == good["REDIS_URL"]
+    assert parse_config(MINIMAL, good, resolve=False).redis_url == good["REDIS_URL"]
 
 
 def test_a_tls_sentinel_stores_pooled_connections_pack_with_hiredis() -> None:
     """Over TLS the scripts go through the pool: its connections (and the subscriptions')
     pack with hiredis as rediss:// ones do; without TLS, the shared connection runs them."""
-    minimal = {
-        "client_keys": [{"env": "CK"}],
-        "providers": [{"name": "a", "kind": "openai", "base_url": "http://127.0.0.1:1/v1"}],
-        "routes": [{"model": "m", "targets": [{"provider": "a", "model": "x"}]}],
-    }
     for url, cls, mux in [
         ("rediss+sentinel://a:1/m?ssl_ca_certs=/ca.pem", _SentinelSSLConnection, False),
         ("redis+sentinel://a:1/m", SentinelManagedConnection, True),
     ]:
-        store = Store.from_config(parse_config({**minimal, "redis_url": url}, {}, resolve=False))
+        store = Store.from_config(parse_config({**MINIMAL, "redis_url": url}, {}, resolve=False))
         assert store.client.connection_pool.connection_class is cls
         assert store.subscriber_pool is not None
         assert store.subscriber_pool().connection_class is cls
         assert (store.mux is not None) is mux
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "rediss+sentinel://a:1/m?ssl_ca_certs=/nonexistent/ca.pem",
+        "rediss+cluster://a:1?ssl_ca_certs=/nonexistent/ca.pem",
+        "rediss://a:1/0?ssl_ca_certs=/nonexistent/ca.pem",
+    ],
+)
+async def test_an_unreadable_tls_file_fails_the_start_naming_it(url: str) -> None:
+    store = Store.from_config(parse_config({**MINIMAL, "redis_url": url}, {}, resolve=False))
+    with pytest.raises(StoreError, match="ssl_ca_certs /nonexistent/ca.pem: No such file"):
+        await store.start()
