@@ -29,6 +29,7 @@ from pydantic import (
 )
 
 from router.errors import ConfigError
+from router.redis_url import parse_url
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$"
 
@@ -64,10 +65,14 @@ SAFE_QUERY = frozenset(
         "socket_timeout",
         "socket_connect_timeout",
         "health_check_interval",
+        "sentinel_ssl",
     }
 )
-"""URL query parameters whose values are shown; any other value is masked (a Redis URL may
-carry ``?password=``)."""
+"""URL query parameters whose values are shown."""
+SECRET_QUERY = frozenset({"password", "username", "sentinel_password", "sentinel_username"})
+"""URL query parameters shown by their names only (``name=***``); any other parameter is
+masked whole (``***``): a secret holding an unescaped ``&`` splits into pieces that look like
+parameters, and no piece of it may be shown."""
 
 
 def masked_url(url: str) -> str:
@@ -76,13 +81,18 @@ def masked_url(url: str) -> str:
 
     Plain text, no URL parser: a password with an unescaped ``/``, ``?`` or ``#`` would end
     a parser's authority early and show the rest. Whatever precedes the last ``@`` is masked
-    (a host is hidden too when only a query holds an ``@``: shown too little, never too much).
+    (a host is hidden too when only a query holds an ``@``: shown too little, never too much),
+    and all of it when an ``@`` may be inside a query's value (``?...=`` before it): what
+    follows it may be the rest of a secret (``?sentinel_password=p@ss``).
     """
     scheme, sep, rest = url.partition("://")
     if not sep:
         scheme, rest = "", url
     if "@" in rest:
-        rest = "***@" + rest.rpartition("@")[2]
+        before, _, rest = rest.rpartition("@")
+        if "=" in before.partition("?")[2]:
+            return f"{scheme}{sep}***"
+        rest = "***@" + rest
     where, q, query = rest.partition("#")[0].partition("?")
     if q:
         where += "?" + "&".join(_masked_param(p) for p in query.split("&"))
@@ -91,7 +101,9 @@ def masked_url(url: str) -> str:
 
 def _masked_param(param: str) -> str:
     name, eq, _ = param.partition("=")
-    return param if name in SAFE_QUERY or not eq else f"{name}=***"
+    if name in SAFE_QUERY:
+        return param
+    return f"{name}=***" if name in SECRET_QUERY and eq else "***"
 
 
 REDIS_SCHEMES = (
@@ -99,10 +111,10 @@ REDIS_SCHEMES = (
     "redis+cluster://", "rediss+cluster://",
 )  # fmt: skip
 _SENTINEL_URL = re.compile(
-    r"^rediss?\+sentinel://([^/]*@)?[^@/]+:\d+(,[^@/,]+:\d+)*/[^/?#]+(/\d+)?$"
+    r"^rediss?\+sentinel://([^/]*@)?[^@/]+:\d+(,[^@/,]+:\d+)*/[^/?#]+(/\d+)?(\?[^#]*)?$"
 )
 
-_CLUSTER_URL = re.compile(r"^rediss?\+cluster://([^/]*@)?[^@/]+:\d+(,[^@/,]+:\d+)*/?$")
+_CLUSTER_URL = re.compile(r"^rediss?\+cluster://([^/]*@)?[^@/]+:\d+(,[^@/,]+:\d+)*/?(\?[^#]*)?$")
 
 
 def _redis_url(url: str | None) -> str | None:
@@ -121,6 +133,8 @@ def _redis_url(url: str | None) -> str | None:
         raise ValueError(
             "a cluster redis_url reads redis+cluster://[user:password@]host:port[,host:port...]"
         )
+    if "+sentinel://" in url or "+cluster://" in url:
+        parse_url(url)  # the hosts, and the query's options (TLS, the sentinels' credentials)
     return url
 
 
@@ -733,6 +747,11 @@ def parse_config(
     elif resolve:
         refs = _raw_secret_refs(data)
         problems += [_unset(path, ref.env) for path, ref in refs if not env.get(ref.env)]
+    if env.get("REDIS_URL"):  # checked as redis_url is (model_copy checks nothing)
+        try:
+            _redis_url(env["REDIS_URL"])
+        except ValueError as exc:
+            problems.append(("REDIS_URL", str(exc)))
     if problems or cfg is None:
         raise ConfigError(problems)
     if env.get("REDIS_URL"):

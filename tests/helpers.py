@@ -23,6 +23,7 @@ from loadtest.procs import Proc, free_port
 from router.config import load_config
 from router.state.health import HealthStore, ProbeWrite
 from router.state.store import Store
+from tests.tls import Certs
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -78,19 +79,29 @@ class Cluster:
         self.procs.append(proc)
         return proc
 
-    def mock(self, name: str, port: int, *args: str) -> Proc:
-        """Start a mock provider and wait until it serves."""
+    def mock(self, name: str, port: int, *args: str, wait: bool = True) -> Proc:
+        """Start a mock provider and (unless ``wait`` is false) wait until it serves."""
         argv = [sys.executable, "-m", "loadtest.mock_provider", "--port", str(port)]
         proc = self.start(f"mock-{name}", [*argv, "--name", name, *args])
-        self._wait_http(proc, f"http://127.0.0.1:{port}/stats")
+        if wait:
+            self.wait_mock(proc, port)
         return proc
 
-    def router(self, name: str, config: Path, port: int, env: dict[str, str]) -> Proc:
-        """Start a router replica and wait until it is ready."""
+    def wait_mock(self, proc: Proc, port: int) -> None:
+        self._wait_http(proc, f"http://127.0.0.1:{port}/stats")
+
+    def router(
+        self, name: str, config: Path, port: int, env: dict[str, str], wait: bool = True
+    ) -> Proc:
+        """Start a router replica and (unless ``wait`` is false) wait until it is ready."""
         argv = [sys.executable, "-m", "router.cli", "--config", str(config)]
         proc = self.start(name, [*argv, "--host", "127.0.0.1", "--port", str(port)], env)
-        self._wait_http(proc, f"http://127.0.0.1:{port}/readyz")
+        if wait:
+            self.wait_router(proc, port)
         return proc
+
+    def wait_router(self, proc: Proc, port: int) -> None:
+        self._wait_http(proc, f"http://127.0.0.1:{port}/readyz")
 
     def _wait_http(self, proc: Proc, url: str, timeout: float = 20.0) -> None:
         def ready() -> bool:
@@ -120,12 +131,15 @@ def redis_server_binary() -> str:
     return found
 
 
-def redis_argv(port: int, data_dir: Path) -> list[str]:
-    """The command line of a private, throw-away redis-server (nothing written to disk)."""
+def redis_argv(port: int, data_dir: Path, certs: Certs | None = None) -> list[str]:
+    """The command line of a private, throw-away redis-server (nothing written to disk); with
+    ``certs``, it listens with TLS only and speaks TLS to its primary. A replica's first sync
+    starts at once (Redis waits 5 s by default for more replicas to share it)."""
+    listen = certs.server_args(port) if certs else ["--port", str(port)]
     return [
-        redis_server_binary(),
-        "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-        "--dir", str(data_dir), "--protected-mode", "yes",
+        redis_server_binary(), *listen,
+        "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+        "--dir", str(data_dir), "--protected-mode", "yes", "--repl-diskless-sync-delay", "0",
     ]  # fmt: skip
 
 
@@ -193,12 +207,20 @@ class Gateway:
 
     def add_replica(self, env: dict[str, str] | None = None) -> str:
         """Start one more replica; return its base URL."""
-        port = free_port()
-        n = len(self.replicas)
-        proc = self.cluster.router(f"router-{n}", self.config, port, {**ENV, **(env or {})})
-        url = f"http://127.0.0.1:{port}"
-        self.replicas.append((proc, url))
-        return url
+        return self.add_replicas(1, env)[0]
+
+    def add_replicas(self, n: int, env: dict[str, str] | None = None) -> list[str]:
+        """Start ``n`` more replicas at once, then wait until all are ready; their URLs."""
+        started = []
+        for _ in range(n):
+            port = free_port()
+            name = f"router-{len(self.replicas)}"
+            proc = self.cluster.router(name, self.config, port, {**ENV, **(env or {})}, False)
+            self.replicas.append((proc, f"http://127.0.0.1:{port}"))
+            started.append((proc, port))
+        for proc, port in started:
+            self.cluster.wait_router(proc, port)
+        return [f"http://127.0.0.1:{port}" for _, port in started]
 
     @property
     def urls(self) -> list[str]:
@@ -245,16 +267,19 @@ def start_gateway(
     cluster: Cluster, tmp: Path, redis_url: str | None, mocks: list[Mock],
     routes: list[dict[str, Any]], replicas: int = 1, **extra: Any,
 ) -> Gateway:  # fmt: skip
-    """Start the mocks, write the config, start ``replicas`` routers."""
+    """Start the mocks, write the config, start ``replicas`` routers (each kind all at once,
+    then waited for: the processes' start-ups overlap)."""
+    started = []
     for m in mocks:
         if m.alias_of is not None:
             continue
         args = ["--api", m.api, "--api-key", PROVIDER_KEY, *m.args]
-        cluster.mock(m.name, m.port, *args)
+        started.append((cluster.mock(m.name, m.port, *args, wait=False), m.port))
+    for proc, port in started:
+        cluster.wait_mock(proc, port)
     config = write_config(tmp / "router.yaml", redis_url, mocks, routes, **extra)
     gw = Gateway(cluster, config, mocks)
-    for _ in range(replicas):
-        gw.add_replica()
+    gw.add_replicas(replicas)
     return gw
 
 
@@ -272,6 +297,23 @@ async def write_with_epoch(config: Path, epoch: int) -> ProbeWrite:
         return await HealthStore(store).report_probe("a", epoch, False, 1.0, "stale", 1, 1)
     finally:
         await store.close()
+
+
+async def drain_through_the_store(config: Path, provider: str) -> None:
+    """Drain ``provider`` through a store of its own on the config's Redis (what routerctl
+    does): the replicas hear of it by pub/sub."""
+    store = Store.from_config(load_config(config, dict(ENV)))
+    await store.start(warm=1)
+    try:
+        await HealthStore(store).set_drain(provider, True)
+    finally:
+        await store.close()
+
+
+def drained(url: str, provider: str) -> bool:
+    """The replica at ``url`` is ready and sees ``provider`` drained (``/readyz``)."""
+    body = httpx.get(f"{url}/readyz", timeout=5).json()
+    return bool(body["status"] == "ready" and body["providers"][provider]["drained"])
 
 
 def local_config(tmp: Path) -> Path:

@@ -1,5 +1,6 @@
 """Redis topologies as real processes on loopback: a Sentinel-watched primary and its
-replica, a Redis Cluster; and the traffic (openai SDK) their failover tests send.
+replica, a Redis Cluster, each plain or TLS-only (a CA made by the test, ACL users: the data
+nodes' and the sentinels' own); and the traffic (openai SDK) their failover tests send.
 
 Every process is started here and stopped here by its PID; nothing is written outside the
 test's own directory.
@@ -39,11 +40,31 @@ from tests.helpers import (
     start_gateway,
     wait_until,
 )
+from tests.tls import Certs, acl_args, acl_lines
 
 SERVICE = "routerprimary"
 """The primary's name in the sentinels' configuration (the URL's path)."""
 PASSWORD = "sentinel-set-password-7c1e"
 """The sentinel set's data nodes require it (the URL carries it): printed nowhere."""
+TLS_USER = "router-app"
+TLS_PASSWORD = "tls-topology-password-4b9e"
+"""A TLS topology's data nodes admit this ACL user only (``default`` is off)."""
+SENTINEL_USER = "watcher"
+SENTINEL_PASSWORD = "sentinel-own-password-91d2"
+"""A TLS sentinel set's sentinels admit this ACL user only (and log in to each other as it)."""
+
+
+@dataclass(frozen=True)
+class Login:
+    """How a test's own client logs in to a server: user, password, TLS (the test CA)."""
+
+    username: str | None = None
+    password: str | None = None
+    certs: Certs | None = None
+
+    def kwargs(self) -> dict[str, Any]:
+        tls = self.certs.client_kwargs() if self.certs else {}
+        return {"username": self.username, "password": self.password, **tls}
 
 
 @dataclass
@@ -56,81 +77,146 @@ class SentinelSet:
     replica_port: int
     sentinel_ports: list[int]
     procs: list[Proc] = field(default_factory=list)
+    certs: Certs | None = None
+    """The test CA of a TLS-only set (``None``: plain, as before)."""
+    plain_sentinels: bool = False
+    """With ``certs``: the sentinels answer clients on a plain port and want a password
+    (``requirepass``) instead of their ACL user; they speak TLS to the data nodes and to each
+    other (on a TLS port of their own)."""
+
+    @property
+    def data(self) -> Login:
+        if self.certs:
+            return Login(TLS_USER, TLS_PASSWORD, self.certs)
+        return Login(password=PASSWORD)
+
+    @property
+    def sentinels(self) -> Login:
+        if self.certs is None:
+            return Login()
+        if self.plain_sentinels:
+            return Login(password=SENTINEL_PASSWORD)
+        return Login(SENTINEL_USER, SENTINEL_PASSWORD, self.certs)
 
     @property
     def url(self) -> str:
         hosts = ",".join(f"127.0.0.1:{p}" for p in self.sentinel_ports)
-        return f"redis+sentinel://:{PASSWORD}@{hosts}/{SERVICE}/0"
+        if self.certs is None:
+            return f"redis+sentinel://:{PASSWORD}@{hosts}/{SERVICE}/0"
+        query = f"{self.certs.query()}&sentinel_password={SENTINEL_PASSWORD}"
+        if self.plain_sentinels:
+            query += "&sentinel_ssl=false"
+        else:
+            query += f"&sentinel_username={SENTINEL_USER}"
+        return f"rediss+sentinel://{TLS_USER}:{TLS_PASSWORD}@{hosts}/{SERVICE}/0?{query}"
 
     def primary_addresses(self) -> set[tuple[str, int] | None]:
         """Where each sentinel says the primary is (``None``: it did not answer)."""
         found: set[tuple[str, int] | None] = set()
         for port in self.sentinel_ports:
-            addr = ask(port, "SENTINEL", "GET-MASTER-ADDR-BY-NAME", SERVICE)
+            addr = ask(port, "SENTINEL", "GET-MASTER-ADDR-BY-NAME", SERVICE, login=self.sentinels)
             found.add((str(addr[0]), int(addr[1])) if addr else None)
         return found
 
 
-def ask(port: int, *command: str, password: str | None = None) -> Any:
-    """One command to the server on ``port``; ``None`` if it does not answer."""
+def ask(port: int, *command: str, login: Login = Login()) -> Any:
+    """One command to the server on ``port``, logged in as ``login`` says; ``None`` if it
+    does not answer."""
     with (
         contextlib.suppress(redis.RedisError),
-        redis.Redis(port=port, password=password, socket_timeout=1, decode_responses=True) as r,
+        redis.Redis(port=port, socket_timeout=1, decode_responses=True, **login.kwargs()) as r,
     ):
         return r.execute_command(*command)
     return None
 
 
-def _sentinel_ready(port: int) -> bool:
+def _sentinel_ready(port: int, login: Login) -> bool:
     """The sentinel on ``port`` sees the primary, its replica and the two other sentinels."""
-    state = ask(port, "SENTINEL", "MASTER", SERVICE)
+    state = ask(port, "SENTINEL", "MASTER", SERVICE, login=login)
     if not state:
         return False
     info = dict(zip(state[::2], state[1::2], strict=True)) if isinstance(state, list) else state
     return int(info["num-slaves"]) >= 1 and int(info["num-other-sentinels"]) >= 2
 
 
-def _replica_synced(port: int) -> bool:
-    info = ask(port, "INFO", "replication", password=PASSWORD)
+def _replica_synced(port: int, login: Login) -> bool:
+    info = ask(port, "INFO", "replication", login=login)
     return bool(info) and info.get("master_link_status") == "up"
 
 
+def _data_auth(certs: Certs | None) -> list[str]:
+    """A data node's options: who may log in, and how it logs in to its primary."""
+    if certs is None:
+        return ["--requirepass", PASSWORD, "--masterauth", PASSWORD]
+    return [*acl_args(TLS_USER, TLS_PASSWORD), "--masteruser", TLS_USER,
+            "--masterauth", TLS_PASSWORD]  # fmt: skip
+
+
+def _sentinel_conf(
+    port: int, log_dir: Path, primary_port: int, certs: Certs | None, plain: bool
+) -> str:
+    listen = [f"port {port}"]
+    auth = [f"sentinel auth-pass {SERVICE} {PASSWORD}"]
+    if certs is not None and plain:
+        # clients on the plain port; the peers on the TLS one, which it announces to them (with
+        # tls-replication a sentinel reaches everything over TLS: peers too); requirepass is
+        # also what it logs in to its peers with
+        peers = certs.server_lines(free_port())[1:]  # not "port 0"
+        listen = [f"port {port}", *peers, f"requirepass {SENTINEL_PASSWORD}"]
+    elif certs is not None:  # TLS only; its own ACL user, which it also logs in to peers as
+        listen = [*certs.server_lines(port), *acl_lines(SENTINEL_USER, SENTINEL_PASSWORD),
+                  f"sentinel sentinel-user {SENTINEL_USER}",
+                  f"sentinel sentinel-pass {SENTINEL_PASSWORD}"]  # fmt: skip
+    if certs is not None:
+        auth = [f"sentinel auth-user {SERVICE} {TLS_USER}",
+                f"sentinel auth-pass {SERVICE} {TLS_PASSWORD}"]  # fmt: skip
+    lines = [
+        *listen, "bind 127.0.0.1", f"dir {log_dir}",
+        f"sentinel monitor {SERVICE} 127.0.0.1 {primary_port} 2", *auth,
+        f"sentinel down-after-milliseconds {SERVICE} 500",
+        f"sentinel failover-timeout {SERVICE} 2000", f"sentinel parallel-syncs {SERVICE} 1",
+    ]  # fmt: skip
+    return "\n".join(lines) + "\n"
+
+
 @contextlib.contextmanager
-def sentinel_set(log_dir: Path) -> Iterator[SentinelSet]:
-    """Start the set and wait until every sentinel sees the whole of it; stop it all after."""
+def sentinel_set(
+    log_dir: Path, certs: Certs | None = None, plain_sentinels: bool = False
+) -> Iterator[SentinelSet]:
+    """Start the set and wait until every sentinel sees the whole of it; stop it all after.
+    With ``certs``, every process speaks TLS only and admits ACL users only (but see
+    ``SentinelSet.plain_sentinels``)."""
     procs: list[Proc] = []
     env = dict(os.environ)
     try:
         pport, rport = free_port(), free_port()
         (log_dir / "primary").mkdir()
         (log_dir / "replica").mkdir()
-        auth = ["--requirepass", PASSWORD, "--masterauth", PASSWORD]
-        primary_argv = [*redis_argv(pport, log_dir / "primary"), *auth]
+        auth = _data_auth(certs)
+        primary_argv = [*redis_argv(pport, log_dir / "primary", certs), *auth]
         primary = Proc(f"redis-primary-{pport}", primary_argv, env, log_dir)
         procs.append(primary)
         replica_argv = [
-            *redis_argv(rport, log_dir / "replica"), *auth, "--replicaof", "127.0.0.1", str(pport),
+            *redis_argv(rport, log_dir / "replica", certs), *auth,
+            "--replicaof", "127.0.0.1", str(pport),
         ]  # fmt: skip
         replica = Proc(f"redis-replica-{rport}", replica_argv, env, log_dir)
         procs.append(replica)
+        found = SentinelSet(primary, pport, replica, rport, [], procs, certs, plain_sentinels)
         wait_until(lambda: port_open(pport) and port_open(rport), 10, "primary and replica")
-        wait_until(lambda: _replica_synced(rport), 10, "the replica to sync")
-        sports = [free_port() for _ in range(3)]
-        for port in sports:
+        wait_until(lambda: _replica_synced(rport, found.data), 10, "the replica to sync")
+        found.sentinel_ports = [free_port() for _ in range(3)]
+        for port in found.sentinel_ports:
             conf = log_dir / f"sentinel-{port}.conf"
-            conf.write_text(
-                f"port {port}\nbind 127.0.0.1\ndir {log_dir}\n"
-                f"sentinel monitor {SERVICE} 127.0.0.1 {pport} 2\n"
-                f"sentinel auth-pass {SERVICE} {PASSWORD}\n"
-                f"sentinel down-after-milliseconds {SERVICE} 500\n"
-                f"sentinel failover-timeout {SERVICE} 2000\n"
-                f"sentinel parallel-syncs {SERVICE} 1\n"
-            )
+            conf.write_text(_sentinel_conf(port, log_dir, pport, certs, plain_sentinels))
             argv = [redis_server_binary(), str(conf), "--sentinel"]
             procs.append(Proc(f"sentinel-{port}", argv, env, log_dir))
-        for port in sports:
-            wait_until(lambda p=port: _sentinel_ready(p), 20, f"sentinel {port} to see the set")
-        yield SentinelSet(primary, pport, replica, rport, sports, procs)
+        for port in found.sentinel_ports:
+            wait_until(
+                lambda p=port: _sentinel_ready(p, found.sentinels), 20,
+                f"sentinel {port} to see the set",
+            )  # fmt: skip
+        yield found
     finally:
         for proc in reversed(procs):
             proc.stop()
@@ -142,18 +228,27 @@ class ClusterSet:
 
     nodes: dict[int, Proc]
     """Every node's process by its port."""
+    certs: Certs | None = None
+    """The test CA of a TLS-only cluster with an ACL user (``None``: plain, no password)."""
+
+    @property
+    def login(self) -> Login:
+        return Login(TLS_USER, TLS_PASSWORD, self.certs) if self.certs else Login()
 
     @property
     def url(self) -> str:
-        return "redis+cluster://" + ",".join(f"127.0.0.1:{p}" for p in list(self.nodes)[:3])
+        hosts = ",".join(f"127.0.0.1:{p}" for p in list(self.nodes)[:3])
+        if self.certs is None:
+            return f"redis+cluster://{hosts}"
+        return f"rediss+cluster://{TLS_USER}:{TLS_PASSWORD}@{hosts}?{self.certs.query()}"
 
     def owner(self, key: str) -> int | None:
         """The port of the primary serving ``key``'s slot, as a live node says now."""
         for port, proc in self.nodes.items():
             if not proc.alive():
                 continue
-            slot = ask(port, "CLUSTER", "KEYSLOT", key)
-            shards = ask(port, "CLUSTER", "SLOTS")
+            slot = ask(port, "CLUSTER", "KEYSLOT", key, login=self.login)
+            shards = ask(port, "CLUSTER", "SLOTS", login=self.login)
             if slot is None or not shards:
                 continue
             for first, last, primary, *_ in shards:
@@ -164,7 +259,7 @@ class ClusterSet:
     def replica_of(self, primary_port: int) -> int:
         """The port of the replica following the primary on ``primary_port``."""
         for port in self.nodes:
-            info = ask(port, "INFO", "replication")
+            info = ask(port, "INFO", "replication", login=self.login)
             if info and info.get("role") == "slave" and int(info["master_port"]) == primary_port:
                 return port
         raise LookupError(f"no replica follows {primary_port}")
@@ -173,45 +268,53 @@ class ClusterSet:
         """Every live node says ``cluster_state:ok``."""
         for port, proc in self.nodes.items():
             if proc.alive():
-                info = ask(port, "CLUSTER", "INFO")
+                info = ask(port, "CLUSTER", "INFO", login=self.login)
                 if not info or "cluster_state:ok" not in str(info):
                     return False
         return True
 
+    def synced(self) -> bool:
+        """Three replicas, each with its link to its primary up."""
+        infos = [ask(p, "INFO", "replication", login=self.login) or {} for p in self.nodes]
+        replicas = sum(info.get("role") == "slave" for info in infos)
+        return replicas == 3 and all(i.get("master_link_status", "up") == "up" for i in infos)
+
 
 @contextlib.contextmanager
-def redis_cluster(log_dir: Path) -> Iterator[ClusterSet]:
+def redis_cluster(log_dir: Path, certs: Certs | None = None) -> Iterator[ClusterSet]:
     """Start six cluster-enabled servers, join them (one replica per primary), and wait until
-    every node says the cluster is ok; stop them all after."""
+    every node says the cluster is ok; stop them all after. With ``certs``, the clients, the
+    replication and the cluster bus all speak TLS only, and an ACL user is the only login."""
     env = dict(os.environ)
     nodes: dict[int, Proc] = {}
+    tls: list[str] = []
+    if certs is not None:
+        tls = ["--tls-cluster", "yes", *_data_auth(certs)]
     try:
         for _ in range(6):
             port = free_port()
             d = log_dir / f"node-{port}"
             d.mkdir()
             argv = [
-                *redis_argv(port, d), "--cluster-enabled", "yes",
+                *redis_argv(port, d, certs), "--cluster-enabled", "yes",
                 "--cluster-config-file", str(d / "nodes.conf"), "--cluster-node-timeout", "1000",
                 # its bus port, else port + 10000: past 65535 for a high free port
-                "--cluster-port", str(free_port()),
+                "--cluster-port", str(free_port()), *tls,
             ]  # fmt: skip
             nodes[port] = Proc(f"redis-node-{port}", argv, env, log_dir)
         wait_until(lambda: all(port_open(p) for p in nodes), 10, "the cluster's nodes")
         redis_cli = str(Path(redis_server_binary()).with_name("redis-cli"))
-        create = [redis_cli, "--cluster", "create", *(f"127.0.0.1:{p}" for p in nodes),
+        cli_env = env
+        login: list[str] = []
+        if certs is not None:  # the password from the environment: not on a command line
+            login = ["--tls", "--cacert", str(certs.ca), "--user", TLS_USER]
+            cli_env = {**env, "REDISCLI_AUTH": TLS_PASSWORD}
+        create = [redis_cli, *login, "--cluster", "create", *(f"127.0.0.1:{p}" for p in nodes),
                   "--cluster-replicas", "1", "--cluster-yes"]  # fmt: skip
-        subprocess.run(create, check=True, capture_output=True, timeout=60)
-        cluster = ClusterSet(nodes)
+        subprocess.run(create, check=True, capture_output=True, timeout=60, env=cli_env)
+        cluster = ClusterSet(nodes, certs)
         wait_until(cluster.healthy, 30, "cluster_state:ok on every node")
-        wait_until(
-            lambda: sum(ask(p, "INFO", "replication").get("role") == "slave" for p in nodes) == 3
-            and all(
-                ask(p, "INFO", "replication").get("master_link_status", "up") == "up"
-                for p in nodes
-            ),
-            30, "every replica in sync",
-        )  # fmt: skip
+        wait_until(cluster.synced, 30, "every replica in sync")
         yield cluster
     finally:
         for proc in reversed(nodes.values()):

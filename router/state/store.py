@@ -27,6 +27,7 @@ from typing import Any
 import hiredis
 import redis.asyncio as aioredis
 from redis.asyncio.connection import parse_url
+from redis.asyncio.sentinel import SentinelManagedSSLConnection
 from redis.exceptions import RedisError
 
 from router.budgets import NANO, PERIOD_CODES, period_bounds, period_label
@@ -58,6 +59,8 @@ LOST = "lost"
 DEFAULT_CIRCUIT = Circuit()
 POOL_WAIT_S = 2.0
 """Longest wait for a free connection of the pool (Redis calls themselves time out sooner)."""
+TLS_FILES = ("ssl_ca_certs", "ssl_certfile", "ssl_keyfile")
+"""The URL's options naming files that TLS connections read."""
 STARTUP_RETRY_S = 0.25
 """How often a process starting up tries Redis again (``Store.start_within``)."""
 SCRIPTS = (
@@ -98,6 +101,10 @@ class _HiredisPacking:
 
 class _SSLConnection(_HiredisPacking, aioredis.SSLConnection):
     pass
+
+
+class _SentinelSSLConnection(_HiredisPacking, SentinelManagedSSLConnection):
+    """A ``rediss+sentinel`` pool's connection: the scripts go through it too."""
 
 
 def _settings(timeout: float, connect_timeout_ms: int) -> dict[str, Any]:
@@ -395,8 +402,11 @@ class Store:
         subscriber_pool: Callable[[], aioredis.ConnectionPool] | None = None,
         on_close: Callable[[], Awaitable[None]] | None = None,
         watch: Callable[[Callable[[], Awaitable[None]]], Coroutine[Any, Any, None]] | None = None,
+        tls_files: Mapping[str, str] | None = None,
     ) -> None:
         self.client = client
+        self.tls_files = dict(tls_files or {})
+        """The TLS files the URL names (``ssl_ca_certs``...: their paths), read at start."""
         self._on_close = on_close
         """Closes what the topology holds besides the client (the sentinels' connections)."""
         self._watch = watch
@@ -451,24 +461,29 @@ class Store:
         client: Any
         if cfg.redis_url.startswith(SENTINEL_SCHEMES):
             sentinel = SentinelTopology(cfg.redis_url, settings, max(timeout, POOL_WAIT_S))
-            client = aioredis.Redis(connection_pool=sentinel.pool(cfg.redis.pool_size))
             tls = sentinel.url.tls
+            own = {"connection_class": _SentinelSSLConnection} if tls else {}
+            client = aioredis.Redis(connection_pool=sentinel.pool(cfg.redis.pool_size, **own))
             mux = None if tls else MuxRedis(sentinel.url.mux_url(), timeout, sentinel.resolve)
-            subscriber_pool = functools.partial(sentinel.pool, 1, socket_timeout=None)
+            subscriber_pool = functools.partial(sentinel.pool, 1, socket_timeout=None, **own)
             on_close = sentinel.sentinel.aclose
             watch = sentinel.watch
+            tls_kwargs = sentinel.url.tls_kwargs()
         elif cfg.redis_url.startswith(CLUSTER_SCHEMES):
             cluster = ClusterTopology(cfg.redis_url, settings, cfg.redis.pool_size, keys.waiting())
             client = cluster.client
             tls = cluster.url.tls
             mux = None if tls else MuxRedis(cluster.url.mux_url(), timeout, cluster.resolve)
             subscriber_pool = cluster.subscriber_pool
+            tls_kwargs = cluster.url.tls_kwargs()
         else:
             pool = _pool(cfg.redis_url, cfg.redis.pool_size, timeout, cfg.redis.connect_timeout_ms)
             client = aioredis.Redis(connection_pool=pool)
             # TLS (rediss://) keeps redis-py's pooled connections for the scripts too
             tls = pool.connection_class is _SSLConnection
             mux = None if tls else MuxRedis(cfg.redis_url, timeout)
+            tls_kwargs = pool.connection_kwargs
+        files = {k: str(tls_kwargs[k]) for k in TLS_FILES if tls_kwargs.get(k)}
         # How long after its deadline was taken an acquire may run for a caller still
         # waiting. Shared connection: the call's timeout, and a fifth more for connecting
         # first (a millisecond on a LAN) or a busy event loop. Pool: the wait for a free
@@ -485,10 +500,12 @@ class Store:
             client, keys, ttl, embedded=False, circuits=circuits, mux=mux, late_ms=late,
             response_pin_ttl_ms=pins, subscriber_pool=subscriber_pool, on_close=on_close,
             watch=watch,
+            tls_files=files,
         )  # fmt: skip
 
     async def start(self, warm: int = 8) -> None:
         """Open ``warm`` connections and load the scripts, so the first requests wait on neither."""
+        self._read_tls_files()
         if self._watch is not None and self._watcher is None:
             self._watcher = asyncio.create_task(self._watch(self._primary_switched))
         try:
@@ -499,6 +516,18 @@ class Store:
             await self.time_ms()  # the clocks' difference, for the acquires' deadlines
         except RedisError as exc:
             raise StoreError(f"shared store unavailable: {exc}") from exc
+
+    def _read_tls_files(self) -> None:
+        """A TLS file the URL names that this host cannot read fails the start saying which:
+        redis-py would only say that no sentinel named a primary, or that a connection
+        failed. (A path is no secret: printed URLs show it too.)"""
+        for option, path in self.tls_files.items():
+            try:
+                with open(path, "rb"):
+                    pass
+            except OSError as exc:
+                reason = exc.strerror or type(exc).__name__
+                raise StoreError(f"shared store unavailable: {option} {path}: {reason}") from exc
 
     async def start_within(self, seconds: float, on_retry: Callable[[StoreError], None]) -> None:
         """``start``, tried again every ``STARTUP_RETRY_S`` until Redis answers or ``seconds``

@@ -7,8 +7,13 @@ the primary is whenever a connection is made, and the scripts' shared connection
 too (``resolver``) each time it connects again: after a lost connection or a ``READONLY``
 reply (the old primary came back as a replica).
 
-The user and password are the data nodes'; the sentinels are asked without them (the usual
-set-up: sentinels on a private network, ``requirepass`` on the data nodes).
+The user and password are the data nodes'; the sentinels are asked with the query's
+``sentinel_username``/``sentinel_password`` when it has them (a sentinel's ``requirepass`` or
+ACL user), without any otherwise. With ``rediss+sentinel`` the sentinels are reached over TLS
+too (as Lettuce's and go-redis's clients do), with the same TLS options, unless the query says
+``sentinel_ssl=false``: a sentinel API on a plain port in front of TLS data nodes (a Sentinel
+with ``port`` and ``tls-replication yes``; Redis Software's discovery service on port 8001 in
+front of TLS databases, the case ioredis keeps its sentinels' TLS a separate option for).
 
 A primary cut off from its sentinels and replicas, but not from us, still answers: asking
 the sentinels only on a new connection, a replica would go on writing there, and every write
@@ -23,6 +28,9 @@ slot, and the scripts' shared connection goes there (``resolver``: ``CLUSTER SLO
 again at every new connection, and a ``MOVED`` or ``ASK`` reply gives the connection up).
 A subscription may be on any node (``PUBLISH`` reaches every node of a cluster): each new
 one takes the next known node, so a subscriber whose node died comes back on another.
+
+Both take TLS options in the query of their ``rediss+`` forms (``router.redis_url``); every
+connection of the topology uses them: the pools, the subscriptions' and the sentinels'.
 """
 
 from __future__ import annotations
@@ -32,14 +40,14 @@ import contextlib
 import itertools
 import logging
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 from typing import Any
-from urllib.parse import quote, unquote
 
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
 from redis.exceptions import RedisError
+
+from router.redis_url import parse_url
 
 log = logging.getLogger("router.redis")
 
@@ -51,60 +59,6 @@ WATCH_RETRY_S = 1.0
 
 SENTINEL_SCHEMES = ("redis+sentinel://", "rediss+sentinel://")
 CLUSTER_SCHEMES = ("redis+cluster://", "rediss+cluster://")
-
-
-@dataclass(frozen=True, slots=True)
-class TopologyURL:
-    """A sentinel or cluster URL's parts (a cluster's has no ``service`` nor ``db``)."""
-
-    hosts: tuple[tuple[str, int], ...]
-    service: str
-    db: int
-    username: str | None
-    password: str | None
-    tls: bool
-
-    def mux_url(self) -> str:
-        """A ``redis://`` URL with the credentials and db of the scripts' shared connection
-        (its host is a placeholder: the topology's resolver says where to connect)."""
-        cred = ""
-        if self.password is not None:
-            cred = f"{quote(self.username or '', safe='')}:{quote(self.password, safe='')}@"
-        return f"redis://{cred}resolved/{self.db}"
-
-
-def parse_url(url: str) -> TopologyURL:
-    """The parts of a sentinel or cluster URL; ``ValueError`` naming what is wrong (never
-    the password)."""
-    scheme, _, rest = url.partition("://")
-    rest = rest.partition("?")[0].partition("#")[0]
-    userinfo, at, hostpart = rest.rpartition("@")
-    if not at:
-        userinfo, hostpart = "", rest
-    user, colon, password = userinfo.partition(":")
-    hosts, _, path = hostpart.partition("/")
-    addresses = []
-    for item in hosts.split(","):
-        host, _, port = item.strip().rpartition(":")
-        if not host or not port.isdigit() or not 0 < int(port) < 65536:
-            raise ValueError(f"{scheme}:// takes its hosts as host:port[,host:port...]")
-        addresses.append((host.strip("[]"), int(port)))
-    service, _, db = path.partition("/")
-    cluster = scheme.endswith("+cluster")
-    if cluster and path:
-        raise ValueError(f"{scheme}:// takes no path: a cluster has one database, no names")
-    if not service and not cluster:
-        raise ValueError(f"{scheme}:// needs the primary's name: .../<primary-name>[/db]")
-    if db and not db.isdigit():
-        raise ValueError(f"{scheme}:// takes a database number after the primary's name")
-    return TopologyURL(
-        hosts=tuple(addresses),
-        service=unquote(service),
-        db=int(db or 0),
-        username=unquote(user) or None,
-        password=unquote(password) if colon else None,
-        tls=scheme.startswith("rediss+"),
-    )
 
 
 class _BlockingSentinelPool(SentinelConnectionPool, aioredis.BlockingConnectionPool):
@@ -120,7 +74,8 @@ class SentinelTopology:
         self.url = parse_url(url)
         self.pool_wait_s = pool_wait_s
         self.sentinel_kwargs = {k: v for k, v in settings.items() if k.startswith("socket_")}
-        """How the sentinels are reached (their socket timeouts)."""
+        self.sentinel_kwargs |= self.url.sentinel_kwargs()
+        """How the sentinels are reached (their socket timeouts, credentials and TLS)."""
         sentinels = list(self.url.hosts)
         self.sentinel = Sentinel(sentinels, sentinel_kwargs=self.sentinel_kwargs)  # type: ignore[no-untyped-call]
         self.settings = settings
@@ -132,7 +87,7 @@ class SentinelTopology:
         return _BlockingSentinelPool(  # type: ignore[no-untyped-call]
             u.service, self.sentinel, max_connections=size, timeout=self.pool_wait_s,
             username=u.username, password=u.password, db=u.db, ssl=u.tls,
-            **{**self.settings, **overrides},
+            **{**self.settings, **u.tls_kwargs(), **overrides},
         )  # fmt: skip
 
     async def resolve(self) -> tuple[str, int]:
@@ -192,6 +147,7 @@ class ClusterTopology:
         self.client = RedisCluster(
             startup_nodes=[ClusterNode(h, p) for h, p in u.hosts], username=u.username,
             password=u.password, ssl=u.tls, max_connections=size, **settings,
+            **u.tls_kwargs(),
         )  # fmt: skip
         self.slot_key = slot_key
         """A key of the pool's hash tag: its slot is every script key's."""
@@ -212,5 +168,5 @@ class ClusterTopology:
         return aioredis.ConnectionPool(
             host=host, port=port, username=u.username, password=u.password, max_connections=1,
             connection_class=aioredis.SSLConnection if u.tls else aioredis.Connection,
-            **{**self.settings, "socket_timeout": None},
+            **{**self.settings, **u.tls_kwargs(), "socket_timeout": None},
         )  # fmt: skip

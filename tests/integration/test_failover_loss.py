@@ -158,7 +158,7 @@ async def test_sentinel_primary_killed(tmp_path: Path, run: int) -> None:
             await store.close()
         promoted = s.replica_port
         wait_until(
-            lambda: (ask(promoted, "ROLE", password=PASSWORD) or [""])[0] == "master",
+            lambda: (ask(promoted, "ROLE", login=s.data) or [""])[0] == "master",
             30, "the replica to be promoted",
         )  # fmt: skip
         leases, rpm = await held(promoted, store, PASSWORD)

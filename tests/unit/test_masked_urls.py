@@ -24,7 +24,17 @@ from router.config import masked_url
         ("ops:s3cret@cache:6379", "***@cache:6379"),  # no scheme: still masked
         ("redis://127.0.0.1:6379/0", "redis://127.0.0.1:6379/0"),  # nothing to hide
         ("redis://ops:pa/ss?w#rd@cache/0", "redis://***@cache/0"),  # unescaped / ? #
-        ("redis://cache/0?client_name=a@b", "redis://***@b"),  # too little shown, never more
+        ("redis://cache/0?client_name=a@b", "redis://***"),  # an @ in a value: all hidden
+        ("redis://cache/0?password=ab&cd", "redis://cache/0?password=***&***"),  # a piece of it
+        ("redis://cache/0?password=ab&cd=ef", "redis://cache/0?password=***&***"),
+        (
+            "rediss+sentinel://u:p@a:1,b:2/m/0?ssl_ca_certs=/ca.pem&sentinel_ssl=false"
+            "&sentinel_username=watch&sentinel_password=s3cret",
+            "rediss+sentinel://***@a:1,b:2/m/0?ssl_ca_certs=/ca.pem&sentinel_ssl=false"
+            "&sentinel_username=***&sentinel_password=***",
+        ),
+        ("redis+sentinel://a:1/m?sentinel_password=p@ss", "redis+sentinel://***"),
+        ("rediss+cluster://a:1?ssl_cert_reqs=none", "rediss+cluster://a:1?ssl_cert_reqs=none"),
         ("redis://cache/0#s3cret", "redis://cache/0"),
     ],
 )
@@ -43,3 +53,17 @@ def test_no_user_or_password_survives(user: str, password: str, scheme: str) -> 
         assert quote(password, safe="") not in shown
         assert password not in shown
         assert user not in shown
+
+
+query_secret = st.text("ABCDEFGHIJKLMNOPQRSTUVWXYZ-_.~!$&'()*+,;=:@/%?#", min_size=1)
+
+
+@given(password=query_secret, scheme=st.sampled_from(["redis+sentinel", "rediss+sentinel"]))
+def test_no_piece_of_a_sentinel_password_survives(password: str, scheme: str) -> None:
+    """The password's letters are capitals, the URL's own text has none: no capital may show,
+    whether the password was percent-encoded or pasted as it is (``&``, ``@``, ``#``...)."""
+    password = f"P{password}Q"
+    for value in (quote(password, safe=""), password):
+        url = f"{scheme}://u:p@a:1,b:2/main/0?sentinel_password={value}&ssl_cert_reqs=none"
+        shown = masked_url(url)
+        assert not any(c.isupper() for c in shown), shown
