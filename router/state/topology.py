@@ -17,10 +17,14 @@ slot, and the scripts' shared connection goes there (``resolver``: ``CLUSTER SLO
 again at every new connection, and a ``MOVED`` or ``ASK`` reply gives the connection up).
 A subscription may be on any node (``PUBLISH`` reaches every node of a cluster): each new
 one takes the next known node, so a subscriber whose node died comes back on another.
+``RedisCluster`` has no blocking pool (a call finding a node's ``max_connections`` busy
+fails with ``MaxConnectionsError``): ``WaitingCluster`` lets at most that many calls run at
+once and makes the others wait, up to the pool wait, as a single server's pool does.
 """
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 from dataclasses import dataclass
 from typing import Any
@@ -29,6 +33,7 @@ from urllib.parse import quote, unquote
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
+from redis.exceptions import MaxConnectionsError
 
 SENTINEL_SCHEMES = ("redis+sentinel://", "rediss+sentinel://")
 CLUSTER_SCHEMES = ("redis+cluster://", "rediss+cluster://")
@@ -121,15 +126,44 @@ class SentinelTopology:
         return str(host), int(port)
 
 
+class WaitingCluster(RedisCluster):
+    """A ``RedisCluster`` whose callers wait for a free connection (``pool_wait_s``) instead
+    of failing: no more calls run at once than a node has connections (``max_connections``),
+    so none finds its node's connections all busy. A burst beyond the pool is local
+    contention, not an outage, and must not fail calls (degraded mode).
+
+    Every command goes through ``execute_command`` (scripts too: ``EVALSHA``, ``SCRIPT
+    LOAD``); a command sent to every primary takes one connection of each, so counts once."""
+
+    def __init__(self, *, pool_wait_s: float, max_connections: int, **kw: Any) -> None:
+        super().__init__(max_connections=max_connections, **kw)
+        self.pool_wait_s = pool_wait_s
+        self._calls = asyncio.BoundedSemaphore(max_connections)
+
+    async def execute_command(self, *args: Any, **kwargs: Any) -> Any:
+        try:
+            async with asyncio.timeout(self.pool_wait_s):
+                await self._calls.acquire()
+        except TimeoutError:
+            raise MaxConnectionsError(f"no free connection within {self.pool_wait_s:g} s") from None
+        try:
+            return await super().execute_command(*args, **kwargs)
+        finally:
+            self._calls.release()
+
+
 class ClusterTopology:
     """A Redis Cluster: its client, the scripts' resolver and the subscriptions' pools."""
 
-    def __init__(self, url: str, settings: dict[str, Any], size: int, slot_key: str) -> None:
+    def __init__(
+        self, url: str, settings: dict[str, Any], size: int, slot_key: str, pool_wait_s: float
+    ) -> None:
         self.url = u = parse_url(url)
         self.settings = settings
-        self.client = RedisCluster(
+        self.client = WaitingCluster(
             startup_nodes=[ClusterNode(h, p) for h, p in u.hosts], username=u.username,
-            password=u.password, ssl=u.tls, max_connections=size, **settings,
+            password=u.password, ssl=u.tls, max_connections=size, pool_wait_s=pool_wait_s,
+            **settings,
         )  # fmt: skip
         self.slot_key = slot_key
         """A key of the pool's hash tag: its slot is every script key's."""
