@@ -17,7 +17,11 @@ slot, and the scripts' shared connection goes there (``resolver``: ``CLUSTER SLO
 again at every new connection, and a ``MOVED`` or ``ASK`` reply gives the connection up).
 A subscription may be on any node (``PUBLISH`` reaches every node of a cluster): each new
 one takes the next known node, so a subscriber whose node died comes back on another.
-``RedisCluster`` has no blocking pool (a call finding a node's ``max_connections`` busy
+redis-py's ``RedisCluster`` follows ``MOVED`` and ``TRYAGAIN`` itself, but sends the
+``ASKING`` of an ``ASK`` on one pooled connection and the command on another (the next free
+one), so a call redirected while a slot migrates fails ("TTL exhausted") as soon as the node
+has two free connections; its connections here (``_AskingConnection``) send the two
+together. ``RedisCluster`` has no blocking pool (a call finding a node's ``max_connections`` busy
 fails with ``MaxConnectionsError``): ``WaitingCluster`` lets at most that many calls run at
 once and makes the others wait, up to the pool wait, as a single server's pool does.
 """
@@ -25,6 +29,8 @@ once and makes the others wait, up to the pool wait, as a single server's pool d
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import contextvars
 import itertools
 from dataclasses import dataclass
 from typing import Any
@@ -33,7 +39,7 @@ from urllib.parse import quote, unquote
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
-from redis.exceptions import MaxConnectionsError
+from redis.exceptions import MaxConnectionsError, ResponseError
 
 SENTINEL_SCHEMES = ("redis+sentinel://", "rediss+sentinel://")
 CLUSTER_SCHEMES = ("redis+cluster://", "rediss+cluster://")
@@ -126,6 +132,59 @@ class SentinelTopology:
         return str(host), int(port)
 
 
+_ASKED: contextvars.ContextVar[tuple[str, int] | None] = contextvars.ContextVar(
+    "asked", default=None
+)
+"""The node whose next command, in this task, must be preceded by ``ASKING``."""
+
+
+class _AskingConnection(aioredis.Connection):
+    """A cluster node's connection that sends ``ASKING`` in the same write as the command
+    that follows it in the same task (on whichever connection of the node that goes).
+
+    ``RedisCluster`` follows an ``ASK`` by ``node.execute_command("ASKING")``, then, in the
+    same task, ``node.execute_command(*command)``: each takes a pooled connection. The first
+    sends nothing and answers ``OK``; the second sends ``ASKING`` and the command together
+    and drops ``ASKING``'s reply."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._faked = False
+        """An ``ASKING`` was taken and not sent: its ``OK`` is answered here."""
+        self._owed = 0
+        """Replies of ``ASKING`` sent with a command, to read and drop before its reply."""
+
+    def pack_command(self, *args: Any) -> list[bytes]:
+        if len(args) == 1 and args[0] in ("ASKING", b"ASKING"):
+            _ASKED.set((self.host, int(self.port)))
+            self._faked = True
+            return []
+        packed = super().pack_command(*args)
+        if _ASKED.get() == (self.host, int(self.port)):
+            _ASKED.set(None)
+            self._owed += 1
+            return [*super().pack_command("ASKING"), *packed]
+        return packed
+
+    async def read_response(self, *args: Any, **kwargs: Any) -> Any:
+        if self._faked:  # the ASKING that goes with the next command
+            self._faked = False
+            return b"OK"
+        while self._owed:
+            self._owed -= 1
+            with contextlib.suppress(ResponseError):
+                await super().read_response(*args, **kwargs)
+        return await super().read_response(*args, **kwargs)
+
+    async def disconnect(self, *args: Any, **kwargs: Any) -> None:
+        self._owed, self._faked = 0, False  # no reply is owed on a new socket
+        await super().disconnect(*args, **kwargs)
+
+
+class _AskingSSLConnection(_AskingConnection, aioredis.SSLConnection):
+    pass
+
+
 class WaitingCluster(RedisCluster):
     """A ``RedisCluster`` whose callers wait for a free connection (``pool_wait_s``) instead
     of failing: no more calls run at once than a node has connections (``max_connections``),
@@ -137,6 +196,13 @@ class WaitingCluster(RedisCluster):
 
     def __init__(self, *, pool_wait_s: float, max_connections: int, **kw: Any) -> None:
         super().__init__(max_connections=max_connections, **kw)
+        # the nodes' connections: the startup nodes' and those found later (the nodes
+        # manager makes them with these same keyword arguments, one shared dict)
+        tls = self.connection_kwargs["connection_class"] is not aioredis.Connection
+        asking = _AskingSSLConnection if tls else _AskingConnection
+        self.connection_kwargs["connection_class"] = asking
+        for node in [*self.startup_nodes, *self.nodes_manager.startup_nodes.values()]:
+            node.connection_class = asking
         self.pool_wait_s = pool_wait_s
         self._calls = asyncio.BoundedSemaphore(max_connections)
 
