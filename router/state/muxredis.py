@@ -29,8 +29,11 @@ and each is followed within the call's timeout (none of them ran the command):
   the call is sent to the named node, preceded by ``ASKING``, on a side connection to it
   (pipelined too: the two are queued together, so nothing comes between them). Side
   connections are closed once a ``MOVED`` says the migration ended.
-- ``TRYAGAIN``: some of a multi-key call's keys have moved and some not yet: sent again
-  after a short pause (1 ms, doubling up to 20 ms) while the timeout allows.
+- ``TRYAGAIN``: some of a multi-key call's keys have moved and some not yet, or (on the
+  importing node) some do not exist, as an empty lease set: sent again after a short pause
+  (1 ms, doubling up to 20 ms) while the timeout allows. A call naming a key that exists
+  on neither node gets it until the migration ends: past its timeout it fails as any
+  Redis failure does (that request decides locally).
 """
 
 from __future__ import annotations
