@@ -16,7 +16,7 @@ import subprocess
 import sys
 import threading
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -451,3 +451,63 @@ def exact_rpm(gw: Gateway, route: str, provider: str) -> dict[int, int]:
     assert statuses == {200: RPM, 429: RPM}, statuses
     assert gw.mocks[provider].stats()["rate_limited"] == 0
     return dict(statuses)
+
+
+def node_id(port: int) -> str:
+    """The cluster node id of the server on ``port``."""
+    return str(ask(port, "CLUSTER", "MYID"))
+
+
+def primaries(nodes: ClusterSet) -> list[int]:
+    """The ports of the live primaries."""
+    return [
+        p
+        for p, proc in nodes.nodes.items()
+        if proc.alive() and (ask(p, "INFO", "replication") or {}).get("role") == "master"
+    ]
+
+
+def migrate_slot(
+    nodes: ClusterSet, slot: int, source: int, target: int, batch: int = 5,
+    between: Callable[[], None] | None = None,
+) -> dict[str, int]:  # fmt: skip
+    """Move ``slot`` from the primary on ``source`` to the one on ``target`` as
+    ``redis-cli --cluster reshard`` does: IMPORTING on the target, MIGRATING on the source,
+    the keys moved ``batch`` at a time (``MIGRATE ... KEYS``; ``between`` called after each
+    batch, e.g. to let traffic meet the slot half moved), then ``SETSLOT NODE`` on every
+    primary, the two concerned first. Returns the keys moved and the batches."""
+    src, dst = node_id(source), node_id(target)
+    assert ask(target, "CLUSTER", "SETSLOT", str(slot), "IMPORTING", src) == "OK"
+    assert ask(source, "CLUSTER", "SETSLOT", str(slot), "MIGRATING", dst) == "OK"
+    moved = batches = 0
+    while keys := ask(source, "CLUSTER", "GETKEYSINSLOT", str(slot), str(batch)):
+        done = ask(source, "MIGRATE", "127.0.0.1", str(target), "", "0", "5000", "KEYS", *keys)
+        assert done in ("OK", "NOKEY"), done
+        moved, batches = moved + len(keys), batches + 1
+        if between is not None:
+            between()
+    for port in [target, source, *(p for p in primaries(nodes) if p not in (source, target))]:
+        assert ask(port, "CLUSTER", "SETSLOT", str(slot), "NODE", dst) == "OK"
+    return {"keys": moved, "batches": batches}
+
+
+def errorstats(port: int) -> dict[str, int]:
+    """The redirections and refusals a node answered (``INFO errorstats``): ASK, MOVED,
+    TRYAGAIN counts."""
+    info = ask(port, "INFO", "errorstats") or {}
+    return {
+        name: int(info.get(f"errorstat_{name}", {}).get("count", 0))
+        for name in ("ASK", "MOVED", "TRYAGAIN")
+    }
+
+
+def metric(url: str, name: str) -> float:
+    """The sum of a replica's metric ``name`` over its labels (0 when absent)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    total = 0.0
+    for family in text_string_to_metric_families(httpx.get(f"{url}/metrics", timeout=5).text):
+        for sample in family.samples:
+            if sample.name == name:
+                total += sample.value
+    return total

@@ -169,6 +169,8 @@ def render_state(state: ClusterState, redis_url: str | None = None) -> Renderabl
     head = f"pool {state.pool} · prefix {state.key_prefix} · health version {state.health_version}"
     if redis_url:
         head += f" · {masked_url(redis_url)}"
+    if state.shard is not None:
+        head += f" · slot {state.shard.slot} on {state.shard.node}"
     parts: list[RenderableType] = [Text(head, style="bold")]
     for route in state.routes:
         rows = [(t.weight, by_name[t.provider]) for t in route.targets]

@@ -16,6 +16,11 @@ Schema 1, with these fields added since (additive, so still 1): each route's ``q
 And each provider's ``pins``: the affinity pins (session and prefix keys of every route,
 response ids) naming it whose expiry is ahead of Redis's clock.
 
+And ``shard``: on a Redis Cluster, ``{"slot": 5718, "node": "10.0.1.2:6379"}``, the pool's
+hash slot (every key of the pool's scripts is in it) and the primary owning it, as the
+client last learned the cluster's slots; ``null`` on one server or Sentinel. The node's
+address is its host and port only (no user, no password).
+
 ``by_tenant`` is sorted by priority (highest first: served first), then tenant name. A ticket
 counts while its expiry (last renewal + the ticket TTL) is ahead of Redis's clock: a dead
 waiter's ticket leaves the count within the TTL, before the acquire script purges it. How
@@ -28,7 +33,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any, Literal
 
 from redis.exceptions import RedisError
@@ -136,6 +141,15 @@ class HealthdState:
 
 
 @dataclass(frozen=True, slots=True)
+class Shard:
+    """Where the pool lives on a Redis Cluster: its hash slot and the primary owning it."""
+
+    slot: int
+    node: str
+    """``host:port``."""
+
+
+@dataclass(frozen=True, slots=True)
 class ClusterState:
     """The whole cluster at one instant of Redis time."""
 
@@ -148,6 +162,8 @@ class ClusterState:
     routes: tuple[RouteState, ...]
     replicas: tuple[ReplicaState, ...]
     healthd: HealthdState
+    shard: Shard | None = None
+    """On a Redis Cluster, the pool's slot and its owner (``None`` elsewhere)."""
 
 
 @contextlib.contextmanager
@@ -171,7 +187,9 @@ async def read_state(store: Store, cfg: Config) -> ClusterState:
     keys += [k.queue_expiry(r.model) for r in queued]
     keys += [k.replica(i) for i in ids]
     raw = await store.call("read_state", keys, (len(cfg.providers), len(queued)))
-    return decode_state(raw, cfg, ids)
+    state = decode_state(raw, cfg, ids)
+    shard = store.shard()
+    return replace(state, shard=Shard(*shard)) if shard is not None else state
 
 
 def _queued(cfg: Config) -> list[Route]:

@@ -18,13 +18,27 @@ it with ``ConnectionError``; the next call connects again. A script Redis does n
 
 Given a ``resolver`` (Sentinel, Cluster), each new connection asks it where to connect, and
 one of these replies gives the connection up, so that the next call asks again: ``READONLY``
-(the server became a replica), ``MOVED`` or ``ASK`` (another node owns the slot now),
-``NOREPLICAS`` (the primary has not heard from its replicas for longer than its
-``min-replicas-max-lag``: it is cut off, a failover is likely under way) and ``CLUSTERDOWN``
-(a cluster node cut off from the majority). ``retire`` does the same without failing
-anything: the calls already sent finish on the old connection, the next ones go to where the
-resolver says (the topology heard of a switch). Without a resolver the URL's address is
-fixed and nothing else changes.
+(the server became a replica), ``NOREPLICAS`` (the primary has not heard from its replicas
+for longer than its ``min-replicas-max-lag``: it is cut off, a failover is likely under way)
+and ``CLUSTERDOWN`` (a cluster node cut off from the majority). ``retire`` does the same
+without failing anything: the calls already sent finish on the old connection, the next ones
+go to where the resolver says (the topology heard of a switch). Without a resolver the URL's
+address is fixed and nothing else changes.
+
+A Redis Cluster moving the pool's slot to another node (resharding) answers in three ways,
+and each is followed within the call's timeout (none of them ran the command):
+
+- ``MOVED``: another node owns the slot now. The connection is given up and the call sent
+  again on a new one, where the resolver says now.
+- ``ASK``: the slot is being migrated and the call's keys are gone (or were never there):
+  the call is sent to the named node, preceded by ``ASKING``, on a side connection to it
+  (pipelined too: the two are queued together, so nothing comes between them). Side
+  connections are closed once a ``MOVED`` says the migration ended.
+- ``TRYAGAIN``: some of a multi-key call's keys have moved and some not yet, or (on the
+  importing node) some do not exist, as an empty lease set: sent again after a short pause
+  (1 ms, doubling up to 20 ms) while the timeout allows. A call naming a key that exists
+  on neither node gets it until the migration ends: past its timeout it fails as any
+  Redis failure does (that request decides locally).
 """
 
 from __future__ import annotations
@@ -60,8 +74,12 @@ def _reply_error(err: hiredis.ReplyError) -> rx.RedisError:
         return rx.AuthenticationError(text)
     if text.startswith("READONLY"):
         return rx.ReadOnlyError(text)
-    if text.startswith(("MOVED", "ASK ")):
+    if text.startswith("MOVED "):
         return rx.MovedError(text.split(" ", 1)[1])
+    if text.startswith("ASK "):
+        return rx.AskError(text.split(" ", 1)[1])
+    if text.startswith("TRYAGAIN"):
+        return rx.TryAgainError(text)
     if text.startswith("NOREPLICAS"):
         return NoReplicasError(text)
     if text.startswith("CLUSTERDOWN"):
@@ -86,11 +104,12 @@ class _Protocol(asyncio.Protocol):
         """When Redis last sent anything on this connection."""
         self.out: list[bytes] = []
         self.closed: rx.RedisError | None = None
+        self.retired: rx.RedisError | None = None
+        """Set when the server no longer owns the pool's slot: closed with this error
+        once the calls already sent have their replies (which redirect them too)."""
         self.gone: asyncio.Future[None] = loop.create_future()
         """Done once the transport has closed its socket."""
         self._timer: asyncio.TimerHandle | None = None
-        self.retiring = False
-        """No call is sent on it any more: it closes once every call sent has its reply."""
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
@@ -134,14 +153,15 @@ class _Protocol(asyncio.Protocol):
                     fut.set_result(reply)
         except (hiredis.ProtocolError, IndexError) as exc:
             self.fail(rx.ConnectionError(f"bad reply from Redis: {exc!r}"))
-        if self.retiring and not self.pending:
-            self.fail(rx.ConnectionError("connection retired by the router"))
+        if self.retired is not None and not self.pending:
+            self.fail(self.retired)
 
-    def retire(self) -> None:
-        """Close once every call sent on it has its reply (or failed as late)."""
-        self.retiring = True
+    def retire(self, error: rx.RedisError) -> None:
+        """Take no new calls; close once the calls already sent are answered."""
+        if self.retired is None:
+            self.retired = error
         if not self.pending:
-            self.fail(rx.ConnectionError("connection retired by the router"))
+            self.fail(error)
 
     def connection_lost(self, exc: Exception | None) -> None:
         if not self.gone.done():
@@ -185,6 +205,35 @@ class _Protocol(asyncio.Protocol):
             self._arm(self.waiting[0][1])
 
 
+TRYAGAIN_FIRST_S = 0.001
+"""The first pause before a call answered ``TRYAGAIN`` is sent again (doubling each time)."""
+TRYAGAIN_MAX_S = 0.02
+"""The longest pause between two tries of a ``TRYAGAIN`` call."""
+_PACKED_ASKING = _pack("ASKING")
+
+
+class _Again:
+    """Whether, and after what pause, a redirected call is sent again: until its timeout."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, timeout: float) -> None:
+        self.loop = loop
+        self.deadline = loop.time() + timeout
+        self.pause = TRYAGAIN_FIRST_S
+        self.tries = 0
+
+    async def wait(self, pause: bool = True) -> bool:
+        """Pause (when ``pause``; doubling each time) and say whether to try again: not if
+        that would pass the deadline."""
+        delay = self.pause if pause else 0.0
+        if self.loop.time() + delay >= self.deadline:
+            return False
+        self.tries += 1
+        if delay:
+            await asyncio.sleep(delay)
+            self.pause = min(2 * self.pause, TRYAGAIN_MAX_S)
+        return True
+
+
 class MuxRedis:
     """Commands and scripts over one shared, pipelined connection (``redis://`` or ``unix://``)."""
 
@@ -207,31 +256,87 @@ class MuxRedis:
         """Where to connect, asked before each new connection (``None``: the URL's host)."""
         self._proto: _Protocol | None = None
         self._connecting: asyncio.Future[_Protocol] | None = None
+        self._side: dict[tuple[str, int], _Protocol] = {}
+        """Connections to the nodes an ``ASK`` named (a slot being migrated), by address."""
         self._retired: set[_Protocol] = set()
         """Retired connections still waiting for replies (``close`` closes them too)."""
 
     async def execute(self, *args: Any) -> Any:
         """Send one command and return its reply (redis-py's exceptions on failure)."""
-        proto = self._proto
-        if proto is None or proto.closed is not None:
-            proto = await self._connection()
+        proto = await self._current()
         if self.resolver is None:
             return await proto.send(_pack(*args))
-        try:
-            return await proto.send(_pack(*args))
-        except (rx.ReadOnlyError, rx.MovedError, NoReplicasError, rx.ClusterDownError):
-            # the next call asks where to go now
-            proto.fail(rx.ConnectionError("the server no longer holds the pool's keys"))
-            raise
+        return await self._follow(proto, _pack(*args))
+
+    async def _current(self) -> _Protocol:
+        proto = self._proto
+        if proto is None or proto.closed is not None or proto.retired is not None:
+            proto = await self._connection()
+        return proto
+
+    async def _follow(self, proto: _Protocol, packed: bytes) -> Any:
+        """Send ``packed`` on ``proto``; follow a cluster's ``MOVED``, ``ASK`` and
+        ``TRYAGAIN`` answers within the timeout (the module's docstring)."""
+        again = _Again(asyncio.get_running_loop(), self.timeout)
+        asked: tuple[str, int] | None = None
+        """The node an ``ASK`` named: the next try goes there."""
+        while True:
+            try:
+                if asked is None:
+                    return await proto.send(packed)
+                return await self._ask(*asked, packed)
+            except (rx.ReadOnlyError, NoReplicasError, rx.ClusterDownError):
+                # the next call asks where to go now
+                proto.fail(rx.ConnectionError("the server no longer holds the pool's keys"))
+                raise
+            except rx.MovedError:  # (an AskError too: caught first)
+                if asked is None:  # the slot has a new owner (else: its migration ended)
+                    self._moved(proto)
+                if not await again.wait(pause=again.tries > 0):  # a stale answer: pause
+                    raise
+            except rx.AskError as exc:  # migrating: these keys are on the named node
+                asked = (exc.host, exc.port)
+                continue
+            except rx.TryAgainError:  # migrating: the call's keys are split between two nodes
+                if not await again.wait():
+                    raise
+            asked = None
+            proto = await self._current()
+
+    def _moved(self, proto: _Protocol) -> None:
+        """``proto``'s node no longer owns the slot: the next calls connect again (the
+        calls queued behind get their own ``MOVED``, and follow it too)."""
+        self._retire(proto, rx.ConnectionError("the server no longer holds the pool's keys"))
+        self._close_side()
 
     def retire(self) -> None:
         """The next call connects again (asking the resolver); the calls already sent on the
         current connection still get their replies there, then it closes."""
-        proto, self._proto = self._proto, None
-        if proto is not None and proto.closed is None:
-            proto.retire()
+        if self._proto is not None:
+            self._retire(self._proto, rx.ConnectionError("connection retired: the primary moved"))
+
+    def _retire(self, proto: _Protocol, error: rx.RedisError) -> None:
+        if self._proto is proto:
+            self._proto = None
+        if proto.closed is None:
+            proto.retire(error)
             self._retired.add(proto)
             proto.gone.add_done_callback(lambda _: self._retired.discard(proto))
+
+    async def _ask(self, host: str, port: int, packed: bytes) -> Any:
+        """``packed`` preceded by ``ASKING`` on the side connection to ``host:port``."""
+        side = self._side.get((host, port))
+        if side is None or side.closed is not None:
+            side = self._side[(host, port)] = await self._open(host, port)
+        asking = side.send(_PACKED_ASKING)
+        asking.add_done_callback(_retrieve)  # its OK (or error) is not waited for
+        return await side.send(packed)
+
+    def _close_side(self) -> None:
+        """Close the side connections of a migration (``ASK``): it ended."""
+        side, self._side = self._side, {}
+        for proto in side.values():
+            proto.fail(rx.ConnectionError("the slot's migration ended"))
 
     async def evalsha(self, sha: str, script: str, keys: Any, args: Any) -> Any:
         """Run a script by its SHA1; when Redis lacks it, send it in full (which caches it)."""
@@ -242,6 +347,7 @@ class MuxRedis:
 
     async def close(self) -> None:
         """Close the connection; calls still queued fail with ``ConnectionError``."""
+        self._close_side()
         protos = [*self._retired, *([self._proto] if self._proto is not None else [])]
         self._proto = None
         for proto in protos:
@@ -257,12 +363,27 @@ class MuxRedis:
         return await asyncio.shield(self._connecting)
 
     async def _connect(self) -> _Protocol:
-        loop = asyncio.get_running_loop()
         host, port = self.host, self.port
-        try:
-            async with asyncio.timeout(self.timeout):
-                if self.resolver is not None:
+        deadline = asyncio.get_running_loop().time() + self.timeout
+        if self.resolver is not None:
+            try:
+                async with asyncio.timeout_at(deadline):
                     host, port = await self.resolver()
+            except TimeoutError as exc:
+                raise rx.ConnectionError(f"cannot connect to Redis: {exc!r}") from None
+            except rx.ConnectionError as exc:  # no primary known, no node answers
+                raise rx.ConnectionError(f"cannot find where to connect: {exc}") from None
+        self._proto = await self._open(host, port, deadline)
+        return self._proto
+
+    async def _open(self, host: str, port: int, deadline: float | None = None) -> _Protocol:
+        """A new connection to ``host:port`` (or the URL's socket path), authenticated,
+        within the timeout (or by ``deadline``, loop time)."""
+        loop = asyncio.get_running_loop()
+        if deadline is None:
+            deadline = loop.time() + self.timeout
+        try:
+            async with asyncio.timeout_at(deadline):
                 if self.path is not None:
                     _, proto = await loop.create_unix_connection(
                         lambda: _Protocol(loop, self.timeout), self.path
@@ -273,8 +394,6 @@ class MuxRedis:
                     )
         except (OSError, TimeoutError) as exc:
             raise rx.ConnectionError(f"cannot connect to Redis: {exc!r}") from None
-        except rx.ConnectionError as exc:  # the resolver's: no primary known, no node answers
-            raise rx.ConnectionError(f"cannot find where to connect: {exc}") from None
         try:
             if self.password is not None:
                 auth = (self.username, self.password) if self.username else (self.password,)
@@ -284,7 +403,6 @@ class MuxRedis:
         except rx.RedisError:
             proto.fail(rx.ConnectionError("connection closed after a failed AUTH or SELECT"))
             raise
-        self._proto = proto
         return proto
 
 

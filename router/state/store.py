@@ -26,9 +26,10 @@ from typing import Any
 
 import hiredis
 import redis.asyncio as aioredis
+from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.connection import parse_url
 from redis.asyncio.sentinel import SentinelManagedSSLConnection
-from redis.exceptions import RedisError
+from redis.exceptions import RedisClusterException, RedisError
 
 from router.budgets import NANO, PERIOD_CODES, period_bounds, period_label
 from router.config import DEFAULT_TENANT, BudgetPeriod, Circuit, Config, Route, TenantSpec
@@ -470,7 +471,10 @@ class Store:
             watch = sentinel.watch
             tls_kwargs = sentinel.url.tls_kwargs()
         elif cfg.redis_url.startswith(CLUSTER_SCHEMES):
-            cluster = ClusterTopology(cfg.redis_url, settings, cfg.redis.pool_size, keys.waiting())
+            cluster = ClusterTopology(
+                cfg.redis_url, settings, cfg.redis.pool_size, keys.waiting(),
+                max(timeout, POOL_WAIT_S),
+            )  # fmt: skip
             client = cluster.client
             tls = cluster.url.tls
             mux = None if tls else MuxRedis(cluster.url.mux_url(), timeout, cluster.resolve)
@@ -569,6 +573,19 @@ class Store:
             raise StoreError(f"{name} failed: {exc}") from exc
         self.answered += 1
         return result
+
+    def shard(self) -> tuple[int, str] | None:
+        """On a Redis Cluster, the pool's hash slot and the ``host:port`` of the primary
+        owning it, as the client last learned the cluster's slots (at start, at each new
+        script connection, after a ``MOVED``); ``None`` on one server or Sentinel."""
+        if not isinstance(self.client, RedisCluster):
+            return None
+        slot = self.client.keyslot(self.keys.waiting())
+        try:
+            node = self.client.nodes_manager.get_node_from_slot(slot)
+        except (RedisError, RedisClusterException):  # slots not learned yet, or not covered
+            return slot, "unknown"
+        return slot, f"{node.host}:{node.port}"
 
     async def time_ms(self) -> int:
         """Redis's clock (ms); on the scripts' connection, so after every script sent on it

@@ -31,12 +31,21 @@ one takes the next known node, so a subscriber whose node died comes back on ano
 
 Both take TLS options in the query of their ``rediss+`` forms (``router.redis_url``); every
 connection of the topology uses them: the pools, the subscriptions' and the sentinels'.
+
+redis-py's ``RedisCluster`` follows ``MOVED`` and ``TRYAGAIN`` itself, but sends the
+``ASKING`` of an ``ASK`` on one pooled connection and the command on another (the next free
+one), so a call redirected while a slot migrates fails ("TTL exhausted") as soon as the node
+has two free connections; its connections here (``_AskingConnection``) send the two
+together. ``RedisCluster`` has no blocking pool (a call finding a node's ``max_connections`` busy
+fails with ``MaxConnectionsError``): ``WaitingCluster`` lets at most that many calls run at
+once and makes the others wait, up to the pool wait, as a single server's pool does.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import itertools
 import logging
 from collections.abc import Awaitable, Callable
@@ -45,7 +54,7 @@ from typing import Any
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
-from redis.exceptions import RedisError
+from redis.exceptions import MaxConnectionsError, RedisError, ResponseError
 
 from router.redis_url import parse_url
 
@@ -138,16 +147,104 @@ class SentinelTopology:
             await asyncio.sleep(WATCH_RETRY_S)
 
 
+_ASKED: contextvars.ContextVar[tuple[str, int] | None] = contextvars.ContextVar(
+    "asked", default=None
+)
+"""The node whose next command, in this task, must be preceded by ``ASKING``."""
+
+
+class _AskingConnection(aioredis.Connection):
+    """A cluster node's connection that sends ``ASKING`` in the same write as the command
+    that follows it in the same task (on whichever connection of the node that goes).
+
+    ``RedisCluster`` follows an ``ASK`` by ``node.execute_command("ASKING")``, then, in the
+    same task, ``node.execute_command(*command)``: each takes a pooled connection. The first
+    sends nothing and answers ``OK``; the second sends ``ASKING`` and the command together
+    and drops ``ASKING``'s reply."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._faked = False
+        """An ``ASKING`` was taken and not sent: its ``OK`` is answered here."""
+        self._owed = 0
+        """Replies of ``ASKING`` sent with a command, to read and drop before its reply."""
+
+    def pack_command(self, *args: Any) -> list[bytes]:
+        if len(args) == 1 and args[0] in ("ASKING", b"ASKING"):
+            _ASKED.set((self.host, int(self.port)))
+            self._faked = True
+            return []
+        packed = super().pack_command(*args)
+        if _ASKED.get() == (self.host, int(self.port)):
+            _ASKED.set(None)
+            self._owed += 1
+            return [*super().pack_command("ASKING"), *packed]
+        return packed
+
+    async def read_response(self, *args: Any, **kwargs: Any) -> Any:
+        if self._faked:  # the ASKING that goes with the next command
+            self._faked = False
+            return b"OK"
+        while self._owed:
+            self._owed -= 1
+            with contextlib.suppress(ResponseError):
+                await super().read_response(*args, **kwargs)
+        return await super().read_response(*args, **kwargs)
+
+    async def disconnect(self, *args: Any, **kwargs: Any) -> None:
+        self._owed, self._faked = 0, False  # no reply is owed on a new socket
+        await super().disconnect(*args, **kwargs)
+
+
+class _AskingSSLConnection(_AskingConnection, aioredis.SSLConnection):
+    pass
+
+
+class WaitingCluster(RedisCluster):
+    """A ``RedisCluster`` whose callers wait for a free connection (``pool_wait_s``) instead
+    of failing: no more calls run at once than a node has connections (``max_connections``),
+    so none finds its node's connections all busy. A burst beyond the pool is local
+    contention, not an outage, and must not fail calls (degraded mode).
+
+    Every command goes through ``execute_command`` (scripts too: ``EVALSHA``, ``SCRIPT
+    LOAD``); a command sent to every primary takes one connection of each, so counts once."""
+
+    def __init__(self, *, pool_wait_s: float, max_connections: int, **kw: Any) -> None:
+        super().__init__(max_connections=max_connections, **kw)
+        # the nodes' connections: the startup nodes' and those found later (the nodes
+        # manager makes them with these same keyword arguments, one shared dict)
+        tls = self.connection_kwargs["connection_class"] is not aioredis.Connection
+        asking = _AskingSSLConnection if tls else _AskingConnection
+        self.connection_kwargs["connection_class"] = asking
+        for node in [*self.startup_nodes, *self.nodes_manager.startup_nodes.values()]:
+            node.connection_class = asking
+        self.pool_wait_s = pool_wait_s
+        self._calls = asyncio.BoundedSemaphore(max_connections)
+
+    async def execute_command(self, *args: Any, **kwargs: Any) -> Any:
+        try:
+            async with asyncio.timeout(self.pool_wait_s):
+                await self._calls.acquire()
+        except TimeoutError:
+            raise MaxConnectionsError(f"no free connection within {self.pool_wait_s:g} s") from None
+        try:
+            return await super().execute_command(*args, **kwargs)
+        finally:
+            self._calls.release()
+
+
 class ClusterTopology:
     """A Redis Cluster: its client, the scripts' resolver and the subscriptions' pools."""
 
-    def __init__(self, url: str, settings: dict[str, Any], size: int, slot_key: str) -> None:
+    def __init__(
+        self, url: str, settings: dict[str, Any], size: int, slot_key: str, pool_wait_s: float
+    ) -> None:
         self.url = u = parse_url(url)
         self.settings = settings
-        self.client = RedisCluster(
+        self.client = WaitingCluster(
             startup_nodes=[ClusterNode(h, p) for h, p in u.hosts], username=u.username,
-            password=u.password, ssl=u.tls, max_connections=size, **settings,
-            **u.tls_kwargs(),
+            password=u.password, ssl=u.tls, max_connections=size, pool_wait_s=pool_wait_s,
+            **settings, **u.tls_kwargs(),
         )  # fmt: skip
         self.slot_key = slot_key
         """A key of the pool's hash tag: its slot is every script key's."""

@@ -214,7 +214,7 @@ def test_every_connection_of_a_sentinel_topology_gets_the_tls_options() -> None:
 
 def test_every_connection_of_a_cluster_topology_gets_the_tls_options() -> None:
     url = f"rediss+cluster://app:{SECRET}@127.0.0.1:1?ssl_ca_certs=/ca.pem&ssl_cert_reqs=optional"
-    topo = ClusterTopology(url, {"socket_timeout": 1.0}, 4, "{p}k")
+    topo = ClusterTopology(url, {"socket_timeout": 1.0}, 4, "{p}k", pool_wait_s=2.0)
     node_kwargs = topo.client.nodes_manager.connection_kwargs
     assert (node_kwargs["ssl_ca_certs"], node_kwargs["ssl_cert_reqs"]) == ("/ca.pem", "optional")
     pool = topo.subscriber_pool()

@@ -115,7 +115,7 @@ def test_the_json_schema_is_stable() -> None:
     assert json.loads(json.dumps(data)) == data  # plain JSON: lists, not tuples
     assert list(data) == [
         "schema", "taken_at_ms", "pool", "key_prefix", "health_version", "providers",
-        "routes", "replicas", "healthd",
+        "routes", "replicas", "healthd", "shard",
     ]  # fmt: skip
     assert list(data["providers"][0]) == [
         "name", "kind", "weight", "health", "health_since_ms", "last_error",
