@@ -3,6 +3,8 @@
     python -m loadtest.client_cost [--duration S] [--concurrency N] [--rounds R]
         [--client NAME ...] [--case whole|stream] [--extra-site DIR] [--json FILE]
     python -m loadtest.client_cost --table FILE    (the tables of a saved run)
+    python -m loadtest.client_cost --hostile [--client NAME ...]
+    python -m loadtest.client_cost --caps [--client NAME ...]
 
 Each client is put where ``router/upstream/client.py`` is: one asyncio process (uvloop, as
 the replica runs) pinned to core 0 with taskset, as ``loadtest.bench`` pins the replica,
@@ -34,6 +36,14 @@ the environment it is installed into (a ``.pth`` file that does it again at ever
 install it apart, ``URLLIB3_NO_OVERRIDE=1 pip install --target DIR niquests urllib3-future``,
 and pass ``--extra-site DIR`` (appended to the workers' ``sys.path``, after the venv's).
 
+``--caps`` checks each client's connection cap: 32 requests in flight through a cap of 4,
+against a loopback server (in the process) that counts the connections open at once.
+
+``--hostile`` measures nothing of speed: each client reads whole, its natural way, the
+answers of ``tests/faults/hostile.py`` that a whole read meets (1 GiB bodies, a 200 or a 500,
+a gzip bomb, headers that never end or never stop coming) and the table says what came of it
+within 8 s and how much the peak RSS grew.
+
 Needs nginx and taskset, as ``loadtest.bench`` does.
 """
 
@@ -41,6 +51,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import importlib.util
 import json
 import os
@@ -665,6 +676,139 @@ def round_line(name: str, r: dict[str, Any]) -> str:
     )
 
 
+# ---------------------------------------------------------------------------- hostile answers
+
+
+HOSTILE_MODES = ("huge_body", "gzip_bomb", "endless_headers", "many_headers", "huge_error")
+"""The answers of ``tests/faults/hostile.py`` a whole read meets (1 GiB bodies, a gzip bomb of
+1 GiB in 1 MB, headers that never end)."""
+HOSTILE_LIMIT_S = 8.0
+
+
+def hostile_one(name: str, mode: str) -> None:
+    """One client's natural whole read of one hostile answer: what came of it, how long it
+    took and how much the peak RSS grew (one JSON line)."""
+    import uvloop
+
+    from tests.faults.hostile import Hostile
+
+    async def attempt(url: str) -> tuple[str, float, int]:
+        client = BY_NAME[name].make()
+        await client.open(url, 4)
+        base, t0 = _status_kb("VmHWM"), time.monotonic()
+        try:
+            call = client.whole(url, _dumps(REQUEST_BODY))
+            status, size = await asyncio.wait_for(call, HOSTILE_LIMIT_S)
+            out = f"read it: status {status}, {size >> 20} MiB"
+        except TimeoutError:
+            out = f"still reading after {HOSTILE_LIMIT_S:g} s"
+        except Exception as exc:
+            out = f"refused: {type(exc).__name__}: {str(exc)[:60]}"
+        took = time.monotonic() - t0
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(client.close(), 3)
+        return out, took, (_status_kb("VmHWM") - base) // 1024
+
+    with Hostile() as hostile:
+        hostile.mode = mode
+        url = hostile.base_url + "/chat/completions"
+        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+            out, took, grew = runner.run(attempt(url))
+    print("RESULT " + json.dumps([out, round(took, 1), grew]), flush=True)
+
+
+def hostile(opts: argparse.Namespace, names: list[str]) -> None:
+    """Every client against every hostile answer, each attempt in its own process."""
+    print("| answer | client | seconds | peak RSS grew MB | outcome |\n|---|---|---|---|---|")
+    for mode in HOSTILE_MODES:
+        for name in names:
+            argv = [sys.executable, "-m", "loadtest.client_cost", "--hostile-one", name, mode]
+            env = {**os.environ, "CLIENT_COST_EXTRA_SITE": opts.extra_site or ""}
+            done = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=120)
+            line = next((x for x in done.stdout.splitlines() if x.startswith("RESULT ")), None)
+            if line is None:
+                print(f"| {mode} | {name} | | | failed: exit {done.returncode} |", flush=True)
+                continue
+            out, took, grew = json.loads(line[7:])
+            out = out.replace("|", "/").replace("\n", " ")
+            print(f"| {mode} | {name} | {took} | {grew} | {out} |", flush=True)
+
+
+# ---------------------------------------------------------------------------- connection caps
+
+
+CAP = 4
+
+
+class _Counting(asyncio.Protocol):
+    """Answers each request with ``ANSWER`` 2 ms later; counts the connections open."""
+
+    open = peak = opened = 0
+    answer = b""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport: Any = transport
+        self.buf = b""
+        cls = type(self)
+        cls.open += 1
+        cls.opened += 1
+        cls.peak = max(cls.peak, cls.open)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        type(self).open -= 1
+
+    def data_received(self, data: bytes) -> None:
+        self.buf += data
+        while (end := self.buf.find(b"\r\n\r\n")) >= 0:
+            m = re.search(rb"(?im)^content-length:\s*(\d+)", self.buf[:end])
+            size = int(m.group(1)) if m else 0
+            if len(self.buf) < end + 4 + size:
+                return
+            self.buf = self.buf[end + 4 + size :]
+            asyncio.get_running_loop().call_later(0.002, self.transport.write, self.answer)
+
+
+async def cap_check(name: str, n: int = 32, each: int = 30) -> str:
+    """``n`` requests in flight through ``name`` with a cap of ``CAP``: what was opened."""
+    body = _dumps(ANSWER)
+    _Counting.answer = (
+        b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n"
+        % len(body)
+    ) + body
+    _Counting.open = _Counting.peak = _Counting.opened = 0
+    server = await asyncio.get_running_loop().create_server(_Counting, "127.0.0.1", 0)
+    url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}/v1/chat/completions"
+    client = BY_NAME[name].make()
+    await client.open(url, CAP)
+    failed = 0
+
+    async def one() -> None:
+        nonlocal failed
+        for _ in range(each):
+            try:
+                status, size = await client.whole(url, _dumps(REQUEST_BODY))
+                failed += status != 200 or size != len(body)
+            except Exception:
+                failed += 1
+
+    await asyncio.wait_for(asyncio.gather(*(one() for _ in range(n))), 60)
+    await client.close()
+    server.close()
+    return (
+        f"| {name} | {CAP} | {_Counting.peak} | {_Counting.opened} | {n * each - failed} "
+        f"of {n * each} |"
+    )
+
+
+def caps(names: list[str]) -> None:
+    import uvloop
+
+    print("| client | cap | most open at once | opened | answered |\n|---|---|---|---|---|")
+    for name in names:
+        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+            print(runner.run(cap_check(name)), flush=True)
+
+
 # ---------------------------------------------------------------------------- the table
 
 
@@ -742,6 +886,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--extra-site", help="a directory appended to sys.path (niquests)")
     parser.add_argument("--json", type=Path, help="also write every round's figures here")
     parser.add_argument("--table", type=Path, help="only print the tables of a --json file")
+    parser.add_argument(
+        "--hostile",
+        action="store_true",
+        help="instead: each client's whole read of hostile answers",
+    )
+    parser.add_argument("--hostile-one", nargs=2, help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--caps", action="store_true", help=f"instead: does each client's cap ({CAP}) hold?"
+    )
     parser.add_argument("--worker", choices=list(BY_NAME), help=argparse.SUPPRESS)
     parser.add_argument("--url", help=argparse.SUPPRESS)
     parser.add_argument("--serve-sse", type=int, metavar="PORT", help=argparse.SUPPRESS)
@@ -753,21 +906,29 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return opts
 
 
-def main(argv: list[str] | None = None) -> int:
-    opts = parse_args(argv)
+def one_process(opts: argparse.Namespace) -> bool:
+    """Run what the rig starts in a process of its own (or ``--table``), if that was asked."""
     if opts.serve_sse:
         serve_sse(opts.serve_sse, opts.tick_ms)
-        return 0
-    if opts.table:
+    elif opts.table:
         report(json.loads(opts.table.read_text()))
-        return 0
-    if opts.worker:
+    elif opts.hostile_one:
+        available(opts.extra_site)
+        hostile_one(*opts.hostile_one)
+    elif opts.worker:
         available(opts.extra_site)
         worker(opts.worker, opts.case[0], opts.url, opts.concurrency, opts.warm, opts.duration)
+    else:
+        return False
+    return True
+
+
+def main(argv: list[str] | None = None) -> int:
+    opts = parse_args(argv)
+    if one_process(opts):
         return 0
     from loadtest import bench
 
-    bench.require_tools(["nginx", "taskset"])
     names, missing = available(opts.extra_site)
     for c in missing:
         if not opts.client or c.name in opts.client:
@@ -775,6 +936,13 @@ def main(argv: list[str] | None = None) -> int:
     names = [n for n in names if not opts.client or n in opts.client]
     if not names:
         return 1
+    if opts.hostile:
+        hostile(opts, names)
+        return 0
+    if opts.caps:
+        caps(names)
+        return 0
+    bench.require_tools(["nginx", "taskset"])
     print(f"clients: {', '.join(names)}; N={opts.concurrency}, {opts.rounds} rounds of "
           f"{opts.duration:g} s; loadavg {os.getloadavg()}", flush=True)  # fmt: skip
     res = measure_all(opts, names)
