@@ -340,10 +340,12 @@ def nginx_conf(prefix: Path, servers: str) -> str:
     return text.replace("__DIR__", str(prefix))
 
 
-def upstream_servers(ports: Sequence[int], stub_port: int) -> str:
-    """The fixed chat.completion answer on each of ``ports`` (any path, POST allowed), and
-    the request count (stub_status) on ``stub_port``."""
-    body = orjson.dumps(UPSTREAM_ANSWER).decode()
+def upstream_servers(
+    ports: Sequence[int], stub_port: int, answer: dict[str, Any] = UPSTREAM_ANSWER
+) -> str:
+    """The fixed chat.completion ``answer`` on each of ``ports`` (any path, POST allowed),
+    and the request count (stub_status) on ``stub_port``."""
+    body = orjson.dumps(answer).decode()
     if "'" in body or "$" in body or "\\" in body:
         raise ValueError("the answer must be quotable in nginx")
     listen = "\n".join(f"    listen 127.0.0.1:{p};" for p in ports)
