@@ -62,7 +62,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -141,6 +141,18 @@ def sse_events(n: int = CHUNKS) -> list[bytes]:
 # ---------------------------------------------------------------------------- the clients
 
 
+async def count_chunks(chunks: AsyncIterable[bytes]) -> tuple[int, int, float]:
+    """A stream read as it comes: its bytes, its reads, and when the first came."""
+    size = reads = 0
+    first = 0.0
+    async for chunk in chunks:
+        if not reads:
+            first = time.perf_counter()
+        reads += 1
+        size += len(chunk)
+    return size, reads, first
+
+
 class Client(Protocol):
     async def open(self, url: str, n: int) -> None: ...
 
@@ -183,14 +195,8 @@ class Ours:
         deadline = asyncio.get_running_loop().time() + 30
         req = self.request(url, dict(HEADERS), body)
         resp = await self.upstream.send(req, p.timeouts, deadline, p.bounds, p)
-        size = reads = 0
-        first = 0.0
         async with resp:
-            async for chunk in resp.chunks():
-                if not reads:
-                    first = time.perf_counter()
-                reads += 1
-                size += len(chunk)
+            size, reads, first = await count_chunks(resp.chunks())
         return resp.status, size, reads, first
 
     async def close(self) -> None:
@@ -210,14 +216,8 @@ class Aiohttp:
             return resp.status, len(data)
 
     async def stream(self, url: str, body: bytes) -> tuple[int, int, int, float]:
-        size = reads = 0
-        first = 0.0
         async with self.session.post(url, data=body) as resp:
-            async for chunk in resp.content.iter_any():
-                if not reads:
-                    first = time.perf_counter()
-                reads += 1
-                size += len(chunk)
+            size, reads, first = await count_chunks(resp.content.iter_any())
             return resp.status, size, reads, first
 
     async def close(self) -> None:
@@ -236,14 +236,8 @@ class Httpx:
         return resp.status_code, len(resp.content)
 
     async def stream(self, url: str, body: bytes) -> tuple[int, int, int, float]:
-        size = reads = 0
-        first = 0.0
         async with self.client.stream("POST", url, content=body) as resp:
-            async for chunk in resp.aiter_bytes():
-                if not reads:
-                    first = time.perf_counter()
-                reads += 1
-                size += len(chunk)
+            size, reads, first = await count_chunks(resp.aiter_bytes())
             return resp.status_code, size, reads, first
 
     async def close(self) -> None:
@@ -295,15 +289,9 @@ class Rnet:
             return resp.status, len(data)
 
     async def stream(self, url: str, body: bytes) -> tuple[int, int, int, float]:
-        size = reads = 0
-        first = 0.0
         resp = await self.client.post(url, body=body)
         async with resp, resp.stream() as chunks:
-            async for chunk in chunks:
-                if not reads:
-                    first = time.perf_counter()
-                reads += 1
-                size += len(chunk)
+            size, reads, first = await count_chunks(chunks)
             return resp.status, size, reads, first
 
     async def close(self) -> None:
@@ -322,14 +310,8 @@ class Niquests:
         return int(resp.status_code or 0), len(resp.content or b"")
 
     async def stream(self, url: str, body: bytes) -> tuple[int, int, int, float]:
-        size = reads = 0
-        first = 0.0
         resp = await self.session.post(url, data=body, stream=True)
-        async for chunk in await resp.iter_content():  # -1: as they come
-            if not reads:
-                first = time.perf_counter()
-            reads += 1
-            size += len(chunk)
+        size, reads, first = await count_chunks(await resp.iter_content())  # -1: as they come
         await resp.close()
         return int(resp.status_code or 0), size, reads, first
 
@@ -348,14 +330,8 @@ class CurlCffi:
         return resp.status_code, len(resp.content)
 
     async def stream(self, url: str, body: bytes) -> tuple[int, int, int, float]:
-        size = reads = 0
-        first = 0.0
         async with self.session.stream("POST", url, data=body) as resp:
-            async for chunk in resp.aiter_content():
-                if not reads:
-                    first = time.perf_counter()
-                reads += 1
-                size += len(chunk)
+            size, reads, first = await count_chunks(resp.aiter_content())
             return resp.status_code, size, reads, first
 
     async def close(self) -> None:
@@ -376,14 +352,8 @@ class Aiosonic:
         return resp.status_code, len(data)
 
     async def stream(self, url: str, body: bytes) -> tuple[int, int, int, float]:
-        size = reads = 0
-        first = 0.0
         resp = await self.client.post(url, data=body, headers=HEADERS)
-        async for chunk in resp.read_chunks():
-            if not reads:
-                first = time.perf_counter()
-            reads += 1
-            size += len(chunk)
+        size, reads, first = await count_chunks(resp.read_chunks())
         return resp.status_code, size, reads, first
 
     async def close(self) -> None:
