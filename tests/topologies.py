@@ -362,6 +362,18 @@ class Traffic(threading.Thread):
         while not self.stop.is_set():
             self.statuses[chat(next(urls), "chat")] += 1
 
+    def served(self) -> int:
+        return sum(self.statuses.values())
+
+    def end(self, more: int = 10) -> dict[int, int]:
+        """Stop after ``more`` answers from now (traffic served after the episode); the
+        5xx statuses seen, by status."""
+        served = self.served()
+        wait_until(lambda: self.served() >= served + more, 10, "traffic after")
+        self.stop.set()
+        self.join(30)
+        return {s: n for s, n in self.statuses.items() if s >= 500}
+
 
 def start_healthd(cluster: Cluster, config: Path) -> Proc:
     """One healthd on the gateway's config; waits until it serves /healthz."""

@@ -7,13 +7,38 @@ again without failing the calls already sent."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 import hiredis
 import pytest
 from redis import exceptions as rx
 
 from router.state.muxredis import MuxRedis, NoReplicasError
+
+
+async def serve(reply: Callable[[bytes], bytes]) -> tuple[asyncio.Server, int]:
+    """A fake node answering each read (one command each here) with ``reply(command)``."""
+
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while data := await reader.read(65536):
+            writer.write(reply(data))
+        writer.close()
+
+    server = await asyncio.start_server(answer, "127.0.0.1", 0)
+    return server, server.sockets[0].getsockname()[1]
+
+
+def stale_then_redis(
+    answers: list[tuple[str, int]],
+) -> tuple[Callable[[], Awaitable[tuple[str, int]]], list[tuple[str, int]]]:
+    """A resolver answering ``answers[0]`` first, then ``answers[1]``; and what it answered."""
+    asked: list[tuple[str, int]] = []
+
+    async def resolve() -> tuple[str, int]:
+        asked.append(answers[min(len(asked), 1)])
+        return asked[-1]
+
+    return resolve, asked
 
 
 @pytest.mark.parametrize(
@@ -27,20 +52,9 @@ from router.state.muxredis import MuxRedis, NoReplicasError
 async def test_a_node_that_no_longer_serves_the_keys_is_left_for_the_resolvers_answer(
     redis_port: int, redis_url: str, reply: bytes, error: type[Exception]
 ) -> None:
-    async def refuse(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        while await reader.read(65536):
-            writer.write(reply)  # one command per read in this test: one reply each
-        writer.close()
-
-    stale = await asyncio.start_server(refuse, "127.0.0.1", 0)
-    stale_port = stale.sockets[0].getsockname()[1]
+    stale, stale_port = await serve(lambda _: reply)
     answers = [("127.0.0.1", stale_port), ("127.0.0.1", redis_port)]
-    asked: list[tuple[str, int]] = []
-
-    async def resolve() -> tuple[str, int]:
-        asked.append(answers[min(len(asked), 1)])
-        return asked[-1]
-
+    resolve, asked = stale_then_redis(answers)
     mux = MuxRedis("redis://resolved/0", timeout=2.0, resolver=resolve)
     with pytest.raises(error):
         await mux.execute("INCR", "{t}:moved")
@@ -85,29 +99,12 @@ async def test_a_retired_connection_answers_what_was_sent_and_the_next_call_asks
     await mux.close()
 
 
-async def serve(reply: Callable[[bytes], bytes]) -> tuple[asyncio.Server, int]:
-    """A fake node answering each read (one command each here) with ``reply(command)``."""
-
-    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        while data := await reader.read(65536):
-            writer.write(reply(data))
-        writer.close()
-
-    server = await asyncio.start_server(answer, "127.0.0.1", 0)
-    return server, server.sockets[0].getsockname()[1]
-
-
 async def test_a_moved_call_is_sent_again_where_the_resolver_says_now(
     redis_port: int, redis_url: str
 ) -> None:
     stale, stale_port = await serve(lambda _: b"-MOVED 866 127.0.0.1:7001\r\n")
     answers = [("127.0.0.1", stale_port), ("127.0.0.1", redis_port)]
-    asked: list[tuple[str, int]] = []
-
-    async def resolve() -> tuple[str, int]:
-        asked.append(answers[min(len(asked), 1)])
-        return asked[-1]
-
+    resolve, asked = stale_then_redis(answers)
     mux = MuxRedis("redis://resolved/0", timeout=2.0, resolver=resolve)
     assert await mux.execute("INCR", "{t}:moved-again") == 1  # followed within the call
     assert await mux.execute("INCR", "{t}:moved-again") == 2

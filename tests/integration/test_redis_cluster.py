@@ -61,7 +61,7 @@ def failover(gw: Gateway, nodes: ClusterSet, kill: bool) -> dict[str, float | in
     successor = nodes.replica_of(owner)
     traffic = Traffic(gw)
     traffic.start()
-    wait_until(lambda: sum(traffic.statuses.values()) >= 10, 10, "traffic to flow")
+    wait_until(lambda: traffic.served() >= 10, 10, "traffic to flow")
     started = time.monotonic()
     if kill:
         nodes.nodes[owner].kill()
@@ -77,16 +77,12 @@ def failover(gw: Gateway, nodes: ClusterSet, kill: bool) -> dict[str, float | in
     moved = time.monotonic()
     wait_until(lambda: all(status(u) == "ready" for u in gw.urls), 30, "both replicas ready")
     back = time.monotonic()
-    served = sum(traffic.statuses.values())
-    wait_until(lambda: sum(traffic.statuses.values()) >= served + 10, 10, "traffic after")
-    traffic.stop.set()
-    traffic.join(30)
-    fives = sum(n for s, n in traffic.statuses.items() if s >= 500)
+    fives = sum(traffic.end().values())
     assert fives == 0, traffic.statuses
     return {
         "moved_ms": round(1000 * (moved - started)),
         "ready_ms": round(1000 * (back - started)),
-        "requests": sum(traffic.statuses.values()),
+        "requests": traffic.served(),
         "ok": traffic.statuses[200],
         "5xx": fives,
     }

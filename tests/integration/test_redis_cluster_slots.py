@@ -79,7 +79,7 @@ def episode(
     errors = [metric(u, "router_redis_errors_total") for u in gw.urls]
     traffic = Traffic(gw)
     traffic.start()
-    wait_until(lambda: sum(traffic.statuses.values()) >= 10, 10, "traffic to flow")
+    wait_until(lambda: traffic.served() >= 10, 10, "traffic to flow")
 
     def redirected() -> int:
         return sum(errorstats(source)[k] + errorstats(target)[k] for k in ("ASK", "TRYAGAIN"))
@@ -89,18 +89,13 @@ def episode(
         wait_until(lambda: redirected() > seen, 10, "a call to meet the half-moved slot")
 
     started = time.monotonic()
-    during = sum(traffic.statuses.values())
+    during = traffic.served()
     moved = migrate_slot(nodes, slot, source, target, batch, between if hold else None)
     took = time.monotonic() - started
-    during = sum(traffic.statuses.values()) - during
-    served = sum(traffic.statuses.values())
-    wait_until(lambda: sum(traffic.statuses.values()) >= served + 10, 10, "traffic after")
-    traffic.stop.set()
-    traffic.join(30)
-
-    fives = sum(n for s, n in traffic.statuses.items() if s >= 500)
+    during = traffic.served() - during
+    fives = sum(traffic.end().values())
     assert fives == 0, traffic.statuses
-    assert traffic.statuses[200] == sum(traffic.statuses.values()), traffic.statuses
+    assert traffic.statuses[200] == traffic.served(), traffic.statuses
     assert nodes.owner(SLOT_KEY) == target
     assert ask(source, "CLUSTER", "COUNTKEYSINSLOT", str(slot)) == 0
     assert moved["keys"] > 0
@@ -112,7 +107,7 @@ def episode(
     pairs = zip(gw.urls, degraded, errors, strict=True)
     return {
         **moved, "ms": round(took * 1000), "requests_during": during,
-        "requests": sum(traffic.statuses.values()), "5xx": fives, **seen,
+        "requests": traffic.served(), "5xx": fives, **seen,
         "failed_calls": [int(metric(u, "router_redis_errors_total") - e) for u, _, e in pairs],
         "degraded_s": [
             round(metric(u, "router_degraded_seconds_total") - d, 3)
