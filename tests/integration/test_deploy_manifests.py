@@ -859,8 +859,14 @@ def test_external_redis_overlay(
         ref = env["REDIS_URL"]["valueFrom"]["secretKeyRef"]
         assert (ref["name"], ref["key"]) == (SECRET_NAME, "redis-url")
         assert "redis-url" in secret_keys()
-    # REDIS_URL overrides the config's redis_url: the ConfigMap (and its hash) is the base's
+    # REDIS_URL overrides the config's redis_url: the ConfigMap (and its hash) is the base's,
+    # and the config loads with the Secret's example URL in its place
     assert config_map(external_redis)[:2] == config_map(base)[:2]
+    [cm] = of_kind(external_redis, "ConfigMap")
+    [text] = cm["data"].values()
+    url = load_documents(SECRET_EXAMPLE)[0]["stringData"]["redis-url"]
+    environ = {n: "dummy-secret" for n in env_names(config_map(external_redis)[2])}
+    assert load_router_config(text, {**environ, "REDIS_URL": url}).redis_url == url
     expected = [
         without_redis_url(o) if o["kind"] == "Deployment" else o
         for o in base
