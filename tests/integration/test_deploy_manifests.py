@@ -124,7 +124,9 @@ def published_ports(service: dict[str, Any]) -> list[tuple[str, int, int]]:
             host = spec.get("host_ip", "")
             out.append((host, int(spec["published"]), int(spec["target"])))
             continue
-        parts = str(spec).split("/")[0].split(":")
+        # ${VAR:-default} as compose reads it with VAR unset
+        spec = re.sub(r"\$\{[A-Z_]+:-([^}]*)\}", r"\1", str(spec))
+        parts = spec.split("/")[0].split(":")
         assert len(parts) in {2, 3}, f"{spec}: give the host port explicitly"
         host = parts[0] if len(parts) == 3 else ""
         out.append((host, int(parts[-2]), int(parts[-1])))
