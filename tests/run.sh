@@ -5,8 +5,9 @@ cd "$(dirname "$0")/.."
 
 # Debian packages the tests drive: redis-server (required; its sentinel mode too), redis-cli
 # (Redis Cluster topologies), openssl (test CAs), haproxy (the local front load balancer),
-# docker-compose (to validate docker-compose.yml; no engine needed), iptables (a Redis
-# primary cut off from its sentinels, on loopback). Installed
+# docker-compose (to validate docker-compose.yml), iptables (a Redis primary cut off from its
+# sentinels, on loopback), prometheus (its promtool). The container engine for
+# test_compose_for_real.py is installed by deploy/containers/stack.sh itself. Installed
 # when missing and we are root; otherwise we say how.
 missing=()
 command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
@@ -15,6 +16,7 @@ command -v docker-compose >/dev/null 2>&1 || missing+=(docker-compose)  # `confi
 command -v redis-cli >/dev/null 2>&1 || missing+=(redis-tools)  # `--cluster create`
 command -v openssl >/dev/null 2>&1 || missing+=(openssl)  # the TLS tests' certificates
 command -v iptables >/dev/null 2>&1 || missing+=(iptables)  # tests/integration/test_failover_loss.py
+command -v promtool >/dev/null 2>&1 || missing+=(prometheus)  # promtool checks the alert rules
 if [ ${#missing[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
     echo "installing missing Debian packages: ${missing[*]}" >&2

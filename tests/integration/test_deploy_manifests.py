@@ -59,6 +59,7 @@ INSTALL_KUBECTL = (
 CONFIG_PATH = "/etc/router-cluster/config.yaml"
 SECRET_NAME = "router-cluster-secrets"
 GATEWAY_PORT = 8080
+PYTHON_IMAGE = "docker.io/library/python:3.11-slim"
 DRAIN_S = 30  # router.api.server.UVICORN_SETTINGS["timeout_graceful_shutdown"]
 ROUTERS = ("router-1", "router-2", "router-3")
 HEALTHDS = ("healthd-1", "healthd-2")
@@ -306,7 +307,7 @@ def test_mocks_differ_in_latency_and_limits(services: dict[str, dict[str, Any]])
 
 def test_redis_keeps_nothing_and_gates_the_start(services: dict[str, dict[str, Any]]) -> None:
     redis = services["redis"]
-    assert redis["image"].startswith("redis:7")
+    assert redis["image"].startswith("docker.io/library/redis:7")
     command = redis["command"]
     assert command_option(command, "--save") == ""
     assert command_option(command, "--appendonly") == "no"
@@ -352,7 +353,7 @@ def haproxy_lines() -> list[str]:
 def test_haproxy_balances_over_ready_routers(services: dict[str, dict[str, Any]]) -> None:
     lines = haproxy_lines()
     lb = services["lb"]
-    assert lb["image"].startswith("haproxy:")
+    assert lb["image"].startswith("docker.io/library/haproxy:")
     assert "./deploy/compose/haproxy.cfg:/usr/local/etc/haproxy/haproxy.cfg:ro" in lb["volumes"]
     assert f"bind :{published_ports(lb)[0][2]}" in lines
     assert "balance roundrobin" in lines
@@ -416,7 +417,7 @@ def runtime_stage() -> list[tuple[str, str]]:
 
 def test_dockerfile_is_multi_stage_on_slim_python() -> None:
     froms = [args for ins, args in dockerfile_instructions() if ins == "FROM"]
-    assert froms == ["python:3.11-slim AS builder", "python:3.11-slim AS runtime"]
+    assert froms == [f"{PYTHON_IMAGE} AS builder", f"{PYTHON_IMAGE} AS runtime"]
     runtime = runtime_stage()
     assert ("COPY", "--from=builder /opt/venv /opt/venv") in runtime
     for ins, args in runtime:
@@ -827,7 +828,7 @@ def test_base_runs_its_own_redis(base: list[dict[str, Any]]) -> None:
     redis = find(base, "Deployment", "redis")
     assert redis["spec"]["replicas"] == 1
     c = container(redis)
-    assert c["image"] == "redis:7-alpine"
+    assert c["image"] == "docker.io/library/redis:7-alpine"
     assert command_option(c["args"], "--save") == ""
     assert command_option(c["args"], "--appendonly") == "no"
     for name in ("router", "healthd"):
