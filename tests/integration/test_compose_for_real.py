@@ -38,7 +38,9 @@ import pytest
 from loadtest.procs import free_port
 from tests.helpers import ROOT, wait_until
 
-pytestmark = pytest.mark.slow
+# the first test waits for the stack: from nothing, installing the engine, making the
+# stand-ins and the image take minutes (the suite's default per-test timeout is 120 s)
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
 STACK = ROOT / "deploy" / "containers" / "stack.sh"
 PROJECT = "rc-compose-test"
@@ -98,16 +100,15 @@ def stack() -> Iterator[Stack]:
         "ROUTER_GRAFANA_PORT": str(free_port()),
         "ROUTER_STACK_STATE": f"/tmp/{PROJECT}",
     }
-    up = subprocess.run(["bash", str(STACK), "up"], env=env, capture_output=True, text=True,
-                        timeout=1500)  # fmt: skip
-    print(up.stderr)  # which images are upstream and which are stand-ins
-    engine = subprocess.run(["bash", str(STACK), "engine"], env=env, capture_output=True,
-                            text=True).stdout.strip()  # fmt: skip
-    s = Stack(env, f"http://127.0.0.1:{env['ROUTER_GATEWAY_PORT']}",
-              f"http://127.0.0.1:{env['ROUTER_PROMETHEUS_PORT']}", engine)  # fmt: skip
-    try:
+    try:  # down whatever happens, an interrupted up too
+        up = subprocess.run(["bash", str(STACK), "up"], env=env, capture_output=True,
+                            text=True, timeout=840)  # fmt: skip
+        print(up.stderr)  # which images are upstream and which are stand-ins
         assert up.returncode == 0, f"the stack did not come up:\n{up.stderr[-4000:]}"
-        yield s
+        engine = subprocess.run(["bash", str(STACK), "engine"], env=env, capture_output=True,
+                                text=True).stdout.strip()  # fmt: skip
+        yield Stack(env, f"http://127.0.0.1:{env['ROUTER_GATEWAY_PORT']}",
+                    f"http://127.0.0.1:{env['ROUTER_PROMETHEUS_PORT']}", engine)  # fmt: skip
     finally:
         down = subprocess.run(["bash", str(STACK), "down"], env=env, capture_output=True,
                               text=True, timeout=300)  # fmt: skip
