@@ -169,6 +169,43 @@ async def test_streams_chunks_as_they_come(upstream: Upstream, server: Server) -
     assert times[-1] - times[0] >= 0.08
 
 
+async def test_a_stream_times_out_only_when_silent_for_the_read_timeout(
+    upstream: Upstream, server: Server
+) -> None:
+    """The read timeout is a silence, not a total: a stream whose chunks come every 0.1 s
+    goes on for 1 s under a 0.3 s read timeout, and one that stops is cut once it has been
+    silent for the read timeout."""
+    head = (
+        b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n"
+    )
+    frames = [f"{len(f):x}\r\n".encode() + f + b"\r\n" for f in [b"data: x\n\n"] * 10]
+    timeouts = Timeouts(connect_s=1.0, read_s=0.3)
+    loop = asyncio.get_running_loop()
+
+    server.answer = lambda _req: [head, *frames, b"0\r\n\r\n"]
+    server.gap_s = 0.1
+    resp = await upstream.send(request(server), timeouts, deadline())
+    got = [data async for data in resp.chunks()]
+    resp.close()
+    assert len(got) >= 10
+
+    # three chunks, then silence: the server waits for a next request on the connection
+    server.answer = lambda _req: [head, *frames[:3]]
+    server.gap_s = 0.0
+    resp = await upstream.send(request(server), timeouts, deadline())
+    last = [loop.time()]
+
+    async def drain() -> None:
+        async for _ in resp.chunks():
+            last.append(loop.time())
+
+    with pytest.raises(UpstreamTimeout):
+        await drain()
+    silent = loop.time() - last[-1]
+    resp.close()
+    assert 0.25 <= silent < 3.0, silent
+
+
 async def test_refused_hung_cut_and_malformed_answers_are_upstream_errors(
     upstream: Upstream, server: Server
 ) -> None:
