@@ -75,7 +75,12 @@ def check_stream_rows(stats: dict[tuple[str, str], dict[str, str]]) -> None:
     assert int(whole["Failure Count"]) == 0
     median = {name: float(row["Median Response Time"]) for name, row in
               (("headers", headers), ("ttft", ttft), ("whole", whole))}  # fmt: skip
-    assert median["headers"] <= median["ttft"] < median["whole"], median
+    # each stream's headers come before its first token, but the two rows' medians are of
+    # a handful of streams each, not quite the same ones (above): on a loaded machine one
+    # slow stream moved the headers' median past the first token's (55 ms and 42 ms), so
+    # the first token is compared with the fastest headers, and both with the whole stream
+    assert float(headers["Min Response Time"]) <= median["ttft"] < median["whole"], median
+    assert median["headers"] < median["whole"], median
     assert float(whole["Min Response Time"]) >= STREAM_AFTER_TTFT_MS, whole
 
 
