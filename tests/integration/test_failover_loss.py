@@ -50,7 +50,7 @@ from router.config import parse_config
 from router.errors import StoreError
 from router.state.store import RoutePlan, Store
 from tests.helpers import async_wait_until, wait_until
-from tests.topologies import PASSWORD, SERVICE, ask, redis_cluster, sentinel_set
+from tests.topologies import PASSWORD, SERVICE, ClusterSet, ask, sentinel_set
 
 pytestmark = pytest.mark.slow
 
@@ -166,27 +166,24 @@ async def test_sentinel_primary_killed(tmp_path: Path, run: int) -> None:
 
 
 @pytest.mark.parametrize("run", range(RUNS))
-async def test_cluster_slot_owner_killed(tmp_path: Path, run: int) -> None:
-    d = tmp_path / "cluster"
-    d.mkdir()
-    with redis_cluster(d) as c:
-        store, plan = config(c.url)
-        await store.start()
-        slot_key = store.keys.waiting()
-        owner = c.owner(slot_key)
-        assert owner is not None
-        successor = c.replica_of(owner)
-        try:
+async def test_cluster_slot_owner_killed(nodes: ClusterSet, run: int) -> None:
+    store, plan = config(nodes.url)
+    await store.start()
+    slot_key = store.keys.waiting()
+    owner = nodes.owner(slot_key)
+    assert owner is not None
+    successor = nodes.replica_of(owner)
+    try:
 
-            async def kill() -> None:
-                c.nodes[owner].kill()
+        async def kill() -> None:
+            nodes.nodes[owner].kill()
 
-            acked, at = await load_then_kill(store, plan, kill)
-        finally:
-            await store.close()
-        wait_until(lambda: c.owner(slot_key) == successor, 30, "the replica to be promoted")
-        leases, rpm = await held(successor, store, None)
-        report("cluster", acked, at, leases, rpm)
+        acked, at = await load_then_kill(store, plan, kill)
+    finally:
+        await store.close()
+    wait_until(lambda: nodes.owner(slot_key) == successor, 30, "the replica to be promoted")
+    leases, rpm = await held(successor, store, None)
+    report("cluster", acked, at, leases, rpm)
 
 
 @contextlib.contextmanager

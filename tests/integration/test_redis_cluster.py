@@ -8,10 +8,8 @@ from __future__ import annotations
 import contextlib
 import subprocess
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
-import pytest
 from redis.exceptions import RedisError
 
 from router.config import load_config
@@ -34,7 +32,6 @@ from tests.topologies import (
     exact_rpm,
     global_round_robin,
     healthd_leads_and_publishes,
-    redis_cluster,
     start_healthd,
     state,
     status,
@@ -44,14 +41,6 @@ from tests.topologies import (
 
 SLOT_KEY = Keys("rc", "default").waiting()
 """A key in the pool's slot: the node owning it runs every script."""
-
-
-@pytest.fixture
-def nodes(tmp_path: Path) -> Iterator[ClusterSet]:
-    d = tmp_path / "cluster"
-    d.mkdir()
-    with redis_cluster(d) as c:
-        yield c
 
 
 def failover(gw: Gateway, nodes: ClusterSet, kill: bool) -> dict[str, float | int]:

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -43,7 +42,6 @@ from tests.topologies import (
     migrate_slot,
     node_id,
     primaries,
-    redis_cluster,
     state,
     status,
     topology_gateway,
@@ -53,14 +51,6 @@ SLOT_KEY = Keys("rc", "default").waiting()
 """A key in the pool's slot: every script key shares it."""
 FILLER_KEYS = 5000
 """Keys added to the pool's slot before the full-speed migration."""
-
-
-@pytest.fixture
-def nodes(tmp_path: Path) -> Iterator[ClusterSet]:
-    d = tmp_path / "cluster"
-    d.mkdir()
-    with redis_cluster(d) as c:
-        yield c
 
 
 def reset_counts(gw: Gateway) -> None:
