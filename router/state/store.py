@@ -60,6 +60,8 @@ LOST = "lost"
 DEFAULT_CIRCUIT = Circuit()
 POOL_WAIT_S = 2.0
 """Longest wait for a free connection of the pool (Redis calls themselves time out sooner)."""
+Watch = Callable[[Callable[[], Awaitable[None]]], Coroutine[Any, Any, None]]
+"""A topology's watch: runs until cancelled, awaiting its argument when the primary moved."""
 TLS_FILES = ("ssl_ca_certs", "ssl_certfile", "ssl_keyfile")
 """The URL's options naming files that TLS connections read."""
 STARTUP_RETRY_S = 0.25
@@ -402,7 +404,7 @@ class Store:
         response_pin_ttl_ms: int = 86_400_000,
         subscriber_pool: Callable[[], aioredis.ConnectionPool] | None = None,
         on_close: Callable[[], Awaitable[None]] | None = None,
-        watch: Callable[[Callable[[], Awaitable[None]]], Coroutine[Any, Any, None]] | None = None,
+        watch: Watch | None = None,
         tls_files: Mapping[str, str] | None = None,
     ) -> None:
         self.client = client
@@ -457,7 +459,7 @@ class Store:
         timeout = cfg.redis.timeout_ms / 1000
         subscriber_pool: Callable[[], aioredis.ConnectionPool] | None = None
         on_close: Callable[[], Awaitable[None]] | None = None
-        watch: Callable[[Callable[[], Awaitable[None]]], Coroutine[Any, Any, None]] | None = None
+        watch: Watch | None = None
         settings = _settings(timeout, cfg.redis.connect_timeout_ms)
         client: Any
         if cfg.redis_url.startswith(SENTINEL_SCHEMES):
