@@ -238,6 +238,7 @@ class _Exchange:
             self._priority(),
             Inbound(model, forwarded, same_kind),
             affinity=key,
+            client_left=self._client_left,
             previous_response=previous,
         )
 
@@ -278,6 +279,11 @@ class _Exchange:
                 "(it can only lower the tenant's own priority)"
             )
         return value
+
+    async def _client_left(self) -> None:
+        """Returns when the client has closed its connection (its body is read by then)."""
+        while (await self.receive())["type"] != "http.disconnect":
+            pass
 
     async def _start(self, status: int, headers: Iterable[tuple[bytes, bytes]]) -> None:
         all_headers = [(b"x-request-id", self.rid.encode()), *headers]

@@ -12,6 +12,7 @@ path, including a client that goes away mid-stream.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import itertools
 import logging
@@ -32,6 +33,7 @@ from router.errors import (
     Attempt,
     BadRequest,
     ClientError,
+    ClientGone,
     PinnedUnavailable,
     PreviousResponseNotFound,
     ProviderClientError,
@@ -181,6 +183,8 @@ class _Job:
     """The priority the request asked for (``x-priority``), which may only lower its
     tenant's."""
     traceparent: str | None = None
+    client_left: Callable[[], Awaitable[object]] | None = None
+    """Returns when the client has closed its connection (watched while the request waits)."""
     retry_after_s: float = 0.0
     """The longest cooldown a provider's 429 asked for, for the client's Retry-After."""
     pin: PinRequest | None = None
@@ -247,6 +251,7 @@ class Dispatcher:
         *,
         affinity: str | None = None,
         previous_response: str | None = None,
+        client_left: Callable[[], Awaitable[object]] | None = None,
     ) -> Reply:
         """Serve one request on ``route`` for ``tenant``; raise a ``RouterError`` when it
         cannot be. ``priority``: what the request asked for (it may only lower its
@@ -254,8 +259,11 @@ class Dispatcher:
         body (by default: the body's model, no headers). ``affinity``: the request's key under
         the route's affinity (its pin is honoured while the pinned target has room);
         ``previous_response``: the Responses API's ``previous_response_id`` (its pin must be:
-        the provider that made that response is the only one that has it)."""
+        the provider that made that response is the only one that has it); ``client_left``:
+        returns when the client has gone (a request that waits for room gives up then, its
+        ticket with it, instead of being served to nobody)."""
         job = self._job(op, route, body, rid, tenant, inbound)
+        job.client_left = client_left
         if all(job.excluded):
             raise BadRequest(
                 f"the model '{route.model}' has no target that serves {_API_NAMES[op]}", "model"
@@ -364,15 +372,20 @@ class Dispatcher:
     async def _acquire(self, job: _Job) -> tuple[Lease, int]:
         """Lease a target, waiting up to the route's queue timeout for room: in the route's
         shared queue (fair, by priority band and tenant weight) while Redis is there."""
+        watcher = _Watcher(job.client_left)
         try:
-            return await self._acquire_or_wait(job)
-        except BaseException:
+            return await self._acquire_or_wait(job, watcher)
+        except BaseException as exc:
             if job.ticket is not None and job.ticket.holds:  # its place goes to the next
                 self.leases.dequeue_soon(job.plan.route.model, job.ticket.member)
                 job.ticket = replace(job.ticket, holds=False)
+            if watcher.saw_it_leave() and not isinstance(exc, ClientGone):
+                raise watcher.gone() from None
             raise
+        finally:
+            await watcher.stop()
 
-    async def _acquire_or_wait(self, job: _Job) -> tuple[Lease, int]:
+    async def _acquire_or_wait(self, job: _Job, watcher: _Watcher) -> tuple[Lease, int]:
         loop = asyncio.get_running_loop()
         route = job.plan.route
         wait_until = min(loop.time() + route.queue_timeout_s, job.deadline)
@@ -411,9 +424,11 @@ class Dispatcher:
                 # the head looks again when a window frees; any waiter when woken by a release
                 # or an admission on any replica, or after IDLE_LOOK_S (a lost message)
                 hint = d.wait_ms / 1000 if d.queue_rank == 0 and d.wait_ms > 0 else IDLE_LOOK_S
+                watcher.start()
                 await self.room.wait(
                     route.model, job.ticket.member, d.queue_place, min(left, hint), heard
                 )
+                watcher.check()
                 continue
             if not local and (
                 d.queue_state is not QueueState.NONE
@@ -425,7 +440,9 @@ class Dispatcher:
             if d.wait_ms == -2 or left <= 0:
                 raise self._no_room(job, d)
             hint = d.wait_ms / 1000 if d.wait_ms > 0 else POLL_S
+            watcher.start()
             await self.leases.changed(within=min(left, hint, 1.0) * self._rand.uniform(0.8, 1.0))
+            watcher.check()
 
     def _pinned(self, job: _Job, d: Decision) -> None:
         """Count what the request's pin did; raise when it cannot be served elsewhere: a
@@ -733,6 +750,59 @@ class Dispatcher:
             close=relay.close,
             outcome=lambda: relay.outcome,
         )
+
+
+class _Watcher:
+    """While a request waits for room: watches for its client to leave, and then cancels the
+    request's task (so that it gives up its place instead of being served to nobody). Started
+    at the first wait only: a request that does not wait costs nothing."""
+
+    __slots__ = ("_client_left", "_left", "_watch")
+
+    def __init__(self, client_left: Callable[[], Awaitable[object]] | None) -> None:
+        self._client_left = client_left
+        self._watch: asyncio.Task[None] | None = None
+        self._left = False
+
+    def start(self) -> None:
+        task = asyncio.current_task()
+        if self._watch is None and self._client_left is not None and task is not None:
+            self._watch = asyncio.create_task(self._run(self._client_left, task))
+
+    async def _run(
+        self, client_left: Callable[[], Awaitable[object]], task: asyncio.Task[Any]
+    ) -> None:
+        try:
+            await client_left()
+        except Exception:  # the connection's own trouble: its request will meet it too
+            return
+        self._left = True
+        task.cancel()
+
+    def check(self) -> None:
+        """Raise ``ClientGone`` if the client has left: a wait can end with the watcher's
+        cancel lost (Python 3.11's ``wait_for`` returns a result that came at the same time)."""
+        if self._left:
+            raise self.gone()
+
+    @staticmethod
+    def gone() -> ClientGone:
+        return ClientGone("the client left while its request waited for room")
+
+    def saw_it_leave(self) -> bool:
+        """True when the client has left; the watcher's cancel, if still counted, is taken
+        back (the request ends as an answer to nobody, not as a cancelled task)."""
+        task = asyncio.current_task()
+        if self._left and task is not None and task.cancelling():
+            task.uncancel()
+        return self._left
+
+    async def stop(self) -> None:
+        watch, self._watch = self._watch, None
+        if watch is not None and not watch.done():
+            watch.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await watch
 
 
 class _Relay:

@@ -15,7 +15,7 @@ import httpx
 import pytest
 import redis
 
-from tests.helpers import Cluster, Gateway, Mock, start_gateway
+from tests.helpers import Cluster, Gateway, Mock, start_gateway, wait_until
 
 LATENCY_S = 0.2
 MAX_IN_FLIGHT = 2
@@ -194,7 +194,13 @@ def test_an_rpm_limit_is_shared_the_same_way(
     cluster: Cluster, tmp_path: Path, redis_url: str
 ) -> None:
     """RPM 60 at the provider: the first window fills at once, then its seconds free as they
-    leave it (62 s later) and the waiting tickets take them in fair order."""
+    leave it (60 s later) and the waiting tickets take them in fair order.
+
+    The second window frees all at once (the first was used up within a second), so the
+    tenants keep more requests waiting than it holds (40 clients each): the queue never runs
+    dry and every admission of the second window is the queue's. With fewer clients the queue
+    empties mid-burst, the rest of the window goes to whoever asks first (no saturation, no
+    fair order to speak of) and the shares measure the two replicas' speed instead."""
     mock = Mock("a", "--rpm", "60", limits={"rpm": 60})
     routes = [
         {"model": "chat", "queue_timeout_s": 90, "targets": [{"provider": "a", "model": "m"}]}
@@ -208,26 +214,74 @@ def test_an_rpm_limit_is_shared_the_same_way(
         gw.add_replica(ENV)
     log: list[Any] = []
 
-    async def main() -> float:
-        started = time.monotonic()
-        until = started + 70
+    async def main() -> None:
+        until = time.monotonic() + 68
         await asyncio.gather(
-            flood(gw.urls[0], "heavy", 8, until, log), flood(gw.urls[1], "batch", 8, until, log)
+            flood(gw.urls[0], "heavy", 40, until, log), flood(gw.urls[1], "batch", 40, until, log)
         )
-        return started
 
-    started = asyncio.run(main())
-    ok = [(t, at) for t, _, at, st in log if st == 200]
-    second = [t for t, at in ok if at > started + 61]  # the window's seconds freed again
+    asyncio.run(main())
+    r = redis.Redis.from_url(redis_url)
+    try:  # the 80 clients left at once: their requests gave up their places, none is served
+        wait_until(lambda: int(r.get("rc:{default}:waiting") or 0) == 0, 5, "no ticket left")
+    finally:
+        r.close()
+    ok = sorted((at, t) for t, _, at, st in log if st == 200)
+    second = [t for _, t in ok[60:]]  # the window's seconds freed again, taken from the queue
     share = second.count("heavy") / len(second)
     stats = gw.mocks["a"].stats()
     print(
-        f"\nrpm 60: {len(ok)} admitted in 70 s (two windows: 120), after the first window "
+        f"\nrpm 60: {len(ok)} admitted in 68 s (two windows: 120), after the first window "
         f"{len(second)} with heavy's share {share:.2f}; provider 429s {stats['rate_limited']}"
     )
     assert stats["rate_limited"] == 0
     assert len(ok) >= 0.95 * 120
     assert abs(share - 0.5) <= 0.05
+
+
+def test_a_waiting_request_whose_client_leaves_gives_up_its_place(
+    cluster: Cluster, tmp_path: Path, redis_url: str
+) -> None:
+    """Clients that leave while their requests wait: the tickets leave the queue at once and
+    the provider is never sent what nobody waits for any more."""
+    mock = Mock("a", "--latency-ms", "1500", limits={"max_in_flight": 1})
+    routes = [
+        {"model": "chat", "queue_timeout_s": 30, "targets": [{"provider": "a", "model": "m"}]}
+    ]
+    tenants = [{"name": "heavy", "keys": [{"env": "HEAVY_KEY"}]}]
+    gw = start_gateway(cluster, tmp_path, redis_url, [mock], routes, replicas=0, tenants=tenants)
+    gw.add_replica(ENV)
+    body = {"model": "chat", "messages": [{"role": "user", "content": "hi"}]}
+    headers = {"Authorization": f"Bearer {KEYS['heavy']}"}
+    r = redis.Redis.from_url(redis_url)
+
+    def waiting() -> int:
+        return int(r.get("rc:{default}:waiting") or 0)
+
+    async def main() -> int:
+        async with httpx.AsyncClient(base_url=gw.urls[0], headers=headers, timeout=30) as c:
+            first = asyncio.create_task(c.post("/v1/chat/completions", json=body))
+            await asyncio.to_thread(wait_until, lambda: gw.mocks["a"].stats()["in_flight"] == 1)
+            async with httpx.AsyncClient(base_url=gw.urls[0], headers=headers) as leaving:
+                waiters = [
+                    asyncio.create_task(leaving.post("/v1/chat/completions", json=body))
+                    for _ in range(5)
+                ]
+                await asyncio.to_thread(wait_until, lambda: waiting() == 5, 10, "5 tickets")
+                for w in waiters:  # the clients give up: their connections close
+                    w.cancel()
+                await asyncio.gather(*waiters, return_exceptions=True)
+            await asyncio.to_thread(wait_until, lambda: waiting() == 0, 5, "the tickets gone")
+            queued = r.zcard("rc:{default}:route:chat:queue")
+            assert (await first).status_code == 200
+            return queued
+
+    try:
+        assert asyncio.run(main()) == 0
+        assert gw.mocks["a"].stats()["received"] == 1  # nothing sent for the clients that left
+        assert "client_closed_request" in cluster.procs[-1].output()
+    finally:
+        r.close()
 
 
 def test_waiting_past_the_queue_timeout_is_429_with_retry_after_from_the_queue(
