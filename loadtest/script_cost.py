@@ -31,12 +31,16 @@ from typing import Any
 import redis
 
 from loadtest.procs import free_port
-from router.config import Config, parse_config
+from router.config import Config, TenantSpec, parse_config
 from router.state.affinity import PinRequest
 from router.state.keys import Keys
-from router.state.store import SCRIPTS, RoutePlan, Store, _script
+from router.state.store import SCRIPTS, RoutePlan, Store, TenantPlan, _script
 
 WARM = 300
+TENANT = TenantSpec.model_validate({
+    "name": "bench", "budget": {"usd": 1_000_000, "period": "month"},
+    "limits": {"rpm": 10**9, "tpm": 10**12, "max_in_flight": 10**6},
+})  # fmt: skip
 KEYS = Keys("rc", "default")
 
 
@@ -50,6 +54,9 @@ class Shape:
     pin: Callable[[int], PinRequest | None] = lambda i: None
     drained_first: bool = False
     """The first target is drained (its pins move off it)."""
+    tenant: bool = False
+    """Each call also checks and charges a tenant with an RPM, TPM and in-flight limit and a
+    budget (none of which binds)."""
 
 
 def _preferred(value: str, n: int) -> PinRequest:
@@ -60,6 +67,9 @@ def _preferred(value: str, n: int) -> PinRequest:
 SHAPES = (
     Shape("no blocks, round_robin, 2 targets", "round_robin", 2),
     Shape("no blocks, round_robin, 10 targets", "round_robin", 10),
+    Shape("tenant, round_robin, 10 targets", "round_robin", 10, tenant=True),
+    Shape("tenant, headroom, 10 targets", "headroom", 10, tenant=True),
+    Shape("no blocks, headroom, 10 targets", "headroom", 10),
     Shape("no blocks, least_connections, 2 targets", "least_connections", 2),
     Shape("no blocks, least_connections, 10 targets", "least_connections", 10),
     Shape("pin hit, round_robin, 2 targets", "round_robin", 2, lambda i: _preferred("hot", 2)),
@@ -109,11 +119,13 @@ def _calls(store: Store, shape: Shape, first: int, count: int) -> list[tuple[Any
     cfg = _config(shape)
     plan = RoutePlan.build(cfg, cfg.routes[0], KEYS)
     n = shape.targets
+    tenant = TenantPlan.build(TENANT, KEYS) if shape.tenant else None
     out = []
     for i in range(first, first + count):
         keys, args = store.acquire_layout(
             plan, "lease-1", [32] * n, [False] * n, rand=i, expected_output=16, detail=False,
             not_after_ms=(int(time.time()) + 3600) * 1000, affinity=shape.pin(i),
+            tenant=tenant, tenant_tokens=48, cost_nano=1000, sent_ms=int(time.time() * 1000),
         )  # fmt: skip
         out.append((len(keys), *keys, *args))
     return out

@@ -81,6 +81,10 @@ TENANT_FIELDS = {
 """The tenant's hash: its window's past seconds. Everything read or written per request is in
 its live string instead, one GET and one SET (a hash's HMGET and HSET cost twice as much)."""
 
+TENANT_ARGS_FORMAT = "<11d"
+"""The acquire script's tenant block ARGV, packed in one argument (eleven numbers as text would
+each cost Redis a ``strtod``): limits, tokens, budget, period code, cost, counted, and the
+caller's guess of the period (acquire.lua's header)."""
 TENANT_LIVE_FORMAT = "<10d"
 """The live string: ten little-endian doubles (Lua's ``struct`` '<dddddddddd'), exact for
 integers up to 2**53."""

@@ -16,6 +16,7 @@ import contextlib
 import functools
 import itertools
 import logging
+import struct
 import time
 import weakref
 from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
@@ -35,7 +36,13 @@ from router.budgets import NANO, PERIOD_CODES, period_bounds, period_label
 from router.config import DEFAULT_TENANT, BudgetPeriod, Circuit, Config, Route, TenantSpec
 from router.errors import StoreError
 from router.state.affinity import Pin, PinRequest
-from router.state.keys import USAGE_DAY_TTL_S, USAGE_MONTH_TTL_S, WINDOW_BUCKETS, Keys
+from router.state.keys import (
+    TENANT_ARGS_FORMAT,
+    USAGE_DAY_TTL_S,
+    USAGE_MONTH_TTL_S,
+    WINDOW_BUCKETS,
+    Keys,
+)
 from router.state.muxredis import MuxRedis
 from router.state.topology import (
     CLUSTER_SCHEMES,
@@ -58,6 +65,7 @@ LATE = -3
 LOST = "lost"
 """The outcome recorded for a lease released by ``release_lost``."""
 DEFAULT_CIRCUIT = Circuit()
+_TENANT_ARGS = struct.Struct(TENANT_ARGS_FORMAT)
 POOL_WAIT_S = 2.0
 """Longest wait for a free connection of the pool (Redis calls themselves time out sooner)."""
 Watch = Callable[[Callable[[], Awaitable[None]]], Coroutine[Any, Any, None]]
@@ -778,17 +786,19 @@ class Store:
         """The tenant block's ARGV (acquire.lua's header)."""
         pid, start, end = self._period(tenant.period or BudgetPeriod.MONTH, sent_ms)
         return (
-            tenant.rpm,
-            tenant.tpm,
-            tenant.max_in_flight,
-            tokens,
-            tenant.budget_nano,
-            tenant.period_code,
-            cost_nano,
-            1 if counted else 0,
-            pid,
-            start,
-            end,
+            _TENANT_ARGS.pack(
+                tenant.rpm,
+                tenant.tpm,
+                tenant.max_in_flight,
+                tokens,
+                tenant.budget_nano,
+                tenant.period_code,
+                cost_nano,
+                1 if counted else 0,
+                pid,
+                start,
+                end,
+            ),
         )
 
     def _queue_keys(self, route: str) -> tuple[str, ...]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import struct
 from collections.abc import Iterator
 from dataclasses import replace
 
@@ -12,7 +13,7 @@ from hypothesis import strategies as st
 
 from router.budgets import period_bounds, period_id
 from router.config import BudgetPeriod, Strategy
-from router.state.keys import WINDOW_BUCKETS, Keys
+from router.state.keys import TENANT_ARGS_FORMAT, WINDOW_BUCKETS, Keys
 from router.state.store import _decode_decision, _script
 from router.state.tenantstate import pack_live, unpack_live
 from router.strategies import (
@@ -225,9 +226,10 @@ def test_same_tenant_verdict(
     keys += [tk, tv]
     args: list[object] = ["round_robin", "lease-1", 30000, 0, 16, 1, WINDOW_BUCKETS, 1]
     args += [(now_s + 60) * 1000, "t", 0, 0, 0, 1, tokens, 0]
-    args += [use.rpm, use.tpm, use.max_in_flight, tokens, use.budget, 3, cost, int(counted)]
     # the caller's guess of the period: right, or a month off (the script computes it then)
-    args += period_bounds(BudgetPeriod.MONTH, now_s - (0 if guess else 40 * 86_400))
+    guessed = period_bounds(BudgetPeriod.MONTH, now_s - (0 if guess else 40 * 86_400))
+    args.append(struct.pack(TENANT_ARGS_FORMAT, use.rpm, use.tpm, use.max_in_flight, tokens,
+                            use.budget, 3, cost, int(counted), *guessed))  # fmt: skip
     raw = client.register_script(_script("acquire"))(keys=keys, args=args)
     decision = _decode_decision(raw, names)
 

@@ -25,7 +25,7 @@
 --               same order, each block's layout as below (K and A: where its own begin).
 -- ARGV[11+6(i-1) ..] target i: rpm, tpm, max_in_flight (0 = unlimited), weight,
 --               tokens to reserve, excluded (1 = skip)
--- The tenant ('t', 2 KEYS, 11 ARGV):
+-- The tenant ('t', 2 KEYS, 1 ARGV):
 -- KEYS[K]       the tenant's hash: its window's past seconds (r:<s>, t:<s>)   Keys.tenant
 -- KEYS[K+1]     the tenant's live figures, packed (struct '<dddddddddd': rpm, tpm, in flight,
 --               next maintenance ms, period, spend, this second, its requests, its tokens,
@@ -35,9 +35,10 @@
 --               max_in_flight: such a tenant's lease ids end in '@<tenant>', and whatever
 --               removes a lease (release, or the purge of an expired one here or in
 --               release.lua) takes it off that tenant's count.
--- ARGV[A ..]    its rpm, tpm, max_in_flight (0 = unlimited), tokens to reserve, budget
---               (nano-USD, 0 = none), its period (1 day, 2 week, 3 month: spend is kept per
---               period, with a budget or not), cost to reserve (nano-USD), 1 = count this
+-- ARGV[A]       packed in one (struct '<ddddddddddd': numbers as text would each cost a
+--               strtod): its rpm, tpm, max_in_flight (0 = unlimited), tokens to reserve,
+--               budget (nano-USD, 0 = none), its period (1 day, 2 week, 3 month: spend is kept
+--               per period, with a budget or not), cost to reserve (nano-USD), 1 = count this
 --               request in its RPM (0: a failover attempt of a request already counted), then
 --               the caller's guess of the period: its number, first second and end (used when
 --               Redis's clock is in it)
@@ -266,13 +267,12 @@ end
 -- The optional blocks (ARGV[10]): which are present, where each one's KEYS and ARGV begin.
 local tenant, Q, A = false, false, false
 local t_k, t_a, q_k, q_a, a_k, a_a
-if ARGV[10] ~= '' then
-  local k, a = 3 + 2 * n, 11 + 6 * n
-  for b in string.gmatch(ARGV[10], '.') do
-    if b == 't' then tenant, t_k, t_a, k, a = true, k, a, k + 2, a + 11
-    elseif b == 'q' then Q, q_k, q_a, k, a = true, k, a, k + 4, a + 10
-    elseif b == 'a' then A, a_k, a_a, k, a = true, k, a, k + 1, a + 5 end
-  end
+local blocks = ARGV[10]
+if blocks ~= '' then  -- always in this order (a plain find: no iterator, no pattern)
+  local k, a, find = 3 + 2 * n, 11 + 6 * n, string.find
+  if find(blocks, 't', 1, true) then tenant, t_k, t_a, k, a = true, k, a, k + 2, a + 1 end
+  if find(blocks, 'q', 1, true) then Q, q_k, q_a, k, a = true, k, a, k + 4, a + 10 end
+  if find(blocks, 'a', 1, true) then A, a_k, a_a = true, k, a end
 end
 
 -- The queue's keys and ticket (its part of the decision: see below).
@@ -322,10 +322,10 @@ if a_out == 6 then return refused(-2, 0, 0) end
 local tk, tv, t_rpm, t_tpm, t_inf, t_nm, t_per, t_sp, t_cs, t_cr, t_ct, t_wh
 local t_tokens, t_counted, t_pid, t_cost, t_maxf, t_dirty
 if tenant then
-  local a = t_a
   tk, tv = KEYS[t_k], KEYS[t_k + 1]
-  local rpmL, tpmL, maxf, tokens = N[ARGV[a]], N[ARGV[a + 1]], N[ARGV[a + 2]], N[ARGV[a + 3]]
-  local budget, cost, counted = N[ARGV[a + 4]], N[ARGV[a + 6]], ARGV[a + 7] == '1'
+  local rpmL, tpmL, maxf, tokens, budget, pcode, cost, counted, pid, pstart, pend =
+    struct.unpack('<ddddddddddd', ARGV[t_a])
+  counted = counted == 1
   local v = call('GET', tv)
   local rpm, tpm, inflight, nm, per, sp, cs, cr, ct, wh = 0, 0, 0, 0, -1, 0, 0, 0, 0, 0
   if v then rpm, tpm, inflight, nm, per, sp, cs, cr, ct, wh = struct.unpack(LIVE, v) end
@@ -357,8 +357,7 @@ if tenant then
   end
   -- the period: the caller's guess (its number and its bounds) when Redis's clock is in it,
   -- else computed here (at a period's edge, or a caller whose clock is off)
-  local pid, pend = N[ARGV[a + 8]], N[ARGV[a + 10]]
-  if sec < N[ARGV[a + 9]] or sec >= pend then pid, pend = period(N[ARGV[a + 5]]) end
+  if sec < pstart or sec >= pend then pid, pend = period(pcode) end
   if per ~= pid then sp = 0 end
   local code, wait = 0, 0
   if maxf > 0 and inflight >= maxf then code, wait = 1, -1
