@@ -57,7 +57,7 @@ engine() {
   # Docker when its daemon answers; else podman, started here (its state in $STATE)
   if [ -z "${ROUTER_ENGINE:-}" ]; then
     if command -v docker >/dev/null 2>&1 && timeout 5 docker info >/dev/null 2>&1 \
-       && ! docker info 2>/dev/null | grep -qi podman; then
+       && ! docker info 2>/dev/null | grep -i podman >/dev/null; then
       ROUTER_ENGINE=docker
     else
       ROUTER_ENGINE=podman
@@ -85,11 +85,17 @@ setup() {
     command -v fuse-overlayfs >/dev/null 2>&1 || missing+=(fuse-overlayfs)
     command -v slirp4netns >/dev/null 2>&1 || missing+=(slirp4netns)
     command -v newuidmap >/dev/null 2>&1 || missing+=(uidmap)
+    # the compose network's DNS (service names): netavark with aardvark-dns; Debian's podman
+    # only recommends them, and without them it falls back to CNI, which resolves no names
+    [ -x /usr/lib/podman/netavark ] || missing+=(netavark)
+    [ -x /usr/lib/podman/aardvark-dns ] || missing+=(aardvark-dns)
   fi
   [ ${#missing[@]} -eq 0 ] || apt_install "${missing[@]}"
   if [ "$e" = podman ]; then
     [ "$(id -u)" = 0 ] || die "podman runs rootful here: run as root (or start Docker)"
     podman_limits
+    podman_runtime
+    podman_network
     podman_service
   fi
 }
@@ -109,9 +115,59 @@ podman_limits() {
   fi
 }
 
+podman_runtime() {
+  # crun (podman's default runtime on Debian 12) refuses a hybrid cgroup layout whose unified
+  # hierarchy holds controllers (cgroup v1 with, say, hugetlb on v2: "cgroups in hybrid mode
+  # not supported"); runc runs there. Chosen in containers.conf, for podman run and build.
+  local conf=/etc/containers/containers.conf controllers=/sys/fs/cgroup/unified/cgroup.controllers
+  [ -r "$controllers" ] && [ -n "$(tr -d ' \n' <"$controllers")" ] || return 0
+  grep -q '^runtime *= *"runc"' "$conf" 2>/dev/null && return
+  command -v runc >/dev/null 2>&1 || apt_install runc
+  say "hybrid cgroups with controllers on v2 ($(cat "$controllers")): podman runs with runc"
+  mkdir -p /etc/containers
+  if grep -q '^\[engine\]' "$conf" 2>/dev/null; then
+    sed -i '/^\[engine\]/a runtime = "runc"' "$conf"
+  else
+    printf '[engine]\nruntime = "runc"\n' >>"$conf"
+  fi
+}
+
+podman_network() {
+  # netavark chosen outright: podman keeps CNI, which resolves no service names, once it has
+  # made a network with it (and on a machine where it ran before netavark was installed)
+  local conf=/etc/containers/containers.conf
+  grep -q '^network_backend *= *"netavark"' "$conf" 2>/dev/null && return
+  [ "$(podman info --format '{{.Host.NetworkBackend}}' 2>/dev/null)" = netavark ] && return
+  say "the compose network needs netavark (names through aardvark-dns): chosen in $conf"
+  mkdir -p /etc/containers
+  if grep -q '^\[network\]' "$conf" 2>/dev/null; then
+    sed -i '/^\[network\]/a network_backend = "netavark"' "$conf"
+  else
+    printf '[network]\nnetwork_backend = "netavark"\n' >>"$conf"
+  fi
+  # CNI's networks (not its images or containers' data) are left behind: podman would refuse
+  # to switch with containers still on them, so a stack still up must go down first
+  if [ -n "$(podman ps -aq 2>/dev/null)" ]; then
+    die "containers exist under podman's CNI networking: remove them (stack.sh down) and run again"
+  fi
+}
+
+service_runtime() {  # the OCI runtime of the podman service answering on the socket
+  curl -fsS --unix-socket "$PODMAN_SOCK" http://d/v4.0.0/libpod/info 2>/dev/null \
+    | python3 -c 'import json, sys; print(json.load(sys.stdin)["host"]["ociRuntime"]["name"])'
+}
+
 podman_service() {
   # The Docker API that docker-compose talks to (no systemd socket here: started by hand)
-  if curl -fsS --unix-socket "$PODMAN_SOCK" http://d/_ping >/dev/null 2>&1; then return; fi
+  if curl -fsS --unix-socket "$PODMAN_SOCK" http://d/_ping >/dev/null 2>&1; then
+    local want running
+    want=$(sed -n 's/^runtime *= *"\(.*\)"/\1/p' /etc/containers/containers.conf 2>/dev/null)
+    running=$(service_runtime || true)
+    if [ -n "$want" ] && [ -n "$running" ] && [ "$want" != "$running" ]; then
+      die "the podman service on $PODMAN_SOCK runs $running, started before $want was chosen: stop it and run again"
+    fi
+    return
+  fi
   mkdir -p "$(dirname "$PODMAN_SOCK")"
   nohup podman system service --time=0 "unix://$PODMAN_SOCK" >"$STATE/podman-service.log" 2>&1 &
   echo $! >"$STATE/podman-service.pid"
@@ -141,7 +197,7 @@ standin_of() {  # what the local image named $1 stands in for ('' : it is the re
 debian_base() {
   have_image "$BASE" && return
   local mirror rootfs
-  mirror=$(sed -n 's/^URIs: *//p' /etc/apt/sources.list.d/debian.sources 2>/dev/null | head -1)
+  mirror=$(sed -n 's/^URIs: *//p' /etc/apt/sources.list.d/debian.sources 2>/dev/null | awk 'NR == 1')
   mirror=${mirror:-http://deb.debian.org/debian}
   rootfs="$STATE/rootfs"
   rm -rf "$rootfs"
@@ -201,9 +257,10 @@ build() {
 # --- the stack -------------------------------------------------------------------------
 
 services() {  # every service whose image is here (grafana has no stand-in)
-  local s img
+  local s img config
+  config=$(compose config)  # read whole: a reader that stops early would break the pipe
   for s in $(compose config --services); do
-    img=$(compose config | awk -v s="  $s:" '$0==s {f=1; next} f && /^  [^ ]/ {f=0} f && /^    image:/ {print $2; exit}')
+    img=$(awk -v s="  $s:" '$0==s {f=1; next} f && /^  [^ ]/ {f=0} f && /^    image:/ && !done {print $2; done=1}' <<<"$config")
     if [ -z "$img" ] || have_image "$img"; then echo "$s"; else say "not starting $s: no image $img"; fi
   done
 }
