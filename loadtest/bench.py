@@ -1634,6 +1634,9 @@ def peers_lines(res: dict[str, Any]) -> list[str]:
         *peers.comparison_table(ours, rows, also),
         "",
     ]
+    c = sc["c"]
+    lines.append(f"- ours (c): Redis reads per request {c.get('redis_reads_per_req', '-')} "
+                 f"(script calls {c.get('redis_calls_per_req', '-')})")  # fmt: skip
     for key, s in res["peers"].items():
         if "verified" in s:
             v = s["verified"]

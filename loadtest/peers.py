@@ -89,9 +89,12 @@ def _failed(peer: str, argv: Sequence[str], done: subprocess.CompletedProcess[st
         s in out
         for s in ("ConnectionError", "Max retries", "ENOTFOUND", "ECONNREFUSED", "ETIMEDOUT",
                   "EAI_AGAIN", "Temporary failure in name resolution", "CERTIFICATE",
-                  "certificate", "Network is unreachable")
+                  "certificate", "Network is unreachable", "NewConnectionError",
+                  "Could not fetch URL", "Connection refused")
     )  # fmt: skip
     hint = " (the registry looks unreachable from here)" if unreachable else ""
+    if not hint and "(from versions: none)" in out:
+        hint = " (no release found: the index is unreachable from here, or lacks this release)"
     return f"`{' '.join(argv)}` exited {done.returncode}{hint}:\n{out}"
 
 

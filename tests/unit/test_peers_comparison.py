@@ -96,6 +96,13 @@ def test_a_failed_pip_names_litellm_and_why(tmp_path: Path) -> None:
     assert calls[0][-3:] == ["-m", "venv", str(tmp_path / "litellm-venv")]
 
 
+def test_a_pip_that_finds_no_release_says_so(tmp_path: Path) -> None:
+    _, run = _fake(1, "ERROR: Could not find a version that satisfies the requirement "
+                      "litellm[proxy]==1.105.7 (from versions: none)")  # fmt: skip
+    with pytest.raises(peers.PeerUnavailable, match="no release found"):
+        peers.install_litellm(tmp_path, run)
+
+
 def test_an_installed_litellm_of_the_pin_is_reused(tmp_path: Path) -> None:
     exe = tmp_path / "litellm-venv" / "bin" / "litellm"
     exe.parent.mkdir(parents=True)
