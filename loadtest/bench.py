@@ -1,6 +1,6 @@
 """The router against its performance targets, on a private loopback rig, in one command.
 
-    python -m loadtest.bench [--quick] [--duration S] [--profile]
+    python -m loadtest.bench [--quick] [--duration S] [--profile] [--peers | --peers-only]
 
 Everything runs as private processes in a temporary directory, on loopback only, each load
 bounded in time; nothing touches the machine's own nginx or Redis:
@@ -10,6 +10,7 @@ bounded in time; nothing touches the machine's own nginx or Redis:
                  --> (c, d) router (core 0) ---------------------------> nginx upstream
                                          `--> redis-server (core 1)
                  --> (e) two routers (cores 0 and 1, SO_REUSEPORT), wrk unpinned
+                 --> (peers) LiteLLM, Portkey's gateway (core 0) --------> nginx upstream
 
 The upstream is nginx answering a fixed ``chat.completion`` (with usage) on three ports. The
 system under test has core 0 to itself; wrk, the upstream and Redis share core 1. Compared in
@@ -21,6 +22,15 @@ one Redis sustains, and the acquire script's server-side time with 10 targets. R
 
 Needs ``apt-get update && apt-get install -y nginx-light wrk`` (and redis-server; taskset is
 in util-linux). ``--profile`` also samples the router with py-spy under load.
+
+``--peers`` also measures two peer gateways in the same rig, pinned the same way, behind the
+same load and upstreams, and prints the ratios ours/peer: LiteLLM's proxy (PyPI) and
+Portkey's gateway (npm), installed pinned on first use (``loadtest/peers.py`` says how each is
+configured). ``--peers-only`` runs just that comparison (upstream direct, our round_robin with
+the decision log off and at INFO, the peers) into ``loadtest/results/peers-<date>.*``; with
+``--quick`` it takes about three minutes. A peer that cannot be installed, started or verified
+(200s with the upstream's answer, served by the rig's upstreams) is reported as NOT MEASURED
+with the reason, and the run exits 1.
 """
 
 from __future__ import annotations
@@ -265,6 +275,8 @@ class RssSampler:
     def __init__(self, pids: Sequence[int]) -> None:
         self.pids = list(pids)
         self.peak = dict.fromkeys(self.pids, 0.0)
+        self.total_peak = 0.0
+        """The peak of the processes' sum (one system's process tree)."""
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -278,8 +290,12 @@ class RssSampler:
 
     def _run(self) -> None:
         while not self._stop.wait(0.1):
+            total = 0.0
             for pid in self.pids:
-                self.peak[pid] = max(self.peak[pid], rss_mb(pid))
+                mb = rss_mb(pid)
+                self.peak[pid] = max(self.peak[pid], mb)
+                total += mb
+            self.total_peak = max(self.total_peak, total)
 
 
 # ---------------------------------------------------------------------------- nginx
@@ -492,12 +508,26 @@ end
 """
 
 
-def wrk_script(workdir: Path, model: str) -> Path:
-    """A wrk script posting a small chat body for ``model`` with the client key."""
-    body = {"model": model, "messages": [{"role": "user", "content": "hello"}], "max_tokens": 16}
-    path = workdir / f"wrk-{model}.lua"
-    text = WRK_LUA.replace("__BODY__", orjson.dumps(body).decode()).replace("__KEY__", CLIENT_KEY)
-    path.write_text(text)
+def chat_body(model: str) -> dict[str, Any]:
+    """The small chat request every load posts (only the model differs)."""
+    return {"model": model, "messages": [{"role": "user", "content": "hello"}], "max_tokens": 16}
+
+
+def wrk_script(
+    workdir: Path, model: str, key: str = CLIENT_KEY, headers: dict[str, str] | None = None,
+    name: str | None = None,
+) -> Path:  # fmt: skip
+    """A wrk script posting a small chat body for ``model`` with the client ``key`` (and
+    ``headers``, e.g. a peer's config)."""
+    path = workdir / f"wrk-{name or model}.lua"
+    text = WRK_LUA.replace("__BODY__", orjson.dumps(chat_body(model)).decode())
+    extra = ""
+    for k, v in (headers or {}).items():
+        if "'" in k + v or "\\" in k + v or "\n" in k + v:
+            raise ValueError(f"header {k} must be quotable in Lua")
+        extra += f"wrk.headers['{k}'] = '{v}'\n"
+    text = text.replace("done = function", extra + "done = function", 1)
+    path.write_text(text.replace("__KEY__", key))
     return path
 
 
@@ -578,6 +608,8 @@ class Sut:
     redis_port: int | None = None
     redis_pid: int | None = None
     placement: str = ""
+    rss_total: bool = False
+    """RSS is the sum of ``pids`` (one system's process tree), not the largest replica's."""
 
 
 def upstream_requests(stub_port: int) -> int:
@@ -650,7 +682,9 @@ def measure(sut: Sut, duration: float, *, warm: float = 1.0) -> dict[str, Any]:
         "c1": c1.summary(),
         "c8": c8.summary(),
         "c32": c32.summary(),
-        "rss_load_mb": round(max(rss.peak.values(), default=0.0), 1),
+        "rss_load_mb": round(
+            rss.total_peak if sut.rss_total else max(rss.peak.values(), default=0.0), 1
+        ),
         **costs,
     }
 
@@ -1113,6 +1147,8 @@ class Options:
     store_seconds: float
     acquire_n: int
     acquire_only: bool = False
+    peers: bool = False
+    peers_only: bool = False
 
 
 def one_replica(rig: Rig, up: Upstreams, opts: Options) -> dict[str, Any]:
@@ -1190,6 +1226,184 @@ def two_replicas(rig: Rig, up: Upstreams, opts: Options) -> dict[str, Any]:
     return out
 
 
+# ---------------------------------------------------------------------------- peers
+
+
+PEER_KEY = "sk-bench-peer-0123456789abcdef"
+"""The master key LiteLLM checks (it wants the ``sk-`` form)."""
+PEER_PLACEMENT = "peer core 0 (its whole process tree), wrk core 1"
+UPSTREAM_CONTENT = UPSTREAM_ANSWER["choices"][0]["message"]["content"]
+
+
+@dataclass
+class Peer:
+    """A peer gateway to start in the rig: how, what wrk sends it, and how we check it."""
+
+    key: str
+    label: str
+    argv: list[str]
+    port: int
+    env: dict[str, str]
+    model: str
+    auth_key: str = PEER_KEY
+    headers: dict[str, str] = field(default_factory=dict)
+    spread_header: str = ""
+    """The answer's header naming the upstream the peer chose (its balance is checked)."""
+
+
+def verify_peer(
+    peer: Peer, proc: Proc, stub_port: int, n: int = 30, timeout: float = 120.0
+) -> dict[str, Any]:
+    """Wait for the peer's first 200, then send ``n`` requests: all must be 200 with the
+    upstream's answer, and the upstream must have served each one (the peer routes to the
+    rig's nginx, not elsewhere). Returns the statuses and the spread over the targets."""
+    url = f"http://127.0.0.1:{peer.port}/v1/chat/completions"
+    headers = {"Authorization": f"Bearer {peer.auth_key}", **peer.headers}
+    body = chat_body(peer.model)
+    deadline, last = time.monotonic() + timeout, "no answer"
+    with httpx.Client(timeout=10) as client:
+        while True:
+            with contextlib.suppress(httpx.HTTPError):
+                r = client.post(url, headers=headers, json=body)
+                if r.status_code == 200:
+                    break
+                last = f"{r.status_code} {r.text[:500]}"
+            if not proc.alive():
+                raise RuntimeError(f"{proc.name} exited:\n{proc.output(tail=3000)}")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{proc.name} never answered 200; last: {last}")
+            time.sleep(0.5)
+        before = upstream_requests(stub_port)
+        statuses: Counter[int] = Counter()
+        spread: Counter[str] = Counter()
+        wrong = 0
+        for _ in range(n):
+            r = client.post(url, headers=headers, json=body)
+            statuses[r.status_code] += 1
+            spread[r.headers.get(peer.spread_header, "?")] += 1
+            try:
+                wrong += r.json()["choices"][0]["message"]["content"] != UPSTREAM_CONTENT
+            except (ValueError, KeyError, IndexError, TypeError):
+                wrong += 1
+        served = upstream_requests(stub_port) - before - 1
+    if statuses != Counter({200: n}):
+        raise RuntimeError(f"{peer.label}: statuses {dict(statuses)} of {n} requests; last: "
+                           f"{r.status_code} {r.text[:500]}")  # fmt: skip
+    if wrong or served < n:
+        raise RuntimeError(f"{peer.label}: the upstreams served {served} of {n} requests "
+                           f"({wrong} answers not the upstream's)")  # fmt: skip
+    return {"requests": n, "upstream_served": served, "targets": dict(sorted(spread.items()))}
+
+
+def litellm_peer(rig: Rig, up: Upstreams, strategy: str) -> Peer:
+    """LiteLLM's proxy over the three upstreams (``strategy``: usage or shuffle), one worker."""
+    from loadtest import peers
+
+    exe = peers.install_litellm()
+    cfg = rig.dir / f"litellm-{strategy}.yaml"
+    cfg.write_text(yaml.safe_dump(peers.litellm_config(up.ports, up.redis_port, PEER_KEY,
+                                                       strategy)))  # fmt: skip
+    port = free_port()
+    argv = [str(exe), "--config", str(cfg), "--host", "127.0.0.1", "--port", str(port),
+            "--num_workers", "1"]  # fmt: skip
+    env = {
+        "LITELLM_LOG": "ERROR",  # also turns uvicorn's access log off (like the router's here)
+        "LITELLM_LOCAL_MODEL_COST_MAP": "True",  # no fetch of the price list at start
+        "LITELLM_MODE": "PRODUCTION",  # no .env loading
+        "DISABLE_ADMIN_UI": "True",
+        "NO_DOCS": "True",
+    }
+    label = (f"LiteLLM {peers.LITELLM_VERSION} proxy, "
+             f"{peers.LITELLM_STRATEGIES[strategy]}, Redis on")  # fmt: skip
+    return Peer(f"litellm-{strategy}", label, argv, port, env, peers.MODEL,
+                spread_header="x-litellm-model-id")  # fmt: skip
+
+
+def portkey_peer(rig: Rig, up: Upstreams) -> Peer:
+    """Portkey's gateway, headless, loadbalance over the three upstreams in its config header."""
+    from loadtest import peers
+
+    entry = peers.install_portkey()
+    node = shutil.which("node") or "node"
+    port = free_port()
+    argv = [node, str(entry), f"--port={port}", "--headless"]
+    env = {"REDIS_CONNECTION_STRING": f"redis://127.0.0.1:{up.redis_port}",
+           "NODE_ENV": "production"}  # fmt: skip
+    config = orjson.dumps(peers.portkey_config(up.ports)).decode()
+    label = f"Portkey gateway {peers.PORTKEY_VERSION}, loadbalance"
+    return Peer("portkey", label, argv, port, env, peers.MODEL, headers={
+        "x-portkey-config": config}, spread_header="x-portkey-last-used-option-index")  # fmt: skip
+
+
+def measure_peer(rig: Rig, up: Upstreams, opts: Options, make: Callable[[], Peer],
+                 key: str, label: str) -> dict[str, Any]:  # fmt: skip
+    """Install, start (pinned to the router's core), verify and measure one peer; its error
+    (install, start or verification) recorded in place of figures."""
+    from loadtest.peers import PeerUnavailable
+
+    try:
+        peer = make()
+    except PeerUnavailable as e:
+        print(f"  {key}: NOT MEASURED: {e}", flush=True)
+        return {"label": label, "error": str(e)}
+    proc = rig.start(peer.key, peer.argv, SUT_CPU, peer.env)
+    try:
+        wait_until(lambda: port_open(peer.port), f"{peer.key} to listen", proc, timeout=180)
+        checked = verify_peer(peer, proc, up.stub_port)
+        print(f"  {peer.key}: verified, targets {checked['targets']}", flush=True)
+        pids = descendants(proc.pid)
+        script = wrk_script(rig.dir, peer.model, peer.auth_key, peer.headers, peer.key)
+        load = Load(f"http://127.0.0.1:{peer.port}/v1/chat/completions", script)
+        sut = Sut(peer.key, peer.label, load, up.stub_port, pids, up.redis_port, up.redis_pid,
+                  PEER_PLACEMENT, rss_total=True)  # fmt: skip
+        out = measure(sut, opts.duration, warm=2.0)
+        out["verified"] = checked
+        out["processes"] = len(pids)
+        return out
+    except (RuntimeError, TimeoutError) as e:
+        print(f"  {peer.key}: NOT MEASURED: {e}", flush=True)
+        return {"label": peer.label, "error": str(e)}
+    finally:
+        rig.stop(proc)
+
+
+def peer_scenarios(rig: Rig, up: Upstreams, opts: Options) -> dict[str, Any]:
+    """LiteLLM (usage-based routing, then simple shuffle) and Portkey, one after the other."""
+    from loadtest import peers
+
+    lite = f"LiteLLM {peers.LITELLM_VERSION} proxy"
+    return {
+        "litellm-usage": measure_peer(rig, up, opts, lambda: litellm_peer(rig, up, "usage"),
+                                      "litellm-usage", f"{lite}, usage-based-routing-v2"),
+        "litellm-shuffle": measure_peer(rig, up, opts, lambda: litellm_peer(rig, up, "shuffle"),
+                                        "litellm-shuffle", f"{lite}, simple-shuffle"),
+        "portkey": measure_peer(rig, up, opts, lambda: portkey_peer(rig, up), "portkey",
+                                f"Portkey gateway {peers.PORTKEY_VERSION}"),
+    }  # fmt: skip
+
+
+def run_peers_only(rig: Rig, opts: Options) -> dict[str, Any]:
+    """The comparison alone: (a) upstream direct for the added latency, (c) our router on
+    round_robin and again with the decision log at INFO, then the peers."""
+    up = start_upstreams(rig)
+    print(f"rig up in {rig.dir}; {opts.duration:g} s per wrk run", flush=True)
+    script = wrk_script(rig.dir, "round_robin")
+    direct = Sut(
+        "a", "upstream direct (wrk -> nginx)",
+        Load(f"http://127.0.0.1:{up.ports[0]}/v1/chat/completions", script), up.stub_port,
+        nginx_pids(rig, "nginx-upstream"), placement="nginx core 1, wrk core 1",
+    )  # fmt: skip
+    scenarios = {"a": measure(direct, opts.duration)}
+    config = write_config(rig, "router.yaml", up, "OFF")
+    port = free_port()
+    proc = start_router(rig, config, port, SUT_CPU, "router-1")
+    scenarios["c"] = measure(router_sut(rig, "c", "round_robin", port, [proc.pid], up),
+                             opts.duration)  # fmt: skip
+    rig.stop(proc)
+    scenarios["c-info"] = decision_log_cost(rig, up, opts)
+    return {"scenarios": scenarios, "peers": peer_scenarios(rig, up, opts)}
+
+
 def run_all(rig: Rig, opts: Options) -> dict[str, Any]:
     """Every scenario, in one rig."""
     up = start_upstreams(rig)
@@ -1203,6 +1417,8 @@ def run_all(rig: Rig, opts: Options) -> dict[str, Any]:
     res["scenarios"]["c-info"] = decision_log_cost(rig, up, opts)
     res["scenarios"]["c-access"] = access_log_cost(rig, up, opts)
     res["scenarios"]["e"] = two_replicas(rig, up, opts)
+    if opts.peers:
+        res["peers"] = peer_scenarios(rig, up, opts)
     print("  one Redis shard: acquire+release pairs/s; acquire cost with 10 targets", flush=True)
     res.update(redis_alone(up, opts))
     return res
@@ -1386,13 +1602,71 @@ def markdown(res: dict[str, Any]) -> str:
         "|---|---|---|---|",
     ]
     checks = [f"| {f} | {t} | {m} | {_met(ok)} |" for f, t, m, ok in target_checks(res)]
-    return "\n".join([*head, *checks, "", *scenario_table(res), "", *other_lines(res), ""])
+    body = [*head, *checks, "", *scenario_table(res), "", *other_lines(res), ""]
+    return "\n".join([*body, *peers_lines(res)])
 
 
-def write_results(res: dict[str, Any]) -> Path:
+def peers_lines(res: dict[str, Any]) -> list[str]:
+    """The peers comparison: our router and each peer in one table, with the ratios."""
+    if not res.get("peers"):
+        return []
+    from loadtest import peers
+
+    sc = res["scenarios"]
+    a1 = sc["a"]["c1"]
+
+    def row(key: str, s: dict[str, Any]) -> peers.Row:
+        return peers.row_from_scenario(key, s, float(a1["p50_ms"]), float(a1["p99_ms"]))
+
+    ours = row("c", sc["c"])
+    also = [row("c-info", sc["c-info"])] if "c-info" in sc else []
+    rows = [row(k, v) for k, v in res["peers"].items()]
+    lines = [
+        "## Peers: the same rig, the same run",
+        "",
+        "Each system alone on core 0 (the peers' whole process tree; CPU and RSS summed over "
+        "it), wrk on core 1 posting the same body, the same three nginx upstreams behind. "
+        "Added latency: p50/p99 at 1 connection minus upstream direct's. req/s counts 2xx "
+        "answers only; errors are the non-2xx and socket errors of all three wrk runs. "
+        "Ratios are ours/peer: above 1x for req/s means ours serves more; below 1x for "
+        "latency, CPU and RSS means ours costs less.",
+        "",
+        *peers.comparison_table(ours, rows, also),
+        "",
+    ]
+    c = sc["c"]
+    lines.append(f"- ours (c): Redis reads per request {c.get('redis_reads_per_req', '-')} "
+                 f"(script calls {c.get('redis_calls_per_req', '-')})")  # fmt: skip
+    for key, s in res["peers"].items():
+        if "verified" in s:
+            v = s["verified"]
+            lines.append(f"- {key}: checked first: {v['requests']} requests all 200 with the "
+                         f"upstream's answer, {v['upstream_served']} served by the upstreams, "
+                         f"spread {v['targets']}; {s['processes']} process(es); Redis reads "
+                         f"per request {s.get('redis_reads_per_req', '-')}")  # fmt: skip
+    return [*lines, ""]
+
+
+def peers_markdown(res: dict[str, Any]) -> str:
+    """The report of ``--peers-only``."""
+    env = res["environment"]
+    head = [
+        f"# Router vs peers, {env['date']}",
+        "",
+        f"{env['host_cpus']} CPUs, Linux {env['kernel']}, Python {env['python']}, "
+        f"loadavg at start {' '.join(env['loadavg_start'])}, at end "
+        f"{' '.join(env.get('loadavg_end', []))}; {res['duration_s']:g} s per wrk run"
+        f"{' (quick)' if res['quick'] else ''}. 'noise %' is CPU used by processes outside "
+        "the rig during the saturation run, in % of the machine.",
+        "",
+    ]
+    return "\n".join([*head, *peers_lines(res)])
+
+
+def write_results(res: dict[str, Any], name: str = "bench") -> Path:
     RESULTS_DIR.mkdir(exist_ok=True)
-    stem = RESULTS_DIR / f"bench-{dt.date.today()}"
-    text = markdown(res)
+    stem = RESULTS_DIR / f"{name}-{dt.date.today()}"
+    text = peers_markdown(res) if name == "peers" else markdown(res)
     stem.with_suffix(".json").write_text(json.dumps(res, indent=2, default=str) + "\n")
     stem.with_suffix(".md").write_text(text)
     print(text)
@@ -1410,6 +1684,16 @@ def parse_args(argv: list[str] | None) -> Options:
         action="store_true",
         help="only the acquire script's cost with 10 targets (printed, not written)",
     )
+    p.add_argument(
+        "--peers",
+        action="store_true",
+        help="also measure LiteLLM and Portkey's gateway in the same rig (ratios)",
+    )
+    p.add_argument(
+        "--peers-only",
+        action="store_true",
+        help="only the peers comparison: upstream direct, our round_robin, the peers",
+    )
     a = p.parse_args(argv)
     duration = a.duration or (3.0 if a.quick else 10.0)
     return Options(
@@ -1420,6 +1704,8 @@ def parse_args(argv: list[str] | None) -> Options:
         store_seconds=3.0 if a.quick else 10.0,
         acquire_n=500 if a.quick else 2000,
         acquire_only=a.acquire_only,
+        peers=a.peers or a.peers_only,
+        peers_only=a.peers_only,
     )
 
 
@@ -1437,14 +1723,30 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps({"environment": env, "acquire_10_targets": cost}, indent=2))
         return 0
     with tempfile.TemporaryDirectory(prefix="router-bench-") as tmp, Rig(Path(tmp)) as rig:
-        res = run_all(rig, opts)
+        res = run_peers_only(rig, opts) if opts.peers_only else run_all(rig, opts)
     res = {"environment": env, "duration_s": opts.duration, "quick": opts.quick, **res}
     res["environment"]["loadavg_end"] = Path("/proc/loadavg").read_text().split()[:3]
+    if opts.peers:
+        from loadtest.peers import versions
+
+        res["environment"]["peers"] = versions()
+    failed = [f"{k}: {v['error']}" for k, v in res.get("peers", {}).items() if "error" in v]
+    if opts.peers_only:
+        print(f"written: {write_results(res, 'peers')}")
+        return _peers_failed(failed)
     res["targets"] = [
         {"figure": f, "target": t, "measured": m, "met": ok} for f, t, m, ok in target_checks(res)
     ]
     print(f"written: {write_results(res)}")
-    return 0
+    return _peers_failed(failed)
+
+
+def _peers_failed(failed: list[str]) -> int:
+    """1, with each reason, when a peer could not be measured (never skipped silently)."""
+    if not failed:
+        return 0
+    print("bench: peers NOT measured:\n  " + "\n  ".join(failed), file=sys.stderr)
+    return 1
 
 
 if __name__ == "__main__":
