@@ -11,6 +11,7 @@ import httpx
 import pytest
 import redis
 
+from tests.faults.support import scrape, total
 from tests.helpers import Cluster, Gateway, Mock, auth, start_gateway
 
 STRATEGIES = ["round_robin", "weighted", "least_connections", "least_latency", "headroom"]
@@ -72,9 +73,25 @@ def drive(gw: Gateway, model: str, n: int, concurrency: int = 24) -> dict[str, i
     return counts
 
 
+def off_rotation(gw: Gateway) -> float:
+    """Decisions the replicas made alone so far (a Redis reply later than ``redis.timeout_ms``,
+    as on a machine too loaded to answer in time) and attempts failed over (a provider too
+    slow to answer in time): each can put a request outside the global rotation."""
+    n = 0.0
+    for url in gw.urls:
+        m = scrape(url)
+        n += total(m, "router_decision_duration_seconds_count", mode="local")
+        n += total(m, "router_failovers_total")
+    return n
+
+
 def test_round_robin_counts_within_one(gw: Gateway) -> None:
+    before = off_rotation(gw)
     counts = drive(gw, "round_robin", 600, concurrency=8)
-    assert max(counts.values()) - min(counts.values()) <= 1, counts
+    off = off_rotation(gw) - before
+    # each may put one more on a provider: none on a machine that is not starved (the CI run
+    # that needed this, 199/202/199, had other work loading it)
+    assert max(counts.values()) - min(counts.values()) <= 1 + off, (counts, off)
 
 
 def test_weighted_within_two_percent_of_weights(gw: Gateway) -> None:
