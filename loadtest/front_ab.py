@@ -2,13 +2,15 @@
 
     python -m loadtest.front_ab [--rounds 4] [--duration 8] [--interfaces asgi]
                                 [--granian-threads 1 [2 ...]] [--c1 3]
+                                [--granian-tuning plain [rust-tasks st]]
 
 Front (a) is the router as it runs today, ``python -m router.cli``: uvicorn (uvloop, httptools)
 with our bounded protocol (``router.api.server``). Front (b) is the same ASGI app,
 ``router.api.app.create_app(cfg)``, served by granian (``loadtest.granian_front``): one worker,
 ``--runtime-threads N`` (``--granian-threads``; 0 = the flag left out, granian's default),
 uvloop, HTTP/1.1 only, no access log, its request-head bounds set as close to ours as it has
-(the header read timeout from ``read_timeout_s``, the HTTP/1 buffer from ``max_head_bytes``).
+(the header read timeout from ``read_timeout_s``, the HTTP/1 buffer from ``max_head_bytes``);
+``--granian-tuning`` adds granian fronts with other settings (``TUNINGS``).
 
 ``loadtest.bench``'s rig and placement: nginx upstreams and Redis on core 1 with wrk, the
 front's whole process tree pinned to core 0 (granian's main process and its worker), so the
@@ -19,7 +21,7 @@ from one round to the next), each one: 1 s of warm-up at 32 connections, ``--c1`
 connection (its p50 less the upstream's own, measured in the same round: the latency the
 front adds), then ``--duration`` s at 32 connections with the CPU of the process tree metered.
 Prints each round's figures, the means, and the mean per-round ratio of each granian front to
-uvicorn; writes ``loadtest/results/front-ab-<date>.json``.
+uvicorn; writes ``loadtest/results/front-ab-<date>-<HHMM>.json`` (UTC).
 
 RSGI is not measured: granian's RSGI interface calls an RSGI app (``__rsgi__(scope,
 protocol)``), and ours is ASGI from the hot path down (``HotPath`` reads ``receive`` and
@@ -70,6 +72,14 @@ RSGI_SKIPPED = (
     "rsgi: not measured; granian's RSGI interface needs an RSGI app and ours is ASGI from the "
     "hot path down: an adapter would measure the adapter (see this module's doc)"
 )
+TUNINGS: dict[str, tuple[str, ...]] = {
+    "plain": (),
+    "rust-tasks": ("--task-impl", "rust"),
+    "st": ("--runtime-mode", "st"),
+}
+"""granian's settings worth a try on one core, beside the defaults (``--granian-tuning``):
+Python tasks run by granian's Rust task implementation (experimental, Python < 3.12), and the
+single-threaded Rust runtime (``auto`` picks the multi-threaded one for ASGI)."""
 GRANIAN_MIN_BUFFER = 8192
 """granian's smallest ``--http1-buffer-size``."""
 GRANIAN_MAX_HEADER_MS = 60_000
@@ -84,6 +94,8 @@ class Front:
     interface: str = "asgi"
     runtime_threads: int | None = None
     """granian's ``--runtime-threads`` (None: the flag left out); None for uvicorn too."""
+    tuning: str = "plain"
+    """A key of ``TUNINGS``: granian's flags beside ours."""
 
     @property
     def is_granian(self) -> bool:
@@ -93,10 +105,12 @@ class Front:
         if not self.is_granian:
             argv = [sys.executable, "-m", "router.cli", "--config", str(config)]
             return [*argv, "--host", "127.0.0.1", "--port", str(port)]
-        return granian_argv(port, cfg, self.interface, self.runtime_threads)
+        return granian_argv(port, cfg, self.interface, self.runtime_threads, self.tuning)
 
 
-def granian_argv(port: int, cfg: Config, interface: str, runtime_threads: int | None) -> list[str]:
+def granian_argv(
+    port: int, cfg: Config, interface: str, runtime_threads: int | None, tuning: str = "plain"
+) -> list[str]:
     """granian serving ``loadtest.granian_front:app`` (the config comes in ``ROUTER_CONFIG``)."""
     if interface not in INTERFACES:
         raise ValueError(f"interface {interface!r}: only {', '.join(INTERFACES)} ({RSGI_SKIPPED})")
@@ -109,16 +123,21 @@ def granian_argv(port: int, cfg: Config, interface: str, runtime_threads: int | 
     argv += ["--log-level", "warning"]
     argv += ["--http1-header-read-timeout", str(header_ms)]
     argv += ["--http1-buffer-size", str(max(cfg.max_head_bytes, GRANIAN_MIN_BUFFER))]
-    return [*argv, "loadtest.granian_front:app"]
+    return [*argv, *TUNINGS[tuning], "loadtest.granian_front:app"]
 
 
-def fronts(interfaces: list[str], threads: list[int]) -> list[Front]:
-    """uvicorn, then one granian front per interface and runtime-thread count (0: default)."""
+def fronts(
+    interfaces: list[str], threads: list[int], tunings: list[str] | None = None
+) -> list[Front]:
+    """uvicorn, then one granian front per interface, runtime-thread count (0: granian's
+    default) and tuning."""
     out = [Front(UVICORN, interface="asgi")]
     for interface in interfaces:
         for n in threads:
-            suffix = "default" if n == 0 else f"t{n}"
-            out.append(Front(f"granian-{interface}-{suffix}", interface, n or None))
+            for tuning in tunings or ["plain"]:
+                name = f"granian-{interface}-" + ("default" if n == 0 else f"t{n}")
+                name += "" if tuning == "plain" else f"-{tuning}"
+                out.append(Front(name, interface, n or None, tuning))
     return out
 
 
@@ -159,6 +178,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--interfaces", nargs="+", default=["asgi"], choices=["asgi", "rsgi"])
     parser.add_argument("--granian-threads", nargs="+", type=int, default=[1],
                         help="granian --runtime-threads values (0: granian's default)")  # fmt: skip
+    parser.add_argument("--granian-tuning", nargs="+", default=["plain"], choices=list(TUNINGS),
+                        help="granian fronts with these settings too (see TUNINGS)")  # fmt: skip
     args = parser.parse_args(argv)
     if args.rounds < 1 or args.duration <= 0 or args.c1 < 0:
         parser.error("--rounds must be >= 1, --duration > 0 and --c1 >= 0")
@@ -175,7 +196,9 @@ def main(argv: list[str] | None = None) -> int:
     require_tools(["nginx", "wrk", "redis-server", "taskset"])
     import granian
 
-    all_fronts = {f.name: f for f in fronts(args.interfaces, args.granian_threads)}
+    all_fronts = {
+        f.name: f for f in fronts(args.interfaces, args.granian_threads, args.granian_tuning)
+    }
     names = list(all_fronts)
     rps: dict[str, list[float]] = {n: [] for n in names}
     cpu: dict[str, list[float]] = {n: [] for n in names}
@@ -224,7 +247,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{name}/uvicorn: req/s {rps_ratio[name]:.3f}, CPU per request "
               f"{cpu_ratio[name]:.3f} (mean of the per-round ratios)")  # fmt: skip
     RESULTS_DIR.mkdir(exist_ok=True)
-    out = RESULTS_DIR / f"front-ab-{dt.date.today().isoformat()}.json"
+    out = RESULTS_DIR / f"front-ab-{dt.datetime.now(dt.UTC):%Y-%m-%d-%H%M}.json"
     report = {
         "granian": granian.__version__,
         "argv": sys.argv[1:] if argv is None else argv,

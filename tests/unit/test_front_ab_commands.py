@@ -82,6 +82,18 @@ def test_fronts_are_uvicorn_then_one_granian_per_thread_count() -> None:
     assert [f.runtime_threads for f in fronts(["asgi"], [1, 0])] == [None, 1, None]
 
 
+def test_tunings_add_granian_fronts_with_their_flags() -> None:
+    got = fronts(["asgi"], [1], ["plain", "rust-tasks", "st"])
+    names = ["uvicorn", "granian-asgi-t1", "granian-asgi-t1-rust-tasks", "granian-asgi-t1-st"]
+    assert [f.name for f in got] == names
+    assert str(_parsed(got[2].argv(Path("c"), _cfg(), 1))["task_impl"]) in ("rust", "TaskImpl.rust")
+    assert str(_parsed(got[3].argv(Path("c"), _cfg(), 1))["runtime_mode"]) in (
+        "st",
+        "RuntimeModes.st",
+    )
+    assert "--task-impl" not in got[1].argv(Path("c"), _cfg(), 1)
+
+
 def test_the_order_flips_every_round() -> None:
     assert [order(["a", "b"], k)[0] for k in range(4)] == ["a", "b", "a", "b"]
 
