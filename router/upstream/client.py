@@ -411,6 +411,9 @@ class _Pool:
         self.proxy = proxy
         self.opened = 0
         self.waiters: deque[asyncio.Future[_Connection | None]] = deque()
+        self.closed = False
+        """Closed with its client: a connection given back (an answer read after
+        ``Upstream.close``, a connect that was under way) is closed, not kept idle."""
 
     async def acquire(
         self, loop: asyncio.AbstractEventLoop, connect: _Connect, until: float
@@ -485,6 +488,9 @@ class _Pool:
         return None
 
     def put(self, conn: _Connection) -> None:
+        if self.closed:  # nobody would ever take or close it
+            conn.abort()
+            return
         while self.waiters:  # only ever with a limit
             waiter = self.waiters.popleft()
             if not waiter.done():
@@ -494,6 +500,7 @@ class _Pool:
         self.idle.append(conn)
 
     def close(self) -> None:
+        self.closed = True
         while self.idle:
             self.idle.pop().abort()
 
@@ -523,7 +530,8 @@ class Upstream:
         self._started = True
 
     async def close(self) -> None:
-        """Close every pooled connection."""
+        """Close every pooled connection; one in use is closed when given back (its pool is
+        closed: the next request opens a new pool)."""
         for pool in self._pools.values():
             pool.close()
         self._pools.clear()

@@ -128,6 +128,9 @@ class _ConnectAnswer(asyncio.Protocol):
         if not self.head.done():
             why = f"the proxy {self.proxy.shown} closed the connection during CONNECT"
             self.head.set_exception(UpstreamConnectError(why))
+            # retrieved: when the connect was given up (its timeout) before CONNECT was sent,
+            # nobody awaits the answer, and asyncio would log it as never retrieved
+            self.head.exception()
 
 
 async def open_tunnel(

@@ -23,6 +23,7 @@ from router.errors import (
 )
 from router.upstream.client import Upstream
 from router.upstream.providers.base import UpstreamRequest
+from tests.helpers import async_wait_until
 from tests.integration.scripted import read_request, scripted_server
 
 Answer = Callable[[bytes], list[bytes] | None]
@@ -34,6 +35,8 @@ empty piece: close after the pieces before it)."""
 class Server:
     port: int = 0
     connections: int = 0
+    closed: int = 0
+    """Connections ended (the client closed them, or the answer did)."""
     requests: list[bytes] = field(default_factory=list)
     answer: Answer = lambda _req: [ok_response(b'{"ok":true}')]
     gap_s: float = 0.0
@@ -72,6 +75,7 @@ async def server() -> AsyncIterator[Server]:
         except (ConnectionError, asyncio.CancelledError):
             pass
         finally:
+            srv.closed += 1
             writer.close()
 
     async with scripted_server(handle) as port:
@@ -117,6 +121,25 @@ async def test_keeps_connections_alive_and_sends_a_well_formed_request(
     assert b"Content-Length: 13" in head
     assert b"authorization: Bearer k" in head
     assert server.requests[0].endswith(b'{"model":"m"}')
+
+
+async def test_a_connection_in_use_when_the_client_closes_is_closed_once_given_back(
+    upstream: Upstream, server: Server
+) -> None:
+    """``Upstream.close()`` while an answer is still read (a stream at shutdown): its
+    connection is closed when the answer is, not put in a pool nobody closes any more (a
+    socket left open past the event loop: a ResourceWarning, an fd held)."""
+    resp = await upstream.send(request(server), TIMEOUTS, deadline())
+    await upstream.close()
+    assert await resp.read(deadline()) == b'{"ok":true}'
+    resp.close()
+
+    async def closed() -> bool:
+        return server.closed == 1
+
+    await async_wait_until(closed, what="the provider to see the connection closed")
+    assert await fetch(upstream, server) == (200, b'{"ok":true}')  # a new pool, a new one
+    assert server.connections == 2
 
 
 async def test_concurrent_requests_use_separate_connections(

@@ -81,11 +81,13 @@ async def counting_relay(target_port: int) -> AsyncIterator[Counter]:
         counter.accepted += 1
         counter.live += 1
         counter.peak = max(counter.peak, counter.live)
-        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", target_port)
-        try:
-            await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
+        try:  # the client's side is closed even when the target's cannot be opened
+            up_reader, up_writer = await asyncio.open_connection("127.0.0.1", target_port)
+            try:
+                await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
+            finally:
+                up_writer.close()
         finally:
-            up_writer.close()
             counter.live -= 1
             writer.close()
 

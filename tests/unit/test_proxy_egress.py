@@ -3,12 +3,15 @@ variables read once, NO_PROXY's matching, a proxy URL's credentials."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import gc
 
 import pytest
 
 from router.config import Provider
-from router.upstream.proxy import Proxy, ProxyEnv, parse_proxy
+from router.errors import UpstreamConnectError
+from router.upstream.proxy import Proxy, ProxyEnv, _ConnectAnswer, parse_proxy
 
 
 def test_a_proxy_url_with_credentials_gives_a_basic_header_and_hides_them() -> None:
@@ -71,3 +74,23 @@ def test_a_providers_proxy_setting_is_checked() -> None:
     for bad in ("https://proxy:3128", "socks5://proxy", "http://proxy:3128/path", "direct"):
         with pytest.raises(ValueError, match="proxy"):
             Provider.model_validate({**base, "proxy": bad})
+
+
+async def test_a_connect_answer_nobody_awaits_is_not_logged_when_the_proxy_closes(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A connect to the proxy given up (its timeout) as the connection was made: asyncio
+    closes the transport, the proxy's answer is never awaited, and its error is no log line
+    ("Future exception was never retrieved") when the future is collected."""
+    answer = _ConnectAnswer(asyncio.get_running_loop(), Proxy("proxy.local", 3128))
+    answer.connection_lost(None)
+    del answer
+    gc.collect()
+    assert "never retrieved" not in caplog.text
+
+
+async def test_a_connect_answer_awaited_still_fails_when_the_proxy_closes() -> None:
+    answer = _ConnectAnswer(asyncio.get_running_loop(), Proxy("proxy.local", 3128))
+    answer.connection_lost(None)
+    with pytest.raises(UpstreamConnectError, match="closed the connection during CONNECT"):
+        await answer.head
