@@ -1589,15 +1589,8 @@ def other_lines(res: dict[str, Any]) -> list[str]:
 
 
 def markdown(res: dict[str, Any]) -> str:
-    env = res["environment"]
     head = [
-        f"# Router benchmark, {env['date']}",
-        "",
-        f"{env['host_cpus']} CPUs, Linux {env['kernel']}, Python {env['python']}, "
-        f"loadavg at start {' '.join(env['loadavg_start'])}; {res['duration_s']:g} s per wrk run"
-        f"{' (quick)' if res['quick'] else ''}. 'noise %' is CPU used by processes outside the "
-        "rig during the saturation run, in % of the machine.",
-        "",
+        *report_head("Router benchmark", res),
         "| figure | target | measured | met? |",
         "|---|---|---|---|",
     ]
@@ -1649,18 +1642,23 @@ def peers_lines(res: dict[str, Any]) -> list[str]:
 
 def peers_markdown(res: dict[str, Any]) -> str:
     """The report of ``--peers-only``."""
+    return "\n".join([*report_head("Router vs peers", res), *peers_lines(res)])
+
+
+def report_head(title: str, res: dict[str, Any]) -> list[str]:
+    """A report's title and the machine it ran on (load at the end too, when known)."""
     env = res["environment"]
-    head = [
-        f"# Router vs peers, {env['date']}",
+    end = env.get("loadavg_end")
+    load = " ".join(env["loadavg_start"]) + (f", at end {' '.join(end)}" if end else "")
+    return [
+        f"# {title}, {env['date']}",
         "",
         f"{env['host_cpus']} CPUs, Linux {env['kernel']}, Python {env['python']}, "
-        f"loadavg at start {' '.join(env['loadavg_start'])}, at end "
-        f"{' '.join(env.get('loadavg_end', []))}; {res['duration_s']:g} s per wrk run"
-        f"{' (quick)' if res['quick'] else ''}. 'noise %' is CPU used by processes outside "
-        "the rig during the saturation run, in % of the machine.",
+        f"loadavg at start {load}; {res['duration_s']:g} s per wrk run"
+        f"{' (quick)' if res['quick'] else ''}. 'noise %' is CPU used by processes outside the "
+        "rig during the saturation run, in % of the machine.",
         "",
     ]
-    return "\n".join([*head, *peers_lines(res)])
 
 
 def write_results(res: dict[str, Any], name: str = "bench") -> Path:

@@ -125,16 +125,21 @@ def install_litellm(root: Path | None = None, run: Runner = _run) -> Path:
         [str(venv / "bin" / "python"), "-m", "pip", "install", "-q", LITELLM_SPEC],
     ]
     for argv in steps:
-        try:
-            done = run(argv, env, root)
-        except (OSError, subprocess.SubprocessError) as e:
-            raise PeerUnavailable("LiteLLM", f"`{' '.join(argv)}` failed: {e}") from e
-        if done.returncode != 0:
-            raise PeerUnavailable("LiteLLM", _failed("LiteLLM", argv, done))
+        _install_step("LiteLLM", argv, env, root, run)
     if not exe.exists():
         raise PeerUnavailable("LiteLLM", f"pip installed {LITELLM_SPEC} but no {exe}")
     marker.write_text(LITELLM_SPEC + "\n")
     return exe
+
+
+def _install_step(peer: str, argv: list[str], env: dict[str, str], cwd: Path, run: Runner) -> None:
+    """Run one install command; ``PeerUnavailable`` naming ``peer`` when it fails."""
+    try:
+        done = run(argv, env, cwd)
+    except (OSError, subprocess.SubprocessError) as e:
+        raise PeerUnavailable(peer, f"`{' '.join(argv)}` failed: {e}") from e
+    if done.returncode != 0:
+        raise PeerUnavailable(peer, _failed(peer, argv, done))
 
 
 def portkey_entry(root: Path) -> Path:
@@ -169,12 +174,7 @@ def install_portkey(root: Path | None = None, run: Runner = _run) -> Path:
     target.mkdir(parents=True, exist_ok=True)
     argv = [shutil.which("npm") or "npm", "install", "--no-audit", "--no-fund", "--prefix",
             str(target), PORTKEY_SPEC]  # fmt: skip
-    try:
-        done = run(argv, installer_env(), target)
-    except (OSError, subprocess.SubprocessError) as e:
-        raise PeerUnavailable("Portkey", f"`{' '.join(argv)}` failed: {e}") from e
-    if done.returncode != 0:
-        raise PeerUnavailable("Portkey", _failed("Portkey", argv, done))
+    _install_step("Portkey", argv, installer_env(), target, run)
     if not entry.exists():
         raise PeerUnavailable("Portkey", f"npm installed {PORTKEY_SPEC} but no {entry}")
     return entry

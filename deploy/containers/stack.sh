@@ -107,11 +107,16 @@ podman_limits() {
   grep -q '^default_ulimits' "$conf" 2>/dev/null && return
   if capsh --has-p=cap_sys_resource >/dev/null 2>&1; then return; fi
   say "setting default_ulimits in $conf (no CAP_SYS_RESOURCE here)"
+  conf_set containers 'default_ulimits = ["nofile=20000:20000", "nproc=32768:32768"]'
+}
+
+conf_set() {  # conf_set SECTION LINE: LINE added under [SECTION] of containers.conf
+  local conf=/etc/containers/containers.conf
   mkdir -p /etc/containers
-  if grep -q '^\[containers\]' "$conf" 2>/dev/null; then
-    sed -i '/^\[containers\]/a default_ulimits = ["nofile=20000:20000", "nproc=32768:32768"]' "$conf"
+  if grep -q "^\[$1\]" "$conf" 2>/dev/null; then
+    sed -i "/^\[$1\]/a $2" "$conf"
   else
-    printf '[containers]\ndefault_ulimits = ["nofile=20000:20000", "nproc=32768:32768"]\n' >>"$conf"
+    printf '[%s]\n%s\n' "$1" "$2" >>"$conf"
   fi
 }
 
@@ -124,12 +129,7 @@ podman_runtime() {
   grep -q '^runtime *= *"runc"' "$conf" 2>/dev/null && return
   command -v runc >/dev/null 2>&1 || apt_install runc
   say "hybrid cgroups with controllers on v2 ($(cat "$controllers")): podman runs with runc"
-  mkdir -p /etc/containers
-  if grep -q '^\[engine\]' "$conf" 2>/dev/null; then
-    sed -i '/^\[engine\]/a runtime = "runc"' "$conf"
-  else
-    printf '[engine]\nruntime = "runc"\n' >>"$conf"
-  fi
+  conf_set engine 'runtime = "runc"'
 }
 
 podman_network() {
@@ -139,12 +139,7 @@ podman_network() {
   grep -q '^network_backend *= *"netavark"' "$conf" 2>/dev/null && return
   [ "$(podman info --format '{{.Host.NetworkBackend}}' 2>/dev/null)" = netavark ] && return
   say "the compose network needs netavark (names through aardvark-dns): chosen in $conf"
-  mkdir -p /etc/containers
-  if grep -q '^\[network\]' "$conf" 2>/dev/null; then
-    sed -i '/^\[network\]/a network_backend = "netavark"' "$conf"
-  else
-    printf '[network]\nnetwork_backend = "netavark"\n' >>"$conf"
-  fi
+  conf_set network 'network_backend = "netavark"'
   # CNI's networks (not its images or containers' data) are left behind: podman would refuse
   # to switch with containers still on them, so a stack still up must go down first
   if [ -n "$(podman ps -aq 2>/dev/null)" ]; then
