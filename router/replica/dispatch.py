@@ -780,8 +780,8 @@ class _Watcher:
         task.cancel()
 
     def check(self) -> None:
-        """Raise ``ClientGone`` if the client has left: a wait can end with the watcher's
-        cancel lost (Python 3.11's ``wait_for`` returns a result that came at the same time)."""
+        """Raise ``ClientGone`` if the client has left (should a wait ever end with the
+        watcher's cancel lost, as Python 3.11's ``wait_for`` did with a wake-up)."""
         if self._left:
             raise self.gone()
 

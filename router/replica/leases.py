@@ -261,8 +261,9 @@ class LeaseKeeper:
 
     async def changed(self, within: float) -> None:
         """Wait until a lease of this replica is released, or ``within`` seconds."""
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._changed.wait(), within)
+        with contextlib.suppress(TimeoutError):  # not wait_for: see WaitRoom.wait
+            async with asyncio.timeout(within):
+                await self._changed.wait()
 
     def _wake(self) -> None:
         self._changed.set()

@@ -68,8 +68,11 @@ class WaitRoom(Subscriber):
         w = _Waiter(route, member, place)
         self._waiters[route].append(w)
         try:
+            # asyncio.timeout, not wait_for: Python 3.11's wait_for drops a cancel that comes
+            # with the wake-up (the request's client left just as it was woken)
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(w.woken.wait(), within)
+                async with asyncio.timeout(within):
+                    await w.woken.wait()
         finally:
             self._waiters[route].remove(w)
 
