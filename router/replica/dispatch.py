@@ -374,7 +374,7 @@ class Dispatcher:
         shared queue (fair, by priority band and tenant weight) while Redis is there."""
         watcher = _Watcher(job.client_left)
         try:
-            return await self._acquire_or_wait(job, watcher)
+            got = await self._acquire_or_wait(job, watcher)
         except BaseException as exc:
             if job.ticket is not None and job.ticket.holds:  # its place goes to the next
                 self.leases.dequeue_soon(job.plan.route.model, job.ticket.member)
@@ -384,6 +384,10 @@ class Dispatcher:
             raise
         finally:
             await watcher.stop()
+        if watcher.saw_it_leave():  # it left just as the request was admitted
+            self.leases.release_soon(got[0], _refund(Outcome("client_error"), got[0]))
+            raise watcher.gone()
+        return got
 
     async def _acquire_or_wait(self, job: _Job, watcher: _Watcher) -> tuple[Lease, int]:
         loop = asyncio.get_running_loop()
