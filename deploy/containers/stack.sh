@@ -263,6 +263,7 @@ services() {  # every service whose image is here (grafana has no stand-in)
 healthchecks() {
   # podman runs a container's HEALTHCHECK from a systemd timer; without systemd, here
   [ "$(engine)" = podman ] || return 0
+  stop_pid healthchecks  # an earlier up's (one that failed, and was not brought down)
   nohup bash -c "
     while :; do
       for c in \$(podman ps -q --filter label=com.docker.compose.project=$PROJECT); do
