@@ -219,8 +219,8 @@ images() {
       [ "$(engine)" = podman ] || die "stand-ins are built with podman; $name cannot be pulled"
       debian_base
       say "building a STAND-IN for $name ($file)"
-      podman build -q --format docker -f "$HERE/standins/$file" -t "$name" "$HERE/standins" \
-        >/dev/null
+      podman build -q --format docker --network host -f "$HERE/standins/$file" -t "$name" \
+        "$HERE/standins" >/dev/null
     fi
   done
   for name in $(printf '%s\n' "${!STANDIN[@]}" | sort); do
@@ -243,7 +243,10 @@ pip_ca() {  # the CA bundle pip trusts on this host (an egress proxy's re-signin
 build() {
   say "building router-cluster:local from deploy/Dockerfile"
   local fmt=()
-  [ "$(engine)" = podman ] && fmt=(--format docker)  # keeps the HEALTHCHECK
+  # podman: docker format keeps the HEALTHCHECK; the build's downloads (pip) go out through
+  # the host's network, as apt's in the stand-ins' builds: a bridge with no way out (no NAT on
+  # some hosts: netavark's network reached no name server here) would fail them
+  [ "$(engine)" = podman ] && fmt=(--format docker --network host)
   ctr build -q "${fmt[@]}" --secret "id=pip-ca,src=$(pip_ca)" \
     -f "$ROOT/deploy/Dockerfile" -t router-cluster:local \
     -t docker.io/library/router-cluster:local "$ROOT" >/dev/null  # (the Docker API's name)
