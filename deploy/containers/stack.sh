@@ -164,7 +164,10 @@ podman_service() {
     return
   fi
   mkdir -p "$(dirname "$PODMAN_SOCK")"
-  nohup podman system service --time=0 "unix://$PODMAN_SOCK" >"$STATE/podman-service.log" 2>&1 &
+  # started in /: the service's containers get its working directory (conmon fails them all,
+  # "write child: broken pipe", once that directory is removed, as a CI checkout is)
+  (cd / && exec nohup podman system service --time=0 "unix://$PODMAN_SOCK") \
+    >"$STATE/podman-service.log" 2>&1 &
   echo $! >"$STATE/podman-service.pid"
   for _ in $(seq 100); do
     curl -fsS --unix-socket "$PODMAN_SOCK" http://d/_ping >/dev/null 2>&1 && return
