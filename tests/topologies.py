@@ -25,7 +25,7 @@ import httpx
 import openai
 import redis
 
-from loadtest.procs import Proc, free_port
+from loadtest.procs import Proc, free_port, free_ports
 from tests.helpers import (
     ADMIN_TOKEN,
     CLIENT_KEY,
@@ -189,7 +189,7 @@ def sentinel_set(
     procs: list[Proc] = []
     env = dict(os.environ)
     try:
-        pport, rport = free_port(), free_port()
+        pport, rport, *sentinel_ports = free_ports(5)  # five different ports
         (log_dir / "primary").mkdir()
         (log_dir / "replica").mkdir()
         auth = _data_auth(certs)
@@ -205,7 +205,7 @@ def sentinel_set(
         found = SentinelSet(primary, pport, replica, rport, [], procs, certs, plain_sentinels)
         wait_until(lambda: port_open(pport) and port_open(rport), 10, "primary and replica")
         wait_until(lambda: _replica_synced(rport, found.data), 10, "the replica to sync")
-        found.sentinel_ports = [free_port() for _ in range(3)]
+        found.sentinel_ports = sentinel_ports
         for port in found.sentinel_ports:
             conf = log_dir / f"sentinel-{port}.conf"
             conf.write_text(_sentinel_conf(port, log_dir, pport, certs, plain_sentinels))
@@ -291,18 +291,25 @@ def redis_cluster(log_dir: Path, certs: Certs | None = None) -> Iterator[Cluster
     if certs is not None:
         tls = ["--tls-cluster", "yes", *_data_auth(certs)]
     try:
-        for _ in range(6):
-            port = free_port()
+        ports = free_ports(12)  # six nodes' and their buses': twelve different ports
+        for port, bus in zip(ports[:6], ports[6:], strict=True):
             d = log_dir / f"node-{port}"
             d.mkdir()
             argv = [
                 *redis_argv(port, d, certs), "--cluster-enabled", "yes",
                 "--cluster-config-file", str(d / "nodes.conf"), "--cluster-node-timeout", "1000",
                 # its bus port, else port + 10000: past 65535 for a high free port
-                "--cluster-port", str(free_port()), *tls,
+                "--cluster-port", str(bus), *tls,
             ]  # fmt: skip
             nodes[port] = Proc(f"redis-node-{port}", argv, env, log_dir)
-        wait_until(lambda: all(port_open(p) for p in nodes), 10, "the cluster's nodes")
+
+        def listening() -> bool:
+            for proc in nodes.values():  # a node that could not start says why
+                if not proc.alive():
+                    raise RuntimeError(f"{proc.name} exited:\n{proc.output()[-2000:]}")
+            return all(port_open(p) for p in nodes)
+
+        wait_until(listening, 10, "the cluster's nodes")
         redis_cli = str(Path(redis_server_binary()).with_name("redis-cli"))
         cli_env = env
         login: list[str] = []
