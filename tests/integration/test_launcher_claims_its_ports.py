@@ -101,7 +101,10 @@ def test_no_banner_when_another_gateway_answers_on_the_port(tmp_path: Path) -> N
     children: dict[str, int] = {}
     try:
         # past the port check, before our replicas listen: the other gateway takes the port
-        wait_until(lambda: "started mock claude" in proc.output(), 60, "the mocks to start")
+        try:
+            wait_until(lambda: "started mock claude" in proc.output(), 60, "the mocks to start")
+        except TimeoutError:  # seen once in CI: what the launcher said by then
+            raise AssertionError(f"no mock started within 60 s:\n{proc.output()}") from None
         with SharedPortServer(("127.0.0.1", port), Foreign) as foreign:
             threading.Thread(target=foreign.serve_forever, daemon=True).start()
             try:
