@@ -432,7 +432,6 @@ class Dispatcher:
                 await self.room.wait(
                     route.model, job.ticket.member, d.queue_place, min(left, hint), heard
                 )
-                watcher.check()
                 continue
             if not local and (
                 d.queue_state is not QueueState.NONE
@@ -446,7 +445,6 @@ class Dispatcher:
             hint = d.wait_ms / 1000 if d.wait_ms > 0 else POLL_S
             watcher.start()
             await self.leases.changed(within=min(left, hint, 1.0) * self._rand.uniform(0.8, 1.0))
-            watcher.check()
 
     def _pinned(self, job: _Job, d: Decision) -> None:
         """Count what the request's pin did; raise when it cannot be served elsewhere: a
@@ -782,12 +780,6 @@ class _Watcher:
             return
         self._left = True
         task.cancel()
-
-    def check(self) -> None:
-        """Raise ``ClientGone`` if the client has left (should a wait ever end with the
-        watcher's cancel lost, as Python 3.11's ``wait_for`` did with a wake-up)."""
-        if self._left:
-            raise self.gone()
 
     @staticmethod
     def gone() -> ClientGone:
